@@ -1,0 +1,191 @@
+"""The predictions file: the contract between stage 1 (training) and stage 2 (policies).
+
+A safetensors file (no pickle) holding
+
+- ``logits``  float32 (N, K, C): every exit's logits for every sample,
+- ``labels``  int64 (N,),
+- ``costs``   float64 (K,): what a sample pays to get its answer at exit k, in ``cost_unit``,
+- optionally ``head_costs`` float64 (K,): each exit head's own overhead, included in ``costs``
+  (a sample that skips a head, as DEEx's offloaded samples do, does not pay it),
+- optionally ``cost_table.<unit>`` and ``head_cost_table.<unit>`` float64 (K,) for other units
+  (``macs``, ``latency_ms``, ...),
+
+and string metadata: ``format``, ``cost_unit``, ``exit_names`` and ``class_names`` (JSON lists),
+``split`` and ``source_run``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from eenn.errors import EENNError
+from eenn.utils.io import atomic_path
+
+FORMAT = "eenn.predictions/1"
+
+
+@dataclass
+class Predictions:
+    logits: torch.Tensor  # (N, K, C) float32
+    labels: torch.Tensor  # (N,) int64
+    costs: torch.Tensor  # (K,) float64, cumulative cost of reaching exit k
+    cost_unit: str = "flops"
+    exit_names: list[str] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    split: str = ""
+    source_run: str = ""
+    cost_table: dict[str, torch.Tensor] = field(default_factory=dict)
+    head_costs: torch.Tensor | None = None
+    head_cost_table: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.logits = self.logits.detach().to(torch.float32).cpu().contiguous()
+        self.labels = self.labels.detach().to(torch.int64).cpu().contiguous()
+        self.costs = torch.as_tensor(self.costs, dtype=torch.float64).cpu().contiguous()
+        as64 = lambda v: torch.as_tensor(v, dtype=torch.float64).cpu().contiguous()  # noqa: E731
+        self.cost_table = {k: as64(v) for k, v in self.cost_table.items()}
+        self.head_cost_table = {k: as64(v) for k, v in self.head_cost_table.items()}
+        if self.head_costs is not None:
+            self.head_costs = as64(self.head_costs)
+        if not self.exit_names:
+            self.exit_names = [f"exit{k}" for k in range(self.num_exits)]
+        if not self.class_names:
+            self.class_names = [str(c) for c in range(self.num_classes)]
+
+    @property
+    def num_samples(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_exits(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[2]
+
+    def costs_in(self, unit: str) -> torch.Tensor:
+        """Per-exit costs in ``unit`` (the file's own unit or one of its ``cost_table`` units)."""
+        if unit == self.cost_unit:
+            return self.costs
+        if unit in self.cost_table:
+            return self.cost_table[unit]
+        have = sorted({self.cost_unit, *self.cost_table})
+        raise EENNError(f"cost unit {unit!r} is not in the predictions file; it has {have}.")
+
+    def head_costs_in(self, unit: str) -> torch.Tensor:
+        """Per-exit head overheads in ``unit``; zeros when the file does not say (heads then count
+        as part of the backbone: skipping one saves nothing)."""
+        table = {self.cost_unit: self.head_costs, **self.head_cost_table}
+        heads = table.get(unit)
+        return heads if heads is not None else torch.zeros_like(self.costs_in(unit))
+
+    def accuracy_per_exit(self) -> torch.Tensor:
+        return (self.logits.argmax(-1) == self.labels[:, None]).double().mean(0)
+
+    def validate(self, source: str = "predictions") -> None:
+        """Check shapes, dtypes and values; raise one clear EENNError naming ``source``."""
+        if self.logits.ndim != 3:
+            raise EENNError(f"{source}: logits must have shape (N, K, C), got {tuple(self.logits.shape)}.")
+        n, k, c = self.logits.shape
+        if n == 0 or k == 0 or c < 2:
+            raise EENNError(f"{source}: expected N>0 samples, K>0 exits, C>=2 classes, got {(n, k, c)}.")
+        if tuple(self.labels.shape) != (n,):
+            raise EENNError(f"{source}: labels must have shape ({n},), got {tuple(self.labels.shape)}.")
+        if tuple(self.costs.shape) != (k,):
+            raise EENNError(f"{source}: costs must have shape ({k},), got {tuple(self.costs.shape)}.")
+        if not torch.isfinite(self.logits).all():
+            bad = int((~torch.isfinite(self.logits)).any(-1).any(-1).sum())
+            raise EENNError(f"{source}: logits hold NaN or Inf values in {bad} of {n} samples.")
+        if self.labels.min() < 0 or self.labels.max() >= c:
+            raise EENNError(f"{source}: labels must lie in [0, {c}), got [{int(self.labels.min())}, {int(self.labels.max())}].")
+        if not torch.isfinite(self.costs).all() or (self.costs <= 0).any():
+            raise EENNError(f"{source}: costs must be finite and positive, got {self.costs.tolist()}.")
+        if (self.costs[1:] < self.costs[:-1]).any():
+            raise EENNError(f"{source}: costs must not decrease with the exit index, got {self.costs.tolist()}.")
+        for unit, vec in [("head_costs", self.head_costs), *self.cost_table.items(), *self.head_cost_table.items()]:
+            if vec is not None and tuple(vec.shape) != (k,):
+                raise EENNError(f"{source}: {unit} must have shape ({k},), got {tuple(vec.shape)}.")
+        if len(self.exit_names) != k:
+            raise EENNError(f"{source}: {len(self.exit_names)} exit names for {k} exits.")
+        if len(self.class_names) != c:
+            raise EENNError(f"{source}: {len(self.class_names)} class names for {c} classes.")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        self.validate(str(path))
+        tensors = {"logits": self.logits, "labels": self.labels, "costs": self.costs}
+        tensors.update({f"cost_table.{u}": v for u, v in self.cost_table.items()})
+        tensors.update({f"head_cost_table.{u}": v for u, v in self.head_cost_table.items()})
+        if self.head_costs is not None:
+            tensors["head_costs"] = self.head_costs
+        metadata = {
+            "format": FORMAT,
+            "cost_unit": self.cost_unit,
+            "exit_names": json.dumps(self.exit_names),
+            "class_names": json.dumps(self.class_names),
+            "split": self.split,
+            "source_run": self.source_run,
+        }
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Predictions:
+        path = Path(path)
+        if not path.is_file():
+            raise EENNError(f"predictions file {str(path)!r} does not exist.")
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), framework="pt") as fh:
+                metadata = fh.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise EENNError(
+                f"predictions file {str(path)!r} is not a readable safetensors file "
+                f"(truncated or corrupt?): {str(exc).rstrip('.')}."
+            ) from None
+        missing = [k for k in ("logits", "labels", "costs") if k not in tensors]
+        if missing:
+            raise EENNError(f"predictions file {str(path)!r} lacks the tensors {missing}.")
+        try:
+            exit_names = json.loads(metadata.get("exit_names", "[]"))
+            class_names = json.loads(metadata.get("class_names", "[]"))
+        except json.JSONDecodeError:
+            raise EENNError(f"predictions file {str(path)!r} has malformed exit_names/class_names metadata.") from None
+        preds = cls(
+            logits=tensors["logits"],
+            labels=tensors["labels"],
+            costs=tensors["costs"],
+            cost_unit=metadata.get("cost_unit", "flops"),
+            exit_names=exit_names,
+            class_names=class_names,
+            split=metadata.get("split", ""),
+            source_run=metadata.get("source_run", ""),
+            cost_table={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("cost_table.")},
+            head_costs=tensors.get("head_costs"),
+            head_cost_table={
+                k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("head_cost_table.")
+            },
+        )
+        preds.validate(f"predictions file {str(path)!r}")
+        return preds
+
+
+def check_compatible(val: Predictions, test: Predictions) -> None:
+    """Validation and test predictions must come from the same model: same K, C and costs."""
+    if val.num_exits != test.num_exits or val.num_classes != test.num_classes:
+        raise EENNError(
+            f"val and test predictions disagree: val has K={val.num_exits} exits and C={val.num_classes} "
+            f"classes, test has K={test.num_exits} and C={test.num_classes}."
+        )
+    if not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(val.costs.tolist(), test.costs.tolist())):
+        raise EENNError(f"val and test predictions have different per-exit costs: {val.costs.tolist()} vs {test.costs.tolist()}.")
