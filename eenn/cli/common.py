@@ -5,10 +5,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from eenn.errors import EENNError
 
@@ -24,9 +27,21 @@ def conf_dir() -> str:
 
 
 def quiet_environment() -> None:
-    """No network look-ups or prompts: offline hub, and wandb never asks for a login."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """wandb never prints login banners or prompts (its mode is settled in eenn.utils.loggers)."""
     os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def _launch_id() -> str:
+    """A token fixed for this process: two sweeps started in the same second get different dirs."""
+    global _LAUNCH_ID
+    if _LAUNCH_ID is None:
+        _LAUNCH_ID = secrets.token_hex(3)
+    return _LAUNCH_ID
+
+
+_LAUNCH_ID: str | None = None
+if not OmegaConf.has_resolver("eenn.launch_id"):
+    OmegaConf.register_new_resolver("eenn.launch_id", _launch_id, use_cache=True)
 
 
 def report_errors(task: Callable[..., Any]) -> Callable[..., Any]:

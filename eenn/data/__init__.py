@@ -1,0 +1,3 @@
+from eenn.data.datamodule import EENNDataModule
+
+__all__ = ["EENNDataModule"]

@@ -1,0 +1,180 @@
+"""One LightningDataModule for every dataset: train / held-out validation / test.
+
+The validation split is carved from the training set with a seeded permutation and reserved for
+stage 2 (EENet and MSDNet hold out 5,000 CIFAR training images): stage-2 policies are fitted on
+it, and the test split is only ever used for reporting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from eenn.data.sources import IMAGENET_MEAN, IMAGENET_STD, SOURCES, FolderSource, Source
+from eenn.errors import EENNError
+
+AUGMENTATIONS = ("none", "cifar")
+
+
+def _class_selection(
+    class_names: list[str], classes: Sequence[int | str] | None
+) -> tuple[torch.Tensor | None, list[str]]:
+    """A label map keeping only ``classes`` (names or ids), renumbered 0..len-1 in the order given."""
+    if classes is None:
+        return None, list(class_names)
+    if len(classes) == 0:
+        raise EENNError("data.classes is an empty list; give the class names or ids to keep, or null for all.")
+    ids = []
+    for c in classes:
+        if isinstance(c, str) and c in class_names:
+            ids.append(class_names.index(c))
+        elif isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(class_names):
+            ids.append(c)
+        else:
+            raise EENNError(f"data.classes: {c!r} is not a class of this dataset; classes: {class_names}.")
+    if len(set(ids)) != len(ids):
+        raise EENNError(f"data.classes lists a class twice: {list(classes)}.")
+    remap = torch.full((len(class_names),), -1, dtype=torch.int64)
+    remap[ids] = torch.arange(len(ids))
+    return remap, [class_names[i] for i in ids]
+
+
+def _kept(y: torch.Tensor, remap: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the samples kept by the class selection, and their new labels."""
+    if remap is None:
+        return torch.arange(len(y)), y
+    index = torch.nonzero(remap[y] >= 0).flatten()
+    return index, remap[y[index]]
+
+
+class EENNDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        name: str = "digits",
+        root: str = "data",
+        download: bool = False,
+        path: str | None = None,
+        val_size: float | int = 0.2,
+        classes: Sequence[int | str] | None = None,
+        augment: str = "none",
+        image_size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int = 512,
+        num_workers: int = 0,
+        seed: int = 0,
+        source_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if augment not in AUGMENTATIONS:
+            raise EENNError(f"data.augment must be one of {AUGMENTATIONS}, got {augment!r}.")
+        self.name, self.root, self.download, self.path = name, root, download, path
+        self.val_size, self.classes, self.augment, self.image_size = val_size, classes, augment, image_size
+        self.mean, self.std = mean, std
+        self.batch_size, self.eval_batch_size, self.num_workers, self.seed = batch_size, eval_batch_size, num_workers, seed
+        self.source_kwargs = dict(source_kwargs or {})
+        self._src: Source | None = None
+
+    # --- what the model needs to know before training -----------------------------------------
+    def prepare_data(self) -> None:
+        if self.download:  # fetch once, on one process
+            self._build_source(download=True)
+
+    def _build_source(self, download: bool) -> Source:
+        return SOURCES.build(self.name, root=str(Path(self.root)), download=download, path=self.path,
+                             seed=self.seed, **self.source_kwargs)
+
+    def _load(self) -> Source:
+        if self._src is None:
+            self._src = self._build_source(download=False)
+            self._remap, self._class_names = _class_selection(self._src.class_names, self.classes)
+        return self._src
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def class_names(self) -> list[str]:
+        self._load()
+        return list(self._class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self._load().input_shape(self.image_size)
+
+    # --- splits --------------------------------------------------------------------------------
+    def _val_count(self, n: int) -> int:
+        v = self.val_size
+        count = int(round(v * n)) if isinstance(v, float) and v < 1 else int(v)
+        if not 0 < count < n:
+            raise EENNError(f"data.val_size={v} leaves no training or no validation samples out of {n}.")
+        return count
+
+    def _normalisation(self, src: Source, train_index: torch.Tensor) -> tuple[list[float], list[float]]:
+        if self.mean is not None and self.std is not None:
+            return list(self.mean), list(self.std)
+        if isinstance(src, FolderSource):
+            return list(IMAGENET_MEAN), list(IMAGENET_STD)
+        x = src.x_train[train_index].double() / 255  # statistics of the training pixels
+        return x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).clamp_min(1e-3).tolist()
+
+    def _transforms(self, src: Source, mean: list[float], std: list[float]) -> tuple[v2.Transform, v2.Transform]:
+        tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        if isinstance(src, FolderSource):
+            size = int(self.input_shape[-1])
+            train = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+            return v2.Compose([*train, *tail]), v2.Compose([v2.Resize(round(size / 0.875), antialias=True),
+                                                            v2.CenterCrop(size), *tail])
+        h = int(self.input_shape[-1])
+        train = [v2.RandomCrop(h, padding=4), v2.RandomHorizontalFlip()] if self.augment == "cifar" else []
+        return v2.Compose([*train, *tail]), v2.Compose(tail)
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        src = self._load()
+        index, labels = _kept(src.y_train, self._remap)
+        n = len(index)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        n_val = self._val_count(n)
+        val_pos, train_pos = perm[:n_val].sort().values, perm[n_val:]
+        mean, std = self._normalisation(src, index[train_pos])
+        train_tf, eval_tf = self._transforms(src, mean, std)
+        self.train_set = src.dataset("train", index[train_pos], labels[train_pos], train_tf)
+        self.val_set = src.dataset("train", index[val_pos], labels[val_pos], eval_tf)
+        test_index, test_labels = _kept(src.y_test, self._remap)
+        self.test_set = src.dataset("test", test_index, test_labels, eval_tf)
+        self.val_indices = index[val_pos]  # rows of the source training set: samples can be traced back
+
+    # --- loaders -------------------------------------------------------------------------------
+    def _loader(self, ds: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train and len(ds) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, False)
+
+    def split_loader(self, split: str) -> DataLoader:
+        """An ordered, un-augmented loader of the ``val`` or ``test`` split (for predictions)."""
+        return self._loader({"val": self.val_set, "test": self.test_set}[split], False)

@@ -1,0 +1,158 @@
+"""The multi-exit network: backbone stages with an exit head after each, the last exit being the
+backbone's own classifier. It runs whole (all K exits' logits) or stage by stage, so an engine can
+stop after exit k without recomputing anything."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from eenn.errors import EENNError
+from eenn.models.backbones import BACKBONES, BackboneParts
+from eenn.models.heads import HEADS
+
+
+class MultiExitNetwork(nn.Module):
+    """``stages[k]`` maps the previous stage's features to exit k's input; ``heads[k]`` gives its logits."""
+
+    def __init__(self, stages: Sequence[nn.Module], heads: Sequence[nn.Module], exit_names: Sequence[str]) -> None:
+        super().__init__()
+        if not (len(stages) == len(heads) == len(exit_names)):
+            raise ValueError("stages, heads and exit_names must have one entry per exit")
+        self.stages = nn.ModuleList(stages)
+        self.heads = nn.ModuleList(heads)
+        self.exit_names = list(exit_names)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.stages)
+
+    def forward_stage(self, k: int, features: torch.Tensor) -> torch.Tensor:
+        """Run stage k on the features that stage k-1 produced (the input image for k=0)."""
+        return self.stages[k](features)
+
+    def forward_exit(self, k: int, features: torch.Tensor) -> torch.Tensor:
+        """Exit k's logits from stage k's output."""
+        return self.heads[k](features)
+
+    def iter_exits(self, x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Yield (k, logits_k, features_k) exit by exit; stop iterating to stop computing."""
+        for k in range(self.num_exits):
+            x = self.forward_stage(k, x)
+            yield k, self.forward_exit(k, x), x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """All exits' logits, shape (B, K, C)."""
+        return torch.stack([logits for _, logits, _ in self.iter_exits(x)], dim=1)
+
+    def forward_backbone(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain backbone (no early-exit heads): the last exit's logits."""
+        for k in range(self.num_exits):
+            x = self.forward_stage(k, x)
+        return self.forward_exit(self.num_exits - 1, x)
+
+
+def resolve_exit_blocks(
+    parts: BackboneParts,
+    at: Sequence[Any] | str | None = None,
+    spacing: str | None = None,
+    first: int | None = None,
+    count: int | None = None,
+) -> list[str]:
+    """Turn the ``exits`` config into the ordered names of the blocks that get an early exit.
+
+    ``at``: block names, stage names (``layer1``: the block ending it), 1-based block numbers, or
+    ``"stages"`` (after every stage but the last). ``spacing="even"``: EENet's supplement,
+    l_k = l_0 + k·ΔL with l_0 = ``first`` and ΔL = floor((N - l_0) / count) for ``count`` exits.
+    """
+    n = len(parts.blocks)
+    last_unit = parts.units[-1][0]
+    if spacing is not None:
+        if spacing != "even":
+            raise EENNError(f"exits.spacing must be 'even' or null, got {spacing!r}.")
+        if at:
+            raise EENNError("exits.at and exits.spacing=even both set; give one of them.")
+        if first is None or count is None or count < 1 or not 1 <= first <= n:
+            raise EENNError(f"exits.spacing=even needs exits.first in [1, {n}] and exits.count >= 1, got first={first}, count={count}.")
+        delta = (n - first) // count
+        if delta < 1 and count > 1:
+            raise EENNError(f"exits.count={count} exits from block {first} do not fit in the backbone's {n} blocks.")
+        at = [first + k * delta for k in range(count)]
+    if at == "stages":
+        at = list(parts.stages)[:-1]
+    if isinstance(at, str) or at is None:
+        raise EENNError(f"exits.at must be a list of block names/numbers or 'stages', got {at!r}.")
+    names: list[str] = []
+    for item in at:
+        if isinstance(item, bool) or not isinstance(item, (int, str)):
+            raise EENNError(f"exits.at entries must be block names or 1-based numbers, got {item!r}.")
+        if isinstance(item, int):
+            if not 1 <= item <= n:
+                raise EENNError(f"exits.at: block {item} is beyond the backbone's depth (blocks 1..{n}).")
+            names.append(parts.blocks[item - 1])
+        elif item in parts.stages:
+            names.append(parts.stages[item])
+        elif item in parts.blocks:
+            names.append(item)
+        else:
+            raise EENNError(
+                f"exits.at: {item!r} is not a block or stage of this backbone; stages: {list(parts.stages)}, "
+                f"blocks: {parts.blocks[0]} .. {parts.blocks[-1]}."
+            )
+    positions = [parts.blocks.index(nm) for nm in names]
+    if len(set(positions)) != len(positions):
+        raise EENNError(f"exits.at names the same block twice: {list(at)}.")
+    if positions != sorted(positions):
+        raise EENNError(f"exits.at must go deeper with each exit (increasing), got {list(at)}.")
+    if names and names[-1] == last_unit:
+        raise EENNError(f"exits.at: {names[-1]!r} is the backbone's last block, where its own classifier already exits.")
+    return names
+
+
+@torch.no_grad()
+def _channels_after(units: Sequence[tuple[str, nn.Module]], input_shape: Sequence[int]) -> dict[str, int]:
+    """Channels of every unit's output, from one dry run (eval mode, so batch norm is untouched)."""
+    x = torch.zeros(1, *input_shape)
+    out = {}
+    modes = [m.training for _, m in units]
+    for _, m in units:
+        m.eval()
+    for name, m in units:
+        x = m(x)
+        out[name] = x.shape[1]
+    for (_, m), mode in zip(units, modes):
+        m.train(mode)
+    return out
+
+
+def build_multi_exit(
+    backbone: dict[str, Any],
+    exits: dict[str, Any],
+    num_classes: int,
+    input_shape: Sequence[int],
+) -> MultiExitNetwork:
+    """Build the network from the ``backbone`` (``family`` + its arguments) and ``exits`` config groups."""
+    backbone = dict(backbone)
+    parts = BACKBONES.build(backbone.pop("family"), num_classes=num_classes, in_chans=int(input_shape[0]), **backbone)
+    exits = dict(exits)
+    head_cfg = dict(exits.pop("head", None) or {"type": "linear"})
+    head_type = head_cfg.pop("type")
+    unknown = set(exits) - {"at", "spacing", "first", "count"}
+    if unknown:
+        raise EENNError(f"exits has unknown keys {sorted(unknown)}; expected at, spacing, first, count, head.")
+    exit_blocks = resolve_exit_blocks(parts, **exits)
+    channels = _channels_after(parts.units, input_shape)
+    stages, heads, current = [], [], []
+    cuts = set(exit_blocks)
+    for name, unit in parts.units:
+        current.append(unit)
+        if name in cuts:
+            stages.append(nn.Sequential(*current))
+            heads.append(HEADS.build(head_type, in_channels=channels[name], num_classes=num_classes, **head_cfg))
+            current = []
+    stages.append(nn.Sequential(*current))
+    heads.append(parts.head)
+    return MultiExitNetwork(stages, heads, [*exit_blocks, "final"])

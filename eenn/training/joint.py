@@ -1,0 +1,141 @@
+"""Stage 1, joint loss: L = sum_k w_k CE_k + alpha_KL sum_{k<K} tau^2 KL(softmax(z_K/tau) || softmax(z_k/tau))
+(EENet sec. 3.1; BranchyNet's and Distiller's weighted sum when alpha_KL = 0)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from eenn.models.multi_exit import MultiExitNetwork
+from eenn.training.losses import exit_loss_weights, self_distillation_kl
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+def metric_key(exit_name: str) -> str:
+    """Exit names like ``layer1.8`` as metric keys (torchmetrics/ModuleDict forbid dots)."""
+    return exit_name.replace(".", "_")
+
+
+def per_exit_accuracy(exit_names: Sequence[str], num_classes: int, prefix: str) -> MetricCollection:
+    return MetricCollection(
+        {metric_key(n): MulticlassAccuracy(num_classes=num_classes, average="micro") for n in exit_names},
+        prefix=prefix,
+    )
+
+
+class MultiExitModule(pl.LightningModule):
+    """What every stage-1 module shares: the network, per-exit metrics, evaluation steps, optimiser."""
+
+    def __init__(
+        self,
+        network: MultiExitNetwork,
+        num_classes: int,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: str = "epoch",
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        names = network.exit_names
+        self.train_acc = per_exit_accuracy(names, num_classes, "train/acc/")
+        self.val_acc = per_exit_accuracy(names, num_classes, "val/acc/")
+        self.test_acc = per_exit_accuracy(names, num_classes, "test/acc/")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    def _update(self, metrics: MetricCollection, logits: torch.Tensor, y: torch.Tensor) -> None:
+        for k, name in enumerate(self.network.exit_names):
+            metrics[metric_key(name)].update(logits[:, k], y)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=False)
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> None:
+        x, y = batch
+        logits = self(x)
+        ce = F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(logits.shape[1]))
+        self.log(f"{split}/ce", ce, on_epoch=True, batch_size=len(y))
+        self._update(self.val_acc if split == "val" else self.test_acc, logits, y)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def configure_optimizers(self) -> Any:
+        opt = self.optimizer_factory(params=self.network.parameters())
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt),
+                                                    "interval": self.scheduler_interval}}
+
+
+class JointTraining(MultiExitModule):
+    def __init__(
+        self,
+        network: MultiExitNetwork,
+        num_classes: int,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: str = "epoch",
+        loss_weights: str | Sequence[float] = "uniform",
+        kl_alpha: float = 0.0,
+        kl_tau: float = 1.0,
+        kl_start: float = 0.75,
+        kl_detach_teacher: bool = True,
+        warmup_epochs: int = 0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(network, num_classes, optimizer, scheduler, scheduler_interval)
+        self.save_hyperparameters(ignore=["network", "optimizer", "scheduler"])
+        self.register_buffer("loss_weights", exit_loss_weights(loss_weights, network.num_exits), persistent=False)
+        self.kl_alpha, self.kl_tau, self.kl_start, self.kl_detach_teacher = kl_alpha, kl_tau, kl_start, kl_detach_teacher
+        self.warmup_epochs, self.label_smoothing = warmup_epochs, label_smoothing
+
+    def current_weights(self) -> torch.Tensor:
+        """During the warm-up epochs only the final exit trains (EENet trains 20 epochs without exits)."""
+        if self.current_epoch < self.warmup_epochs:
+            return torch.nn.functional.one_hot(
+                torch.tensor(self.network.num_exits - 1), self.network.num_exits
+            ).to(self.loss_weights)
+        return self.loss_weights
+
+    def kl_active(self) -> bool:
+        max_epochs = self.trainer.max_epochs if self._trainer is not None and self.trainer.max_epochs else 1
+        return self.kl_alpha > 0 and self.current_epoch >= self.kl_start * max_epochs
+
+    def joint_loss(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total, per-exit CE (K,), KL term) for logits (B, K, C)."""
+        b, k, c = logits.shape
+        ce = F.cross_entropy(
+            logits.reshape(b * k, c), y.repeat_interleave(k), reduction="none", label_smoothing=self.label_smoothing
+        ).view(b, k).mean(0)
+        total = (self.current_weights() * ce).sum()
+        kl = logits.new_zeros(())
+        if self.kl_active():
+            kl = self_distillation_kl(logits, self.kl_tau, self.kl_detach_teacher)
+            total = total + self.kl_alpha * kl
+        return total, ce, kl
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss, ce, kl = self.joint_loss(logits, y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        self.log_dict({f"train/ce/{metric_key(n)}": ce[i] for i, n in enumerate(self.network.exit_names)},
+                      on_step=False, on_epoch=True, batch_size=len(y))
+        if self.kl_alpha > 0:
+            self.log("train/kl", kl, on_step=False, on_epoch=True, batch_size=len(y))
+        self._update(self.train_acc, logits.detach(), y)
+        return loss

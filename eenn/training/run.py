@@ -1,0 +1,134 @@
+"""Stage 1 as one function: config in, complete run directory out.
+
+The run dir holds ``checkpoints/`` (best + last), ``costs.json``, ``predictions/{val,test}.safetensors``
+and ``metrics.json`` (per-exit accuracies); stage 2 takes the run dir as its input.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from eenn.cost import CostProfile, profile_costs
+from eenn.data.datamodule import EENNDataModule
+from eenn.errors import EENNError
+from eenn.models.multi_exit import MultiExitNetwork, build_multi_exit
+from eenn.training.joint import MultiExitModule
+from eenn.training.predictions import make_predictions
+from eenn.utils.io import write_json
+from eenn.utils.loggers import finish_wandb
+
+log = logging.getLogger("eenn.train")
+
+
+def build_network(cfg: DictConfig, dm: EENNDataModule) -> MultiExitNetwork:
+    return build_multi_exit(
+        OmegaConf.to_container(cfg.backbone, resolve=True),  # type: ignore[arg-type]
+        OmegaConf.to_container(cfg.exits, resolve=True),  # type: ignore[arg-type]
+        num_classes=dm.num_classes,
+        input_shape=dm.input_shape,
+    )
+
+
+def instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a dict-of-configs group (callbacks, loggers)."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c, _convert_="all") for c in cfg.values() if c is not None and "_target_" in c]
+
+
+def load_weights(module: pl.LightningModule, ckpt_path: str) -> None:
+    """Load a Lightning checkpoint's weights safely (``weights_only=True``: no pickle code runs)."""
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+
+
+def log_cost_table(loggers: list[Logger], costs: CostProfile) -> None:
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            lg.log_table(key="costs", columns=CostProfile.table_columns, data=costs.table())
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run stage 1 and return the metrics written to ``metrics.json``."""
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file() and cfg.ckpt_path != "last":
+        raise EENNError(f"ckpt_path={cfg.ckpt_path!r} does not exist.")
+    pl.seed_everything(cfg.seed, workers=True)
+    t0 = time.perf_counter()
+
+    dm: EENNDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    dm.prepare_data()
+    dm.setup("fit")
+    network = build_network(cfg, dm)
+
+    costs = profile_costs(network, dm.input_shape, latency=cfg.cost.latency,
+                          latency_batch_size=cfg.cost.batch_size, repeats=cfg.cost.repeats)
+    log.info("cost profile (per sample; latency at batch %s on %s):\n%s", cfg.cost.batch_size, costs.device, costs.format())
+    print(costs.format())
+
+    module: MultiExitModule = hydra.utils.instantiate(
+        cfg.training, network=network, num_classes=dm.num_classes, _convert_="all"
+    )
+    loggers = instantiate_group(cfg.get("logger"))
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+
+    if trainer.is_global_zero:
+        write_json(run_dir / "costs.json", costs.to_dict())
+        for lg in loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        log_cost_table(loggers, costs)
+
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+
+    ckpt_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    best = ckpt_cb.best_model_path if ckpt_cb is not None else ""
+    if best:
+        load_weights(module, best)
+    trainer.test(module, datamodule=dm, verbose=False)
+
+    metrics: dict[str, Any] = {}
+    if trainer.is_global_zero:
+        device = module.device
+        names = network.exit_names
+        for split in ("val", "test"):
+            preds = make_predictions(network, dm.split_loader(split), costs, dm.class_names, split, str(run_dir), device)
+            preds.save(run_dir / "predictions" / f"{split}.safetensors")
+            metrics[f"{split}_accuracy"] = dict(zip(names, preds.accuracy_per_exit().tolist()))
+        metrics.update({
+            "exit_names": names,
+            "num_classes": dm.num_classes,
+            "costs_flops": costs.per_exit("flops"),
+            "backbone_flops": costs.backbone["flops"],
+            "best_checkpoint": best or None,
+            "epochs": trainer.current_epoch,
+            "train_seconds": time.perf_counter() - t0,
+        })
+        write_json(run_dir / "metrics.json", metrics)
+        print_summary(metrics)
+    finish_wandb()
+    return metrics
+
+
+def print_summary(metrics: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="per-exit accuracy")
+    for col in ("exit", "cost (x backbone FLOPs)", "val acc", "test acc"):
+        table.add_column(col, justify="right")
+    for k, name in enumerate(metrics["exit_names"]):
+        table.add_row(name, f"{metrics['costs_flops'][k] / metrics['backbone_flops']:.3f}",
+                      f"{metrics['val_accuracy'][name]:.4f}", f"{metrics['test_accuracy'][name]:.4f}")
+    Console().print(table)

@@ -1,0 +1,63 @@
+"""Loggers that never prompt or hang: wandb goes offline by itself when no credentials exist."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import WandbLogger
+
+from eenn.errors import EENNError
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def wandb_credentials_present() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].rstrip("/")
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_wandb_mode(mode: str = "auto") -> str:
+    """``WANDB_MODE`` in the environment wins; ``auto`` is online with credentials, else offline."""
+    if mode not in WANDB_MODES:
+        raise EENNError(f"logger.wandb.mode must be one of {WANDB_MODES}, got {mode!r}.")
+    env = os.environ.get("WANDB_MODE")
+    if env in ("online", "offline", "disabled", "dryrun"):
+        return "offline" if env == "dryrun" else env
+    if mode == "auto":
+        return "online" if wandb_credentials_present() else "offline"
+    return mode
+
+
+def wandb_logger(
+    project: str = "eenn",
+    save_dir: str = ".",
+    mode: str = "auto",
+    name: str | None = None,
+    group: str | None = None,
+    job_type: str | None = None,
+    tags: list[str] | None = None,
+    entity: str | None = None,
+    **kwargs: Any,
+) -> WandbLogger:
+    mode = resolve_wandb_mode(mode)
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    return WandbLogger(
+        project=project, save_dir=save_dir, name=name, group=group, job_type=job_type, tags=tags,
+        entity=entity, offline=mode == "offline", mode=mode, **kwargs,
+    )
+
+
+def finish_wandb() -> None:
+    """End the active wandb run, so the next job of a multirun does not log into it."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()

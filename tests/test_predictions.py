@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from eenn.errors import EENNError
+from eenn.evaluation.predictions import Predictions, check_compatible
+
+
+def _preds(n=6, k=3, c=4, **kw):
+    torch.manual_seed(0)
+    return Predictions(logits=torch.randn(n, k, c), labels=torch.randint(0, c, (n,)),
+                       costs=torch.tensor([1.0, 2.0, 3.0][:k]), head_costs=torch.tensor([0.1, 0.1, 0.01][:k]),
+                       cost_table={"latency_ms": torch.tensor([0.5, 0.9, 1.2][:k])}, split="val", **kw)
+
+
+def test_round_trip_keeps_everything(tmp_path):
+    p = _preds(class_names=["a", "b", "c", "d"])
+    p.save(tmp_path / "val.safetensors")
+    q = Predictions.load(tmp_path / "val.safetensors")
+    torch.testing.assert_close(q.logits, p.logits)
+    torch.testing.assert_close(q.labels, p.labels)
+    assert q.costs.dtype == torch.float64 and q.labels.dtype == torch.int64 and q.logits.dtype == torch.float32
+    assert q.class_names == ["a", "b", "c", "d"] and q.exit_names == ["exit0", "exit1", "exit2"] and q.split == "val"
+    torch.testing.assert_close(q.costs_in("latency_ms"), p.cost_table["latency_ms"])
+    torch.testing.assert_close(q.head_costs_in("flops"), p.head_costs)
+    torch.testing.assert_close(q.head_costs_in("latency_ms"), torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(EENNError, match="cost unit 'joules' is not in the predictions file"):
+        q.costs_in("joules")
+
+
+def test_truncated_missing_and_nan_files_are_refused(tmp_path):
+    path = tmp_path / "p.safetensors"
+    _preds().save(path)
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(EENNError, match="not a readable safetensors file"):
+        Predictions.load(tmp_path / "cut.safetensors")
+    with pytest.raises(EENNError, match="does not exist"):
+        Predictions.load(tmp_path / "nope.safetensors")
+    bad = _preds()
+    bad.logits[2, 1, 0] = float("nan")
+    with pytest.raises(EENNError, match="NaN or Inf values in 1 of 6 samples"):
+        bad.save(tmp_path / "nan.safetensors")
+    assert not (tmp_path / "nan.safetensors").exists()
+
+
+def test_val_and_test_must_match():
+    with pytest.raises(EENNError, match="K=3 exits .* K=2"):
+        check_compatible(_preds(), _preds(k=2))
