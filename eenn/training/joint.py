@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from eenn.cost import CostProfile
 from eenn.models.multi_exit import MultiExitNetwork
 from eenn.training.losses import exit_loss_weights, self_distillation_kl
 
@@ -32,7 +33,11 @@ def per_exit_accuracy(exit_names: Sequence[str], num_classes: int, prefix: str) 
 
 
 class MultiExitModule(pl.LightningModule):
-    """What every stage-1 module shares: the network, per-exit metrics, evaluation steps, optimiser."""
+    """What every stage-1 module shares: the network, per-exit metrics, evaluation steps, optimiser.
+
+    ``cost_profile`` is the network's per-exit cost (for modules whose loss uses it, such as the
+    bi-level one); the run passes it to every stage-1 module.
+    """
 
     def __init__(
         self,
@@ -41,9 +46,11 @@ class MultiExitModule(pl.LightningModule):
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         scheduler_interval: str = "epoch",
+        cost_profile: CostProfile | None = None,
     ) -> None:
         super().__init__()
         self.network = network
+        self.cost_profile = cost_profile
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -96,9 +103,10 @@ class JointTraining(MultiExitModule):
         kl_detach_teacher: bool = True,
         warmup_epochs: int = 0,
         label_smoothing: float = 0.0,
+        cost_profile: CostProfile | None = None,
     ) -> None:
-        super().__init__(network, num_classes, optimizer, scheduler, scheduler_interval)
-        self.save_hyperparameters(ignore=["network", "optimizer", "scheduler"])
+        super().__init__(network, num_classes, optimizer, scheduler, scheduler_interval, cost_profile)
+        self.save_hyperparameters(ignore=["network", "optimizer", "scheduler", "cost_profile"])
         self.register_buffer("loss_weights", exit_loss_weights(loss_weights, network.num_exits), persistent=False)
         self.kl_alpha, self.kl_tau, self.kl_start, self.kl_detach_teacher = kl_alpha, kl_tau, kl_start, kl_detach_teacher
         self.warmup_epochs, self.label_smoothing = warmup_epochs, label_smoothing

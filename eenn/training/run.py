@@ -75,10 +75,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     costs = profile_costs(network, dm.input_shape, latency=cfg.cost.latency,
                           latency_batch_size=cfg.cost.batch_size, repeats=cfg.cost.repeats)
     log.info("cost profile (per sample; latency at batch %s on %s):\n%s", cfg.cost.batch_size, costs.device, costs.format())
-    print(costs.format())
 
     module: MultiExitModule = hydra.utils.instantiate(
-        cfg.training, network=network, num_classes=dm.num_classes, _convert_="all"
+        cfg.training, network=network, num_classes=dm.num_classes, cost_profile=costs, _convert_="all"
     )
     loggers = instantiate_group(cfg.get("logger"))
     callbacks = instantiate_group(cfg.get("callbacks"))
