@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import secrets
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,22 @@ if not OmegaConf.has_resolver("eenn.launch_id"):
     OmegaConf.register_new_resolver("eenn.launch_id", _launch_id, use_cache=True)
 
 
+def _remove_empty_run_dir() -> None:
+    """A job refused for bad input leaves no run dir behind, unless it holds more than Hydra's own
+    config and log (a resumed run's checkpoints, say): finished outputs are never deleted."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not run_dir.is_dir():
+        return
+    own = {".hydra", f"{HydraConfig.get().job.name}.log"}
+    if all(p.name in own for p in run_dir.iterdir()):
+        logging.shutdown()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def report_errors(task: Callable[..., Any]) -> Callable[..., Any]:
     """Turn an EENNError into one clear line on stderr and exit code 2, instead of a traceback."""
 
@@ -54,6 +71,7 @@ def report_errors(task: Callable[..., Any]) -> Callable[..., Any]:
         except EENNError as exc:
             log.error("%s", exc)
             print(f"error: {exc}", file=sys.stderr)
+            _remove_empty_run_dir()
             sys.exit(2)
 
     return wrapped

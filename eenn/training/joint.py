@@ -71,7 +71,7 @@ class MultiExitModule(pl.LightningModule):
         x, y = batch
         logits = self(x)
         ce = F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(logits.shape[1]))
-        self.log(f"{split}/ce", ce, on_epoch=True, batch_size=len(y))
+        self.log(f"{split}/ce", ce, on_epoch=True, batch_size=len(y), sync_dist=True)
         self._update(self.val_acc if split == "val" else self.test_acc, logits, y)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -140,10 +140,10 @@ class JointTraining(MultiExitModule):
         x, y = batch
         logits = self(x)
         loss, ce, kl = self.joint_loss(logits, y)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y), sync_dist=True)
         self.log_dict({f"train/ce/{metric_key(n)}": ce[i] for i, n in enumerate(self.network.exit_names)},
-                      on_step=False, on_epoch=True, batch_size=len(y))
+                      on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         if self.kl_alpha > 0:
-            self.log("train/kl", kl, on_step=False, on_epoch=True, batch_size=len(y))
+            self.log("train/kl", kl, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         self._update(self.train_acc, logits.detach(), y)
         return loss

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -24,6 +23,7 @@ from eenn.errors import EENNError
 from eenn.models.multi_exit import MultiExitNetwork, build_multi_exit
 from eenn.training.joint import MultiExitModule
 from eenn.training.predictions import make_predictions
+from eenn.utils.config import instantiate
 from eenn.utils.io import write_json
 from eenn.utils.loggers import finish_wandb
 
@@ -43,7 +43,40 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every ``_target_`` entry of a dict-of-configs group (callbacks, loggers)."""
     if not cfg:
         return []
-    return [hydra.utils.instantiate(c, _convert_="all") for c in cfg.values() if c is not None and "_target_" in c]
+    return [instantiate(c, _convert_="all") for c in cfg.values() if c is not None and "_target_" in c]
+
+
+def resolve_resume_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """``last``: this run dir's ``checkpoints/last.ckpt`` if there is one, else a fresh start (what a
+    requeued SLURM job wants); a path must exist and be a readable checkpoint."""
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            log.info("ckpt_path=last: no %s yet, starting from scratch", last)
+            return None
+        ckpt_path = str(last)
+    if not Path(ckpt_path).is_file():
+        raise EENNError(f"ckpt_path={ckpt_path!r} does not exist.")
+    try:
+        torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001  (torch raises several types for a bad archive)
+        raise EENNError(f"ckpt_path={ckpt_path!r} is not a readable checkpoint (truncated or tampered?): {exc}") from None
+    return ckpt_path
+
+
+def check_checkpoint_fits(module: pl.LightningModule, ckpt_path: str) -> None:
+    """A checkpoint from another model (backbone, exits, number of classes) is refused by name."""
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    own = module.state_dict()
+    missing = sorted(set(own) - set(saved))
+    wrong = [(k, tuple(saved[k].shape), tuple(v.shape)) for k, v in own.items() if k in saved and saved[k].shape != v.shape]
+    if missing or wrong:
+        detail = (f"{len(wrong)} tensors differ in shape, e.g. {wrong[0][0]}: checkpoint {wrong[0][1]} vs model {wrong[0][2]}"
+                  if wrong else f"{len(missing)} tensors are missing, e.g. {missing[0]}")
+        raise EENNError(f"ckpt_path={ckpt_path!r} does not fit this model ({detail}); was it trained with another "
+                        "backbone, exits or number of classes?")
 
 
 def load_weights(module: pl.LightningModule, ckpt_path: str) -> None:
@@ -60,14 +93,13 @@ def log_cost_table(loggers: list[Logger], costs: CostProfile) -> None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run stage 1 and return the metrics written to ``metrics.json``."""
+    # Everything that can be refused is checked before the first file is written.
     run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file() and cfg.ckpt_path != "last":
-        raise EENNError(f"ckpt_path={cfg.ckpt_path!r} does not exist.")
+    ckpt_path = resolve_resume_checkpoint(cfg.get("ckpt_path"), run_dir)
     pl.seed_everything(cfg.seed, workers=True)
     t0 = time.perf_counter()
 
-    dm: EENNDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    dm: EENNDataModule = instantiate(cfg.data, _convert_="all")
     dm.prepare_data()
     dm.setup("fit")
     network = build_network(cfg, dm)
@@ -76,12 +108,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                           latency_batch_size=cfg.cost.batch_size, repeats=cfg.cost.repeats)
     log.info("cost profile (per sample; latency at batch %s on %s):\n%s", cfg.cost.batch_size, costs.device, costs.format())
 
-    module: MultiExitModule = hydra.utils.instantiate(
+    module: MultiExitModule = instantiate(
         cfg.training, network=network, num_classes=dm.num_classes, cost_profile=costs, _convert_="all"
     )
+    if ckpt_path:
+        check_checkpoint_fits(module, ckpt_path)
     loggers = instantiate_group(cfg.get("logger"))
     callbacks = instantiate_group(cfg.get("callbacks"))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
 
     if trainer.is_global_zero:
         write_json(run_dir / "costs.json", costs.to_dict())
@@ -89,7 +123,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
         log_cost_table(loggers, costs)
 
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    # weights_only: loading a checkpoint runs no pickled code
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
 
     ckpt_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
     best = ckpt_cb.best_model_path if ckpt_cb is not None else ""

@@ -29,6 +29,8 @@ def test_bad_input_is_one_clear_line_and_a_nonzero_exit(tmp_path):
     assert res.returncode != 0
     assert "error: cifar10 is not in data.root=" in res.stderr and "data.download=false" in res.stderr
     assert "Traceback" not in res.stderr
+    runs = tmp_path / "outputs" / "train" / "runs"
+    assert not runs.exists() or not any(runs.iterdir())  # the refused job left no run dir behind
     res = _run(["backbone=resnet1000"], tmp_path)
     assert res.returncode != 0
     assert "Could not find 'backbone/resnet1000'" in res.stderr and "resnet56" in res.stderr
