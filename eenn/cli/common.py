@@ -8,11 +8,13 @@ import os
 import secrets
 import shutil
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from eenn.errors import EENNError
 
@@ -61,17 +63,61 @@ def _remove_empty_run_dir() -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _record_failure(exc: BaseException) -> None:
+    """In a sweep, a failed job writes error.json and lets the others run (eenn-compare lists it)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from eenn.utils.io import write_json
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    write_json(out / "error.json", {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "overrides": list(HydraConfig.get().overrides.task),
+        "traceback": "" if isinstance(exc, EENNError) else traceback.format_exc(),
+    })
+    log.error("job %s failed (%s: %s); the sweep goes on", out.name, type(exc).__name__, exc)
+
+
 def report_errors(task: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn an EENNError into one clear line on stderr and exit code 2, instead of a traceback."""
+    """Turn an EENNError into one clear line on stderr and exit code 2, instead of a traceback.
+    In a multirun, any failure is recorded in the job's error.json and the sweep continues."""
 
     @functools.wraps(task)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         try:
             return task(*args, **kwargs)
-        except EENNError as exc:
+        except Exception as exc:
+            if _in_multirun():
+                from eenn.utils.loggers import finish_wandb
+
+                _record_failure(exc)
+                finish_wandb()
+                return None
+            if not isinstance(exc, EENNError):
+                raise
             log.error("%s", exc)
             print(f"error: {exc}", file=sys.stderr)
             _remove_empty_run_dir()
             sys.exit(2)
 
     return wrapped
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun: say how many jobs failed (their error.json) and exit non-zero if any."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        failed = sorted(p.parent.name for p in sweep.glob("*/error.json"))
+        if failed:
+            print(f"error: {len(failed)} job(s) of the sweep in {sweep} failed: {', '.join(failed)} (see their error.json)",
+                  file=sys.stderr)
+            sys.exit(1)

@@ -141,6 +141,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             preds.save(run_dir / "predictions" / f"{split}.safetensors")
             metrics[f"{split}_accuracy"] = dict(zip(names, preds.accuracy_per_exit().tolist()))
         metrics.update({
+            "training": type(module).__name__.removesuffix("Training").lower(),
+            "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+            "data": cfg.data.name,
             "exit_names": names,
             "num_classes": dm.num_classes,
             "costs_flops": costs.per_exit("flops"),

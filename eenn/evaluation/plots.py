@@ -1,0 +1,154 @@
+"""The comparison plots: accuracy vs cost, exit distributions, confusion matrices.
+
+Figures are made without pyplot, so writing them needs no display and leaves a notebook's own
+backend alone; :func:`accuracy_vs_cost` draws on any Axes, a notebook's included."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from eenn.evaluation.compare import Comparison, Model
+from eenn.utils.io import atomic_path
+
+UNIT_LABEL = {"flops": "average FLOPs per sample", "macs": "average MACs per sample",
+              "latency_ms": "average latency per sample (ms)", "params": "average parameters touched"}
+
+
+def _scale(unit: str, values: list[float]) -> tuple[list[float], str]:
+    if unit in ("flops", "macs", "params") and values and max(values) > 1e6:
+        return [v / 1e6 for v in values], f"{UNIT_LABEL[unit]} (millions)"
+    return values, UNIT_LABEL.get(unit, unit)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return path
+
+
+def accuracy_vs_cost(comp: Comparison, model: Model, unit: str, ax: Axes) -> None:
+    """Budgeted batch classification (MSDNet's protocol): test accuracy against realised average
+    cost, one curve per policy; per-exit static points (anytime) and the oracle ceiling."""
+    rows = [r for r in comp.rows if r["model"] == model.name and r["cost_unit"] == unit and r["policy"] != "static"]
+    by_policy: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_policy[r["policy"]].append(r)
+    all_costs = [r["test_avg_cost"] for r in rows] + [p["avg_cost"] for p in model.static_points(unit)]
+    _, label = _scale(unit, all_costs)
+    div = 1e6 if "millions" in label else 1.0
+    for policy, pts in sorted(by_policy.items()):
+        pts = sorted(pts, key=lambda r: r["test_avg_cost"])
+        style = {"linestyle": "--", "color": "black", "marker": None} if policy.startswith("oracle") else {"marker": "o"}
+        ax.plot([p["test_avg_cost"] / div for p in pts], [100 * p["test_accuracy"] for p in pts], label=policy, **style)
+    static = model.static_points(unit)
+    ax.scatter([p["avg_cost"] / div for p in static], [100 * p["accuracy"] for p in static], marker="*", s=160,
+               color="crimson", zorder=5, label="static (each exit)")
+    if "oracle_budget" not in by_policy:
+        oracle = model.oracle_curve(unit)
+        ax.plot([p["avg_cost"] / div for p in oracle], [100 * p["accuracy"] for p in oracle], linestyle=":",
+                color="grey", label="oracle ceiling")
+    ax.set_xlabel(label)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{model.name} [{model.training}]")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_accuracy_vs_cost(comp: Comparison, out_dir: Path) -> list[Path]:
+    """One figure per cost unit (FLOPs, and milliseconds where runs used measured latency)."""
+    paths = []
+    for unit in sorted({r["cost_unit"] for r in comp.rows}):
+        models = [m for m in comp.models.values() if any(r["model"] == m.name and r["cost_unit"] == unit for r in comp.rows)]
+        if not models:
+            continue
+        fig = Figure(figsize=(6.5 * len(models), 4.5))
+        axes = fig.subplots(1, len(models), squeeze=False)
+        for ax, m in zip(axes[0], models):
+            accuracy_vs_cost(comp, m, unit, ax)
+        paths.append(_save(fig, out_dir / f"accuracy_vs_cost_{unit}.png"))
+    return paths
+
+
+def plot_exit_distributions(comp: Comparison, out_dir: Path) -> Path | None:
+    """Per policy, the share of test samples leaving at each exit, at each budget (stacked bars)."""
+    import json
+
+    rows = [r for r in comp.rows if r["policy"] not in ("static",)]
+    if not rows:
+        return None
+    keys = sorted({(r["model"], r["policy"], r["cost_unit"]) for r in rows})
+    cols = min(3, len(keys))
+    nrows = (len(keys) + cols - 1) // cols
+    fig = Figure(figsize=(5 * cols, 3.2 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
+    for ax, (model, policy, unit) in zip(axes.flat, keys):
+        pts = sorted((r for r in rows if (r["model"], r["policy"], r["cost_unit"]) == (model, policy, unit)),
+                     key=lambda r: r["budget_fraction"])
+        fractions = [json.loads(r["test_exit_fractions"]) for r in pts]
+        x = [f"{r['budget_fraction']:.2f}" for r in pts]
+        bottom = [0.0] * len(pts)
+        for k in range(len(fractions[0])):
+            vals = [f[k] for f in fractions]
+            ax.bar(x, vals, bottom=bottom, label=f"exit {k}")
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_title(f"{policy} ({model}, {unit})", fontsize=9)
+        ax.set_xlabel("budget (fraction of full cost)")
+        ax.set_ylabel("share of samples")
+        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out_dir / "exit_distributions.png")
+
+
+def crossing_point(comp: Comparison, model: Model) -> dict[str, Any] | None:
+    """DEEx's crossing point: the cheapest ``deex`` run whose edge exits answer at least as
+    accurately as the backbone exit does for the samples it receives."""
+    fits = sorted((f for f in comp.fits if f["policy"] == "deex" and Path(f["run"]).exists()
+                   and any(r["run"] == f["run"] and r["model"] == model.name for r in comp.rows)),
+                  key=lambda f: f["budget"])
+    for f in fits:
+        acc, frac = f["test"]["exit_accuracy"], f["test"]["exit_fractions"]
+        edge = [(a, w) for a, w in zip(acc[:-1], frac[:-1]) if a is not None and w > 0]
+        if not edge or acc[-1] is None:
+            continue
+        edge_acc = sum(a * w for a, w in edge) / sum(w for _, w in edge)
+        if edge_acc >= acc[-1]:
+            return f
+    return None
+
+
+def plot_confusions(comp: Comparison, model: Model, out_dir: Path) -> Path:
+    """DEEx Fig. 6/7: confusion matrices with every sample at the first exit, at the last exit,
+    and at the crossing point of the deex policy (when a deex sweep is present)."""
+    import numpy as np
+
+    panels = [(f"all at {model.test.exit_names[0]}", model.confusion(0)),
+              (f"all at {model.test.exit_names[-1]}", model.confusion(model.test.num_exits - 1))]
+    cross = crossing_point(comp, model)
+    if cross is not None:
+        panels.append((f"deex crossing point (budget {cross['budget_fraction']:.2f})", cross["test"]["confusion"]))
+    c = model.test.num_classes
+    fig = Figure(figsize=(4.2 * len(panels), 4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    for ax, (title, cm) in zip(axes[0], panels):
+        m = np.asarray(cm, dtype=float)
+        m = m / np.clip(m.sum(1, keepdims=True), 1, None)
+        ax.imshow(m, vmin=0, vmax=1, cmap="Blues")
+        ax.set_title(title, fontsize=9)
+        names = model.test.class_names
+        ax.set_xticks(range(c), names if c <= 12 else [""] * c, rotation=90, fontsize=7)
+        ax.set_yticks(range(c), names if c <= 12 else [""] * c, fontsize=7)
+        if c <= 12:
+            for i in range(c):
+                ax.text(i, i, f"{m[i, i]:.2f}", ha="center", va="center", fontsize=6, color="black")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+    fig.tight_layout()
+    return _save(fig, out_dir / f"confusion_{model.name}.png")

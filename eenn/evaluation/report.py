@@ -1,0 +1,79 @@
+"""A self-contained report.html: plots embedded as base64 PNGs, tables inline, no external links."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from eenn.evaluation.compare import Comparison
+from eenn.utils.io import atomic_path
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #f0f0f0; } td.l, th.l { text-align: left; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+.fail { color: #a00; }
+"""
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def _table(header: list[str], rows: list[list[object]], left: int = 1) -> str:
+    th = "".join(f'<th class="{"l" if i < left else ""}">{html.escape(h)}</th>' for i, h in enumerate(header))
+    body = "".join(
+        "<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{html.escape(str(v))}</td>' for i, v in enumerate(r)) + "</tr>"
+        for r in rows
+    )
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def accuracy_table(comp: Comparison) -> tuple[list[str], list[list[object]]]:
+    """Test accuracy (%) per (model, policy, unit) row and requested budget-fraction column
+    (``static`` runs are per exit, not per budget: they are in the per-exit tables)."""
+    rows = [r for r in comp.rows if r["policy"] != "static"]
+    fractions = sorted({round(r["requested_fraction"], 3) for r in rows})
+    cells: dict[tuple[str, str, str], dict[float, str]] = defaultdict(dict)
+    for r in rows:
+        cells[(r["model"], r["policy"], r["cost_unit"])][round(r["requested_fraction"], 3)] = f"{100 * r['test_accuracy']:.2f}"
+    header = ["model", "policy", "unit", *[f"{f:.2f}" for f in fractions]]
+    rows = [[m, p, u, *[c.get(f, "") for f in fractions]] for (m, p, u), c in sorted(cells.items())]
+    return header, rows
+
+
+def write_report(comp: Comparison, images: list[Path], out_path: Path, title: str = "eenn: exit policies compared") -> Path:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts.append(f"<p>{len(comp.rows)} stage-2 runs, policies: {html.escape(', '.join(comp.policies))}; "
+                 f"models: {html.escape(', '.join(m.name for m in comp.models.values()))}.</p>")
+    if comp.failures:
+        parts.append("<h2 class='fail'>Missing or failed runs</h2>")
+        parts.append(_table(["run", "reason"], [[f["run"], f["reason"]] for f in comp.failures], left=2))
+    parts.append("<h2>Stage-1 models: per-exit test accuracy (anytime prediction)</h2>")
+    for m in comp.models.values():
+        costs = m.test.costs.tolist()
+        rows = [[n, f"{c / costs[-1]:.3f}", f"{100 * a:.2f}"] for n, c, a in zip(m.test.exit_names, costs, m.test.accuracy_per_exit().tolist())]
+        parts.append(f"<h3>{html.escape(m.name)} [{html.escape(m.training)}]</h3>")
+        parts.append(_table(["exit", "cost (x last exit)", "test accuracy %"], rows))
+    parts.append("<h2>Plots</h2>")
+    parts += [_img(p) for p in images]
+    header, rows = accuracy_table(comp)
+    parts.append("<h2>Test accuracy (%) by budget (fraction of the full cost)</h2>")
+    parts.append(_table(header, rows, left=3))
+    parts.append("<h2>All runs</h2>")
+    run_rows = [[r["model"], r["policy"], r["cost_unit"], f"{r['budget_fraction']:.3f}", f"{100 * r['val_accuracy']:.2f}",
+                 f"{100 * r['test_accuracy']:.2f}", f"{r['test_avg_cost']:.4g}",
+                 ", ".join(f"{f:.2f}" for f in json.loads(r["test_exit_fractions"]))] for r in comp.rows]
+    parts.append(_table(["model", "policy", "unit", "budget", "val acc %", "test acc %", "test avg cost", "test exit fractions"],
+                        run_rows, left=3))
+    parts.append("</body></html>")
+    with atomic_path(out_path) as tmp:
+        tmp.write_text("\n".join(parts))
+    return out_path
