@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install demo test test-all lint bench clean
+.PHONY: help install demo test test-all test-slow lint bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv (if missing) and install eenn with its dev tools
 
-demo: $(STAMP) ## train a multi-exit ResNet-20 on the bundled digits and print per-exit accuracy
-	$(BIN)/eenn-train data=digits backbone=resnet20 exits=stages trainer.max_epochs=15
+demo: $(STAMP) ## the main job on the bundled digits: train, fit every policy over a budget sweep, compare
+	$(BIN)/eenn-pipeline
 
 test: $(STAMP) ## run the test suite (slow and browser tests deselected)
 	$(BIN)/python -m pytest
@@ -32,3 +32,12 @@ lint: $(STAMP) ## ruff
 
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
+
+test-slow: $(STAMP) ## only the tests marked slow (subprocess CLI runs, DDP, submitit sweeps)
+	$(BIN)/python -m pytest -m slow
+
+bench: $(STAMP) ## run the benchmarks (minutes each; results in benchmarks/results/*.json)
+	$(BIN)/python benchmarks/fit_speed.py
+	$(BIN)/python benchmarks/inference_speed.py
+	$(BIN)/python benchmarks/bilevel_vs_joint.py
+	$(BIN)/python benchmarks/reliability.py

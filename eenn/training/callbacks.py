@@ -18,7 +18,7 @@ class RNGStateCallback(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         version, py_state, gauss = random.getstate()
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        _, keys, pos, has_gauss, cached = np.random.get_state()
         state = {
             "python": [version, list(py_state), gauss],
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),

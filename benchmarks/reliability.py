@@ -1,0 +1,134 @@
+"""Reliability benchmark (issue 8): resume equality, DDP coverage, and the peak memory of eenn-fit
+on a large predictions file. Writes benchmarks/results/reliability.json.
+
+    python benchmarks/reliability.py                 # all three (~5 min on 2 CPU cores)
+    python benchmarks/reliability.py --samples 20000  # a smaller large-fit file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import torch  # noqa: E402
+
+from eenn.utils.io import write_json  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RESULTS = REPO / "benchmarks" / "results" / "reliability.json"
+
+
+def _compose(overrides: list[str], out: Path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from eenn.cli.common import conf_dir
+
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("train", overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    return cfg
+
+
+def resume_equality(tmp: Path) -> bool:
+    """A run killed mid-epoch and resumed with ckpt_path=last ends with the same predictions."""
+    sys.path.insert(0, str(REPO))
+    from eenn.evaluation.predictions import Predictions
+    from eenn.training.run import train
+    from tests.reliability.crash import SimulatedCrash
+
+    small = ["logger=csv", "trainer.max_epochs=3", "trainer.limit_train_batches=6", "cost.latency=false",
+             "trainer.enable_progress_bar=false", "data.augment=cifar"]
+    train(_compose(small, tmp / "whole"))
+    crash = ["+callbacks.crash._target_=tests.reliability.crash.CrashAt", "+callbacks.crash.epoch=2", "+callbacks.crash.batch=3"]
+    try:
+        train(_compose([*small, *crash], tmp / "resumed"))
+    except SimulatedCrash:
+        pass
+    train(_compose([*small, "ckpt_path=last"], tmp / "resumed"))
+    return all(
+        torch.equal(Predictions.load(tmp / r / "predictions" / f"{s}.safetensors").logits,
+                    Predictions.load(tmp / "whole" / "predictions" / f"{s}.safetensors").logits)
+        for s in ("val", "test") for r in ("resumed",)
+    )
+
+
+def ddp_coverage(tmp: Path) -> bool:
+    """2-process DDP on CPU: every val/test sample once, in dataset order."""
+    from eenn.data import EENNDataModule
+    from eenn.evaluation.predictions import Predictions
+
+    env = {**os.environ, "EENN_ROOT": str(tmp / "ddp")}
+    subprocess.run([str(BIN / "eenn-train"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                    "trainer.max_epochs=1", "cost.latency=false", "logger=csv", "trainer.enable_progress_bar=false"],
+                   env=env, cwd=tmp, check=True, capture_output=True, timeout=600)
+    (run,) = (tmp / "ddp" / "outputs" / "train" / "runs").iterdir()
+    dm = EENNDataModule(name="digits", val_size=0.2, seed=0)
+    dm.setup()
+    return all(torch.equal(Predictions.load(run / "predictions" / f"{s}.safetensors").labels, ds.y)
+               for s, ds in (("val", dm.val_set), ("test", dm.test_set)))
+
+
+def large_fit(tmp: Path, n: int, k: int, c: int, policy: str) -> dict:
+    """eenn-fit on synthetic predictions of n samples x k exits x c classes, in a child process
+    whose peak resident memory is read from the kernel (ru_maxrss)."""
+    from eenn.evaluation.predictions import Predictions
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, c, (n,), generator=g)
+    for split in ("val", "test"):
+        logits = torch.randn(n, k, c, generator=g)
+        sharp = torch.linspace(0.5, 6.0, k)
+        logits[torch.arange(n), :, labels] += sharp  # later exits are more confident and more often right
+        Predictions(logits=logits, labels=labels, costs=torch.arange(1, k + 1, dtype=torch.float64) * 1e9,
+                    split=split).save(tmp / f"{split}.safetensors")
+        del logits
+    file_gb = (tmp / "val.safetensors").stat().st_size / 2**30
+    t0 = time.perf_counter()
+    with open(tmp / "fit.log", "w") as log:
+        proc = subprocess.Popen([str(BIN / "eenn-fit"), f"predictions.val={tmp / 'val.safetensors'}",
+                                 f"predictions.test={tmp / 'test.safetensors'}", f"policy={policy}",
+                                 "budget.fraction=0.5", f"hydra.run.dir={tmp / 'fit'}"], stdout=log, stderr=log)
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage: its peak resident memory
+    ok = os.waitstatus_to_exitcode(status) == 0 and (tmp / "fit" / "metrics.json").is_file()
+    return {"samples": n, "exits": k, "classes": c, "policy": policy, "completed": ok,
+            "file_gb_per_split": round(file_gb, 2), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "log_tail": "" if ok else (tmp / "fit.log").read_text()[-2000:]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=100_000)
+    ap.add_argument("--exits", type=int, default=5)
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--policy", default="maxprob")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        (tmp / "r").mkdir()
+        (tmp / "l").mkdir()
+        out = {
+            "resume_equal": resume_equality(tmp / "r"),
+            "ddp_each_sample_once": ddp_coverage(tmp),
+            "large_fit": large_fit(tmp / "l", args.samples, args.exits, args.classes, args.policy),
+            "machine": {"cpus": os.cpu_count(), "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+        }
+    write_json(RESULTS, out)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
