@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from eenn.data.sources import IMAGENET_MEAN, IMAGENET_STD, SOURCES, FolderSource, Source
@@ -53,6 +53,25 @@ def _kept(y: torch.Tensor, remap: torch.Tensor | None) -> tuple[torch.Tensor, to
     return index, remap[y[index]]
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle drawn from (seed, epoch) alone: a run resumed at epoch e sees the same order as an
+    uninterrupted one (Lightning calls ``set_epoch``; under DDP it swaps in a DistributedSampler,
+    which works the same way)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class EENNDataModule(pl.LightningDataModule):
     def __init__(
         self,
@@ -63,6 +82,8 @@ class EENNDataModule(pl.LightningDataModule):
         val_size: float | int = 0.2,
         classes: Sequence[int | str] | None = None,
         augment: str = "none",
+        randaugment: str | None = None,
+        random_erasing: float = 0.0,
         image_size: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
@@ -75,6 +96,11 @@ class EENNDataModule(pl.LightningDataModule):
         super().__init__()
         if augment not in AUGMENTATIONS:
             raise EENNError(f"data.augment must be one of {AUGMENTATIONS}, got {augment!r}.")
+        if randaugment is not None and not str(randaugment).startswith("rand"):
+            raise EENNError(f"data.randaugment must be a timm RandAugment string such as 'rand-m9-mstd0.5-inc1', got {randaugment!r}.")
+        if not 0.0 <= random_erasing <= 1.0:
+            raise EENNError(f"data.random_erasing is a probability in [0, 1], got {random_erasing!r}.")
+        self.randaugment, self.random_erasing = randaugment, random_erasing
         self.name, self.root, self.download, self.path = name, root, download, path
         self.val_size, self.classes, self.augment, self.image_size = val_size, classes, augment, image_size
         self.mean, self.std = mean, std
@@ -131,11 +157,29 @@ class EENNDataModule(pl.LightningDataModule):
         if isinstance(src, FolderSource):
             size = int(self.input_shape[-1])
             train = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
-            return v2.Compose([*train, *tail]), v2.Compose([v2.Resize(round(size / 0.875), antialias=True),
+            return v2.Compose([*train, *self._recipe_transforms(size, mean, tail)]), v2.Compose([v2.Resize(round(size / 0.875), antialias=True),
                                                             v2.CenterCrop(size), *tail])
         h = int(self.input_shape[-1])
         train = [v2.RandomCrop(h, padding=4), v2.RandomHorizontalFlip()] if self.augment == "cifar" else []
-        return v2.Compose([*train, *tail]), v2.Compose(tail)
+        return v2.Compose([*train, *self._recipe_transforms(h, mean, tail)]), v2.Compose(tail)
+
+    def _recipe_transforms(self, size: int, mean: list[float], tail: list[v2.Transform]) -> list[v2.Transform]:
+        """``tail`` wrapped in the optional timm recipe: RandAugment (on PIL images, before the
+        tensor conversion) and random erasing (on the normalised tensor), as timm's create_transform."""
+        from timm.data.auto_augment import rand_augment_transform
+        from timm.data.random_erasing import RandomErasing
+
+        out: list[v2.Transform] = []
+        if self.randaugment:
+            fill = tuple(round(255 * m) for m in mean)
+            hparams = {"translate_const": int(size * 0.45), "img_mean": fill if len(fill) > 1 else fill[0]}
+            if "-mmax" not in self.randaugment:  # at magnitude 10 timm posterizes to 0 bits, which Pillow refuses
+                hparams["magnitude_max"] = 9.99
+            out += [v2.ToPILImage(), rand_augment_transform(self.randaugment, hparams)]
+        out += tail
+        if self.random_erasing > 0:
+            out.append(RandomErasing(self.random_erasing, mode="pixel", device="cpu"))
+        return out
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_set"):
@@ -159,11 +203,10 @@ class EENNDataModule(pl.LightningDataModule):
         return DataLoader(
             ds,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=EpochShuffleSampler(len(ds), self.seed) if train else None,
             drop_last=train and len(ds) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -18,8 +18,6 @@ from torch.utils.data import Dataset
 from eenn.errors import EENNError
 from eenn.registry import Registry
 
-
-
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -148,6 +146,52 @@ def cifar10(root: str, download: bool = False, **_: object) -> ArraySource:
 @SOURCES.register("cifar100")
 def cifar100(root: str, download: bool = False, **_: object) -> ArraySource:
     return _torchvision("CIFAR100", root, download, "cifar100")
+
+
+@SOURCES.register("svhn")
+def svhn(root: str, download: bool = False, **_: object) -> ArraySource:
+    """SVHN's train (73,257) and test (26,032) digits through torchvision (the 531k ``extra`` images
+    are not used); the digit 0 is class 0."""
+    from torchvision.datasets import SVHN
+
+    try:
+        train, test = (SVHN(root, split=s, download=download) for s in ("train", "test"))
+    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
+        raise EENNError(
+            f"svhn is not in data.root={root!r} and data.download=false; set data.download=true "
+            f"(needs network) or point data.root at a folder holding train_32x32.mat and test_32x32.mat ({exc})."
+        ) from None
+    except OSError as exc:  # download attempted without network
+        raise EENNError(f"data.download=true could not fetch svhn into {root!r}: {exc}.") from None
+    return ArraySource(
+        _nchw(train.data, "svhn"), torch.as_tensor(train.labels, dtype=torch.int64),
+        _nchw(test.data, "svhn"), torch.as_tensor(test.labels, dtype=torch.int64),
+        [str(c) for c in range(10)],
+    )
+
+
+@SOURCES.register("random")
+def random_images(
+    image_shape: tuple[int, ...] = (3, 32, 32),
+    num_classes: int = 10,
+    train_size: int = 64,
+    test_size: int = 16,
+    seed: int = 0,
+    **_: object,
+) -> ArraySource:
+    """Seeded random uint8 images of ``image_shape`` (C, H, W) with balanced random labels: a
+    stand-in of the right shape for smoke runs of configs whose dataset is not at hand."""
+    if len(image_shape) != 3 or min(image_shape) < 1 or num_classes < 1 or min(train_size, test_size) < 1:
+        raise EENNError(f"data.source_kwargs: random images need image_shape [C, H, W], num_classes >= 1 and "
+                        f"positive sizes, got {list(image_shape)}, {num_classes}, {train_size}, {test_size}.")
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randint(0, 256, (n, *image_shape), generator=g, dtype=torch.uint8)
+        return x, (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
+
+    (xtr, ytr), (xte, yte) = split(train_size), split(test_size)
+    return ArraySource(xtr, ytr, xte, yte, [f"class{c}" for c in range(num_classes)])
 
 
 @SOURCES.register("npz")

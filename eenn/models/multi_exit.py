@@ -14,6 +14,16 @@ from eenn.errors import EENNError
 from eenn.models.backbones import BACKBONES, BackboneParts
 from eenn.models.heads import HEADS
 
+# What a stage hands on: one feature map, or (MSDNet) a list of maps from finest to coarsest scale.
+Features = torch.Tensor | list[torch.Tensor]
+
+
+class Coarsest(nn.Module):
+    """Feeds an exit head the coarsest map of a multi-scale unit's output (MSDNet's classifiers do)."""
+
+    def forward(self, x: Features) -> torch.Tensor:
+        return x[-1] if isinstance(x, (list, tuple)) else x
+
 
 class MultiExitNetwork(nn.Module):
     """``stages[k]`` maps the previous stage's features to exit k's input; ``heads[k]`` gives its logits."""
@@ -30,15 +40,15 @@ class MultiExitNetwork(nn.Module):
     def num_exits(self) -> int:
         return len(self.stages)
 
-    def forward_stage(self, k: int, features: torch.Tensor) -> torch.Tensor:
+    def forward_stage(self, k: int, features: Features) -> Features:
         """Run stage k on the features that stage k-1 produced (the input image for k=0)."""
         return self.stages[k](features)
 
-    def forward_exit(self, k: int, features: torch.Tensor) -> torch.Tensor:
+    def forward_exit(self, k: int, features: Features) -> torch.Tensor:
         """Exit k's logits from stage k's output."""
         return self.heads[k](features)
 
-    def iter_exits(self, x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    def iter_exits(self, x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, Features]]:
         """Yield (k, logits_k, features_k) exit by exit; stop iterating to stop computing."""
         for k in range(self.num_exits):
             x = self.forward_stage(k, x)
@@ -113,19 +123,25 @@ def resolve_exit_blocks(
 
 
 @torch.no_grad()
-def _channels_after(units: Sequence[tuple[str, nn.Module]], input_shape: Sequence[int]) -> dict[str, int]:
-    """Channels of every unit's output, from one dry run (eval mode, so batch norm is untouched)."""
-    x = torch.zeros(1, *input_shape)
-    out = {}
+def _feature_shapes(
+    units: Sequence[tuple[str, nn.Module]], input_shape: Sequence[int]
+) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """Shape (C, H, W) of the map an exit head reads after every unit (the coarsest scale of a
+    multi-scale unit), and the names of the multi-scale units, from one dry run in eval mode (so
+    batch norm statistics are untouched)."""
+    x: Features = torch.zeros(1, *input_shape)
+    shapes, multiscale = {}, set()
     modes = [m.training for _, m in units]
     for _, m in units:
         m.eval()
     for name, m in units:
         x = m(x)
-        out[name] = x.shape[1]
+        if isinstance(x, (list, tuple)):
+            multiscale.add(name)
+        shapes[name] = tuple(Coarsest()(x).shape[1:])
     for (_, m), mode in zip(units, modes):
         m.train(mode)
-    return out
+    return shapes, multiscale
 
 
 def build_multi_exit(
@@ -134,24 +150,37 @@ def build_multi_exit(
     num_classes: int,
     input_shape: Sequence[int],
 ) -> MultiExitNetwork:
-    """Build the network from the ``backbone`` (``family`` + its arguments) and ``exits`` config groups."""
+    """Build the network from the ``backbone`` (``family`` + its arguments) and ``exits`` config groups.
+
+    ``exits.head.type: native`` uses the backbone family's own exit heads (MSDNet, B-AlexNet, B-LeNet).
+    """
     backbone = dict(backbone)
-    parts = BACKBONES.build(backbone.pop("family"), num_classes=num_classes, in_chans=int(input_shape[0]), **backbone)
+    family = backbone.pop("family")
+    parts = BACKBONES.build(family, num_classes=num_classes, in_chans=int(input_shape[0]), **backbone)
     exits = dict(exits)
     head_cfg = dict(exits.pop("head", None) or {"type": "linear"})
     head_type = head_cfg.pop("type")
     unknown = set(exits) - {"at", "spacing", "first", "count"}
     if unknown:
         raise EENNError(f"exits has unknown keys {sorted(unknown)}; expected at, spacing, first, count, head.")
+    if head_type == "native" and parts.exit_head is None:
+        raise EENNError(f"exits.head.type=native: backbone.family={family!r} has no exit heads of its own; "
+                        f"use one of {', '.join(HEADS.names())}.")
     exit_blocks = resolve_exit_blocks(parts, **exits)
-    channels = _channels_after(parts.units, input_shape)
+    shapes, multiscale = _feature_shapes(parts.units, input_shape)
     stages, heads, current = [], [], []
     cuts = set(exit_blocks)
     for name, unit in parts.units:
         current.append(unit)
         if name in cuts:
             stages.append(nn.Sequential(*current))
-            heads.append(HEADS.build(head_type, in_channels=channels[name], num_classes=num_classes, **head_cfg))
+            if head_type == "native":
+                head = parts.exit_head(block=name, in_shape=shapes[name], num_classes=num_classes, **head_cfg)
+            else:
+                head = HEADS.build(head_type, in_channels=shapes[name][0], num_classes=num_classes, **head_cfg)
+                if name in multiscale:
+                    head = nn.Sequential(Coarsest(), head)
+            heads.append(head)
             current = []
     stages.append(nn.Sequential(*current))
     heads.append(parts.head)

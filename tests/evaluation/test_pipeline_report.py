@@ -27,7 +27,7 @@ def test_results_csv_has_a_row_per_fit(tiny_pipeline):
     assert {r["policy"] for r in rows} == set(ALL_POLICIES)
     for r in rows:
         fractions = json.loads(r["test_exit_fractions"])
-        assert abs(sum(fractions) - 1) < 1e-6
+        assert abs(sum(fractions) - 1) < 1e-5  # each rounded to 6 decimals
         assert r["model"] == "tiny" and r["training"] == "joint"
 
 

@@ -1,0 +1,28 @@
+"""``eenn-fit``: stage 2, fit an exit policy to a budget on a stage-1 run's predictions.
+
+    eenn-fit run_dir=<stage-1 run dir> policy=eenet budget.fraction=0.6
+    eenn-fit -m run_dir=<...> policy=maxprob,entropy budget=sweep5
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from eenn.cli.common import conf_dir, quiet_environment, report_errors
+
+
+@hydra.main(config_path=conf_dir(), config_name="fit", version_base="1.3")
+@report_errors
+def main(cfg: DictConfig) -> None:
+    # imported after Hydra parsed the command line, so that --help stays fast
+    from hydra.core.hydra_config import HydraConfig
+
+    from eenn.policies.fitting import fit_run
+
+    quiet_environment()
+    fit_run(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""``eenn-infer``: run a stage-1 network with a fitted exit policy, skipping layers for real.
+
+    eenn-infer policy_dir=<eenn-fit run dir>
+    eenn-infer run_dir=<stage-1 run dir> policy_file=<policy.safetensors> mode=rebatch
+    eenn-infer -m policy_dir=<a>,<b> batch_size=1,128
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from eenn.cli.common import conf_dir, quiet_environment, report_errors
+
+
+@hydra.main(config_path=conf_dir(), config_name="infer", version_base="1.3")
+@report_errors
+def main(cfg: DictConfig) -> None:
+    # imported after Hydra parsed the command line, so that --help stays fast
+    from hydra.core.hydra_config import HydraConfig
+
+    from eenn.inference.run import infer
+
+    quiet_environment()
+    infer(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""The early-exit engine: inference that really skips the layers a sample does not need.
+
+A batch runs stage by stage. After stage k, the samples whose next exit is k evaluate exit k's
+head and the policy decides; those that exit leave with their answer, the others are gathered
+into a smaller batch (``index_select``: compaction, not masking) and carry on with their features
+and their policy state. A sample the policy sends to exit j > k+1 (DEEx's offload to the backbone)
+runs stages k+1..j without evaluating the heads in between. Nothing is computed for a sample after
+it left, so its realised cost is the backbone stages up to its exit plus the heads it evaluated.
+
+The policy's ``decide`` is the very function offline :func:`eenn.evaluation.offline.simulate`
+calls on the same compacted subsets, so the engine reproduces the offline exits (up to float
+differences of the network's logits between batch sizes).
+
+Usage::
+
+    engine = EarlyExitEngine(network, ExitPolicy.load("policy.safetensors"))
+    out = engine.run(loader)                      # batched: a dataset streamed in batches
+    out = engine.run(single_samples(x))           # single-sample: per-request latency
+    out.cost(profile, "macs")                     # realised per-sample cost
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from eenn.cost import CostProfile
+from eenn.errors import EENNError
+from eenn.evaluation.offline import realised_cost
+from eenn.models.multi_exit import Features, MultiExitNetwork
+from eenn.policies.base import ExitPolicy, State
+
+Batch = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
+
+
+def take_features(h: Features, idx: torch.Tensor) -> Features:
+    """Rows ``idx`` of a feature map, or of each map of a multi-scale (MSDNet) list."""
+    if isinstance(h, torch.Tensor):
+        return h.index_select(0, idx.to(h.device))
+    return [t.index_select(0, idx.to(t.device)) for t in h]
+
+
+@dataclass
+class Group:
+    """Samples travelling together: their features (on the network's device) and, on the CPU,
+    their ids in the stream, next exit, policy state, heads evaluated and arrival time."""
+
+    h: Features  # (B, ...) input of the next stage to run
+    ids: torch.Tensor  # (B,) int64
+    next_exit: torch.Tensor  # (B,) int64
+    state: State
+    heads: torch.Tensor  # (B, K) bool
+    arrival: torch.Tensor  # (B,) float64, perf_counter seconds
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def small(self) -> dict[str, torch.Tensor]:
+        """The per-sample CPU tensors (everything but the features)."""
+        return {"ids": self.ids, "next_exit": self.next_exit, "heads": self.heads, "arrival": self.arrival,
+                **{f"state.{k}": v for k, v in self.state.items()}}
+
+    @staticmethod
+    def from_small(h: Features, small: dict[str, torch.Tensor]) -> Group:
+        state = {k[6:]: v for k, v in small.items() if k.startswith("state.")}
+        return Group(h, small["ids"], small["next_exit"], state, small["heads"], small["arrival"])
+
+    def take(self, idx: torch.Tensor) -> Group:
+        """The samples at positions ``idx`` (CPU int64), gathered into a new, smaller group."""
+        small = {k: v.index_select(0, idx) for k, v in self.small().items()}
+        return Group.from_small(take_features(self.h, idx), small)
+
+
+@dataclass
+class Exited:
+    """Samples that answered at one exit."""
+
+    ids: torch.Tensor
+    exit: int
+    logits: torch.Tensor  # (b, C) on the CPU
+    heads: torch.Tensor
+    arrival: torch.Tensor
+    done: float
+
+
+@dataclass
+class ExitResult:
+    """Per-sample outcome of an engine run, in input order."""
+
+    predictions: torch.Tensor  # (N,) int64
+    exit_index: torch.Tensor  # (N,) int64
+    heads_evaluated: torch.Tensor  # (N, K) bool
+    logits: torch.Tensor  # (N, C) float32: the answering exit's logits
+    latency_ms: torch.Tensor  # (N,) float64: from its batch's arrival to its answer
+    wall_s: float  # the whole run
+    policy_s: float  # time spent in policy.decide
+    labels: torch.Tensor | None = None
+    stage_batch_sizes: list[list[int]] = field(default_factory=list)  # per stage, the batches it ran
+
+    @property
+    def num_samples(self) -> int:
+        return self.exit_index.shape[0]
+
+    def cost(self, profile: CostProfile, unit: str = "macs") -> torch.Tensor:
+        """Realised per-sample cost (N,) float64: backbone stages up to the exit plus the heads evaluated."""
+        costs = torch.tensor(profile.per_exit(unit), dtype=torch.float64)
+        heads = torch.tensor(profile.per_head(unit), dtype=torch.float64)
+        return realised_cost(self.exit_index, self.heads_evaluated, costs, heads)
+
+    def exit_fractions(self) -> list[float]:
+        K = self.heads_evaluated.shape[1]
+        return (torch.bincount(self.exit_index, minlength=K).double() / self.num_samples).tolist()
+
+    def accuracy(self) -> float | None:
+        if self.labels is None:
+            return None
+        return float((self.predictions == self.labels).double().mean())
+
+
+class Collector:
+    """Gathers exited samples and answers in input order (streams finish samples out of order)."""
+
+    def __init__(self, num_stages: int) -> None:
+        self.parts: list[Exited] = []
+        self.labels: list[torch.Tensor] = []
+        self.stage_batch_sizes: list[list[int]] = [[] for _ in range(num_stages)]
+
+    def result(self, wall_s: float, policy_s: float) -> ExitResult:
+        if not self.parts:
+            raise EENNError("the engine got no samples: the input stream is empty.")
+        ids = torch.cat([p.ids for p in self.parts])
+        order = torch.empty_like(ids)
+        order[ids] = torch.arange(ids.numel())  # ids are 0..N-1, each once
+        exits = torch.cat([torch.full((p.ids.numel(),), p.exit, dtype=torch.int64) for p in self.parts])
+        logits = torch.cat([p.logits for p in self.parts])
+        latency = torch.cat([(p.done - p.arrival) * 1e3 for p in self.parts])
+        return ExitResult(
+            predictions=logits.argmax(-1)[order], exit_index=exits[order],
+            heads_evaluated=torch.cat([p.heads for p in self.parts])[order],
+            logits=logits[order], latency_ms=latency[order], wall_s=wall_s, policy_s=policy_s,
+            labels=torch.cat(self.labels) if self.labels else None,
+            stage_batch_sizes=self.stage_batch_sizes,
+        )
+
+
+def split_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A loader's (x, y) or a bare tensor x."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    return batch[0], (batch[1] if len(batch) > 1 else None)
+
+
+def batches_of(x: torch.Tensor, batch_size: int, y: torch.Tensor | None = None) -> Iterator[Batch]:
+    """Stream a tensor in batches (batch_size 1: single-sample requests)."""
+    for i in range(0, x.shape[0], batch_size):
+        yield x[i:i + batch_size] if y is None else (x[i:i + batch_size], y[i:i + batch_size])
+
+
+class EarlyExitEngine:
+    """Run ``network`` with ``policy`` deciding after every exit (see the module docstring)."""
+
+    def __init__(self, network: MultiExitNetwork, policy: ExitPolicy, device: torch.device | str | None = None) -> None:
+        if policy.num_exits is None:
+            raise EENNError(f"policy {policy.name!r} is not fitted: fit it (eenn-fit) before inference.")
+        if policy.num_exits != network.num_exits:
+            raise EENNError(f"the policy was fitted on {policy.num_exits} exits but the network has {network.num_exits}.")
+        if not policy.online:
+            raise EENNError(f"policy {policy.name!r} reads the labels (an oracle): it runs on saved predictions only, not online.")
+        self.device = torch.device(device) if device is not None else next(network.parameters()).device
+        self.network = network.to(self.device).eval()
+        self.policy = policy
+        self.policy_s = 0.0
+
+    @property
+    def num_exits(self) -> int:
+        return self.network.num_exits
+
+    def admit(self, x: torch.Tensor, first_id: int) -> Group:
+        """A fresh batch entering stage 0, its samples numbered from ``first_id``."""
+        n = x.shape[0]
+        return Group(
+            h=x.to(self.device, non_blocking=True),
+            ids=torch.arange(first_id, first_id + n),
+            next_exit=torch.zeros(n, dtype=torch.int64),
+            state=self.policy.init_state(n),
+            heads=torch.zeros(n, self.num_exits, dtype=torch.bool),
+            arrival=torch.full((n,), time.perf_counter(), dtype=torch.float64),
+        )
+
+    def advance(self, k: int, g: Group, out: Collector) -> tuple[Group, torch.Tensor | None] | None:
+        """Run stage k on ``g``; evaluate exit k for the samples bound to it and let the policy decide.
+        Exited samples go to ``out``. Returns the group after stage k and the positions of its
+        continuing samples, for the caller to gather (None: all continue), or None if none continue."""
+        out.stage_batch_sizes[k].append(len(g))
+        h = self.network.forward_stage(k, g.h)
+        here = g.next_exit == k
+        n_here = int(here.sum())
+        if n_here == 0:  # all jump past this exit (offloaded by DEEx): no head evaluated
+            return replace(g, h=h), None
+        everyone = n_here == len(g)
+        sel = None if everyone else here.nonzero().squeeze(1)
+        h_k = h if sel is None else take_features(h, sel)
+        logits = self.network.forward_exit(k, h_k).float().cpu()
+        state = g.state if sel is None else {n: v.index_select(0, sel) for n, v in g.state.items()}
+        t = time.perf_counter()
+        d = self.policy.decide(k, logits, state)
+        self.policy_s += time.perf_counter() - t
+        bad = ~d.exit & ((d.next_exit <= k) | (d.next_exit >= self.num_exits))
+        if bool(bad.any()):
+            raise RuntimeError(f"policy {self.policy.name!r} sent samples at exit {k} to an exit outside {k + 1}..{self.num_exits - 1}")
+        heads = g.heads.clone()
+        if sel is None:
+            heads[:, k] = True
+            next_exit, new_state, exited = d.next_exit, d.state, d.exit
+        else:
+            heads[sel, k] = True
+            next_exit = g.next_exit.index_copy(0, sel, d.next_exit)
+            new_state = {n: v.index_copy(0, sel, d.state[n]) for n, v in g.state.items()}
+            exited = torch.zeros(len(g), dtype=torch.bool).index_copy(0, sel, d.exit)
+        n_exited = int(d.exit.sum())
+        if n_exited:
+            pos = exited.nonzero().squeeze(1)
+            out.parts.append(Exited(
+                g.ids.index_select(0, pos), k, logits.index_select(0, d.exit.nonzero().squeeze(1)),
+                heads.index_select(0, pos), g.arrival.index_select(0, pos), time.perf_counter(),
+            ))
+        if n_exited == len(g):
+            return None
+        g = Group(h, g.ids, next_exit, new_state, heads, g.arrival)
+        return g, ((~exited).nonzero().squeeze(1) if n_exited else None)
+
+    def run_group(self, g: Group, out: Collector) -> None:
+        """Carry one group through the stages until every sample has exited."""
+        for k in range(self.num_exits):
+            step = self.advance(k, g, out)
+            if step is None:
+                return
+            g, keep = step
+            if keep is not None:
+                g = g.take(keep)
+
+    @torch.inference_mode()
+    def run(self, batches: Iterable[Batch]) -> ExitResult:
+        """Run a stream of batches (tensors or (x, y) pairs) one after the other."""
+        out = Collector(self.num_exits)
+        self.policy_s, n, t0 = 0.0, 0, time.perf_counter()
+        for batch in batches:
+            x, y = split_batch(batch)
+            if y is not None:
+                out.labels.append(y)
+            self.run_group(self.admit(x, n), out)
+            n += x.shape[0]
+        self.sync()
+        return out.result(time.perf_counter() - t0, self.policy_s)
+
+    def run_batch(self, x: torch.Tensor) -> ExitResult:
+        """One batch."""
+        return self.run([x])
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+@torch.inference_mode()
+def time_backbone(network: MultiExitNetwork, batches: Iterable[Batch]) -> float:
+    """Seconds for the plain backbone (no early-exit heads) over the batches: the speedup baseline."""
+    device = next(network.parameters()).device
+    t0 = time.perf_counter()
+    for batch in batches:
+        network.forward_backbone(split_batch(batch)[0].to(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def single_samples(x: torch.Tensor, y: torch.Tensor | None = None) -> Iterator[Batch]:
+    """Single-sample mode: each sample is its own request (batch of one)."""
+    return batches_of(x, 1, y)

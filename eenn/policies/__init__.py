@@ -1,0 +1,7 @@
+"""Stage 2: exit policies behind one interface (:mod:`eenn.policies.base`), fitted to a budget on
+validation predictions. Importing the package registers every policy in ``POLICIES``."""
+
+from eenn.policies import deex, eenet, entropy, margin, maxprob, oracle, patience, static, vote  # noqa: F401
+from eenn.policies.base import POLICIES, Decision, ExitPolicy, build_policy
+
+__all__ = ["POLICIES", "Decision", "ExitPolicy", "build_policy"]

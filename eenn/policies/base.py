@@ -1,0 +1,234 @@
+"""The one exit-policy interface that offline evaluation and the online engine share.
+
+A policy is fitted once on validation predictions, then asked per exit about a batch::
+
+    policy = build_policy("maxprob").fit(val, budget=2.5e6, cost_unit="flops")
+    state = policy.init_state(n)                      # per-sample tensors, leading dim n
+    d = policy.decide(k, logits_k, state)             # d.exit (B,), d.next_exit (B,), d.state
+
+The engine keeps only the continuing samples (``~d.exit``) and index-selects every tensor of
+``d.state`` with them: that is why all state is per-sample, with a leading batch dimension.
+``decide`` is pure torch over the batch and never modifies its inputs, so offline simulation
+(:func:`eenn.evaluation.offline.simulate`, which calls it on exactly these compacted subsets)
+and the engine cannot disagree.
+
+A fitted policy saves as one small safetensors file: its fitted tensors, plus JSON metadata
+(name, hyper-parameters, K, C, cost unit, budget); no pickle.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from eenn.errors import EENNError
+from eenn.evaluation.predictions import Predictions
+from eenn.registry import Registry
+from eenn.utils.io import atomic_path
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+FORMAT = "eenn.policy/1"
+
+State = dict[str, torch.Tensor]
+P = TypeVar("P", bound="ExitPolicy")
+
+
+@dataclass
+class Decision:
+    """What a policy decides at exit k for a batch of B samples.
+
+    ``exit``: True where the sample answers with exit k's prediction. ``next_exit``: for the others,
+    the index of the next exit whose head the sample evaluates (normally k + 1; DEEx jumps to K-1);
+    for exiting samples it equals k. ``state``: the samples' updated per-sample state.
+    """
+
+    exit: torch.Tensor  # (B,) bool
+    next_exit: torch.Tensor  # (B,) int64
+    state: State
+
+
+POLICIES: Registry[ExitPolicy] = Registry("exit policy", "policy.name")
+
+
+def register(name: str) -> Callable[[type[P]], type[P]]:
+    """Class decorator: make the policy buildable by ``name``."""
+
+    def deco(cls: type[P]) -> type[P]:
+        cls.name = name
+        return POLICIES.register(name)(cls)
+
+    return deco
+
+
+def build_policy(name: str, **cfg: Any) -> ExitPolicy:
+    """Instantiate the policy registered as ``name`` with hyper-parameters ``cfg``; an unknown
+    name or option is an EENNError that lists the valid ones."""
+    cls = POLICIES.get(name)
+    params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(cfg) - set(params))
+    if unknown:
+        raise EENNError(f"policy {name!r} does not take the option(s) {unknown}; it takes {params}.")
+    return cls(**cfg)
+
+
+def check_budget(budget: Any, key: str = "budget") -> float:
+    """A budget must be a finite positive number (``key`` names it in the error)."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+        raise EENNError(f"{key} must be a finite positive number, got {budget!r}.")
+    return float(budget)
+
+
+class ExitPolicy:
+    """Base class. Subclasses set ``_fit`` and ``_decide``; the base enforces the shared rules
+    (everyone exits at the last exit, input shapes) and the save format."""
+
+    name: ClassVar[str] = ""
+    #: False for policies that need labels (the oracles): they run on saved predictions only.
+    online: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self.num_exits: int | None = None
+        self.num_classes: int | None = None
+        self.cost_unit: str | None = None
+        self.budget: float | None = None
+        self.info: dict[str, Any] = {}  # what fitting found (q, realised validation cost, ...)
+        self.device = torch.device("cpu")  # where its fitted tensors and new states live
+
+    # ----------------------------------------------------------------- fitting
+    def fit(self, val: Predictions, budget: float | None, cost_unit: str) -> Self:
+        """Fit on validation predictions for an average ``budget`` per sample (absolute, in
+        ``cost_unit``; None where the policy's own config fixes its thresholds)."""
+        costs, heads = self._bind(val, cost_unit)
+        self.budget = None if budget is None else check_budget(budget)
+        self.info = {}
+        self._fit(val, costs, heads, self.budget)
+        return self
+
+    def cheapest_cost(self, val: Predictions, cost_unit: str) -> float:
+        """The lowest average cost any budget can buy this policy on ``val``: budgets below it
+        cannot be met."""
+        return self._cheapest(val, *self._bind(val, cost_unit))
+
+    def _bind(self, val: Predictions, cost_unit: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take K, C and the cost unit from ``val``; return its costs and head costs in that unit."""
+        val.validate("validation predictions")
+        costs, heads = val.costs_in(cost_unit), val.head_costs_in(cost_unit)
+        self.num_exits, self.num_classes, self.cost_unit = val.num_exits, val.num_classes, cost_unit
+        return costs, heads
+
+    def _fit(self, val: Predictions, costs: torch.Tensor, heads: torch.Tensor, budget: float | None) -> None:
+        raise NotImplementedError
+
+    def _cheapest(self, val: Predictions, costs: torch.Tensor, heads: torch.Tensor) -> float:
+        return float(costs[0])  # everyone at exit 0
+
+    def hparams(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-serialisable): what ``build_policy`` needs to rebuild it."""
+        return {}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Fitted tensors to save."""
+        return {}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``tensors`` returned."""
+
+    def to(self, device: str | torch.device) -> Self:
+        """Move the fitted tensors to ``device`` (the engine's); new states are created there."""
+        self.device = torch.device(device)
+        self.load_tensors({k: v.to(self.device) for k, v in self.tensors().items()})
+        return self
+
+    # ---------------------------------------------------------------- deciding
+    def init_state(self, n: int) -> State:
+        """Per-sample state for n samples entering exit 0 (every tensor has leading dim n)."""
+        return {}
+
+    def offline_state(self, logits: torch.Tensor, labels: torch.Tensor | None) -> State:
+        """The state offline simulation starts from; policies that peek at labels override this."""
+        return self.init_state(logits.shape[0])
+
+    def decide(self, k: int, logits_k: torch.Tensor, state: State) -> Decision:
+        """Decide at exit ``k`` for a batch of logits (B, C) and the samples' state."""
+        K = self._require_fitted()
+        if not 0 <= k < K:
+            raise ValueError(f"exit index {k} out of range for a policy fitted on {K} exits")
+        if logits_k.ndim != 2 or logits_k.shape[1] != self.num_classes:
+            raise ValueError(f"logits at exit {k} must have shape (B, {self.num_classes}), got {tuple(logits_k.shape)}")
+        d = self._decide(k, logits_k, state)
+        if k == K - 1:  # the last exit always answers
+            d.exit = torch.ones_like(d.exit)
+        d.next_exit = torch.where(d.exit, torch.full_like(d.next_exit, k), d.next_exit)
+        return d
+
+    def _decide(self, k: int, logits_k: torch.Tensor, state: State) -> Decision:
+        raise NotImplementedError
+
+    def _require_fitted(self) -> int:
+        if self.num_exits is None:
+            raise RuntimeError(f"policy {self.name!r} is not fitted: call fit() or load() first")
+        return self.num_exits
+
+    # ------------------------------------------------------------- save / load
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the fitted policy as a safetensors file with JSON metadata."""
+        self._require_fitted()
+        meta = {
+            "format": FORMAT,
+            "name": self.name,
+            "hparams": json.dumps(self.hparams()),
+            "fitted": json.dumps(
+                {
+                    "num_exits": self.num_exits,
+                    "num_classes": self.num_classes,
+                    "cost_unit": self.cost_unit,
+                    "budget": self.budget,
+                    "info": self.info,
+                }
+            ),
+        }
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ExitPolicy:
+        """Read a policy file written by :meth:`save` (whatever its subclass)."""
+        path = Path(path)
+        if not path.is_file():
+            raise EENNError(f"policy file {str(path)!r} does not exist.")
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+            hparams = json.loads(meta.get("hparams", "{}"))
+            fitted = json.loads(meta.get("fitted", "{}"))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise EENNError(f"policy file {str(path)!r} is not a readable policy file: {str(exc).rstrip('.')}.") from None
+        if meta.get("format") != FORMAT:
+            raise EENNError(f"policy file {str(path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}.")
+        policy = build_policy(meta.get("name", ""), **hparams)
+        policy.num_exits, policy.num_classes = fitted["num_exits"], fitted["num_classes"]
+        policy.cost_unit, policy.budget = fitted["cost_unit"], fitted["budget"]
+        policy.info = fitted.get("info", {})
+        policy.load_tensors(tensors)
+        return policy
+
+
+def continue_to_next(k: int, exit_now: torch.Tensor, state: State) -> Decision:
+    """The usual decision: exit where ``exit_now``, everyone else goes on to exit k + 1."""
+    return Decision(exit_now, torch.full(exit_now.shape, k + 1, dtype=torch.int64, device=exit_now.device), state)

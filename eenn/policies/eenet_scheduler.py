@@ -1,0 +1,105 @@
+"""EENet's scheduler networks as a LightningModule: g_k, h_k and Algorithm 1's alternating
+losses (see :mod:`eenn.policies.eenet` for the formulas). Imported only when an EENet policy is
+fitted or loaded, since importing Lightning takes seconds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+BCE_EPS = 1e-4
+PSTAR_EPS = 1e-6
+
+
+class EENetScheduler(L.LightningModule):
+    """g_k and h_k for K exits and C classes, trained by Algorithm 1's alternating losses."""
+
+    def __init__(
+        self,
+        num_exits: int,
+        num_classes: int,
+        hidden_ratio: float = 0.5,
+        beta_h: float = 1.0,
+        alpha_cost: float = 10.0,
+        lr: float = 1e-2,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False  # g and h are optimised alternately
+        self.num_exits, self.beta_h, self.alpha_cost, self.lr = num_exits, beta_h, alpha_cost, lr
+        dims = [num_classes + 3 + k for k in range(num_exits)]
+        self.g = nn.ModuleList(nn.Linear(d, 1) for d in dims)
+        self.h = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, max(1, round(hidden_ratio * d))), nn.ReLU(), nn.Linear(max(1, round(hidden_ratio * d)), 1))
+            for d in dims
+        )
+        with torch.no_grad():
+            for g in self.g:  # start as the max probability (feature index C)
+                g.weight.zero_()
+                g.weight[0, num_classes] = 1.0
+                g.bias.zero_()
+        self.costs = torch.zeros(num_exits, dtype=torch.float64)
+        self.budget = 1.0
+
+    def linear_score(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """psi^T x before the clamp, written as a row-wise product-sum (not a matmul, whose
+        blocking depends on the batch size) so a sample's score is the same in any batch."""
+        return (x * self.g[k].weight[0]).sum(-1) + self.g[k].bias[0]
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``inputs`` (B, K, C + 3) -> exit scores q (B, K) and assignment logits (B, K); h sees
+        the scores detached (it is optimised with g fixed, and g with h fixed)."""
+        qs: list[torch.Tensor] = []
+        logits: list[torch.Tensor] = []
+        for k in range(self.num_exits):
+            x = torch.cat([inputs[:, k], *[q[:, None] for q in qs]], 1)
+            qs.append(self.linear_score(k, x).clamp(0.0, 1.0))
+            logits.append(self.h[k](x.detach())[:, 0])
+        return torch.stack(qs, 1), torch.stack(logits, 1)
+
+    def losses(self, inputs: torch.Tensor, correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, r_logits = self(inputs)
+        r = torch.softmax(r_logits, 1)
+        w = (r / r.sum(0, keepdim=True)).detach()
+        bce = F.binary_cross_entropy(q * (1 - 2 * BCE_EPS) + BCE_EPS, correct, reduction="none")
+        loss_g = (w * bce).sum() / self.num_exits
+        log_pstar = torch.log_softmax(q.detach().clamp_min(PSTAR_EPS).log() / self.beta_h, 1)
+        kl = (log_pstar.exp() * (log_pstar - torch.log_softmax(r_logits, 1))).mean()
+        spent = (r * self.costs.to(r)).sum(1).mean()
+        loss_h = kl + self.alpha_cost * (self.budget - spent).abs() / self.budget
+        return loss_g, loss_h
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        inputs, correct = batch
+        opt_g, opt_h = self.optimizers()
+        loss_g, _ = self.losses(inputs, correct)
+        opt_g.zero_grad()
+        self.manual_backward(loss_g)
+        opt_g.step()
+        loss_g, loss_h = self.losses(inputs, correct)  # h's step sees the updated g
+        opt_h.zero_grad()
+        self.manual_backward(loss_h)
+        opt_h.step()
+        self.log("loss", (loss_g + loss_h).detach(), on_step=False, on_epoch=True, batch_size=len(inputs))
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.Adam(self.g.parameters(), lr=self.lr), torch.optim.Adam(self.h.parameters(), lr=self.lr)]
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """The validation predictions as (inputs, correct) batches: all of them at once by default."""
+
+    def __init__(self, inputs: torch.Tensor, correct: torch.Tensor, batch_size: int | None, seed: int) -> None:
+        self.inputs, self.correct, self.batch_size = inputs, correct, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.inputs)
+        if self.batch_size is None or self.batch_size >= n:
+            yield self.inputs, self.correct
+            return
+        for idx in torch.randperm(n, generator=self.gen).split(self.batch_size):
+            yield self.inputs[idx], self.correct[idx]

@@ -1,0 +1,41 @@
+"""Static policy: every sample answers at one fixed exit (the truncated network at exit k).
+
+Samples walk exits 0..k, so the cost is ``costs[k]`` as the predictions file reports it and the
+accuracy is exactly that exit's accuracy. Any budget is ignored (recorded only).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from eenn.errors import EENNError
+from eenn.evaluation.predictions import Predictions
+from eenn.policies.base import Decision, ExitPolicy, State, continue_to_next, register
+from eenn.policies.budget import check_realised_budget
+
+
+@register("static")
+class StaticPolicy(ExitPolicy):
+    def __init__(self, exit: int = -1) -> None:
+        super().__init__()
+        if isinstance(exit, bool) or not isinstance(exit, int):
+            raise EENNError(f"policy.exit must be an integer exit index, got {exit!r}.")
+        self.exit = exit
+
+    @property
+    def target(self) -> int:
+        return self.exit % self._require_fitted()
+
+    def _fit(self, val: Predictions, costs: torch.Tensor, heads: torch.Tensor, budget: float | None) -> None:
+        K = val.num_exits
+        if not -K <= self.exit < K:
+            raise EENNError(f"policy.exit={self.exit} is out of range for {K} exits (use 0..{K - 1} or -1 for the last).")
+        check_realised_budget(self, val, costs, heads, None)
+
+    def _decide(self, k: int, logits_k: torch.Tensor, state: State) -> Decision:
+        return continue_to_next(k, torch.full((logits_k.shape[0],), k >= self.target, dtype=torch.bool, device=logits_k.device), state)
+
+    def hparams(self) -> dict[str, Any]:
+        return {"exit": self.exit}

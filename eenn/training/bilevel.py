@@ -1,0 +1,301 @@
+"""Stage 1, bi-level (Budget-aware EENN, sec. 3, eq. 4-12, supplement B): the backbone with its
+exits (theta) and the gater (phi, :mod:`eenn.training.gater`) trained together, so that the network
+learns for the budgeted inference it will face: which samples are going to leave early.
+
+Per batch, with CE^k_i exit k's cross-entropy, A^k_i the gater's tempered exit distribution and
+Cost^k exit k's cost from the cost profile divided by the last exit's (the full model with its
+early heads: Cost^K = 1, so lambda is in units of "one full forward pass"):
+
+- inner step on theta, every batch (eq. 4, 10, 11):
+  ``L = mean_i sum_k (A^k_i + 1)(CE^k_i + lambda Cost^k)``. The gradient reaches theta through CE
+  and through A, which reads theta's softmax; phi is toggled out of autograd and not stepped.
+- outer step on phi, every ``gater_every`` batches (eq. 10, 12):
+  ``L = mean_i sum_k (CE^k_i + lambda Cost^k) A^k_i`` with theta fixed.
+
+Which batch the outer step sees: the paper minimises "the same loss function in both the inner and
+outer optimization stages, with only the parameters varying", a sum over the training set D (unlike
+L2W, whose meta step uses held-out data), so it is the current training batch. theta* is
+approximated by the theta that produced this batch's logits (before its inner update): the outer
+step reuses those logits and CEs, detached (an alternating, first-order scheme; no second forward
+pass, and the validation split stays reserved for stage 2).
+
+Options from the paper's recipe (supplement B), all off by default: label smoothing, timm's
+Mixup/CutMix (soft targets), an EMA of theta (timm's ModelEmaV3); RandAugment and random erasing
+are data options (``data.randaugment``, ``data.random_erasing``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from timm.data import Mixup
+from timm.utils import ModelEmaV3
+
+from eenn.cost import CostProfile
+from eenn.errors import EENNError
+from eenn.models.multi_exit import MultiExitNetwork
+from eenn.training.gater import Gater
+from eenn.training.joint import MultiExitModule, OptimizerFactory, SchedulerFactory, metric_key
+
+INTERVALS = ("epoch", "step")
+
+
+def normalised_exit_costs(costs: CostProfile | dict[str, Any] | None, unit: str) -> torch.Tensor:
+    """Cost^k (K,): exit k's cumulative cost over the last exit's, in (0, 1]."""
+    if costs is None:
+        raise EENNError("training=bilevel needs the network's cost profile (cost_profile=...; eenn-train passes it).")
+    if isinstance(costs, dict):  # Hydra's instantiate(_convert_="all") turns the dataclass into a dict
+        costs = CostProfile.from_dict(costs)
+    if unit not in costs.units or any(getattr(e, unit) is None for e in costs.exits):
+        measured = [u for u in costs.units if all(getattr(e, u) is not None for e in costs.exits)]
+        raise EENNError(f"training.cost_unit={unit!r} is not in the cost profile; measured units: {measured} "
+                        "(latency_ms needs cost.latency=true).")
+    c = torch.tensor(costs.per_exit(unit), dtype=torch.float32)
+    return c / c[-1]
+
+
+def load_network_weights(network: MultiExitNetwork, ckpt_path: str) -> None:
+    """theta from a stage-1 checkpoint (its ``network.*`` entries, loaded with ``weights_only=True``)."""
+    if not Path(ckpt_path).is_file():
+        raise EENNError(f"training.init_checkpoint={ckpt_path!r} does not exist.")
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("state_dict", {})
+    weights = {k.removeprefix("network."): v for k, v in state.items() if k.startswith("network.")}
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError:
+        raise EENNError(f"training.init_checkpoint={ckpt_path!r} does not hold this network's weights "
+                        "(train it with the same backbone, exits and data).") from None
+
+
+def _swap_ema_entries(state_dict: dict[str, Any]) -> None:
+    """Exchange ``network.*`` and ``ema.module.*`` in a checkpoint's state dict."""
+    for key in [k for k in state_dict if k.startswith("network.")]:
+        ema_key = "ema.module." + key.removeprefix("network.")
+        state_dict[key], state_dict[ema_key] = state_dict[ema_key], state_dict[key]
+
+
+class BilevelTraining(MultiExitModule):
+    """Manual optimisation with two optimisers: ``optimizer``/``scheduler`` for theta (as in joint
+    training) and ``gater_optimizer``/``gater_scheduler`` for phi (Adam 1e-3, cosine to 1e-5 in
+    the paper). ``freeze_backbone`` is the paper's "frozen + ours" ablation: theta comes from
+    ``init_checkpoint`` and never changes (batch-norm statistics included); only the gater trains,
+    on every batch (with theta fixed there is no inner step to alternate with).
+
+    With ``ema_decay`` set, validation during fit uses the EMA weights, and checkpoints store them as
+    ``network.*`` (the training weights as ``ema.module.*``, swapped back on resume), so whoever
+    loads a checkpoint's network, and the module after fit, evaluates and predicts with the EMA.
+    """
+
+    def __init__(
+        self,
+        network: MultiExitNetwork,
+        num_classes: int,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: str = "epoch",
+        gater_optimizer: OptimizerFactory | None = None,
+        gater_scheduler: SchedulerFactory | None = None,
+        gater_scheduler_interval: str = "epoch",
+        cost_weight: float = 2.0,
+        temperature: float = 0.5,
+        gater_every: int = 10,
+        features: Sequence[str] = ("confidence", "entropy"),
+        gater_hidden: int = 500,
+        gater_shared: bool = True,
+        cost_unit: str = "flops",
+        freeze_backbone: bool = False,
+        init_checkpoint: str | None = None,
+        clip_grad_norm: float | None = None,
+        label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        ema_decay: float | None = None,
+        ema_warmup: bool = False,
+        cost_profile: CostProfile | dict[str, Any] | None = None,
+    ) -> None:
+        if init_checkpoint:
+            load_network_weights(network, init_checkpoint)
+        super().__init__(network, num_classes, optimizer, scheduler, scheduler_interval, cost_profile)
+        self.save_hyperparameters(ignore=["network", "optimizer", "scheduler", "gater_optimizer", "gater_scheduler",
+                                          "cost_profile"])
+        self.automatic_optimization = False
+        for key, value in (("scheduler_interval", scheduler_interval), ("gater_scheduler_interval", gater_scheduler_interval)):
+            if value not in INTERVALS:
+                raise EENNError(f"training.{key} must be one of {INTERVALS}, got {value!r}.")
+        if isinstance(gater_every, bool) or not isinstance(gater_every, int) or gater_every < 1:
+            raise EENNError(f"training.gater_every must be a positive number of batches, got {gater_every!r}.")
+        if not temperature > 0:
+            raise EENNError(f"training.temperature must be positive, got {temperature!r}.")
+        if freeze_backbone and not init_checkpoint:
+            raise EENNError("training.freeze_backbone=true needs training.init_checkpoint=<a stage-1 checkpoint>.")
+        if freeze_backbone and ema_decay:
+            raise EENNError("training.ema_decay averages a backbone that training.freeze_backbone=true keeps fixed; unset one.")
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise EENNError(f"training.clip_grad_norm must be positive or null, got {clip_grad_norm!r}.")
+
+        self.gater = Gater(network.num_exits, features, gater_hidden, gater_shared)
+        self.register_buffer("exit_costs", normalised_exit_costs(cost_profile, cost_unit), persistent=False)
+        self.gater_optimizer_factory = gater_optimizer or partial(torch.optim.Adam, lr=1e-3)
+        self.gater_scheduler_factory = gater_scheduler
+        self.gater_scheduler_interval = gater_scheduler_interval
+        self.cost_weight, self.temperature, self.gater_every = cost_weight, temperature, gater_every
+        self.freeze_backbone, self.clip_grad_norm, self.label_smoothing = freeze_backbone, clip_grad_norm, label_smoothing
+        self.mixup = (Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing,
+                            num_classes=num_classes) if mixup_alpha > 0 or cutmix_alpha > 0 else None)
+        self.ema = ModelEmaV3(network, decay=ema_decay, use_warmup=ema_warmup) if ema_decay else None
+        if self.ema is not None:
+            self.ema.module.requires_grad_(False)
+        if freeze_backbone:
+            network.requires_grad_(False)
+            network.eval()
+        self.batches_seen = 0  # checkpointed: decides which batches step the gater
+
+    # ------------------------------------------------------------------------------ losses
+    def exit_ce(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """CE^k_i (B, K) for class indices (B,) or, with Mixup/CutMix, soft targets (B, C)."""
+        b, k, c = logits.shape
+        smoothing = self.label_smoothing if targets.ndim == 1 else 0.0  # timm's Mixup smoothed them already
+        return F.cross_entropy(logits.reshape(b * k, c), targets.repeat_interleave(k, dim=0), reduction="none",
+                               label_smoothing=smoothing).view(b, k)
+
+    def exit_distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """A (B, K), the gater's tempered exit distribution (eq. 5, 9)."""
+        return self.gater.exit_distribution(logits, self.temperature)
+
+    def inner_loss(self, logits: torch.Tensor, ce: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 4: (loss, A); differentiable in theta through CE and through A."""
+        a = self.exit_distribution(logits)
+        return ((a + 1) * (ce + self.cost_weight * self.exit_costs)).sum(1).mean(), a
+
+    def outer_loss(self, logits: torch.Tensor, ce: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 10 (outer) / 12: (loss, A); theta is held fixed (its outputs are detached)."""
+        a = self.exit_distribution(logits.detach())
+        return ((ce.detach() + self.cost_weight * self.exit_costs) * a).sum(1).mean(), a
+
+    # ---------------------------------------------------------------------------- training
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        targets = y
+        if self.mixup is not None:
+            if len(x) % 2:
+                raise EENNError(f"training.mixup_alpha/cutmix_alpha need an even data.batch_size, got a batch of {len(x)}.")
+            x, targets = self.mixup(x, y)
+            y = targets.argmax(-1)
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        bs = len(x)
+        if self.freeze_backbone:
+            with torch.no_grad():
+                logits = self.network(x)
+            ce = self.exit_ce(logits, targets)
+        else:
+            with self.toggled_optimizer(opts[0]):  # phi out of autograd: the gradient through A is theta's only
+                logits = self.network(x)
+                ce = self.exit_ce(logits, targets)
+                loss, a = self.inner_loss(logits, ce)
+                self._step(opts[0], loss, self.clip_grad_norm)
+            if self.ema is not None:
+                self.ema.update(self.network, step=self.batches_seen + 1)
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs, sync_dist=True)
+        if self.freeze_backbone or (self.batches_seen + 1) % self.gater_every == 0:
+            gater_loss, a_outer = self.outer_loss(logits, ce)
+            self._step(opts[-1], gater_loss)
+            self.log("train/gater_loss", gater_loss, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+            if self.freeze_backbone:
+                a = a_outer
+        self.batches_seen += 1
+        self._log_exits(ce.detach(), a.detach(), bs)
+        self._update(self.train_acc, logits.detach(), y)
+
+    def _step(self, opt: LightningOptimizer, loss: torch.Tensor, clip: float | None = None) -> None:
+        opt.zero_grad()
+        self.manual_backward(loss)
+        if clip is not None:
+            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        opt.step()
+        self._step_schedulers("step", opt)
+
+    def _step_schedulers(self, interval: str, opt: LightningOptimizer | None = None) -> None:
+        """Manual optimisation: Lightning leaves the schedulers to us."""
+        for cfg in self.trainer.lr_scheduler_configs:
+            if cfg.interval == interval and (opt is None or cfg.scheduler.optimizer is opt.optimizer):
+                cfg.scheduler.step()
+
+    def on_train_epoch_end(self) -> None:
+        self._step_schedulers("epoch")
+
+    def _log_exits(self, ce: torch.Tensor, a: torch.Tensor, bs: int) -> None:
+        names = [metric_key(n) for n in self.network.exit_names]
+        ce_k, a_k = ce.mean(0), a.mean(0)
+        values = {f"train/ce/{n}": ce_k[k] for k, n in enumerate(names)}
+        values.update({f"train/exit_prob/{n}": a_k[k] for k, n in enumerate(names)})
+        # the average cost (fraction of the last exit's) if samples left where A sends them
+        values["train/expected_cost"] = (a * self.exit_costs).sum(1).mean()
+        self.log_dict(values, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        groups = [] if self.freeze_backbone else [
+            (self.optimizer_factory, self.scheduler_factory, self.scheduler_interval, self.network.parameters())]
+        groups.append((self.gater_optimizer_factory, self.gater_scheduler_factory, self.gater_scheduler_interval,
+                       self.gater.parameters()))
+        configs = []
+        for make_opt, make_sched, interval, params in groups:
+            opt = make_opt(params=params)
+            cfg: dict[str, Any] = {"optimizer": opt}
+            if make_sched is not None:
+                cfg["lr_scheduler"] = {"scheduler": make_sched(optimizer=opt), "interval": interval}
+            configs.append(cfg)
+        return configs
+
+    def configure_callbacks(self) -> list[Any]:
+        """Refuse, before Lightning does, the Trainer options that manual optimisation cannot honour."""
+        t = self.trainer
+        if t.state.fn == TrainerFn.FITTING:
+            if t.gradient_clip_val:
+                raise EENNError(f"trainer.gradient_clip_val={t.gradient_clip_val} does not apply to training=bilevel "
+                                "(two optimisers, manual optimisation); set training.clip_grad_norm instead.")
+            if t.accumulate_grad_batches != 1:
+                raise EENNError(f"trainer.accumulate_grad_batches={t.accumulate_grad_batches} does not apply to "
+                                "training=bilevel (manual optimisation); leave it at 1 and raise data.batch_size.")
+            # the inner backward leaves phi without gradients: DDP must be told to expect that
+            if isinstance(t.strategy, DDPStrategy) and not self.freeze_backbone \
+                    and not t.strategy._ddp_kwargs.get("find_unused_parameters"):
+                raise EENNError("training=bilevel under DDP needs trainer.strategy=ddp_find_unused_parameters_true "
+                                "(the gater gets no gradient in the backbone's step).")
+        return []
+
+    # ----------------------------------------------------------------- evaluation and state
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The evaluation network: the EMA during fit (validation), else ``network`` (after fit it
+        holds the EMA weights)."""
+        if self.ema is not None and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            return self.ema.module(x)
+        return self.network(x)
+
+    def train(self, mode: bool = True) -> BilevelTraining:
+        super().train(mode)
+        if self.freeze_backbone:  # frozen batch-norm statistics are part of the frozen backbone
+            self.network.eval()
+        return self
+
+    def on_fit_end(self) -> None:
+        if self.ema is not None:
+            self.network.load_state_dict(self.ema.module.state_dict())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["bilevel_batches_seen"] = self.batches_seen
+        if self.ema is not None:
+            _swap_ema_entries(checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.batches_seen = int(checkpoint.get("bilevel_batches_seen", 0))
+        if self.ema is not None:
+            _swap_ema_entries(checkpoint["state_dict"])

@@ -1,0 +1,117 @@
+"""The engine reproduces offline simulation exactly, skips what it should, and rebatching changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eenn.errors import EENNError
+from eenn.evaluation.offline import realised_cost, simulate
+from eenn.inference.engine import EarlyExitEngine, batches_of, single_samples
+from eenn.inference.rebatch import Rebatcher
+from eenn.policies import build_policy
+
+# (name, hyper-parameters, budget as a fraction of the full cost or None)
+POLICIES = [
+    ("maxprob", {}, 0.6),
+    ("entropy", {}, 0.6),
+    ("margin", {}, 0.7),
+    ("vote", {}, 0.8),
+    ("patience", {"patience": 1}, None),
+    ("deex", {"p_tar": 0.12}, 0.8),
+    ("static", {"exit": 1}, None),
+]
+
+
+def _fit(setup, name, hparams, budget):
+    full = setup.profile.exits[-1].flops
+    return build_policy(name, **hparams).fit(setup.val, None if budget is None else budget * full, "flops")
+
+
+class RowCounter:
+    """How many samples each stage and head of the network computed."""
+
+    def __init__(self, network):
+        K = network.num_exits
+        self.stages, self.heads = [0] * K, [0] * K
+        self.hooks = [m.register_forward_hook(self._count(self.stages, k)) for k, m in enumerate(network.stages)]
+        self.hooks += [m.register_forward_hook(self._count(self.heads, k)) for k, m in enumerate(network.heads)]
+
+    @staticmethod
+    def _count(store, k):
+        def hook(module, args, output):
+            store[k] += args[0].shape[0]
+        return hook
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("name, hparams, budget", POLICIES, ids=[p[0] for p in POLICIES])
+def test_engine_matches_offline_simulation_and_computes_only_what_it_must(setup, name, hparams, budget):
+    policy = _fit(setup, name, hparams, budget)
+    exit_idx, heads = simulate(policy, setup.test.logits)
+    if budget is not None and name != "vote":  # vote's few score values may put everyone at one exit
+        assert exit_idx.unique().numel() >= 2, "the test needs a mix of exits"
+
+    engine = EarlyExitEngine(setup.network, policy)
+    counter = RowCounter(setup.network)
+    try:
+        out = engine.run(batches_of(setup.x, 64, setup.test.labels))
+    finally:
+        counter.remove()
+
+    n = setup.x.shape[0]
+    assert torch.equal(out.exit_index, exit_idx)
+    assert torch.equal(out.heads_evaluated, heads)
+    assert torch.equal(out.predictions, setup.test.logits[torch.arange(n), exit_idx].argmax(-1))
+    torch.testing.assert_close(out.logits, setup.test.logits[torch.arange(n), exit_idx], rtol=1e-4, atol=1e-4)
+    assert out.accuracy() == pytest.approx(float((out.predictions == setup.test.labels).double().mean()))
+    # layers really skipped: stage k ran on the samples answering at k or later, head k only on those that evaluated it
+    assert counter.stages == [int((exit_idx >= k).sum()) for k in range(3)]
+    assert counter.heads == heads.sum(0).tolist()
+    costs, head_costs = setup.test.costs, setup.test.head_costs
+    torch.testing.assert_close(out.cost(setup.profile, "flops"), realised_cost(exit_idx, heads, costs, head_costs))
+    assert (out.latency_ms > 0).all() and out.wall_s > 0 and out.policy_s > 0
+
+
+@pytest.mark.parametrize("name, hparams, budget", [POLICIES[0], POLICIES[4], POLICIES[5]], ids=["maxprob", "patience", "deex"])
+def test_rebatching_and_single_sample_mode_give_the_engine_results_in_input_order(setup, name, hparams, budget):
+    engine = EarlyExitEngine(setup.network, _fit(setup, name, hparams, budget))
+    plain = engine.run(batches_of(setup.x, 48))
+    for batch_size in (64, 7):
+        re = Rebatcher(engine, batch_size).run(batches_of(setup.x, 48, setup.test.labels))
+        assert torch.equal(re.exit_index, plain.exit_index)
+        assert torch.equal(re.predictions, plain.predictions)
+        assert torch.equal(re.heads_evaluated, plain.heads_evaluated)
+        assert torch.equal(re.labels, setup.test.labels)
+        # deeper stages run full batches; only the end-of-stream flush may be partial
+        for sizes in re.stage_batch_sizes:
+            assert all(s == batch_size for s in sizes[:-1])
+    single = engine.run(single_samples(setup.x[:40]))
+    assert torch.equal(single.exit_index, plain.exit_index[:40])
+    assert all(sizes == [1] * len(sizes) for sizes in single.stage_batch_sizes)
+
+
+def test_deex_offloaded_samples_jump_to_the_backbone_without_the_heads_in_between(setup):
+    policy = _fit(setup, "deex", {"p_tar": 0.12}, 0.8)
+    out = EarlyExitEngine(setup.network, policy).run([setup.x])
+    offloaded = out.exit_index == 2
+    assert offloaded.any() and (~offloaded).any()
+    assert not out.heads_evaluated[offloaded, 1].any()
+    assert out.heads_evaluated[offloaded][:, [0, 2]].all()
+
+
+def test_engine_refuses_unfitted_mismatched_and_offline_only_policies(setup):
+    with pytest.raises(EENNError, match="not fitted"):
+        EarlyExitEngine(setup.network, build_policy("maxprob"))
+    oracle = build_policy("oracle").fit(setup.val, None, "flops")
+    with pytest.raises(EENNError, match="oracle"):
+        EarlyExitEngine(setup.network, oracle)
+    two = _fit(setup, "maxprob", {}, 0.6)
+    two.num_exits = 2
+    with pytest.raises(EENNError, match="2 exits"):
+        EarlyExitEngine(setup.network, two)
+    with pytest.raises(EENNError, match="empty"):
+        EarlyExitEngine(setup.network, _fit(setup, "maxprob", {}, 0.6)).run([])

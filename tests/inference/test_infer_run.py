@@ -1,0 +1,107 @@
+"""eenn-infer end to end on a tiny stage-1 run (resnet20, digits, one epoch) and a fitted policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from eenn.cli.common import conf_dir
+from eenn.errors import EENNError
+from eenn.inference.run import infer
+from eenn.policies.fitting import POLICY_FILE, fit_run
+from eenn.training.run import train
+
+
+def _compose(name: str, overrides: list[str], root: Path, out: Path):
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.root_dir, cfg.paths.output_dir = str(root), str(out)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> tuple[Path, Path]:
+    """(stage-1 run dir, eenn-fit policy dir), each with the .hydra/config.yaml Hydra would write."""
+    root = tmp_path_factory.mktemp("eenn")
+    run, policy_dir = root / "train", root / "fit"
+    cfg = _compose("train", ["data=digits", "backbone=resnet20", "exits=stages", "logger=csv", "trainer.max_epochs=1",
+                             "cost.repeats=2", "trainer.enable_progress_bar=false"], root, run)
+    train(cfg)
+    (run / ".hydra").mkdir()
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    fit_cfg = _compose("fit", [f"run_dir={run}", "policy=deex", "policy.p_tar=0.8", "budget.fraction=0.8"], root, policy_dir)
+    fit_run(fit_cfg, policy_dir)
+    (policy_dir / ".hydra").mkdir()
+    OmegaConf.save(fit_cfg, policy_dir / ".hydra" / "config.yaml")
+    return run, policy_dir
+
+
+def test_infer_runs_the_policy_and_reports_expected_next_to_realised(fitted, tmp_path):
+    run, policy_dir = fitted
+    cfg = _compose("infer", [f"policy_dir={policy_dir}", "batch_size=64", "edge_cloud.repeats=2"], tmp_path, tmp_path)
+    out = infer(cfg, tmp_path)  # run_dir comes from the policy dir's config
+
+    assert json.loads((tmp_path / "infer.json").read_text()) == json.loads(json.dumps(out))
+    assert out["run_dir"] == str(run) and out["num_samples"] == 360 and out["policy"]["name"] == "deex"
+    assert out["agreement"]["exit_index"] >= 0.99 and out["agreement"]["predictions"] >= 0.99  # float ties aside
+    assert out["accuracy"]["realised"] == pytest.approx(out["accuracy"]["expected"], abs=0.01)
+    for kind in ("expected", "realised"):
+        r = out["cost_report"][kind]
+        assert sum(e["fraction"] for e in r["exits"]) == pytest.approx(1.0)
+        assert r["speedup"] == pytest.approx(r["standard"] / r["average"])
+    t = out["timing"]
+    assert t["engine_s"] > 0 and t["backbone_s"] > 0 and t["realised_speedup"] > 0
+    ec = out["edge_cloud"]
+    assert ec["partition"]["split"] == 1 and 0 <= ec["offload_ratio"] <= 1
+    assert ec["offload_ratio"] == pytest.approx(r["exits"][-1]["fraction"])
+    times = [c["total_time_s"] for c in ec["p_d_curve"]]
+    assert times == sorted(times)
+
+    for mode in ("rebatch", "single"):
+        cfg = _compose("infer", [f"run_dir={run}", f"policy_file={policy_dir / POLICY_FILE}", f"mode={mode}",
+                                 "edge_cloud.enabled=false", "backbone_baseline=false", "report_unit=latency_ms"],
+                       tmp_path, tmp_path / mode)
+        again = infer(cfg, tmp_path / mode)
+        assert again["exit_fractions"]["realised"] == out["exit_fractions"]["realised"]
+        assert again["accuracy"]["realised"] == out["accuracy"]["realised"]
+        assert again["cost_report"]["realised"]["unit"] == "latency_ms" and again["edge_cloud"] is None
+
+
+def test_bad_input_is_named(fitted, tmp_path):
+    run, policy_dir = fitted
+    cases = [
+        ([f"run_dir={run}"], "no policy"),
+        ([f"run_dir={run}", f"policy_file={tmp_path}/none.safetensors"], "does not exist"),
+        ([f"run_dir={tmp_path}", f"policy_dir={policy_dir}"], "is not a stage-1 run dir"),
+        ([f"policy_dir={policy_dir}", "mode=fast"], "mode must be one of"),
+        ([f"policy_dir={policy_dir}", "checkpoint=middle"], "checkpoint='middle'"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(EENNError, match=message):
+            infer(_compose("infer", overrides, tmp_path, tmp_path), tmp_path)
+
+
+@pytest.mark.slow
+def test_eenn_infer_multirun_writes_one_dir_per_job(fitted, tmp_path):
+    run, policy_dir = fitted
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "EENN_ROOT": str(tmp_path)}
+    args = [sys.executable, "-m", "eenn.cli.infer", "-m", f"policy_file={policy_dir / POLICY_FILE}", f"run_dir={run}",
+            "mode=batched,rebatch", "edge_cloud.repeats=2"]
+    res = subprocess.run(args, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    sweeps = list((tmp_path / "outputs" / "infer" / "multirun").iterdir())
+    assert len(sweeps) == 1
+    jobs = sorted(p.name for p in sweeps[0].iterdir() if (p / "infer.json").is_file())
+    assert jobs == ["0_edge_cloud.repeats=2,mode=batched", "1_edge_cloud.repeats=2,mode=rebatch"]
+    assert "Speedup" in res.stdout
+    bad = subprocess.run([sys.executable, "-m", "eenn.cli.infer", f"run_dir={run}"], check=False, cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "error: no policy" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,28 @@
+"""Fixtures for the policy tests: synthetic validation/test predictions of a 3-exit network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eenn.evaluation.predictions import Predictions
+from eenn.policies.synthetic import synthetic_predictions
+
+
+@pytest.fixture(scope="session")
+def val() -> Predictions:
+    return synthetic_predictions(1500, seed=0)
+
+
+@pytest.fixture(scope="session")
+def test_preds() -> Predictions:
+    return synthetic_predictions(2000, seed=1, split="test")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are small: one thread is as fast, and far faster when other jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,157 @@
+"""eenn-fit: the composed app in-process on a synthetic stage-1 run dir, its bad-input errors,
+and one real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from safetensors.torch import save_file
+
+from eenn.cli.common import conf_dir
+from eenn.errors import EENNError
+from eenn.policies import ExitPolicy
+from eenn.policies.fitting import fit_run
+from eenn.policies.synthetic import synthetic_predictions
+
+REPO = Path(__file__).resolve().parents[2]
+KEYS = {"policy", "budget", "budget_fraction", "cost_unit", "fit_seconds", "val", "test"}
+S_KEYS = {"accuracy", "avg_cost", "exit_fractions", "exit_accuracy", "confusion"}
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    run = tmp_path / "train_run"
+    synthetic_predictions(600, seed=0).save(run / "predictions" / "val.safetensors")
+    synthetic_predictions(800, seed=1, split="test").save(run / "predictions" / "test.safetensors")
+    return run
+
+
+def fit_cfg(overrides: Sequence[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return compose(config_name="fit", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("policy", ["maxprob", "entropy", "patience", "deex", "static", "oracle", "oracle_budget"])
+def test_fit_app_writes_policy_and_metrics(policy: str, run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fit"
+    cfg = fit_cfg([f"run_dir={run_dir}", f"policy={policy}", "budget.fraction=0.8"])
+    metrics = fit_run(cfg, out)
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert KEYS <= set(on_disk)
+    assert S_KEYS <= set(on_disk["val"]) and S_KEYS <= set(on_disk["test"])
+    assert on_disk["policy"] == policy
+    assert on_disk["cost_unit"] == "flops"
+    assert on_disk["budget"] == pytest.approx(0.8e6)
+    assert on_disk["budget_fraction"] == pytest.approx(0.8)
+    if policy not in ("static", "oracle"):
+        assert on_disk["val"]["avg_cost"] <= on_disk["budget"] * 1.005
+    loaded = ExitPolicy.load(out / "policy.safetensors")
+    assert loaded.name == policy
+
+
+def test_fit_app_eenet_latency_and_explicit_files(run_dir: Path, tmp_path: Path) -> None:
+    cfg = fit_cfg(
+        [
+            f"predictions.val={run_dir / 'predictions' / 'val.safetensors'}",
+            f"predictions.test={run_dir / 'predictions' / 'test.safetensors'}",
+            "policy=eenet",
+            "policy.max_epochs=30",
+            "cost=latency",
+            "budget.value=3.0",
+        ]
+    )
+    metrics = fit_run(cfg, tmp_path / "fit")
+    assert metrics["cost_unit"] == "latency_ms"
+    assert metrics["budget"] == 3.0
+    assert metrics["val"]["avg_cost"] <= 3.0 * (1 + 1e-9)
+
+
+def test_budgets_outside_the_reachable_range_are_clamped_with_a_warning(run_dir: Path, tmp_path: Path) -> None:
+    low = fit_run(fit_cfg([f"run_dir={run_dir}", "budget.fraction=0.1"]), tmp_path / "low")
+    assert low["budget"] == pytest.approx(1e6 / 3)
+    assert "clamped" in low["warnings"][0]
+    high = fit_run(fit_cfg([f"run_dir={run_dir}", "budget.fraction=1.5"]), tmp_path / "high")
+    assert high["budget"] == pytest.approx(1e6)
+    assert high["val"]["exit_fractions"][-1] == 1.0
+    assert "above the full model's cost" in high["warnings"][0]
+    deex = fit_run(fit_cfg([f"run_dir={run_dir}", "policy=deex", "budget.fraction=0.4"]), tmp_path / "deex")
+    assert deex["budget"] > 0.4e6 and "cheapest the policy can do" in deex["warnings"][0]
+
+
+def _write(path: Path, preds) -> Path:
+    preds.save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["budget.fraction=0"], "budget.fraction must be a finite positive number, got 0"),
+        (["budget.fraction=-0.5"], "budget.fraction must be a finite positive number"),
+        (["budget.fraction=abc"], "budget.fraction must be a finite positive number, got 'abc'"),
+        (["budget.value=-3"], "budget.value must be a finite positive number"),
+        (["policy.name=nope"], "policy.name='nope' is not a known exit policy; valid:"),
+        (["cost=joules"], "cost='joules': the predictions have no 'joules' costs; they have"),
+        (["policy.thresholds=[0.5]"], "policy.thresholds needs 2 values"),
+    ],
+)
+def test_fit_app_bad_config(overrides: list[str], match: str, run_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(EENNError, match=match):
+        fit_run(fit_cfg([f"run_dir={run_dir}", *overrides]), tmp_path / "fit")
+
+
+def test_fit_app_bad_predictions(tmp_path: Path) -> None:
+    good = _write(tmp_path / "val.safetensors", synthetic_predictions(50, seed=0))
+    nan = synthetic_predictions(50, seed=1)
+    nan.logits[3, 1, 2] = float("nan")
+    bad_nan = tmp_path / "nan.safetensors"  # Predictions.save refuses NaN: write the file by hand
+    save_file({"logits": nan.logits, "labels": nan.labels, "costs": nan.costs}, str(bad_nan))
+    four = _write(tmp_path / "four.safetensors", synthetic_predictions(50, num_exits=4, seed=2))
+    cases = [
+        ([f"predictions.val={good}", f"predictions.test={bad_nan}"], "logits hold NaN or Inf values in 1 of 50 samples"),
+        ([f"predictions.val={good}", f"predictions.test={four}"], "val has K=3 exits and C=10 classes, test has K=4"),
+        ([f"predictions.val={good}"], r"no test predictions: set run_dir=<stage-1 run dir> or predictions.test=<file>"),
+        ([f"run_dir={tmp_path / 'nowhere'}"], "is not a directory"),
+        ([f"predictions.val={tmp_path / 'missing.safetensors'}", f"predictions.test={good}"], "does not exist"),
+    ]
+    for overrides, match in cases:
+        with pytest.raises(EENNError, match=match):
+            fit_run(fit_cfg(overrides), tmp_path / "fit")
+
+
+def test_sweep_presets_hold_fraction_lists() -> None:
+    cfg = fit_cfg(["budget=sweep5"])
+    assert cfg.budget.fraction == 0.5
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        hydra_cfg = compose(config_name="fit", overrides=["budget=sweep10"], return_hydra_config=True)
+    assert hydra_cfg.hydra.sweeper.params["budget.fraction"].split(",")[0] == "0.1"
+
+
+@pytest.mark.slow
+def test_eenn_fit_subprocess(run_dir: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "EENN_ROOT": str(tmp_path)}
+    cmd = [sys.executable, "-m", "eenn.cli.fit", f"run_dir={run_dir}", "policy=entropy", "budget.fraction=0.6"]
+    run = {"cwd": REPO, "env": env, "capture_output": True, "text": True, "timeout": 300}
+    done = subprocess.run(cmd, check=False, **run)
+    assert done.returncode == 0, done.stderr
+    (metrics,) = (tmp_path / "outputs" / "fit" / "runs").glob("*_entropy_*/metrics.json")
+    assert json.loads(metrics.read_text())["budget_fraction"] == pytest.approx(0.6)
+    assert (metrics.parent / "policy.safetensors").is_file()
+    bad = subprocess.run([*cmd, "budget.fraction=-1"], check=False, **run)
+    assert bad.returncode == 2
+    assert "error: budget.fraction must be a finite positive number, got -1." in bad.stderr
+    sweep_cmd = [*cmd[:3], "-m", f"run_dir={run_dir}", "policy=maxprob,entropy", "budget.fraction=0.5,0.9"]
+    sweep = subprocess.run(sweep_cmd, check=False, **run)
+    assert sweep.returncode == 0, sweep.stderr
+    (sweep_dir,) = (tmp_path / "outputs" / "fit" / "multirun").iterdir()
+    assert len(list(sweep_dir.glob("*/metrics.json"))) == 4
+

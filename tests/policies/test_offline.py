@@ -1,0 +1,67 @@
+"""Offline evaluation: the metrics dict on hand-built predictions, realised costs, and speed."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from eenn.evaluation.offline import evaluate, realised_cost, simulate
+from eenn.policies import build_policy
+from eenn.policies.synthetic import synthetic_predictions
+
+from .helpers import EENET_FAST, logits_for_max_prob, predictions
+
+
+def test_metrics_on_hand_built_predictions() -> None:
+    # 4 samples, 3 exits; maxprob thresholds 0.85 / 0.85: confidences decide the exits
+    conf = [[0.9, 0.9, 0.9], [0.6, 0.9, 0.9], [0.6, 0.6, 0.6], [0.95, 0.6, 0.6]]
+    pred = [[0, 0, 0], [1, 1, 1], [0, 1, 1], [1, 1, 1]]
+    logits = torch.stack([logits_for_max_prob(c, p) for c, p in zip(conf, pred)])
+    preds = predictions(logits, [0, 1, 1, 0], [1.0, 2.0, 4.0], [0.5, 0.5, 0.0])
+    policy = build_policy("maxprob", thresholds=[0.85, 0.85]).fit(preds, None, "flops")
+    S = evaluate(policy, preds, "flops")
+    # exits: 0, 1, 2, 0; predicted 0, 1, 1, 1 -> right, right, right, wrong
+    assert S["exit_fractions"] == [0.5, 0.25, 0.25]
+    assert S["exit_accuracy"] == [0.5, 1.0, 1.0]
+    assert S["accuracy"] == 0.75
+    assert S["avg_cost"] == pytest.approx((1 + 2 + 4 + 1) / 4)
+    assert S["avg_cost_fraction"] == pytest.approx(2 / 4)
+    assert S["confusion"] == [[1, 1], [0, 2]]  # rows: true class, columns: predicted
+    assert S["num_samples"] == 4
+    static = evaluate(build_policy("static", exit=0).fit(preds, None, "flops"), preds, "flops")
+    assert static["exit_accuracy"] == [0.5, None, None]  # nobody exits at 1, 2
+
+
+def test_realised_cost_charges_only_the_heads_evaluated() -> None:
+    costs = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)  # cumulative, heads included
+    heads = torch.tensor([0.25, 0.5, 0.0], dtype=torch.float64)
+    exit_idx = torch.tensor([0, 2, 2])
+    evaluated = torch.tensor([[True, False, False], [True, True, True], [True, False, True]])
+    assert realised_cost(exit_idx, evaluated, costs, heads).tolist() == [1.0, 4.0, 3.5]
+
+
+def test_cost_units_come_from_the_cost_table(val) -> None:
+    policy = build_policy("maxprob").fit(val, 0.5 * float(val.costs_in("latency_ms")[-1]), "latency_ms")
+    S = evaluate(policy, val, "latency_ms")
+    assert S["avg_cost"] <= policy.budget * (1 + 1e-9)
+    assert S["avg_cost_fraction"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["maxprob", "entropy", "vote", "patience", "deex", "eenet", "oracle_budget"])
+def test_offline_evaluation_of_10k_samples_takes_under_a_second(name: str, val) -> None:
+    test = synthetic_predictions(10_000, seed=3)
+    policy = build_policy(name, **(EENET_FAST if name == "eenet" else {}))
+    policy.fit(val, max(0.7 * float(val.costs[-1]), policy.cheapest_cost(val, "flops")), "flops")
+    evaluate(policy, test, "flops")  # warm-up
+    start = time.perf_counter()
+    evaluate(policy, test, "flops")
+    assert time.perf_counter() - start < 1.0
+
+
+def test_simulate_reports_every_head_a_sample_evaluated(val) -> None:
+    policy = build_policy("maxprob").fit(val, 0.6 * float(val.costs[-1]), "flops")
+    exit_idx, heads = simulate(policy, val.logits, val.labels)
+    upto = torch.arange(val.num_exits)[None, :] <= exit_idx[:, None]
+    assert torch.equal(heads, upto)  # threshold policies look at every head up to their exit

@@ -1,0 +1,301 @@
+"""Every policy: budgets hold on validation, offline simulation equals a naive per-sample loop,
+save/load round-trips, and the per-policy rules on hand-built predictions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from eenn.errors import EENNError
+from eenn.evaluation.offline import evaluate, simulate
+from eenn.evaluation.predictions import Predictions
+from eenn.policies import POLICIES, ExitPolicy, build_policy
+from eenn.policies.features import max_prob
+from eenn.policies.synthetic import synthetic_predictions
+
+from .helpers import EENET_FAST, logits_for_max_prob, naive_simulate, predictions
+
+BUDGETED = {
+    "maxprob": {},
+    "entropy": {},
+    "entropy_xent": {"criterion": "cross_entropy"},
+    "margin": {},
+    "vote": {},
+    "patience": {},
+    "deex": {"p_tar": 0.8},
+    "eenet": EENET_FAST,
+    "oracle_budget": {},
+}
+FRACTIONS = [0.4, 0.55, 0.7, 0.85, 1.0]
+
+
+def make(name: str) -> ExitPolicy:
+    cfg = dict(BUDGETED.get(name, {}))
+    return build_policy(name.split("_xent")[0], **cfg)
+
+
+_FITTED: dict[tuple[str, int, float], ExitPolicy] = {}
+
+
+def fitted(name: str, val: Predictions, fraction: float) -> ExitPolicy:
+    """``name`` fitted to ``fraction`` of the full cost (at least its cheapest), cached: fitting
+    EENet takes a while and decisions never change a fitted policy."""
+    key = (name, id(val), fraction)
+    if key not in _FITTED:
+        policy = make(name)
+        budget = max(fraction * float(val.costs[-1]), policy.cheapest_cost(val, "flops"))
+        _FITTED[key] = policy.fit(val, budget, "flops")
+    return _FITTED[key]
+
+
+@pytest.mark.parametrize("name", sorted(BUDGETED))
+def test_fitted_policies_meet_the_budget_on_validation(name: str, val: Predictions) -> None:
+    for fraction in FRACTIONS if name != "eenet" else [0.55, 0.7, 0.85]:
+        policy = fitted(name, val, fraction)
+        S = evaluate(policy, val, "flops")
+        assert S["avg_cost"] <= policy.budget * 1.005, (name, fraction)
+        assert sum(S["exit_fractions"]) == pytest.approx(1.0)
+        assert policy.info["fitted_to_budget"] is True
+
+
+@pytest.mark.parametrize("name", ["maxprob", "entropy", "margin", "eenet"])
+def test_score_policies_spend_their_budget(name: str, val: Predictions) -> None:
+    policy = fitted(name, val, 0.7)
+    assert evaluate(policy, val, "flops")["avg_cost"] >= 0.99 * policy.budget
+
+
+@pytest.mark.parametrize("name", ["maxprob", "entropy"])
+def test_full_budget_sends_everyone_to_the_last_exit(name: str, val: Predictions) -> None:
+    S = evaluate(fitted(name, val, 1.0), val, "flops")
+    assert S["exit_fractions"] == [0.0, 0.0, 1.0]
+    assert S["accuracy"] == pytest.approx(float(val.accuracy_per_exit()[-1]))
+
+
+def test_static_reproduces_per_exit_accuracy_exactly(val: Predictions, test_preds: Predictions) -> None:
+    for k in range(val.num_exits):
+        policy = build_policy("static", exit=k).fit(val, None, "flops")
+        for preds in (val, test_preds):
+            S = evaluate(policy, preds, "flops")
+            assert S["accuracy"] == float(preds.accuracy_per_exit()[k])
+            assert S["avg_cost"] == float(preds.costs[k])
+            assert S["exit_fractions"][k] == 1.0
+
+
+def test_oracle_beats_every_policy_at_equal_cost(val: Predictions) -> None:
+    for name in BUDGETED:
+        for fraction in (0.55, 0.85):
+            S = evaluate(fitted(name, val, fraction), val, "flops")
+            ceiling = build_policy("oracle_budget").fit(val, S["avg_cost"], "flops")
+            best = evaluate(ceiling, val, "flops")
+            assert best["accuracy"] >= S["accuracy"], (name, fraction)
+            assert best["avg_cost"] <= S["avg_cost"] * (1 + 1e-9)
+
+
+def test_oracle_exits_at_the_earliest_correct_exit() -> None:
+    # sample 0 right at exit 0; sample 1 first right at exit 2; sample 2 never right -> last exit
+    logits = torch.tensor(
+        [[[2.0, 0.0], [2.0, 0.0], [2.0, 0.0]], [[2.0, 0.0], [2.0, 0.0], [0.0, 2.0]], [[2.0, 0.0], [2.0, 0.0], [2.0, 0.0]]]
+    )
+    val = predictions(logits, [0, 1, 1], [1.0, 2.0, 3.0], [0.1, 0.2, 0.0])
+    oracle = build_policy("oracle").fit(val, None, "flops")
+    exit_idx, heads = simulate(oracle, val.logits, val.labels)
+    assert exit_idx.tolist() == [0, 2, 2]
+    assert heads[1].tolist() == [True, False, True]  # jumped over head 1
+    S = evaluate(oracle, val, "flops")
+    assert S["accuracy"] == pytest.approx(2 / 3)
+    assert S["avg_cost"] == pytest.approx((1.0 + 2 * (3.0 - 0.2)) / 3)
+    # at a budget that pays for nobody's correction the ceiling is exit 0's accuracy
+    assert evaluate(build_policy("oracle_budget").fit(val, 1.0, "flops"), val, "flops")["accuracy"] == pytest.approx(1 / 3)
+
+
+def test_oracles_refuse_to_run_online(val: Predictions) -> None:
+    oracle = build_policy("oracle").fit(val, None, "flops")
+    with pytest.raises(EENNError, match="runs only offline"):
+        oracle.init_state(4)
+    with pytest.raises(EENNError, match="needs the labels"):
+        simulate(oracle, val.logits)
+
+
+ALL = ["static", "maxprob", "entropy", "margin", "vote", "patience", "deex", "eenet", "oracle", "oracle_budget"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_compacting_simulation_equals_a_naive_per_sample_loop(name: str, val: Predictions) -> None:
+    policy = fitted(name, val, 0.7) if name != "static" else build_policy("static", exit=1).fit(val, None, "flops")
+    sub = slice(0, 300)
+    got = simulate(policy, val.logits[sub], val.labels[sub])
+    want = naive_simulate(policy, val.logits[sub], val.labels[sub])
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_save_load_round_trip_gives_identical_decisions(name: str, val: Predictions, test_preds: Predictions, tmp_path) -> None:
+    policy = fitted(name, val, 0.7) if name != "static" else build_policy("static", exit=1).fit(val, None, "flops")
+    path = policy.save(tmp_path / f"{name}.safetensors")
+    loaded = ExitPolicy.load(path).to("cpu")
+    assert type(loaded) is type(policy)
+    assert (loaded.num_exits, loaded.num_classes, loaded.budget) == (policy.num_exits, policy.num_classes, policy.budget)
+    for a, b in zip(simulate(policy, test_preds.logits, test_preds.labels), simulate(loaded, test_preds.logits, test_preds.labels)):
+        assert torch.equal(a, b)
+    assert evaluate(loaded, test_preds, "flops") == evaluate(policy, test_preds, "flops")
+    assert path.stat().st_size < 64_000
+
+
+def test_every_registered_policy_is_tested() -> None:
+    assert POLICIES.names() == sorted(ALL)
+
+
+# ------------------------------------------------------------------------- per-policy rules
+def test_entropy_thresholds_from_config_are_entropies_in_nats() -> None:
+    # Distiller's --earlyexit_thresholds: exit at exit 0 when the entropy is below t
+    p = [0.99, 0.9, 0.6]
+    e0 = logits_for_max_prob(p, [0, 0, 0])
+    val = predictions(torch.stack([e0, e0], 1), [0, 0, 0], [1.0, 2.0])
+    h = [-(q * math.log(q) + (1 - q) * math.log(1 - q)) for q in p]  # 0.056, 0.325, 0.673 nats
+    policy = build_policy("entropy", thresholds=[0.4]).fit(val, None, "flops")
+    assert simulate(policy, val.logits)[0].tolist() == [0, 0, 1]
+    assert h[1] < 0.4 < h[2]
+    assert policy.info["fitted_to_budget"] is False
+    xent = build_policy("entropy", thresholds=[0.2], criterion="cross_entropy").fit(val, None, "flops")
+    assert simulate(xent, val.logits)[0].tolist() == [0, 0, 1]  # -log p: 0.01, 0.105, 0.51
+
+
+def test_maxprob_thresholds_from_config() -> None:
+    e0 = logits_for_max_prob([0.95, 0.7, 0.8], [0, 0, 0])
+    val = predictions(torch.stack([e0, e0, e0], 1), [0, 0, 0], [1.0, 2.0, 3.0])
+    policy = build_policy("maxprob", thresholds=[0.9, 0.75]).fit(val, None, "flops")
+    assert simulate(policy, val.logits)[0].tolist() == [0, 2, 1]
+
+
+def test_patience_counts_repeated_predictions() -> None:
+    # predictions over 4 exits: a a a a | a b b b | a b a b
+    seqs = [[0, 0, 0, 0], [0, 1, 1, 1], [0, 1, 0, 1]]
+    logits = torch.stack([logits_for_max_prob([0.9] * 4, s) for s in seqs])
+    val = predictions(logits, [0, 1, 1], [1.0, 2.0, 3.0, 4.0])
+    want = {0: [0, 0, 0], 1: [1, 2, 3], 2: [2, 3, 3], 3: [3, 3, 3]}
+    for p, exits in want.items():
+        policy = build_policy("patience", patience=p).fit(val, None, "flops")
+        assert simulate(policy, val.logits)[0].tolist() == exits, p
+
+
+def test_deex_offloads_low_confidence_samples_past_the_edge_exits() -> None:
+    # 4 exits: exit 0 decides (p_d = 0.7); edge exits 1, 2 (p_tar = 0.8 at exit 1, exit 2 always)
+    conf = [[0.6, 0.9, 0.9, 0.9], [0.9, 0.85, 0.9, 0.9], [0.9, 0.7, 0.6, 0.9]]
+    logits = torch.stack([logits_for_max_prob(c, [0] * 4) for c in conf])
+    val = predictions(logits, [0, 0, 0], [1.0, 2.0, 3.0, 4.0], [0.1, 0.1, 0.1, 0.0])
+    policy = build_policy("deex", p_d=0.7, p_tar=0.8).fit(val, None, "flops")
+    exit_idx, heads = simulate(policy, val.logits)
+    assert exit_idx.tolist() == [3, 1, 2]
+    assert heads.tolist() == [[True, False, False, True], [True, True, False, False], [True, True, True, False]]
+    S = evaluate(policy, val, "flops")
+    assert S["exit_fractions"][0] == 0.0  # the decision exit never answers
+    assert S["avg_cost"] == pytest.approx((4.0 - 0.2 + 2.0 + 3.0) / 3)
+
+
+def test_deex_fits_p_d_to_the_budget(val: Predictions) -> None:
+    policy = build_policy("deex", p_tar=0.8).fit(val, 0.8 * float(val.costs[-1]), "flops")
+    s = max_prob(val.logits[:, 0])
+    offloaded = float((s < policy.fitted_p_d).double().mean())
+    S = evaluate(policy, val, "flops")
+    assert S["exit_fractions"][-1] == pytest.approx(offloaded)
+    # one more offloaded sample would break the budget
+    above = s[s >= policy.fitted_p_d].min()
+    more = build_policy("deex", p_d=float(torch.nextafter(above, torch.tensor(2.0))), p_tar=0.8).fit(val, None, "flops")
+    assert evaluate(more, val, "flops")["avg_cost"] > policy.budget
+
+
+def test_eenet_scores_start_as_max_prob_and_training_changes_them(val: Predictions) -> None:
+    from eenn.policies.eenet_scheduler import EENetScheduler
+
+    sched = EENetScheduler(val.num_exits, val.num_classes)
+    policy = build_policy("eenet", **EENET_FAST)
+    policy.scheduler, policy.num_exits, policy.num_classes = sched, val.num_exits, val.num_classes
+    assert torch.allclose(policy.score_matrix(val.logits), max_prob(val.logits.flatten(0, 1)).view(-1, 3))
+    trained = build_policy("eenet", **EENET_FAST).fit(val, 0.6 * float(val.costs[-1]), "flops")
+    assert not torch.allclose(trained.score_matrix(val.logits), policy.score_matrix(val.logits))
+    assert trained.info["epochs"] > 0
+    assert sum(trained.info["exit_distribution"]) == pytest.approx(1.0)
+
+
+def test_eenet_learns_class_dependent_confidence_that_max_prob_misses() -> None:
+    # classes 0-4 are predicted with shrunken logits (right as often, but unsure): EENet's g sees
+    # the softmax vector, so it can learn to trust them; max prob cannot (EENet sec. 4.3, Fig. 4)
+    def shrunk(n: int, seed: int) -> Predictions:
+        p = synthetic_predictions(n, seed=seed)
+        p.logits = p.logits * torch.where(p.logits.argmax(-1) < 5, 0.35, 1.0)[..., None]
+        return p
+
+    val, test = shrunk(1500, 20), shrunk(3000, 21)
+    budget = 0.55 * float(val.costs[-1])
+    eenet = evaluate(build_policy("eenet", max_epochs=100).fit(val, budget, "flops"), test, "flops")
+    msdnet = evaluate(build_policy("maxprob").fit(val, budget, "flops"), test, "flops")
+    assert eenet["avg_cost"] <= msdnet["avg_cost"] * 1.01
+    assert eenet["accuracy"] > msdnet["accuracy"] + 0.01
+
+
+# --------------------------------------------------------------------------------- bad input
+def test_unknown_policy_lists_the_valid_names() -> None:
+    with pytest.raises(EENNError, match=r"policy.name='nope' is not a known exit policy; valid: deex, eenet, entropy"):
+        build_policy("nope")
+
+
+def test_unknown_option_names_it() -> None:
+    with pytest.raises(EENNError, match=r"does not take the option\(s\) \['bogus'\]"):
+        build_policy("maxprob", bogus=1)
+
+
+@pytest.mark.parametrize(
+    ("name", "cfg", "match"),
+    [
+        ("maxprob", {"thresholds": ["a"]}, "policy.thresholds must be a list of finite numbers"),
+        ("entropy", {"criterion": "gini"}, "policy.criterion must be one of"),
+        ("patience", {"patience": -1}, "policy.patience must be a non-negative integer"),
+        ("deex", {"p_d": 1.5}, r"policy.p_d must be a probability in \[0, 1\]"),
+        ("static", {"exit": "last"}, "policy.exit must be an integer"),
+        ("eenet", {"lr": 0}, "policy.lr must be a positive number"),
+    ],
+)
+def test_bad_hyper_parameters(name: str, cfg: dict, match: str) -> None:
+    with pytest.raises(EENNError, match=match):
+        build_policy(name, **cfg)
+
+
+@pytest.mark.parametrize("budget", [0, -1.0, math.nan, math.inf, "abc", True])
+def test_bad_budgets(budget, val: Predictions) -> None:
+    with pytest.raises(EENNError, match="budget must be a"):
+        build_policy("maxprob").fit(val, budget, "flops")
+
+
+def test_fit_errors(val: Predictions) -> None:
+    with pytest.raises(EENNError, match="needs 2 values"):
+        build_policy("maxprob", thresholds=[0.5]).fit(val, None, "flops")
+    with pytest.raises(EENNError, match="needs a budget or policy.thresholds"):
+        build_policy("maxprob").fit(val, None, "flops")
+    with pytest.raises(EENNError, match="policy 'eenet' needs a budget"):
+        build_policy("eenet").fit(val, None, "flops")
+    with pytest.raises(EENNError, match="below the cheapest possible average cost"):
+        build_policy("maxprob").fit(val, 0.1 * float(val.costs[0]), "flops")
+    with pytest.raises(EENNError, match="below the cheapest DEEx schedule"):
+        build_policy("deex").fit(val, float(val.costs[0]), "flops")
+    with pytest.raises(EENNError, match="out of range for 3 exits"):
+        build_policy("static", exit=3).fit(val, None, "flops")
+    with pytest.raises(EENNError, match="cost unit 'joules' is not in the predictions file"):
+        build_policy("maxprob").fit(val, 1.0, "joules")
+
+
+def test_predictions_of_another_model_are_refused(val: Predictions) -> None:
+    policy = build_policy("maxprob").fit(val, 0.6 * float(val.costs[-1]), "flops")
+    with pytest.raises(EENNError, match="was fitted on K=3 exits and C=10 classes, the predictions have K=3 and C=4"):
+        simulate(policy, torch.zeros(5, 3, 4))
+
+
+def test_corrupt_policy_file(tmp_path) -> None:
+    bad = tmp_path / "policy.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(EENNError, match="is not a readable policy file"):
+        ExitPolicy.load(bad)
+    with pytest.raises(EENNError, match="does not exist"):
+        ExitPolicy.load(tmp_path / "missing.safetensors")

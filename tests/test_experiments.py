@@ -1,0 +1,127 @@
+"""Every paper setting in conf/experiment: it composes, its model builds, runs and has a cost
+profile, its stage-1 optimiser and stage-2 policy are valid, and its smoke variant trains end to end
+on random data of the paper's shape. Also the datasets those settings add (svhn, random)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from eenn.cost import CostProfile, profile_costs
+from eenn.data import EENNDataModule
+from eenn.data.sources import SOURCES
+from eenn.errors import EENNError
+from eenn.evaluation.predictions import Predictions
+from eenn.policies import build_policy
+from eenn.training.run import build_network, train
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "conf" / "experiment"
+# ImageNet-sized MSDNet-35 (62 M parameters): building and profiling it takes ~30 s, training its
+# smoke run ~90 s on two cores
+SLOW = {"eenet_msdnet35_imagenet", "bilevel_msdnet_imagenet"}
+SLOW_SMOKE = SLOW | {"distiller_resnet50_imagenet"}
+# the paper's image shape and class count per dataset config (what the smoke runs must imitate)
+PAPER_DATA = {"cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "imagefolder": ((3, 224, 224), 1000)}
+# exits per paper setting (K)
+NUM_EXITS = {"branchynet_alexnet_cifar10": 3, "distiller_resnet32_cifar10": 2, "distiller_resnet50_imagenet": 3,
+             "deex_alexnet_cifar10_binary": 3, "deex_alexnet_cifar10": 3, "eenet_resnet56_cifar10": 3,
+             "eenet_densenet121_cifar100": 4, "eenet_msdnet35_imagenet": 5, "bilevel_msdnet_cifar10": 7,
+             "bilevel_msdnet_cifar100": 7, "bilevel_msdnet_imagenet": 5}
+
+
+def _params(names: set[str], slow: set[str]) -> list:
+    return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in sorted(names)]
+
+
+def test_every_paper_setting_has_a_smoke_variant():
+    names = {p.stem for p in EXPERIMENTS.glob("*.yaml")}
+    papers = {n for n in names if not n.endswith("_smoke")}
+    assert papers == set(NUM_EXITS)
+    assert names - papers == {f"{n}_smoke" for n in papers}
+
+
+@pytest.mark.parametrize("name", _params(set(NUM_EXITS), SLOW))
+def test_experiment_composes_builds_runs_and_profiles(name, compose_cfg):
+    cfg = compose_cfg("train", [f"experiment={name}"])
+    smoke = compose_cfg("train", [f"experiment={name}_smoke"])
+    # the smoke variant differs in data, trainer, logger, cost and (no download) pretrained weights
+    # only, and imitates the paper's data
+    def model(c):
+        backbone = {k: v for k, v in OmegaConf.to_container(c.backbone).items() if k != "pretrained"}
+        return backbone, *(OmegaConf.to_container(c[g]) for g in ("exits", "training", "stage1", "stage2"))
+
+    assert model(cfg) == model(smoke)
+    shape, classes = PAPER_DATA[cfg.data.name]
+    classes = len(cfg.data.classes) if cfg.data.classes else classes
+    assert tuple(smoke.data.source_kwargs.image_shape) == shape and smoke.data.source_kwargs.num_classes == classes
+
+    dm = EENNDataModule(name="random", val_size=2, source_kwargs={"image_shape": list(shape), "num_classes": classes,
+                                                                   "train_size": 4, "test_size": 2})
+    network = build_network(smoke, dm)
+    assert network.num_exits == NUM_EXITS[name]
+    network.eval()
+    with torch.no_grad():
+        assert network(torch.randn(2, *shape)).shape == (2, NUM_EXITS[name], classes)
+    costs = profile_costs(network, shape, latency=False)
+    flops = costs.per_exit("flops")
+    assert flops == sorted(flops) and costs.backbone["flops"] <= flops[-1]
+
+    # stage 1's optimiser and schedule instantiate; stage 2's policy takes its options
+    module = hydra.utils.instantiate(cfg.training, network=network, num_classes=classes, cost_profile=costs,
+                                     _convert_="all")
+    module.configure_optimizers()
+    stage2 = OmegaConf.to_container(cfg.stage2)
+    assert set(stage2) == {"cost", "policy", "sweep"}
+    assert stage2["cost"] in ("flops", "macs", "latency")
+    build_policy(**stage2["policy"])
+    for group, values in stage2["sweep"].items():
+        assert group in ("policy", "budget") and all(isinstance(v, list) and v for v in values.values())
+
+
+@pytest.mark.parametrize("name", _params(set(NUM_EXITS), SLOW_SMOKE))
+def test_smoke_run_trains_two_batches_and_writes_a_complete_run_dir(name, compose_cfg, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = compose_cfg("train", [f"experiment={name}_smoke"])
+    assert cfg.data.name == "random" and cfg.trainer.limit_train_batches == 2 and not cfg.cost.latency
+    metrics = train(cfg)
+    run = Path(cfg.paths.output_dir)
+    k = NUM_EXITS[name]
+    assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "csv" / "metrics.csv").is_file()
+    costs = CostProfile.from_dict(json.loads((run / "costs.json").read_text()))
+    assert len(costs.exits) == k and metrics["exit_names"] == [e.name for e in costs.exits]
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
+    for split in ("val", "test"):
+        p = Predictions.load(run / "predictions" / f"{split}.safetensors")
+        assert p.logits.shape[1:] == (k, cfg.data.source_kwargs.num_classes)
+
+
+# ------------------------------------------------------------------ datasets
+def test_cifar10_catdog_is_deexs_binary_split(compose_cfg):
+    data = compose_cfg("train", ["data=cifar10_catdog"]).data
+    assert data.name == "cifar10" and list(data.classes) == ["cat", "dog"] and data.val_size == 0.1
+
+
+def test_imagenet_holds_out_50000_training_images_and_eenet_25000(compose_cfg):
+    assert compose_cfg("train", ["data=imagenet"]).data.val_size == 50000
+    assert compose_cfg("train", ["experiment=eenet_msdnet35_imagenet"]).data.val_size == 25000
+
+
+def test_svhn_without_files_names_root_and_download(tmp_path):
+    with pytest.raises(EENNError, match=r"svhn is not in data.root=.*data.download=false"):
+        SOURCES.build("svhn", root=str(tmp_path), download=False)
+
+
+def test_random_source_is_seeded_balanced_and_shaped():
+    a = SOURCES.build("random", image_shape=[1, 8, 6], num_classes=3, train_size=9, test_size=4, seed=1)
+    b = SOURCES.build("random", image_shape=[1, 8, 6], num_classes=3, train_size=9, test_size=4, seed=1)
+    assert a.x_train.shape == (9, 1, 8, 6) and a.x_train.dtype == torch.uint8 and a.x_test.shape == (4, 1, 8, 6)
+    assert torch.bincount(a.y_train).tolist() == [3, 3, 3] and a.class_names == ["class0", "class1", "class2"]
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    with pytest.raises(EENNError, match="image_shape"):
+        SOURCES.build("random", image_shape=[8, 8])
