@@ -44,7 +44,7 @@ BASELINES = {"BranchyNet": {"name": "entropy"}, "MSDNet": {"name": "maxprob"}, "
 def stage1(epochs: int, run_dir: Path) -> dict:
     overrides = [
         "experiment=eenet_resnet56_cifar10", "data=cifar10_small", "data.val_size=2000", "logger=csv",
-        f"trainer.max_epochs={epochs}", f"stage1.scheduler.milestones=[{epochs // 3},{2 * epochs // 3}]",
+        f"trainer.max_epochs={epochs}", f"training.scheduler.milestones=[{epochs // 3},{2 * epochs // 3}]",
         f"training.warmup_epochs={round(epochs * 20 / 150)}", "trainer.enable_progress_bar=false",
     ]
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):

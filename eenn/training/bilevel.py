@@ -48,12 +48,10 @@ from eenn.training.joint import MultiExitModule, OptimizerFactory, SchedulerFact
 INTERVALS = ("epoch", "step")
 
 
-def normalised_exit_costs(costs: CostProfile | dict[str, Any] | None, unit: str) -> torch.Tensor:
+def normalised_exit_costs(costs: CostProfile | None, unit: str) -> torch.Tensor:
     """Cost^k (K,): exit k's cumulative cost over the last exit's, in (0, 1]."""
     if costs is None:
         raise EENNError("training=bilevel needs the network's cost profile (cost_profile=...; eenn-train passes it).")
-    if isinstance(costs, dict):  # Hydra's instantiate(_convert_="all") turns the dataclass into a dict
-        costs = CostProfile.from_dict(costs)
     if unit not in costs.units or any(getattr(e, unit) is None for e in costs.exits):
         measured = [u for u in costs.units if all(getattr(e, u) is not None for e in costs.exits)]
         raise EENNError(f"training.cost_unit={unit!r} is not in the cost profile; measured units: {measured} "
@@ -119,7 +117,7 @@ class BilevelTraining(MultiExitModule):
         cutmix_alpha: float = 0.0,
         ema_decay: float | None = None,
         ema_warmup: bool = False,
-        cost_profile: CostProfile | dict[str, Any] | None = None,
+        cost_profile: CostProfile | None = None,
     ) -> None:
         if init_checkpoint:
             load_network_weights(network, init_checkpoint)

@@ -108,8 +108,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                           latency_batch_size=cfg.cost.batch_size, repeats=cfg.cost.repeats)
     log.info("cost profile (per sample; latency at batch %s on %s):\n%s", cfg.cost.batch_size, costs.device, costs.format())
 
-    module: MultiExitModule = instantiate(
-        cfg.training, network=network, num_classes=dm.num_classes, cost_profile=costs, _convert_="all"
+    # objects go in after instantiation: Hydra would turn the CostProfile dataclass into a dict
+    module: MultiExitModule = instantiate(cfg.training, _partial_=True, _convert_="all")(
+        network=network, num_classes=dm.num_classes, cost_profile=costs
     )
     if ckpt_path:
         check_checkpoint_fits(module, ckpt_path)

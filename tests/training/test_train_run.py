@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import hydra
 import pytest
 import torch
 
@@ -82,3 +83,24 @@ def test_warmup_trains_only_the_final_exit(compose_cfg):
     net = build_network(cfg, dm)
     module = JointTraining(net, 10, optimizer=torch.optim.SGD, warmup_epochs=2, loss_weights="uniform")
     assert module.current_weights().tolist() == [0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["training=joint"], ["training=joint_adam_multistep"], ["training=bilevel"],
+    ["training=joint", "training/optimizer=adamw", "~training/scheduler"],
+    ["training=joint", "training/optimizer=adam", "training/scheduler=multistep", "training.optimizer.lr=0.01"],
+])
+def test_optimiser_and_schedule_presets_are_swapped_whole(compose_cfg, overrides):
+    """An optimiser chosen by group gets none of another's keys (Adam refuses `momentum`)."""
+    cfg = compose_cfg("train", overrides)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    opt = hydra.utils.instantiate(cfg.training.optimizer)(params=params)
+    assert type(opt).__name__ == cfg.training.optimizer._target_.rsplit(".", 1)[1]
+    if "momentum" not in cfg.training.optimizer:
+        assert "momentum" not in opt.defaults
+    scheduler = cfg.training.get("scheduler")
+    if scheduler is not None:
+        sched = hydra.utils.instantiate(scheduler)(optimizer=opt)
+        opt.step()
+        sched.step()
+    assert ("~training/scheduler" in overrides) == (scheduler is None)
