@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,19 +119,26 @@ def digits(test_fraction: float = 0.2, seed: int = 0, **_: object) -> ArraySourc
                        [str(c) for c in range(10)])
 
 
+def _fetch(name: str, root: str, download: bool, holds: str, load: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """(train, test) from a torchvision dataset class; a missing dataset or a failed download is one
+    sentence naming data.root / data.download."""
+    try:
+        return load()
+    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
+        raise EENNError(
+            f"{name} is not in data.root={root!r} and data.download=false; set data.download=true "
+            f"(needs network) or point data.root at a folder holding {holds} ({exc})."
+        ) from None
+    except OSError as exc:  # download attempted without network
+        raise EENNError(f"data.download=true could not fetch {name} into {root!r}: {exc}.") from None
+
+
 def _torchvision(cls_name: str, root: str, download: bool, name: str) -> ArraySource:
     import torchvision
 
     cls = getattr(torchvision.datasets, cls_name)
-    try:
-        train, test = (cls(root, train=t, download=download) for t in (True, False))
-    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
-        raise EENNError(
-            f"{name} is not in data.root={root!r} and data.download=false; set data.download=true "
-            f"(needs network) or point data.root at a folder holding it ({exc})."
-        ) from None
-    except OSError as exc:  # download attempted without network
-        raise EENNError(f"data.download=true could not fetch {name} into {root!r}: {exc}.") from None
+    train, test = _fetch(name, root, download, "it",
+                         lambda: tuple(cls(root, train=t, download=download) for t in (True, False)))
     return ArraySource(
         _nchw(np.asarray(train.data), name), torch.as_tensor(train.targets, dtype=torch.int64),
         _nchw(np.asarray(test.data), name), torch.as_tensor(test.targets, dtype=torch.int64),
@@ -154,15 +162,8 @@ def svhn(root: str, download: bool = False, **_: object) -> ArraySource:
     are not used); the digit 0 is class 0."""
     from torchvision.datasets import SVHN
 
-    try:
-        train, test = (SVHN(root, split=s, download=download) for s in ("train", "test"))
-    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
-        raise EENNError(
-            f"svhn is not in data.root={root!r} and data.download=false; set data.download=true "
-            f"(needs network) or point data.root at a folder holding train_32x32.mat and test_32x32.mat ({exc})."
-        ) from None
-    except OSError as exc:  # download attempted without network
-        raise EENNError(f"data.download=true could not fetch svhn into {root!r}: {exc}.") from None
+    train, test = _fetch("svhn", root, download, "train_32x32.mat and test_32x32.mat",
+                         lambda: tuple(SVHN(root, split=s, download=download) for s in ("train", "test")))
     return ArraySource(
         _nchw(train.data, "svhn"), torch.as_tensor(train.labels, dtype=torch.int64),
         _nchw(test.data, "svhn"), torch.as_tensor(test.labels, dtype=torch.int64),

@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from eenn.errors import EENNError
-from eenn.utils.io import atomic_path
+from eenn.utils.io import atomic_path, read_safetensors
 
 FORMAT = "eenn.predictions/1"
 
@@ -141,18 +140,7 @@ class Predictions:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Predictions:
-        path = Path(path)
-        if not path.is_file():
-            raise EENNError(f"predictions file {str(path)!r} does not exist.")
-        try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), framework="pt") as fh:
-                metadata = fh.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise EENNError(
-                f"predictions file {str(path)!r} is not a readable safetensors file "
-                f"(truncated or corrupt?): {str(exc).rstrip('.')}."
-            ) from None
+        tensors, metadata = read_safetensors(path, "predictions file")
         missing = [k for k in ("logits", "labels", "costs") if k not in tensors]
         if missing:
             raise EENNError(f"predictions file {str(path)!r} lacks the tensors {missing}.")

@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from eenn.errors import EENNError
 from eenn.evaluation.predictions import Predictions
 from eenn.registry import Registry
-from eenn.utils.io import atomic_path
+from eenn.utils.io import atomic_path, read_safetensors
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -208,17 +207,12 @@ class ExitPolicy:
     @classmethod
     def load(cls, path: str | os.PathLike) -> ExitPolicy:
         """Read a policy file written by :meth:`save` (whatever its subclass)."""
-        path = Path(path)
-        if not path.is_file():
-            raise EENNError(f"policy file {str(path)!r} does not exist.")
+        tensors, meta = read_safetensors(path, "policy file")
         try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
             hparams = json.loads(meta.get("hparams", "{}"))
             fitted = json.loads(meta.get("fitted", "{}"))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise EENNError(f"policy file {str(path)!r} is not a readable policy file: {str(exc).rstrip('.')}.") from None
+        except ValueError as exc:
+            raise EENNError(f"policy file {str(path)!r} has unreadable metadata: {str(exc).rstrip('.')}.") from None
         if meta.get("format") != FORMAT:
             raise EENNError(f"policy file {str(path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}.")
         policy = build_policy(meta.get("name", ""), **hparams)

@@ -10,6 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from eenn.errors import EENNError
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -42,3 +47,19 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; a missing, truncated or corrupt file is one
+    EENNError naming ``what`` (e.g. "predictions file") and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise EENNError(f"{what} {str(path)!r} does not exist.")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise EENNError(f"{what} {str(path)!r} is not a readable safetensors file "
+                        f"(truncated or corrupt?): {str(exc).rstrip('.')}.") from None
+    return tensors, metadata

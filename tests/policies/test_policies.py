@@ -295,7 +295,7 @@ def test_predictions_of_another_model_are_refused(val: Predictions) -> None:
 def test_corrupt_policy_file(tmp_path) -> None:
     bad = tmp_path / "policy.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(EENNError, match="is not a readable policy file"):
+    with pytest.raises(EENNError, match="policy file .* is not a readable safetensors file"):
         ExitPolicy.load(bad)
     with pytest.raises(EENNError, match="does not exist"):
         ExitPolicy.load(tmp_path / "missing.safetensors")
