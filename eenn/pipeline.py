@@ -79,6 +79,8 @@ def run_pipeline(cfg: DictConfig) -> Comparison:
     todo = [(n, o) for n, o in jobs if force or not (fit_root / n / "metrics.json").is_file()]
     console.rule(f"[bold]stage 2: {len(jobs)} fits ({len(jobs) - len(todo)} done before)")
     failed = []
+    wandb_keys = {k: v for k, v in OmegaConf.to_container(cfg.pipeline.wandb, resolve=True).items()
+                  if k in ("enabled", "project", "mode")} if cfg.pipeline.get("wandb") else {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         task = progress.add_task("fitting", total=len(todo))
@@ -88,6 +90,7 @@ def run_pipeline(cfg: DictConfig) -> Comparison:
             fit_cfg = compose("fit", overrides=[*overrides, f"run_dir={train_dir}", f"cost={cfg.pipeline.cost}"])
             with open_dict(fit_cfg):
                 fit_cfg.paths.output_dir = str(out)
+                fit_cfg.wandb.merge_with(wandb_keys)  # pipeline.wandb reaches every fit
             (out / "error.json").unlink(missing_ok=True)
             try:
                 fit_run(fit_cfg, out)

@@ -2,6 +2,9 @@
 
     eenn-fit run_dir=<stage-1 run dir> policy=eenet budget.fraction=0.6
     eenn-fit -m run_dir=<...> policy=maxprob,entropy budget=sweep5
+
+Each fit is also a wandb run (``wandb.*`` in conf/fit.yaml; offline without credentials): group =
+the stage-1 run's name, job_type = the policy, files in the fit's run dir under ``wandb/``.
 """
 
 from __future__ import annotations

@@ -35,11 +35,10 @@ def log_to_wandb(comp: Comparison, wandb_cfg: dict[str, Any], images: list[Path]
     """The results as a wandb.Table, the curves as wandb.plot.line_series, the plots as images."""
     import wandb
 
-    from eenn.utils.loggers import resolve_wandb_mode
+    from eenn.utils.loggers import init_wandb_run
 
-    cfg = dict(wandb_cfg)
-    mode = resolve_wandb_mode(cfg.pop("mode", "auto"))
-    run = wandb.init(mode=mode, job_type="compare", **cfg)
+    # the same keys as eenn-fit's wandb section (project, mode, ...): fits and comparisons share a project
+    run = init_wandb_run(job_type="compare", key="wandb.mode", **wandb_cfg)
     try:
         columns = list(comp.rows[0]) if comp.rows else []
         run.log({"results": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in comp.rows])})

@@ -1,8 +1,14 @@
 """The work of ``eenn-fit``: load a stage-1 run's predictions, fit a policy to a budget on the
-validation split, evaluate it on both splits and write the policy file and ``metrics.json``."""
+validation split, evaluate it on both splits and write the policy file and ``metrics.json``.
+
+Each fit is also one wandb run (``wandb:`` in conf/fit.yaml): group = the stage-1 run's name,
+job_type = the policy, the fitted hyper-parameters and budget in its config, accuracies, realised
+costs and exit fractions in its summary, its files in ``<fit run dir>/wandb/``.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -72,9 +78,74 @@ def resolve_budget(
     return budget, warnings
 
 
+def stage1_source(cfg: DictConfig, val: Predictions) -> Path | None:
+    """The stage-1 run dir the predictions came from: ``run_dir``, else the files' ``source_run``
+    metadata, else the folder holding the validation file (``<run>/predictions/val.safetensors``)."""
+    if cfg.get("run_dir"):
+        return Path(cfg.run_dir).resolve()
+    if val.source_run:
+        return Path(val.source_run)
+    if cfg.predictions.get("val"):
+        folder = Path(cfg.predictions.val).resolve().parent
+        return folder.parent if folder.name == "predictions" else folder
+    return None
+
+
+def stage1_name(run_dir: Path | None) -> str:
+    """The stage-1 run's name as eenn-compare names the model: the run dir's name, or the
+    pipeline's name for a pipeline's ``<pipeline>/train``."""
+    if run_dir is None:
+        return "unknown"
+    return run_dir.parent.name if run_dir.name == "train" else run_dir.name
+
+
+def stage1_info(run_dir: Path | None) -> dict[str, Any]:
+    """What the stage-1 run's metrics.json says about the model (for filtering in wandb's UI)."""
+    info: dict[str, Any] = {"run_dir": str(run_dir) if run_dir else None, "name": stage1_name(run_dir)}
+    metrics = run_dir / "metrics.json" if run_dir else None
+    if metrics is not None and metrics.is_file():
+        try:
+            m = json.loads(metrics.read_text())
+        except (OSError, ValueError):
+            return info
+        info.update({k: m[k] for k in ("data", "backbone", "training", "exit_names", "num_classes") if k in m})
+    return info
+
+
+def start_wandb(cfg: DictConfig, out_dir: Path, policy: ExitPolicy, source: Path | None, config: dict[str, Any]) -> Any:
+    """The fit's wandb run (None when ``wandb.enabled=false``): one project for all fits,
+    group = the stage-1 run's name, job_type = the policy, files in ``out_dir/wandb/``."""
+    w = cfg.get("wandb")
+    if w is None or not w.get("enabled", True):
+        return None
+    from eenn.utils.loggers import init_wandb_run
+
+    name = w.get("name") or f"{policy.name}_{config['budget_fraction']:.3f}"
+    return init_wandb_run(
+        project=w.get("project", "eenn"), dir=out_dir, mode=w.get("mode", "auto"), key="wandb.mode",
+        entity=w.get("entity"), group=w.get("group") or stage1_name(source), job_type=policy.name, name=name,
+        tags=list(w.get("tags") or []), config=config,
+    )
+
+
+def log_fit(run: Any, policy: ExitPolicy, metrics: dict[str, Any]) -> None:
+    """The fitted hyper-parameters into the run's config; accuracies, realised costs and exit
+    fractions (as a list and one key per exit) into its summary."""
+    run.config.update({"hparams": policy.hparams(), "fitted": metrics["fitted"]}, allow_val_change=True)
+    summary: dict[str, Any] = {
+        "budget": metrics["budget"], "budget_fraction": metrics["budget_fraction"], "fit_seconds": metrics["fit_seconds"],
+    }
+    for split in ("val", "test"):
+        s = metrics[split]
+        summary.update({f"{split}/accuracy": s["accuracy"], f"{split}/avg_cost": s["avg_cost"],
+                        f"{split}/avg_cost_fraction": s["avg_cost_fraction"], f"{split}/exit_fractions": s["exit_fractions"]})
+        summary.update({f"{split}/exit_fraction/{n}": f for n, f in zip(metrics["exit_names"], s["exit_fractions"])})
+    run.summary.update(summary)
+
+
 def fit_run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Fit ``cfg.policy`` for ``cfg.budget`` and write ``policy.safetensors`` and ``metrics.json``
-    in ``out_dir``. Returns the metrics."""
+    in ``out_dir``; log the fit as a wandb run (``cfg.wandb``). Returns the metrics."""
     out_dir = Path(out_dir)
     policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
     if not isinstance(policy_cfg, dict) or "name" not in policy_cfg:
@@ -83,6 +154,31 @@ def fit_run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     val, test = load_split_predictions(cfg)
     unit = cost_unit(cfg, val)
     budget, warnings = resolve_budget(cfg, policy, val, unit)
+    source = stage1_source(cfg, val)
+    # the wandb run starts only once the input is known good (a refused job leaves no run dir)
+    # and always finishes, failed or not: the next job of an in-process sweep gets its own run
+    run = start_wandb(cfg, out_dir, policy, source, {
+        "policy": policy_cfg, "budget": budget, "budget_fraction": budget / float(val.costs_in(unit)[-1]),
+        "budget_request": OmegaConf.to_container(cfg.budget, resolve=True), "cost_unit": unit,
+        "stage1": stage1_info(source),
+    })
+    try:
+        metrics = _fit_and_evaluate(cfg, out_dir, policy, val, test, unit, budget, warnings)
+        if run is not None:
+            log_fit(run, policy, metrics)
+    except BaseException:
+        if run is not None:
+            run.finish(exit_code=1)
+        raise
+    if run is not None:
+        run.finish()
+    return metrics
+
+
+def _fit_and_evaluate(
+    cfg: DictConfig, out_dir: Path, policy: ExitPolicy, val: Predictions, test: Predictions, unit: str,
+    budget: float, warnings: list[str],
+) -> dict[str, Any]:
     start = time.perf_counter()
     policy.fit(val, budget, unit)
     fit_seconds = time.perf_counter() - start

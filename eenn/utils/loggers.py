@@ -24,10 +24,11 @@ def wandb_credentials_present() -> bool:
         return False
 
 
-def resolve_wandb_mode(mode: str = "auto") -> str:
-    """``WANDB_MODE`` in the environment wins; ``auto`` is online with credentials, else offline."""
+def resolve_wandb_mode(mode: str = "auto", key: str = "logger.wandb.mode") -> str:
+    """``WANDB_MODE`` in the environment wins; ``auto`` is online with credentials, else offline.
+    ``key`` names the config key in the error for a bad mode."""
     if mode not in WANDB_MODES:
-        raise EENNError(f"logger.wandb.mode must be one of {WANDB_MODES}, got {mode!r}.")
+        raise EENNError(f"{key} must be one of {WANDB_MODES}, got {mode!r}.")
     env = os.environ.get("WANDB_MODE")
     if env in ("online", "offline", "disabled", "dryrun"):
         return "offline" if env == "dryrun" else env
@@ -53,6 +54,26 @@ def wandb_logger(
         project=project, save_dir=save_dir, name=name, group=group, job_type=job_type, tags=tags,
         entity=entity, offline=mode == "offline", mode=mode, **kwargs,
     )
+
+
+def init_wandb_run(
+    project: str = "eenn",
+    dir: str | Path = ".",  # noqa: A002  (wandb.init's name for it)
+    mode: str = "auto",
+    key: str = "wandb.mode",
+    **kwargs: Any,
+) -> Any:
+    """A wandb run outside Lightning (stage 2's fits, eenn-compare) with the same rules as
+    :func:`wandb_logger`: the mode settled by :func:`resolve_wandb_mode` (offline without
+    credentials, never a prompt), files under ``dir/wandb/``, no console capture, and any run
+    still active in this process finished first, so jobs of an in-process multirun never log into
+    each other's runs. ``kwargs`` go to ``wandb.init`` (group, job_type, name, config, tags, ...)."""
+    import wandb
+
+    mode = resolve_wandb_mode(mode, key)
+    Path(dir).mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=project, dir=str(dir), mode=mode, reinit="finish_previous",
+                      settings=wandb.Settings(console="off", silent=True), **kwargs)
 
 
 def finish_wandb() -> None:

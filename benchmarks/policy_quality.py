@@ -1,0 +1,190 @@
+"""Policy quality (issue 3's acceptance): the EENet scheduler against MSDNet's maxprob thresholds
+and the other heuristics, on the predictions of a multi-exit CIFAR ResNet trained by the spine.
+
+Stage 1 goes through ``eenn-train``'s real code path (``train(cfg)`` on the Hydra configs composed
+with ``hydra.compose``: ``data=cifar10_small`` (or digits when ../shared/datasets is absent),
+``backbone=resnet20``, the default exits (``exits=stages``: after layer1 and layer2), joint
+training, one CPU thread). Stage 2 goes through ``eenn-fit``'s ``fit_run`` on the composed ``fit``
+config: ``maxprob``, ``entropy``, ``patience``, ``eenet`` and ``oracle_budget`` (the ceiling), each
+fitted on the validation split at 5 budgets evenly spaced strictly between the first and the last
+exit's cost (FLOPs, as fractions of the full model's) and evaluated on the test split. Every
+policy runs with its config defaults: nothing is tuned on the test split.
+
+The acceptance (EENet paper, Table 1): ``eenet`` >= ``maxprob`` - 0.3 points at every budget and
+better than ``maxprob`` at the tightest two.
+
+Writes ``benchmarks/results/policy_quality.json``.
+
+    .venv/bin/python benchmarks/policy_quality.py [--epochs 12] [--backbone resnet20]
+    .venv/bin/python benchmarks/policy_quality.py --run-dir <stage-1 run dir>   (skips training)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")  # a benchmark: no wandb runs
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+from eenn.cli.common import conf_dir  # noqa: E402
+from eenn.evaluation.predictions import Predictions  # noqa: E402
+from eenn.policies.fitting import fit_run  # noqa: E402
+from eenn.training.run import train  # noqa: E402
+from eenn.utils.io import write_json  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "benchmarks" / "results" / "policy_quality.json"
+CIFAR10_SMALL = Path(os.environ.get("EENN_SHARED", REPO.parent / "shared")) / "datasets" / "cifar10_small.npz"
+POLICIES = ("maxprob", "entropy", "patience", "eenet", "oracle_budget")
+#: the acceptance: eenet may trail maxprob by at most this many points, and must lead at the tightest two budgets
+TOLERANCE_POINTS = 0.3
+TIGHTEST = 2
+
+
+def compose_cfg(name: str, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def train_stage1(data: str, backbone: str, epochs: int, run_dir: Path, extra: list[str]) -> dict[str, Any]:
+    overrides = [f"data={data}", f"backbone={backbone}", "exits=stages", "training=joint", "logger=csv",
+                 f"trainer.max_epochs={epochs}", "trainer.accelerator=cpu", "cost.latency=false",
+                 "trainer.enable_progress_bar=false", "seed=0", *extra]
+    cfg = compose_cfg("train", overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+        cfg.paths.root_dir = str(REPO)
+    metrics = train(cfg)
+    metrics["overrides"] = overrides
+    return metrics
+
+
+def fit(run_dir: Path, policy: str, fraction: float, out: Path, extra: list[str]) -> dict[str, Any]:
+    cfg = compose_cfg("fit", [f"run_dir={run_dir}", f"policy={policy}", f"budget.fraction={fraction}", *extra])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    return fit_run(cfg, out)
+
+
+def acceptance(acc: dict[str, list[float]]) -> dict[str, Any]:
+    """eenet - maxprob in points at every budget (tightest first), and whether the criterion holds."""
+    diff = [100 * (e - m) for e, m in zip(acc["eenet"], acc["maxprob"])]
+    within = all(d >= -TOLERANCE_POINTS for d in diff)
+    better = all(d > 0 for d in diff[:TIGHTEST])
+    return {"eenet_minus_maxprob_points": diff, "within_tolerance_everywhere": within,
+            "better_at_tightest_two": better, "holds": within and better,
+            "criterion": f"eenet >= maxprob - {TOLERANCE_POINTS} points at every budget and > maxprob at the "
+                         f"tightest {TIGHTEST}"}
+
+
+def table(result: dict[str, Any]) -> str:
+    """A Markdown table: test accuracy (%) and realised test cost (fraction of full) per budget."""
+    fr = result["budget_fractions"]
+    head = "| policy | " + " | ".join(f"{f:.3f}" for f in fr) + " |"
+    lines = [head, "|---|" + "---:|" * len(fr)]
+    for p in result["policies"]:
+        cells = [f"{100 * a:.2f} ({c:.3f})" for a, c in zip(result["test_accuracy"][p], result["test_cost_fraction"][p])]
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    static = ", ".join(f"{n} {100 * a:.2f}% at {c:.3f}" for n, a, c in
+                       zip(result["exit_names"], result["static_test_accuracy"], result["exit_cost_fractions"]))
+    lines.append(f"\nstatic exits (test accuracy at cost): {static}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--backbone", default="resnet20")
+    parser.add_argument("--data", default=None, help="a conf/data preset (default: cifar10_small if present, else digits)")
+    parser.add_argument("--run-dir", type=Path, default=None, help="an existing stage-1 run dir: skip training")
+    parser.add_argument("--train-overrides", nargs="*", default=[], help="extra eenn-train overrides")
+    parser.add_argument("--fit-overrides", nargs="*", default=[], help="extra eenn-fit overrides for every policy")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (training and fitting)")
+    parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_policy_quality")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+
+    if args.run_dir is None:
+        data = args.data or ("cifar10_small" if CIFAR10_SMALL.is_file() else "digits")
+        run_dir = args.workdir / "train"
+        stage1 = train_stage1(data, args.backbone, args.epochs, run_dir, args.train_overrides)
+    else:
+        run_dir = args.run_dir
+        stage1 = json.loads((run_dir / "metrics.json").read_text())
+    run_dir = run_dir.resolve()
+    val = Predictions.load(run_dir / "predictions" / "val.safetensors")
+    test = Predictions.load(run_dir / "predictions" / "test.safetensors")
+    costs = val.costs_in("flops")
+    first = float(costs[0] / costs[-1])
+    fractions = [first + (1 - first) * i / 6 for i in range(1, 6)]  # strictly between the first and last exit
+
+    acc: dict[str, list[float]] = {p: [] for p in POLICIES}
+    cost: dict[str, list[float]] = {p: [] for p in POLICIES}
+    details: dict[str, list[dict[str, Any]]] = {p: [] for p in POLICIES}
+    fit_root = args.workdir / "fit"
+    for p in POLICIES:
+        for i, f in enumerate(fractions):
+            m = fit(run_dir, p, f, fit_root / f"{p}_{i}", args.fit_overrides)
+            acc[p].append(m["test"]["accuracy"])
+            cost[p].append(m["test"]["avg_cost"] / float(costs[-1]))
+            details[p].append({
+                "budget_fraction": m["budget_fraction"], "val_accuracy": m["val"]["accuracy"],
+                "val_cost_fraction": m["val"]["avg_cost"] / float(costs[-1]),
+                "val_exit_fractions": m["val"]["exit_fractions"], "test_exit_fractions": m["test"]["exit_fractions"],
+                "fit_seconds": m["fit_seconds"], "warnings": m["warnings"], "fitted": m["fitted"],
+            })
+            print(f"{p:14s} budget {f:.3f}: test acc {100 * acc[p][-1]:.2f}% at cost {cost[p][-1]:.3f} "
+                  f"(val {100 * m['val']['accuracy']:.2f}% at {details[p][-1]['val_cost_fraction']:.3f})", flush=True)
+
+    result: dict[str, Any] = {
+        "benchmark": "policy_quality",
+        "command": " ".join([".venv/bin/python", "benchmarks/policy_quality.py", *sys.argv[1:]]),
+        "dataset": stage1.get("data"),
+        "backbone": stage1.get("backbone"),
+        "epochs": stage1.get("epochs"),  # the epochs stage 1 trained (Lightning's count when it stopped)
+        "stage1_run_dir": str(run_dir),
+        "stage1_overrides": stage1.get("overrides"),
+        "train_seconds": stage1.get("train_seconds"),
+        "val_size": int(val.labels.numel()),
+        "test_size": int(test.labels.numel()),
+        "exit_names": val.exit_names,
+        "exit_cost_fractions": (costs / costs[-1]).tolist(),
+        "static_val_accuracy": val.accuracy_per_exit().tolist(),
+        "static_test_accuracy": test.accuracy_per_exit().tolist(),
+        "cost_unit": "flops",
+        "budget_fractions": fractions,
+        "policies": list(POLICIES),
+        "fit_overrides": args.fit_overrides,
+        "test_accuracy": acc,
+        "test_cost_fraction": cost,
+        "details": details,
+        "acceptance": acceptance(acc),
+        "total_seconds": time.perf_counter() - t0,
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads(), "load_avg_before": load_before,
+                    "load_avg_after": os.getloadavg()[0]},
+    }
+    write_json(args.out, result)
+    print(table(result))
+    a = result["acceptance"]
+    print(f"eenet - maxprob (points): {[round(d, 2) for d in a['eenet_minus_maxprob_points']]}; "
+          f"acceptance {'holds' if a['holds'] else 'does NOT hold'} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
