@@ -2,6 +2,10 @@
 ends where an uninterrupted one does."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +67,25 @@ def test_last_without_a_checkpoint_starts_fresh_and_bad_checkpoints_are_refused(
     cfg = compose_cfg("train", [*SMALL, f"ckpt_path={bad}"])
     with pytest.raises(EENNError, match=r"ckpt_path=.*cut.ckpt' is not a readable checkpoint \(truncated or tampered\?\)"):
         train(cfg)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_ckpt_path_last_equals_the_uninterrupted_run(compose_cfg, tmp_path):
+    """The real thing, as a preempted job sees it: eenn-train is SIGKILLed mid-epoch, then the same
+    command with ckpt_path=last in the same run dir finishes with the uninterrupted run's predictions."""
+    whole = compose_cfg("train", SMALL)
+    whole.paths.output_dir = str(tmp_path / "whole")
+    train(whole)
+
+    run_dir = tmp_path / "killed"
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(repo)}
+    cmd = [str(Path(sys.executable).parent / "eenn-train"), *SMALL, f"hydra.run.dir={run_dir}", f"paths.root_dir={tmp_path}"]
+    kill = ["+callbacks.kill._target_=tests.reliability.crash.KillAt", "+callbacks.kill.epoch=2", "+callbacks.kill.batch=2"]
+    killed = subprocess.run([*cmd, *kill], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (run_dir / "predictions").exists()
+    resumed = subprocess.run([*cmd, "ckpt_path=last"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for split in ("val", "test"):
+        assert torch.equal(_preds(tmp_path / "whole", split).logits, _preds(run_dir, split).logits)
