@@ -16,13 +16,16 @@ the max-softmax score, as a confidence policy would. Written to
 cost, in FLOPs and in per-stage latency), the realised one (plain time / engine time, medians),
 their ratios and the policy's decision time as % of the plain backbone's.
 
-    python benchmarks/inference_speed.py            # full: 15 repeats
-    python benchmarks/inference_speed.py --quick    # a smaller stream, 5 repeats
+    python benchmarks/inference_speed.py                        # full: 15 repeats, this machine's threads
+    python benchmarks/inference_speed.py --quick                # a smaller stream, 5 repeats
+    python benchmarks/inference_speed.py --threads 1 --batch-sizes 128 --backbones cifar_resnet56 --update
+                                                                # one slice, merged into the existing JSON
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -206,6 +209,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a shorter stream and 5 repeats (smoke run)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, this machine's cores)")
     ap.add_argument("--backbones", nargs="*", default=list(BACKBONES), choices=list(BACKBONES))
+    ap.add_argument("--batch-sizes", nargs="*", type=int, default=[128, 1], choices=[128, 1])
+    ap.add_argument("--samples", type=int, default=None, help="stream length (a multiple of 10; default 1280 at batch 128, 100 at 1)")
+    ap.add_argument("--update", action="store_true", help="replace only the rows of the backbones and batch sizes run here in --out")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc settings (see MALLOC_TUNED)")
     args = ap.parse_args()
@@ -215,6 +221,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     repeats = 5 if args.quick and args.repeats == 15 else args.repeats
     sizes = {128: 640 if args.quick else 1280, 1: 50 if args.quick else 100}  # exact mixes need multiples of 10
+    if args.samples is not None:
+        sizes = dict.fromkeys(sizes, args.samples)
+    sizes = {b: n for b, n in sizes.items() if b in args.batch_sizes}
     load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
     for name in args.backbones:
@@ -231,6 +240,10 @@ def main() -> None:
            "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
     for r in rows:
         r["env"] = env
+    if args.update and args.out.is_file():
+        ran = {(r["backbone"], r["batch_size"]) for r in rows}
+        rows += [r for r in json.loads(args.out.read_text()) if (r["backbone"], r["batch_size"]) not in ran]
+        rows.sort(key=lambda r: (list(BACKBONES).index(r["backbone"]), -r["batch_size"], r["exit_mix"], r["mode"]))
     write_json(args.out, rows)
     print(f"wrote {args.out} (load average before {load_before[0]:.2f}, after {env['load_avg_after'][0]:.2f} "
           f"on {env['cores']} cores, {env['threads']} threads)")

@@ -52,8 +52,12 @@ class Partition:
         K = len(self.stage_ms)
         if not -1 <= self.split < K:
             raise EENNError(f"edge_cloud.split={self.split} must lie in -1..{K - 1} (the stage after which to cut).")
-        if self.cloud_speedup <= 0 or self.link.bandwidth_mbps <= 0 or self.link.rtt_ms < 0:
-            raise EENNError("edge_cloud: cloud_speedup and bandwidth_mbps must be positive and rtt_ms non-negative.")
+        if not self.cloud_speedup > 0:
+            raise EENNError(f"edge_cloud.cloud_speedup must be > 0, got {self.cloud_speedup!r}.")
+        if not self.link.bandwidth_mbps > 0:
+            raise EENNError(f"edge_cloud.bandwidth_mbps must be > 0, got {self.link.bandwidth_mbps!r}.")
+        if not self.link.rtt_ms >= 0:
+            raise EENNError(f"edge_cloud.rtt_ms must be >= 0, got {self.link.rtt_ms!r}.")
 
     @property
     def sent_bytes(self) -> int:

@@ -31,7 +31,7 @@ from eenn.cost import CostProfile
 from eenn.errors import EENNError
 from eenn.evaluation.offline import realised_cost
 from eenn.models.multi_exit import Features, MultiExitNetwork
-from eenn.policies.base import ExitPolicy, State
+from eenn.policies.base import Decision, ExitPolicy, State
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
 
@@ -205,9 +205,7 @@ class EarlyExitEngine:
         h_k = h if sel is None else take_features(h, sel)
         logits = self.network.forward_exit(k, h_k).float().cpu()
         state = g.state if sel is None else {n: v.index_select(0, sel) for n, v in g.state.items()}
-        t = time.perf_counter()
-        d = self.policy.decide(k, logits, state)
-        self.policy_s += time.perf_counter() - t
+        d = self.decide(k, logits, state)
         bad = ~d.exit & ((d.next_exit <= k) | (d.next_exit >= self.num_exits))
         if bool(bad.any()):
             raise RuntimeError(f"policy {self.policy.name!r} sent samples at exit {k} to an exit outside {k + 1}..{self.num_exits - 1}")
@@ -231,6 +229,26 @@ class EarlyExitEngine:
             return None
         g = Group(h, g.ids, next_exit, new_state, heads, g.arrival)
         return g, ((~exited).nonzero().squeeze(1) if n_exited else None)
+
+    def decide(self, k: int, logits: torch.Tensor, state: State) -> Decision:
+        """The policy's decision at exit k, on one intra-op thread, its time added to ``policy_s``.
+
+        A decision works on (B, C) tensors, far too small to gain from threads, yet some of its ops
+        fork a thread team even there (CPU softmax and log-softmax do on 128 x 10): each fork and
+        join costs more than the op, and when another process holds a core the join waits for the
+        descheduled thread, milliseconds per decision. Profiled on 2 cores with one of them busy,
+        decisions took 0.5-0.9% of the backbone's time at batch 128, 15-20x their single-threaded
+        cost. The network's stages keep every thread."""
+        threads = torch.get_num_threads()
+        t = time.perf_counter()
+        if threads > 1:
+            torch.set_num_threads(1)
+        try:
+            return self.policy.decide(k, logits, state)
+        finally:
+            if threads > 1:
+                torch.set_num_threads(threads)
+            self.policy_s += time.perf_counter() - t
 
     def run_group(self, g: Group, out: Collector) -> None:
         """Carry one group through the stages until every sample has exited."""

@@ -11,6 +11,7 @@ the policy is ``deex``).
 from __future__ import annotations
 
 import json
+import math
 import platform
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from eenn.evaluation.predictions import Predictions
 from eenn.inference.edge_cloud import Link, deex_time_curve, edge_cloud_report, measure_partition
 from eenn.inference.engine import EarlyExitEngine, ExitResult, batches_of, time_backbone
 from eenn.inference.rebatch import Rebatcher
-from eenn.inference.report import cost_report, format_report
+from eenn.inference.report import UNITS, cost_report, format_report
 from eenn.models.multi_exit import MultiExitNetwork
 from eenn.policies.base import ExitPolicy
 from eenn.policies.fitting import POLICY_FILE
@@ -37,10 +38,60 @@ MODES = ("batched", "rebatch", "single")
 
 def resolve_policy_file(cfg: DictConfig) -> Path:
     if cfg.get("policy_file"):
-        return Path(cfg.policy_file)
+        path = Path(cfg.policy_file)
+        if not path.is_file():
+            raise EENNError(f"policy_file={str(path)!r} does not exist.")
+        return path
     if cfg.get("policy_dir"):
-        return Path(cfg.policy_dir) / POLICY_FILE
+        path = Path(cfg.policy_dir) / POLICY_FILE
+        if not path.is_file():
+            raise EENNError(f"policy_dir={str(cfg.policy_dir)!r} holds no {POLICY_FILE}: it is not an eenn-fit run dir.")
+        return path
     raise EENNError("no policy: set policy_dir=<eenn-fit run dir> or policy_file=<policy.safetensors>.")
+
+
+def _number(value: Any, key: str, minimum: float, strict: bool, integer: bool = False) -> Any:
+    """``value`` if it is a finite number (an integer if ``integer``) above ``minimum`` (at or above
+    it unless ``strict``); otherwise an EENNError naming ``key``."""
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (strict and value == minimum):
+        bound = f"{'>' if strict else '>='} {minimum:g}"
+        raise EENNError(f"{key} must be {'an integer' if integer else 'a number'} {bound}, got {value!r}.")
+    return value
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse bad settings before loading anything, each with one sentence naming its key."""
+    if cfg.mode not in MODES:
+        raise EENNError(f"mode must be one of {MODES}, got {cfg.mode!r}.")
+    _number(cfg.batch_size, "batch_size", 1, strict=False, integer=True)
+    if cfg.get("threads") is not None:
+        _number(cfg.threads, "threads", 1, strict=False, integer=True)
+    if cfg.split not in ("val", "test"):
+        raise EENNError(f"split must be 'val' or 'test', got {cfg.split!r}.")
+    if cfg.report_unit not in UNITS:
+        raise EENNError(f"report_unit must be one of {UNITS}, got {cfg.report_unit!r}.")
+    try:
+        device = torch.device(str(cfg.device))
+    except RuntimeError:
+        raise EENNError(f"device={cfg.device!r} is not a torch device (cpu, cuda, cuda:1, ...).") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EENNError(f"device={cfg.device!r} but CUDA is not available here; use device=cpu.")
+    ec = cfg.edge_cloud
+    if not ec.enabled:
+        return
+    if ec.split is not None:
+        _number(ec.split, "edge_cloud.split", -1, strict=False, integer=True)
+    _number(ec.bandwidth_mbps, "edge_cloud.bandwidth_mbps", 0, strict=True)
+    _number(ec.rtt_ms, "edge_cloud.rtt_ms", 0, strict=False)
+    _number(ec.cloud_speedup, "edge_cloud.cloud_speedup", 0, strict=True)
+    _number(ec.bytes_per_element, "edge_cloud.bytes_per_element", 1, strict=False, integer=True)
+    _number(ec.latency_batch_size, "edge_cloud.latency_batch_size", 1, strict=False, integer=True)
+    _number(ec.repeats, "edge_cloud.repeats", 1, strict=False, integer=True)
+    for p_d in ec.p_d_sweep or []:
+        if isinstance(p_d, bool) or not isinstance(p_d, (int, float)) or not 0.0 <= p_d <= 1.0:
+            raise EENNError(f"edge_cloud.p_d_sweep entries must be probabilities in [0, 1], got {p_d!r}.")
 
 
 def resolve_run_dir(cfg: DictConfig) -> Path:
@@ -82,8 +133,6 @@ def load_network(train_cfg: DictConfig, dm: Any, ckpt: Path) -> MultiExitNetwork
 
 def load_split(dm: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole split in memory, so that timing measures the network, not the data pipeline."""
-    if split not in ("val", "test"):
-        raise EENNError(f"split must be 'val' or 'test', got {split!r}.")
     xs, ys = zip(*dm.split_loader(split))
     return torch.cat(xs), torch.cat(ys)
 
@@ -111,13 +160,19 @@ def timing_summary(result: ExitResult, backbone_s: float | None) -> dict[str, An
 
 
 def infer(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run the engine as ``cfg`` (conf/infer.yaml) says; write and return ``infer.json``'s content."""
-    if cfg.mode not in MODES:
-        raise EENNError(f"mode must be one of {MODES}, got {cfg.mode!r}.")
-    if int(cfg.batch_size) < 1:
-        raise EENNError(f"batch_size must be >= 1, got {cfg.batch_size}.")
-    if cfg.get("threads"):
+    """Run the engine as ``cfg`` (conf/infer.yaml) says; write and return ``infer.json``'s content.
+    ``threads`` holds for this call only: the jobs of a multirun share one process."""
+    check_config(cfg)
+    threads = torch.get_num_threads()
+    if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))
+    try:
+        return _infer(cfg, Path(out_dir))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _infer(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     policy_file = resolve_policy_file(cfg)
     policy = ExitPolicy.load(policy_file)
     run_dir = resolve_run_dir(cfg)
@@ -126,7 +181,14 @@ def infer(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     dm = hydra.utils.instantiate(train_cfg.data, _convert_="all")
     dm.setup("test")
     network = load_network(train_cfg, dm, checkpoint_path(run_dir, str(cfg.checkpoint)))
-    profile = CostProfile.from_dict(json.loads((run_dir / "costs.json").read_text()))
+    costs_file = run_dir / "costs.json"
+    if not costs_file.is_file():
+        raise EENNError(f"run_dir={str(run_dir)!r} has no costs.json: was its training run finished?")
+    profile = CostProfile.from_dict(json.loads(costs_file.read_text()))
+    unit = str(cfg.report_unit)
+    if profile.backbone.get(unit) is None:
+        raise EENNError(f"report_unit={unit!r}: the run's cost profile has none (latency is measured only when "
+                        f"training ran with cost.latency=true); use report_unit=macs or flops.")
     preds = Predictions.load(run_dir / "predictions" / f"{cfg.split}.safetensors")
     x, y = load_split(dm, cfg.split)
     if preds.num_samples != len(y) or not torch.equal(preds.labels, y):
@@ -137,16 +199,23 @@ def infer(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     if policy.num_exits != preds.num_exits:
         raise EENNError(f"policy file {str(policy_file)!r} was fitted on {policy.num_exits} exits; run_dir's network has {preds.num_exits}.")
 
+    ec = cfg.edge_cloud
+    split = network.num_exits - 2 if ec.split is None else int(ec.split)
+    if ec.enabled and not -1 <= split < network.num_exits:
+        raise EENNError(f"edge_cloud.split={split} must lie in -1..{network.num_exits - 1} (the stage after which to cut).")
+
     engine = EarlyExitEngine(network, policy, device=cfg.device)
     bs = 1 if cfg.mode == "single" else int(cfg.batch_size)
     runner = Rebatcher(engine, bs).run if cfg.mode == "rebatch" else engine.run
     runner(batches_of(x[:bs], bs))  # warm-up: first calls allocate and pick kernels
     result = runner(batches_of(x, bs, y))
-    backbone_s = time_backbone(engine.network, batches_of(x, bs)) if cfg.backbone_baseline else None
+    backbone_s = None
+    if cfg.backbone_baseline:
+        time_backbone(engine.network, batches_of(x[:bs], bs))  # its warm-up
+        backbone_s = time_backbone(engine.network, batches_of(x, bs))
 
     expected_idx, expected_heads = simulate(policy, preds.logits, preds.labels)
     expected_pred = preds.logits[torch.arange(preds.num_samples), expected_idx].argmax(-1)
-    unit = str(cfg.report_unit)
     reports = {
         "expected": cost_report(profile, expected_idx, expected_heads, unit),
         "realised": cost_report(profile, result.exit_index, result.heads_evaluated, unit),
@@ -173,11 +242,9 @@ def infer(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         "edge_cloud": None,
     }
 
-    ec = cfg.edge_cloud
     if ec.enabled:
-        K = network.num_exits
         partition = measure_partition(
-            engine.network, dm.input_shape, K - 2 if ec.split is None else int(ec.split),
+            engine.network, dm.input_shape, split,
             Link(float(ec.bandwidth_mbps), float(ec.rtt_ms)), float(ec.cloud_speedup),
             int(ec.latency_batch_size), int(ec.bytes_per_element), int(ec.repeats),
         )
@@ -185,7 +252,7 @@ def infer(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         if policy.name == "deex" and ec.p_d_sweep:
             out["edge_cloud"]["p_d_curve"] = deex_time_curve(partition, preds, list(ec.p_d_sweep), policy.p_tar)
 
-    write_json(Path(out_dir) / "infer.json", out)
+    write_json(out_dir / "infer.json", out)
     print(summary_text(out))
     return out
 

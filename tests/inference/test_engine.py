@@ -20,6 +20,7 @@ POLICIES = [
     ("patience", {"patience": 1}, None),
     ("deex", {"p_tar": 0.12}, 0.8),
     ("static", {"exit": 1}, None),
+    ("eenet", {"max_epochs": 50}, 0.6),  # a learned scheduler with per-sample state (earlier predictions, scores)
 ]
 
 
@@ -28,19 +29,31 @@ def _fit(setup, name, hparams, budget):
     return build_policy(name, **hparams).fit(setup.val, None if budget is None else budget * full, "flops")
 
 
+_FITTED = {}
+
+
+def _fitted(setup, name, hparams, budget):
+    """Fitted once per session (deciding never changes a policy)."""
+    if name not in _FITTED:
+        _FITTED[name] = _fit(setup, name, hparams, budget)
+    return _FITTED[name]
+
+
 class RowCounter:
-    """How many samples each stage and head of the network computed."""
+    """How many samples each stage and head of the network computed, and whether every call ran
+    under ``torch.inference_mode()``."""
 
     def __init__(self, network):
         K = network.num_exits
         self.stages, self.heads = [0] * K, [0] * K
+        self.modes: set[bool] = set()
         self.hooks = [m.register_forward_hook(self._count(self.stages, k)) for k, m in enumerate(network.stages)]
         self.hooks += [m.register_forward_hook(self._count(self.heads, k)) for k, m in enumerate(network.heads)]
 
-    @staticmethod
-    def _count(store, k):
+    def _count(self, store, k):
         def hook(module, args, output):
             store[k] += args[0].shape[0]
+            self.modes.add(torch.is_inference_mode_enabled())
         return hook
 
     def remove(self):
@@ -50,9 +63,9 @@ class RowCounter:
 
 @pytest.mark.parametrize("name, hparams, budget", POLICIES, ids=[p[0] for p in POLICIES])
 def test_engine_matches_offline_simulation_and_computes_only_what_it_must(setup, name, hparams, budget):
-    policy = _fit(setup, name, hparams, budget)
+    policy = _fitted(setup, name, hparams, budget)
     exit_idx, heads = simulate(policy, setup.test.logits)
-    if budget is not None and name != "vote":  # vote's few score values may put everyone at one exit
+    if name not in ("vote", "static"):  # vote's few score values may put everyone at one exit
         assert exit_idx.unique().numel() >= 2, "the test needs a mix of exits"
 
     engine = EarlyExitEngine(setup.network, policy)
@@ -71,27 +84,71 @@ def test_engine_matches_offline_simulation_and_computes_only_what_it_must(setup,
     # layers really skipped: stage k ran on the samples answering at k or later, head k only on those that evaluated it
     assert counter.stages == [int((exit_idx >= k).sum()) for k in range(3)]
     assert counter.heads == heads.sum(0).tolist()
+    assert counter.modes == {True}  # under torch.inference_mode()
     costs, head_costs = setup.test.costs, setup.test.head_costs
     torch.testing.assert_close(out.cost(setup.profile, "flops"), realised_cost(exit_idx, heads, costs, head_costs))
     assert (out.latency_ms > 0).all() and out.wall_s > 0 and out.policy_s > 0
 
 
-@pytest.mark.parametrize("name, hparams, budget", [POLICIES[0], POLICIES[4], POLICIES[5]], ids=["maxprob", "patience", "deex"])
+@pytest.mark.parametrize("name, hparams, budget", [POLICIES[0], POLICIES[4], POLICIES[5], POLICIES[7]],
+                         ids=["maxprob", "patience", "deex", "eenet"])
 def test_rebatching_and_single_sample_mode_give_the_engine_results_in_input_order(setup, name, hparams, budget):
-    engine = EarlyExitEngine(setup.network, _fit(setup, name, hparams, budget))
+    engine = EarlyExitEngine(setup.network, _fitted(setup, name, hparams, budget))
     plain = engine.run(batches_of(setup.x, 48))
-    for batch_size in (64, 7):
-        re = Rebatcher(engine, batch_size).run(batches_of(setup.x, 48, setup.test.labels))
-        assert torch.equal(re.exit_index, plain.exit_index)
-        assert torch.equal(re.predictions, plain.predictions)
-        assert torch.equal(re.heads_evaluated, plain.heads_evaluated)
-        assert torch.equal(re.labels, setup.test.labels)
-        # deeper stages run full batches; only the end-of-stream flush may be partial
-        for sizes in re.stage_batch_sizes:
-            assert all(s == batch_size for s in sizes[:-1])
+    assert plain.exit_index.unique().numel() >= 2, "the test needs samples leaving at different exits"
+    counter = RowCounter(setup.network)
+    try:
+        for batch_size in (64, 7):
+            re = Rebatcher(engine, batch_size).run(batches_of(setup.x, 48, setup.test.labels))
+            assert torch.equal(re.exit_index, plain.exit_index)
+            assert torch.equal(re.predictions, plain.predictions)
+            assert torch.equal(re.heads_evaluated, plain.heads_evaluated)
+            torch.testing.assert_close(re.logits, plain.logits, rtol=1e-4, atol=1e-4)
+            assert torch.equal(re.labels, setup.test.labels)
+            # deeper stages run full batches; only the end-of-stream flush may be partial
+            for sizes in re.stage_batch_sizes:
+                assert sizes and all(s == batch_size for s in sizes[:-1]) and 0 < sizes[-1] <= batch_size
+            assert [sum(sizes) for sizes in re.stage_batch_sizes] == [int((plain.exit_index >= k).sum()) for k in range(3)]
+    finally:
+        counter.remove()
+    assert counter.modes == {True}
+    assert counter.stages == [2 * int((plain.exit_index >= k).sum()) for k in range(3)]  # each sample once per run
+
     single = engine.run(single_samples(setup.x[:40]))
     assert torch.equal(single.exit_index, plain.exit_index[:40])
-    assert all(sizes == [1] * len(sizes) for sizes in single.stage_batch_sizes)
+    assert torch.equal(single.predictions, plain.predictions[:40])
+    assert all(sizes == [1] * int((plain.exit_index[:40] >= k).sum()) for k, sizes in enumerate(single.stage_batch_sizes))
+    # per-request latency: each request's own time, not the time since the stream began
+    assert single.latency_ms.sum() <= 1e3 * single.wall_s
+
+
+def test_decisions_run_on_one_thread_and_the_thread_count_is_restored(setup):
+    """Policy decisions work on tiny tensors; a thread team forked per op there only costs time."""
+    policy = _fit(setup, "maxprob", {}, 0.6)
+    seen = []
+    decide = policy.decide
+
+    def spy(k, logits, state):
+        seen.append(torch.get_num_threads())
+        return decide(k, logits, state)
+
+    policy.decide = spy
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = EarlyExitEngine(setup.network, policy)
+        stage_threads = []
+        hook = setup.network.stages[1].register_forward_pre_hook(lambda m, a: stage_threads.append(torch.get_num_threads()))
+        try:
+            out = engine.run(batches_of(setup.x[:16], 8))
+        finally:
+            hook.remove()
+        assert seen and set(seen) == {1}
+        assert stage_threads and set(stage_threads) == {2}  # the network keeps its threads
+        assert torch.get_num_threads() == 2
+        assert out.policy_s > 0
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_deex_offloaded_samples_jump_to_the_backbone_without_the_heads_in_between(setup):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
@@ -44,12 +45,26 @@ def fitted(tmp_path_factory) -> tuple[Path, Path]:
     return run, policy_dir
 
 
-def test_infer_runs_the_policy_and_reports_expected_next_to_realised(fitted, tmp_path):
+def test_infer_runs_the_policy_and_reports_expected_next_to_realised(fitted, tmp_path, capsys):
     run, policy_dir = fitted
-    cfg = _compose("infer", [f"policy_dir={policy_dir}", "batch_size=64", "edge_cloud.repeats=2"], tmp_path, tmp_path)
-    out = infer(cfg, tmp_path)  # run_dir comes from the policy dir's config
+    cfg = _compose("infer", [f"policy_dir={policy_dir}", "batch_size=64", "edge_cloud.repeats=2", "threads=1"],
+                   tmp_path, tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = infer(cfg, tmp_path)  # run_dir comes from the policy dir's config
+        assert out["threads"] == 1 and torch.get_num_threads() == 2  # restored: multirun jobs share a process
+    finally:
+        torch.set_num_threads(threads)
 
     assert json.loads((tmp_path / "infer.json").read_text()) == json.loads(json.dumps(out))
+    assert not list(tmp_path.glob(".infer.json.*"))  # written atomically, no temporary left
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if "expected" in line)
+    assert "realised" in header  # the two columns side by side
+    for row in ("Overhead est. in MACs", "% exit ", "Average MACs/input", "Savings per data input", "Speedup",
+                "Worst case with overhead", "Measured wall-time speedup", "Edge/cloud"):
+        assert row in printed, row
     assert out["run_dir"] == str(run) and out["num_samples"] == 360 and out["policy"]["name"] == "deex"
     assert out["agreement"]["exit_index"] >= 0.99 and out["agreement"]["predictions"] >= 0.99  # float ties aside
     assert out["accuracy"]["realised"] == pytest.approx(out["accuracy"]["expected"], abs=0.01)
@@ -83,6 +98,17 @@ def test_bad_input_is_named(fitted, tmp_path):
         ([f"run_dir={tmp_path}", f"policy_dir={policy_dir}"], "is not a stage-1 run dir"),
         ([f"policy_dir={policy_dir}", "mode=fast"], "mode must be one of"),
         ([f"policy_dir={policy_dir}", "checkpoint=middle"], "checkpoint='middle'"),
+        ([f"policy_dir={run}"], "policy_dir=.* holds no policy.safetensors"),
+        ([f"policy_dir={policy_dir}", "split=train"], "split must be"),
+        ([f"policy_dir={policy_dir}", "batch_size=0"], "batch_size must be"),
+        ([f"policy_dir={policy_dir}", "threads=0"], "threads must be"),
+        ([f"policy_dir={policy_dir}", "report_unit=joules"], "report_unit must be"),
+        ([f"policy_dir={policy_dir}", "device=tpu9"], "device='tpu9'"),
+        ([f"policy_dir={policy_dir}", "edge_cloud.bandwidth_mbps=0"], "edge_cloud.bandwidth_mbps must be"),
+        ([f"policy_dir={policy_dir}", "edge_cloud.rtt_ms=-1"], "edge_cloud.rtt_ms must be"),
+        ([f"policy_dir={policy_dir}", "edge_cloud.cloud_speedup=0"], "edge_cloud.cloud_speedup must be"),
+        ([f"policy_dir={policy_dir}", "edge_cloud.split=5"], "edge_cloud.split=5"),
+        ([f"policy_dir={policy_dir}", "edge_cloud.p_d_sweep=[0.5,2]"], "edge_cloud.p_d_sweep"),
     ]
     for overrides, message in cases:
         with pytest.raises(EENNError, match=message):
