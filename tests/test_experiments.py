@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -18,7 +17,7 @@ from eenn.data.sources import SOURCES
 from eenn.errors import EENNError
 from eenn.evaluation.predictions import Predictions
 from eenn.policies import build_policy
-from eenn.training.run import build_network, train
+from eenn.training.run import build_module, build_network, train
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "conf" / "experiment"
 # ImageNet-sized MSDNet-35 (62 M parameters): building and profiling it takes ~30 s, training its
@@ -72,8 +71,7 @@ def test_experiment_composes_builds_runs_and_profiles(name, compose_cfg):
     assert flops == sorted(flops) and costs.backbone["flops"] <= flops[-1]
 
     # stage 1's optimiser and schedule instantiate; stage 2's policy takes its options
-    module = hydra.utils.instantiate(cfg.training, network=network, num_classes=classes, cost_profile=costs,
-                                     _convert_="all")
+    module = build_module(cfg, network, classes, costs)
     module.configure_optimizers()
     stage2 = OmegaConf.to_container(cfg.stage2)
     assert set(stage2) == {"cost", "policy", "sweep"}

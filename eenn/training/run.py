@@ -39,6 +39,14 @@ def build_network(cfg: DictConfig, dm: EENNDataModule) -> MultiExitNetwork:
     )
 
 
+def build_module(cfg: DictConfig, network: MultiExitNetwork, num_classes: int, costs: CostProfile) -> MultiExitModule:
+    """The stage-1 LightningModule of ``cfg.training`` around ``network``."""
+    # objects go in after instantiation: Hydra would turn the CostProfile dataclass into a dict
+    return instantiate(cfg.training, _partial_=True, _convert_="all")(
+        network=network, num_classes=num_classes, cost_profile=costs
+    )
+
+
 def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every ``_target_`` entry of a dict-of-configs group (callbacks, loggers)."""
     if not cfg:
@@ -108,10 +116,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                           latency_batch_size=cfg.cost.batch_size, repeats=cfg.cost.repeats)
     log.info("cost profile (per sample; latency at batch %s on %s):\n%s", cfg.cost.batch_size, costs.device, costs.format())
 
-    # objects go in after instantiation: Hydra would turn the CostProfile dataclass into a dict
-    module: MultiExitModule = instantiate(cfg.training, _partial_=True, _convert_="all")(
-        network=network, num_classes=dm.num_classes, cost_profile=costs
-    )
+    module = build_module(cfg, network, dm.num_classes, costs)
     if ckpt_path:
         check_checkpoint_fits(module, ckpt_path)
     loggers = instantiate_group(cfg.get("logger"))
