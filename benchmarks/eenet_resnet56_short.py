@@ -41,11 +41,11 @@ CIFAR10_SMALL = Path(os.environ.get("EENN_SHARED", REPO.parent / "shared")) / "d
 BASELINES = {"BranchyNet": {"name": "entropy"}, "MSDNet": {"name": "maxprob"}, "PABEE": {"name": "patience"}}
 
 
-def stage1(epochs: int, run_dir: Path) -> dict:
+def stage1(epochs: int, run_dir: Path, extra: list[str]) -> dict:
     overrides = [
         "experiment=eenet_resnet56_cifar10", "data=cifar10_small", "data.val_size=2000", "logger=csv",
         f"trainer.max_epochs={epochs}", f"training.scheduler.milestones=[{epochs // 3},{2 * epochs // 3}]",
-        f"training.warmup_epochs={round(epochs * 20 / 150)}", "trainer.enable_progress_bar=false",
+        f"training.warmup_epochs={round(epochs * 20 / 150)}", "trainer.enable_progress_bar=false", *extra,
     ]
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
@@ -83,10 +83,13 @@ def main() -> None:
     parser.add_argument("--cost", default="latency_ms", choices=["latency_ms", "flops"],
                         help="budget unit: EENet's latency (noisy on a busy CPU) or FLOPs")
     parser.add_argument("--skip-training", action="store_true", help="reuse the predictions in --run-dir")
+    parser.add_argument("--override", action="append", default=[],
+                        help="a further stage-1 Hydra override (repeatable), e.g. 'training.scheduler.milestones=[6,8]'")
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     if not CIFAR10_SMALL.is_file():
         raise SystemExit(f"{CIFAR10_SMALL} is absent: this benchmark needs the offline CIFAR-10 subset.")
-    trained = None if args.skip_training else stage1(args.epochs, args.run_dir)
+    trained = None if args.skip_training else stage1(args.epochs, args.run_dir, args.override)
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         experiment = compose(config_name="train", overrides=["experiment=eenet_resnet56_cifar10"])
     rows = stage2(args.run_dir, OmegaConf.to_container(experiment.stage2), args.cost)
@@ -94,7 +97,7 @@ def main() -> None:
     for r in rows:
         clamped = f"  (clamped to {r['clamped_to']:.3f})" if r["clamped_to"] else ""
         print(f"{r['budget_fraction']:8.3f} {r['method']:>10} {r['test_accuracy']:9.4f} {r['test_cost_fraction']:6.3f}{clamped}")
-    write_json(OUT, {"machine": platform.platform(), "processor": platform.processor(), "epochs": args.epochs,
+    write_json(args.out, {"machine": platform.platform(), "processor": platform.processor(), "epochs": args.epochs,
                      "cost": args.cost, "run_dir": str(args.run_dir), "stage1": trained, "stage2": rows,
                      "paper_table1": {"base": 93.90, "EENet": [93.84, 92.90, 88.90], "BranchyNet": [93.76, 92.57, 87.55],
                                       "MSDNet": [93.81, 92.79, 88.76], "PABEE": [93.69, 91.85, 84.39]}})
