@@ -123,9 +123,12 @@ def print_results(comp: Comparison, console: Console) -> None:
     header, rows = accuracy_table(comp)
     table = Table(title="test accuracy (%) by budget (fraction of the full model's cost)")
     for h in header:
-        table.add_column(h, justify="left" if h in ("model", "policy", "unit") else "right")
+        left = h in ("model", "policy", "unit")
+        table.add_column(h, justify="left" if left else "right", no_wrap=True)
     for r in rows:
         table.add_row(*map(str, r))
+    if not console.is_terminal:  # a log file or pipe: rich would squeeze the table into 80 columns
+        console.width = max(console.width, 10 * len(header) + 20)
     console.print(table)
 
 

@@ -90,12 +90,13 @@ def plot_exit_distributions(comp: Comparison, out_dir: Path) -> Path | None:
         pts = sorted((r for r in rows if (r["model"], r["policy"], r["cost_unit"]) == (model, policy, unit)),
                      key=lambda r: r["budget_fraction"])
         fractions = [json.loads(r["test_exit_fractions"]) for r in pts]
-        x = [f"{r['budget_fraction']:.2f}" for r in pts]
+        x = range(len(pts))  # one bar per budget, labelled by it (numeric positions: no category axis)
         bottom = [0.0] * len(pts)
         for k in range(len(fractions[0])):
             vals = [f[k] for f in fractions]
             ax.bar(x, vals, bottom=bottom, label=f"exit {k}")
             bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_xticks(x, [f"{r['budget_fraction']:.2f}" for r in pts])
         ax.set_title(f"{policy} ({model}, {unit})", fontsize=9)
         ax.set_xlabel("budget (fraction of full cost)")
         ax.set_ylabel("share of samples")

@@ -67,12 +67,13 @@ def resolve_budget(
     budget = check_budget(raw, key) * (1.0 if value is not None else full)
     warnings = []
     lo = policy.cheapest_cost(val, unit)
-    if budget < lo:
+    # within 1e-4 of a bound is that bound (e.g. the first exit's fraction printed with 4 digits),
+    # not a request to warn about
+    if budget < lo * (1 - 1e-4):
         warnings.append(f"{key}={raw} gives budget {budget:g} {unit}, below the cheapest the policy can do on validation ({lo:g}); clamped to {lo:g}.")
-        budget = lo
-    elif budget > full:
+    elif budget > full * (1 + 1e-4):
         warnings.append(f"{key}={raw} gives budget {budget:g} {unit}, above the full model's cost; clamped to {full:g}.")
-        budget = full
+    budget = min(max(budget, lo), full)
     for w in warnings:
         log.warning("%s", w)
     return budget, warnings

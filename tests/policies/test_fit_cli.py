@@ -83,6 +83,9 @@ def test_budgets_outside_the_reachable_range_are_clamped_with_a_warning(run_dir:
     assert high["budget"] == pytest.approx(1e6)
     assert high["val"]["exit_fractions"][-1] == 1.0
     assert "above the full model's cost" in high["warnings"][0]
+    # the first exit's own fraction, printed to 4 digits (1/3 -> 0.3333), is that exit: no warning
+    edge = fit_run(fit_cfg([f"run_dir={run_dir}", "budget.fraction=0.3333"]), tmp_path / "edge")
+    assert edge["budget"] == pytest.approx(1e6 / 3) and edge["warnings"] == []
     deex = fit_run(fit_cfg([f"run_dir={run_dir}", "policy=deex", "budget.fraction=0.4"]), tmp_path / "deex")
     assert deex["budget"] > 0.4e6 and "cheapest the policy can do" in deex["warnings"][0]
 
