@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from eenn.errors import EENNError
-from eenn.utils.io import atomic_path, read_safetensors
+from eenn.utils.io import read_safetensors, write_safetensors
 
 FORMAT = "eenn.predictions/1"
 
@@ -133,10 +132,7 @@ class Predictions:
             "split": self.split,
             "source_run": self.source_run,
         }
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-        return path
+        return write_safetensors(path, tensors, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Predictions:

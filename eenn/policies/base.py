@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
-from safetensors.torch import save_file
 
 from eenn.errors import EENNError
 from eenn.evaluation.predictions import Predictions
 from eenn.registry import Registry
-from eenn.utils.io import atomic_path, read_safetensors
+from eenn.utils.io import read_safetensors, write_safetensors
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -199,10 +198,7 @@ class ExitPolicy:
             ),
         }
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return path
+        return write_safetensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ExitPolicy:
