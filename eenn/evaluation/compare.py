@@ -84,15 +84,19 @@ def _training_stage(run_dir: Path) -> str:
     return target.rsplit(".", 1)[-1].replace("Training", "").lower() or "unknown"
 
 
+def model_name(run_dir: Path) -> str:
+    """A stage-1 run's name in comparisons (and wandb groups): its dir's name, or for a pipeline,
+    which keeps its stage-1 run in <pipeline>/train, the pipeline's name, which says more."""
+    return run_dir.parent.name if run_dir.name == "train" else run_dir.name
+
+
 def load_model(run_dir: str | Path) -> Model:
     run_dir = Path(run_dir)
     files = [run_dir / "predictions" / f"{s}.safetensors" for s in ("val", "test")]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise EENNError(f"stage-1 run dir {str(run_dir)!r} lacks {missing}: is it an eenn-train run dir of this version?")
-    # a pipeline keeps its stage-1 run in <pipeline>/train: the pipeline's name says more
-    name = run_dir.parent.name if run_dir.name == "train" else run_dir.name
-    return Model(name, run_dir, _training_stage(run_dir), Predictions.load(files[1]), Predictions.load(files[0]))
+    return Model(model_name(run_dir), run_dir, _training_stage(run_dir), Predictions.load(files[1]), Predictions.load(files[0]))
 
 
 def _fit_source(fit_dir: Path, metrics: dict[str, Any]) -> Path | None:

@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from eenn.errors import EENNError
+from eenn.evaluation.compare import model_name
 from eenn.evaluation.offline import evaluate
 from eenn.evaluation.predictions import Predictions, check_compatible
 from eenn.policies.base import ExitPolicy, build_policy, check_budget
@@ -93,11 +94,8 @@ def stage1_source(cfg: DictConfig, val: Predictions) -> Path | None:
 
 
 def stage1_name(run_dir: Path | None) -> str:
-    """The stage-1 run's name as eenn-compare names the model: the run dir's name, or the
-    pipeline's name for a pipeline's ``<pipeline>/train``."""
-    if run_dir is None:
-        return "unknown"
-    return run_dir.parent.name if run_dir.name == "train" else run_dir.name
+    """The stage-1 run's name as eenn-compare names the model (the wandb group of its fits)."""
+    return "unknown" if run_dir is None else model_name(run_dir)
 
 
 def stage1_info(run_dir: Path | None) -> dict[str, Any]:
