@@ -13,9 +13,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 
+from eenn.data.augment import BatchAugment
 from eenn.data.sources import IMAGENET_MEAN, IMAGENET_STD, SOURCES, FolderSource, Source
 from eenn.errors import EENNError
 
@@ -72,7 +73,29 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n
 
 
+class BatchTransformCollate:
+    """Stack uint8 samples, then run a :class:`BatchAugment` over the whole batch (picklable, for
+    loader workers): evaluation loaders hand out normalised float batches, as per-sample transforms did."""
+
+    def __init__(self, transform: BatchAugment) -> None:
+        self.transform = transform
+
+    def __call__(self, samples: list[Any]) -> Any:
+        x, y = default_collate(samples)
+        return self.transform(x), y
+
+
 class EENNDataModule(pl.LightningDataModule):
+    """Train / held-out validation / test splits of one dataset.
+
+    In-memory image arrays (every source but image folders) are augmented as whole batches
+    (:mod:`eenn.data.augment`): the training loader hands out uint8 batches, and Lightning's
+    ``on_after_batch_transfer`` crops, flips and normalises them on the model's device
+    (:meth:`train_batch_transform` does the same for a loop of one's own). Evaluation loaders
+    always hand out normalised float batches. RandAugment works on PIL images, so with
+    ``randaugment`` set, and for image folders, training images go through per-sample transforms.
+    """
+
     def __init__(
         self,
         name: str = "digits",
@@ -104,6 +127,9 @@ class EENNDataModule(pl.LightningDataModule):
         self.name, self.root, self.download, self.path = name, root, download, path
         self.val_size, self.classes, self.augment, self.image_size = val_size, classes, augment, image_size
         self.mean, self.std = mean, std
+        self.batch_augment: BatchAugment | None = None  # set by setup() for in-memory arrays
+        self._eval_collate: BatchTransformCollate | None = None
+        self._erasing: Any = None
         self.batch_size, self.eval_batch_size, self.num_workers, self.seed = batch_size, eval_batch_size, num_workers, seed
         self.source_kwargs = dict(source_kwargs or {})
         self._src: Source | None = None
@@ -163,11 +189,37 @@ class EENNDataModule(pl.LightningDataModule):
         train = [v2.RandomCrop(h, padding=4), v2.RandomHorizontalFlip()] if self.augment == "cifar" else []
         return v2.Compose([*train, *self._recipe_transforms(h, mean, tail)]), v2.Compose(tail)
 
+    def _batched(self, src: Source) -> bool:
+        return not isinstance(src, FolderSource) and not self.randaugment
+
+    def _random_erasing(self) -> Any:
+        """timm's RandomErasing (per image, or over a batch: it takes both), or None when off."""
+        from timm.data.random_erasing import RandomErasing
+
+        return RandomErasing(self.random_erasing, mode="pixel", device="cpu") if self.random_erasing > 0 else None
+
+    def train_batch_transform(self, x: torch.Tensor) -> torch.Tensor:
+        """A training batch as the network takes it: uint8 batches from the training loader are
+        augmented and normalised where they are (per-sample-transformed batches pass unchanged)."""
+        if self.batch_augment is None or x.dtype != torch.uint8:
+            return x
+        self.batch_augment.to(x.device)
+        x = self.batch_augment(x)
+        if self._erasing is not None:
+            self._erasing.device = x.device  # its noise patches are drawn where the batch is
+            x = self._erasing(x)
+        return x
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training:
+            x, y = batch
+            return self.train_batch_transform(x), y
+        return batch
+
     def _recipe_transforms(self, size: int, mean: list[float], tail: list[v2.Transform]) -> list[v2.Transform]:
         """``tail`` wrapped in the optional timm recipe: RandAugment (on PIL images, before the
         tensor conversion) and random erasing (on the normalised tensor), as timm's create_transform."""
         from timm.data.auto_augment import rand_augment_transform
-        from timm.data.random_erasing import RandomErasing
 
         out: list[v2.Transform] = []
         if self.randaugment:
@@ -178,7 +230,7 @@ class EENNDataModule(pl.LightningDataModule):
             out += [v2.ToPILImage(), rand_augment_transform(self.randaugment, hparams)]
         out += tail
         if self.random_erasing > 0:
-            out.append(RandomErasing(self.random_erasing, mode="pixel", device="cpu"))
+            out.append(self._random_erasing())
         return out
 
     def setup(self, stage: str | None = None) -> None:
@@ -191,7 +243,15 @@ class EENNDataModule(pl.LightningDataModule):
         n_val = self._val_count(n)
         val_pos, train_pos = perm[:n_val].sort().values, perm[n_val:]
         mean, std = self._normalisation(src, index[train_pos])
-        train_tf, eval_tf = self._transforms(src, mean, std)
+        self.normalisation = (mean, std)  # per-channel, of pixels in [0, 1]
+        if self._batched(src):
+            train_tf = eval_tf = torch.nn.Identity()
+            self.batch_augment = BatchAugment(mean, std, crop_padding=4 if self.augment == "cifar" else 0,
+                                              flip=self.augment == "cifar")
+            self._eval_collate = BatchTransformCollate(BatchAugment(mean, std))
+            self._erasing = self._random_erasing()
+        else:
+            train_tf, eval_tf = self._transforms(src, mean, std)
         self.train_set = src.dataset("train", index[train_pos], labels[train_pos], train_tf)
         self.val_set = src.dataset("train", index[val_pos], labels[val_pos], eval_tf)
         test_index, test_labels = _kept(src.y_test, self._remap)
@@ -205,6 +265,7 @@ class EENNDataModule(pl.LightningDataModule):
             batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=EpochShuffleSampler(len(ds), self.seed) if train else None,
             drop_last=train and len(ds) > self.batch_size,
+            collate_fn=None if train or self._eval_collate is None else self._eval_collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

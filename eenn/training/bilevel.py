@@ -26,6 +26,7 @@ are data options (``data.randaugment``, ``data.random_erasing``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -118,10 +119,16 @@ class BilevelTraining(MultiExitModule):
         ema_decay: float | None = None,
         ema_warmup: bool = False,
         cost_profile: CostProfile | None = None,
+        channels_last: bool = True,
+        grad_through_gater: bool = True,
+        budget: float | None = None,
+        budget_lr: float = 0.05,
+        budget_penalty: float = 10.0,
+        joint_warmup_epochs: int = 0,
     ) -> None:
         if init_checkpoint:
             load_network_weights(network, init_checkpoint)
-        super().__init__(network, num_classes, optimizer, scheduler, scheduler_interval, cost_profile)
+        super().__init__(network, num_classes, optimizer, scheduler, scheduler_interval, cost_profile, channels_last)
         self.save_hyperparameters(ignore=["network", "optimizer", "scheduler", "gater_optimizer", "gater_scheduler",
                                           "cost_profile"])
         self.automatic_optimization = False
@@ -138,13 +145,29 @@ class BilevelTraining(MultiExitModule):
             raise EENNError("training.ema_decay averages a backbone that training.freeze_backbone=true keeps fixed; unset one.")
         if clip_grad_norm is not None and not clip_grad_norm > 0:
             raise EENNError(f"training.clip_grad_norm must be positive or null, got {clip_grad_norm!r}.")
+        if isinstance(cost_weight, bool) or not isinstance(cost_weight, (int, float)) or not math.isfinite(cost_weight):
+            raise EENNError(f"training.cost_weight (lambda) must be a number, got {cost_weight!r}.")
+        if isinstance(joint_warmup_epochs, bool) or not isinstance(joint_warmup_epochs, int) or joint_warmup_epochs < 0:
+            raise EENNError(f"training.joint_warmup_epochs must be a whole number of epochs >= 0, got {joint_warmup_epochs!r}.")
+        if not budget_lr > 0:
+            raise EENNError(f"training.budget_lr must be positive, got {budget_lr!r}.")
+        if not budget_penalty >= 0:
+            raise EENNError(f"training.budget_penalty must be >= 0, got {budget_penalty!r}.")
 
         self.gater = Gater(network.num_exits, features, gater_hidden, gater_shared)
         self.register_buffer("exit_costs", normalised_exit_costs(cost_profile, cost_unit), persistent=False)
+        if budget is not None and not float(self.exit_costs[0]) < budget <= 1:
+            raise EENNError(f"training.budget is a fraction of the last exit's cost above the first exit's "
+                            f"({float(self.exit_costs[0]):.3f}) and at most 1, got {budget!r}.")
+        # lambda: a constant, or (with a budget) the dual variable of eq. 2's cost constraint; checkpointed
+        self.register_buffer("cost_weight", torch.tensor(float(cost_weight)))
         self.gater_optimizer_factory = gater_optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.gater_scheduler_factory = gater_scheduler
         self.gater_scheduler_interval = gater_scheduler_interval
-        self.cost_weight, self.temperature, self.gater_every = cost_weight, temperature, gater_every
+        self.temperature, self.gater_every = temperature, gater_every
+        self.grad_through_gater, self.budget, self.budget_lr = grad_through_gater, budget, budget_lr
+        self.budget_penalty = budget_penalty
+        self.joint_warmup_epochs = joint_warmup_epochs
         self.freeze_backbone, self.clip_grad_norm, self.label_smoothing = freeze_backbone, clip_grad_norm, label_smoothing
         self.mixup = (Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing,
                             num_classes=num_classes) if mixup_alpha > 0 or cutmix_alpha > 0 else None)
@@ -169,14 +192,24 @@ class BilevelTraining(MultiExitModule):
         return self.gater.exit_distribution(logits, self.temperature)
 
     def inner_loss(self, logits: torch.Tensor, ce: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 4: (loss, A); differentiable in theta through CE and through A."""
-        a = self.exit_distribution(logits)
-        return ((a + 1) * (ce + self.cost_weight * self.exit_costs)).sum(1).mean(), a
+        """Eq. 4: (loss, A). Differentiable in theta through CE and, with ``grad_through_gater``
+        (eq. 11's second term), through A; without it A only weights each sample's exits.
+        During the joint warm-up A is left out: theta trains on the plain sum of the exits' CE."""
+        a = self.exit_distribution(logits if self.grad_through_gater else logits.detach())
+        weight = a + 1 if self.current_epoch >= self.joint_warmup_epochs else torch.ones_like(a)
+        return (weight * (ce + self.cost_weight * self.exit_costs)).sum(1).mean(), a
 
     def outer_loss(self, logits: torch.Tensor, ce: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 10 (outer) / 12: (loss, A); theta is held fixed (its outputs are detached)."""
+        """Eq. 10 (outer) / 12: (loss, A); theta is held fixed (its outputs are detached). With a
+        training budget B the loss is the augmented Lagrangian: eq. 12 with lambda the multiplier,
+        plus ``budget_penalty``/2 (E_A[Cost] - B)^2. The loss is linear in A, so at a fixed lambda
+        the gater swings whole batches between exits, and lambda's dual steps chase it round a
+        cycle; the quadratic term pulls the batch's cost to B at every step and damps that."""
         a = self.exit_distribution(logits.detach())
-        return ((ce.detach() + self.cost_weight * self.exit_costs) * a).sum(1).mean(), a
+        loss = ((ce.detach() + self.cost_weight * self.exit_costs) * a).sum(1).mean()
+        if self.budget is not None:
+            loss = loss + self.budget_penalty / 2 * (self.expected_cost(a) - self.budget) ** 2
+        return loss, a
 
     # ---------------------------------------------------------------------------- training
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -192,11 +225,11 @@ class BilevelTraining(MultiExitModule):
         bs = len(x)
         if self.freeze_backbone:
             with torch.no_grad():
-                logits = self.network(x)
+                logits = self.network(self.as_input(x))
             ce = self.exit_ce(logits, targets)
         else:
             with self.toggled_optimizer(opts[0]):  # phi out of autograd: the gradient through A is theta's only
-                logits = self.network(x)
+                logits = self.network(self.as_input(x))
                 ce = self.exit_ce(logits, targets)
                 loss, a = self.inner_loss(logits, ce)
                 self._step(opts[0], loss, self.clip_grad_norm)
@@ -206,12 +239,30 @@ class BilevelTraining(MultiExitModule):
         if self.freeze_backbone or (self.batches_seen + 1) % self.gater_every == 0:
             gater_loss, a_outer = self.outer_loss(logits, ce)
             self._step(opts[-1], gater_loss)
+            self._dual_ascent(a_outer.detach())
             self.log("train/gater_loss", gater_loss, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
             if self.freeze_backbone:
                 a = a_outer
         self.batches_seen += 1
         self._log_exits(ce.detach(), a.detach(), bs)
         self._update(self.train_acc, logits.detach(), y)
+
+    def expected_cost(self, a: torch.Tensor) -> torch.Tensor:
+        """The average cost (fraction of the last exit's) if the samples left where A sends them."""
+        return (a * self.exit_costs).sum(1).mean()
+
+    def _dual_ascent(self, a: torch.Tensor) -> None:
+        """With a training budget B: lambda <- lambda + budget_lr (E_A[Cost] - B), dual ascent on the
+        Lagrangian of eq. 2 with the constraint E_A[Cost] = B. An equality, not "at most B": the
+        test-time thresholds spend the whole budget, so A should send samples where they will go
+        then; lambda goes negative when the gater, left alone, would spend less. Under DDP every
+        rank takes the mean over all ranks' batches, so lambda stays the same everywhere."""
+        if self.budget is None:
+            return
+        gap = self.expected_cost(a) - self.budget
+        if self._trainer is not None and self.trainer.world_size > 1:
+            gap = self.trainer.strategy.reduce(gap, reduce_op="mean")
+        self.cost_weight.add_(self.budget_lr * gap)
 
     def _step(self, opt: LightningOptimizer, loss: torch.Tensor, clip: float | None = None) -> None:
         opt.zero_grad()
@@ -235,8 +286,11 @@ class BilevelTraining(MultiExitModule):
         ce_k, a_k = ce.mean(0), a.mean(0)
         values = {f"train/ce/{n}": ce_k[k] for k, n in enumerate(names)}
         values.update({f"train/exit_prob/{n}": a_k[k] for k, n in enumerate(names)})
-        # the average cost (fraction of the last exit's) if samples left where A sends them
-        values["train/expected_cost"] = (a * self.exit_costs).sum(1).mean()
+        values["train/expected_cost"] = self.expected_cost(a)
+        values["train/cost_weight"] = self.cost_weight
+        # the share of samples whose likeliest exit under A is each exit (the gater's hard choice)
+        top = torch.bincount(a.argmax(1), minlength=a.shape[1]).float() / len(a)
+        values.update({f"train/top_exit/{n}": top[k] for k, n in enumerate(names)})
         self.log_dict(values, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
@@ -275,8 +329,8 @@ class BilevelTraining(MultiExitModule):
         """The evaluation network: the EMA during fit (validation), else ``network`` (after fit it
         holds the EMA weights)."""
         if self.ema is not None and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            return self.ema.module(x)
-        return self.network(x)
+            return self.ema.module(self.as_input(x))
+        return self.network(self.as_input(x))
 
     def train(self, mode: bool = True) -> BilevelTraining:
         super().train(mode)

@@ -21,7 +21,7 @@ from eenn.cost import CostProfile, profile_costs
 from eenn.data.datamodule import EENNDataModule
 from eenn.errors import EENNError
 from eenn.models.multi_exit import MultiExitNetwork, build_multi_exit
-from eenn.training.joint import MultiExitModule
+from eenn.training.joint import MultiExitModule, metric_key
 from eenn.training.predictions import make_predictions
 from eenn.utils.config import instantiate
 from eenn.utils.io import write_json
@@ -136,7 +136,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     best = ckpt_cb.best_model_path if ckpt_cb is not None else ""
     if best:
         load_weights(module, best)
-    trainer.test(module, datamodule=dm, verbose=False)
 
     metrics: dict[str, Any] = {}
     if trainer.is_global_zero:
@@ -146,6 +145,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             preds = make_predictions(network, dm.split_loader(split), costs, dm.class_names, split, str(run_dir), device)
             preds.save(run_dir / "predictions" / f"{split}.safetensors")
             metrics[f"{split}_accuracy"] = dict(zip(names, preds.accuracy_per_exit().tolist()))
+        # the test metrics come from the saved predictions: a separate trainer.test pass would
+        # run the same network over the same images once more
+        for lg in loggers:
+            lg.log_metrics({f"test/acc/{metric_key(n)}": a for n, a in metrics["test_accuracy"].items()},
+                           step=trainer.global_step)
         metrics.update({
             "training": type(module).__name__.removesuffix("Training").lower(),
             "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),

@@ -122,6 +122,76 @@ def test_inner_gradient_reaches_theta_through_a():
     torch.testing.assert_close(full, ce_only + through_a)
 
 
+def test_without_grad_through_gater_a_only_weights_the_samples():
+    module = make_module(grad_through_gater=False)
+    x, y = torch.randn(8, *SHAPE), torch.randint(0, C, (8,))
+    w = next(module.network.stages[0].parameters())
+    logits = module.network(x)
+    ce = module.exit_ce(logits, y)
+    loss, a = module.inner_loss(logits, ce)
+    got = torch.autograd.grad(loss, w, retain_graph=True)[0]
+    weighted = ((a.detach() + 1) * (ce + module.cost_weight * module.exit_costs)).sum(1).mean()
+    torch.testing.assert_close(got, torch.autograd.grad(weighted, w)[0])
+    assert torch.autograd.grad(a.sum(), w, allow_unused=True)[0] is None  # no path from A back to theta
+
+
+def test_joint_warmup_trains_theta_on_the_plain_sum_of_exit_losses():
+    x, y = torch.randn(8, *SHAPE), torch.randint(0, C, (8,))
+    for warmup in (1, 0):  # a module outside a trainer is at epoch 0: in the warm-up, or past it
+        module = make_module(joint_warmup_epochs=warmup)
+        logits = module.network(x)
+        ce = module.exit_ce(logits, y)
+        loss, a = module.inner_loss(logits, ce)
+        weight = torch.ones_like(a) if warmup else a + 1
+        torch.testing.assert_close(loss, (weight * (ce + module.cost_weight * module.exit_costs)).sum(1).mean())
+
+
+def synthetic_exits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (n, 3, C) of samples of spread difficulty: exit k is right with margin growing in k,
+    and a sample's confidence at each exit falls with its difficulty (what a trained network shows)."""
+    g = torch.Generator().manual_seed(seed)
+    difficulty = torch.rand(n, generator=g)
+    y = torch.randint(0, C, (n,), generator=g)
+    logits = torch.randn(n, 3, C, generator=g)
+    for k in range(3):
+        logits[torch.arange(n), k, y] += (k + 1) * 2.5 * (1 - difficulty) - 1.5 * difficulty
+    return logits, y
+
+
+@pytest.mark.parametrize("budget, start_lambda", [(0.55, 6.0), (0.8, 0.0)])
+def test_dual_ascent_lambda_moves_the_expected_cost_towards_the_budget(budget, start_lambda):
+    # the gater's steps (eq. 12) with and without dual ascent, from a lambda far from the budget's
+    def run(target):
+        module = make_module(budget=target, cost_weight=start_lambda, budget_lr=0.05)
+        opt = torch.optim.Adam(module.gater.parameters(), lr=1e-3)
+        for step in range(400):
+            logits, y = synthetic_exits(64, step)
+            loss, a = module.outer_loss(logits, module.exit_ce(logits, y))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            module._dual_ascent(a.detach())
+        logits, y = synthetic_exits(2000, -1)
+        with torch.no_grad():
+            return float(module.expected_cost(module.exit_distribution(logits))), float(module.cost_weight)
+
+    fixed_cost, fixed_lambda = run(None)
+    cost, lam = run(budget)
+    assert fixed_lambda == start_lambda and lam != start_lambda
+    assert abs(cost - budget) < 0.05 < abs(fixed_cost - budget), (cost, fixed_cost, lam)
+
+
+def test_budget_and_lambda_are_checked():
+    with pytest.raises(EENNError, match="training.budget is a fraction"):
+        make_module(budget=0.1)
+    with pytest.raises(EENNError, match="training.budget is a fraction"):
+        make_module(budget=1.5)
+    with pytest.raises(EENNError, match="training.cost_weight"):
+        make_module(cost_weight=float("nan"))
+    with pytest.raises(EENNError, match="training.joint_warmup_epochs"):
+        make_module(joint_warmup_epochs=-2)
+
+
 def test_inner_step_moves_only_theta_and_outer_step_only_phi(monkeypatch):
     module = make_module(gater_every=2)
     seen = []
