@@ -34,7 +34,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
+from common import add_output_args, output_path  # noqa: E402
 
 from eenn.evaluation.offline import evaluate  # noqa: E402
 from eenn.evaluation.predictions import Predictions  # noqa: E402
@@ -207,19 +207,19 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
     parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_budget_aware")
-    parser.add_argument("--quick", action="store_true", help="digits, seed 0, 2 epochs: a smoke run")
-    parser.add_argument("--out", type=Path, default=None)
+    add_output_args(parser)
     args = parser.parse_args()
     methods = {m: METHODS[m] for m in args.methods}
     methods.update(dict(m.split("=", 1) for m in args.method))
     data = args.data or ("cifar10_small" if CIFAR10_SMALL.is_file() else "digits")
     seeds, epochs, workdir = args.seeds, args.epochs, args.workdir
     extra = list(args.override)
-    if args.quick:
-        data, seeds, epochs = "digits", [0], 2
-        workdir = Path(tempfile.mkdtemp(prefix="eenn_budget_aware_"))
+    out_path = output_path(args, OUT)
+    if args.quick:  # digits, seed 0, 2 epochs of 4 batches, 2 budgets, runs beside the JSON
+        data, seeds, epochs, workdir = "digits", [0], 2, out_path.parent / "runs"
         extra += ["trainer.limit_train_batches=4"]
-    out_path = args.out or (workdir / "budget_aware.json" if args.quick else OUT)
+        args.budgets = 2
+        methods = {m: o for m, o in methods.items() if m != "bilevel_paper"}
     if data == "cifar10_small":
         extra.append(f"data.path={CIFAR10_SMALL}")
     t0 = time.perf_counter()

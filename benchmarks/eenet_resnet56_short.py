@@ -12,6 +12,7 @@ latency) and evaluates them on the test split. Writes ``benchmarks/results/eenet
 
     .venv/bin/python benchmarks/eenet_resnet56_short.py [--epochs 30] [--cost latency_ms|flops]
         [--run-dir outputs/bench_eenet_resnet56] [--skip-training]
+    .venv/bin/python benchmarks/eenet_resnet56_short.py --quick   (2 batches: a smoke run)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+from common import add_output_args, output_path  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf, open_dict  # noqa: E402
 
@@ -85,8 +87,13 @@ def main() -> None:
     parser.add_argument("--skip-training", action="store_true", help="reuse the predictions in --run-dir")
     parser.add_argument("--override", action="append", default=[],
                         help="a further stage-1 Hydra override (repeatable), e.g. 'training.scheduler.milestones=[6,8]'")
-    parser.add_argument("--out", type=Path, default=OUT)
+    add_output_args(parser)
     args = parser.parse_args()
+    out = output_path(args, OUT)
+    if args.quick:  # 2 batches of one epoch, FLOPs budgets, in the JSON's folder
+        args.epochs, args.run_dir, args.cost = 3, out.parent / "run", "flops"
+        args.override = [*args.override, "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
+                         "cost.latency=false"]
     if not CIFAR10_SMALL.is_file():
         raise SystemExit(f"{CIFAR10_SMALL} is absent: this benchmark needs the offline CIFAR-10 subset.")
     trained = None if args.skip_training else stage1(args.epochs, args.run_dir, args.override)
@@ -97,7 +104,7 @@ def main() -> None:
     for r in rows:
         clamped = f"  (clamped to {r['clamped_to']:.3f})" if r["clamped_to"] else ""
         print(f"{r['budget_fraction']:8.3f} {r['method']:>10} {r['test_accuracy']:9.4f} {r['test_cost_fraction']:6.3f}{clamped}")
-    write_json(args.out, {"machine": platform.platform(), "processor": platform.processor(), "epochs": args.epochs,
+    write_json(out, {"machine": platform.platform(), "processor": platform.processor(), "epochs": args.epochs,
                      "cost": args.cost, "run_dir": str(args.run_dir), "stage1": trained, "stage2": rows,
                      "paper_table1": {"base": 93.90, "EENet": [93.84, 92.90, 88.90], "BranchyNet": [93.76, 92.57, 87.55],
                                       "MSDNet": [93.81, 92.79, 88.76], "PABEE": [93.69, 91.85, 84.39]}})

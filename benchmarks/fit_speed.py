@@ -6,6 +6,7 @@ median of repeats and writes ``benchmarks/results/fit_speed.json``. Targets: EEN
 every other policy in < 1 s per budget, offline evaluation of 10k samples in < 1 s.
 
     .venv/bin/python benchmarks/fit_speed.py [--repeats 5] [--eenet-repeats 3] [--threads N]
+    .venv/bin/python benchmarks/fit_speed.py --quick      # small sets, one repeat: a smoke run
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import add_output_args, output_path
 
 from eenn.evaluation.offline import evaluate
 from eenn.evaluation.predictions import Predictions
@@ -50,13 +52,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--eenet-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_output_args(parser)
     args = parser.parse_args()
+    out = output_path(args, OUT)
+    sizes = (400, 800) if args.quick else (5000, 10_000)
+    if args.quick:
+        args.repeats, args.eenet_repeats = 1, 1
     if args.threads:
         torch.set_num_threads(args.threads)
 
     load_before = os.getloadavg()[0]  # other jobs on the machine distort timings: recorded
-    val = synthetic_predictions(5000, num_exits=3, num_classes=10, seed=0)
-    test = synthetic_predictions(10_000, num_exits=3, num_classes=10, seed=1, split="test")
+    val = synthetic_predictions(sizes[0], num_exits=3, num_classes=10, seed=0)
+    test = synthetic_predictions(sizes[1], num_exits=3, num_classes=10, seed=1, split="test")
     full = float(val.costs[-1])
     build_policy("eenet", max_epochs=2).fit(val, 0.7 * full, "flops")  # import Lightning outside the timings
 
@@ -96,7 +103,7 @@ def main() -> None:
     summary = {"eenet_fit_s_max": eenet_max, "heuristic_fit_s_max": heuristic_max, "offline_eval_10k_s_max": eval_max}
     passed = eenet_max < LIMITS["eenet_fit_s"] and heuristic_max < LIMITS["heuristic_fit_s"] and eval_max < LIMITS["offline_eval_10k_s"]
     write_json(
-        OUT,
+        out,
         {
             "benchmark": "fit_speed",
             "machine": {
@@ -114,7 +121,7 @@ def main() -> None:
             "results": rows,
         },
     )
-    print(f"{summary} pass={passed} -> {OUT}")
+    print(f"{summary} pass={passed} -> {out}")
 
 
 if __name__ == "__main__":

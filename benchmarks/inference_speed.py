@@ -17,7 +17,7 @@ cost, in FLOPs and in per-stage latency), the realised one (plain time / engine 
 their ratios and the policy's decision time as % of the plain backbone's.
 
     python benchmarks/inference_speed.py                        # full: 15 repeats, this machine's threads
-    python benchmarks/inference_speed.py --quick                # a smaller stream, 5 repeats
+    python benchmarks/inference_speed.py --quick                # one batch, 2 repeats: a smoke run (JSON to a temp file)
     python benchmarks/inference_speed.py --threads 1 --batch-sizes 128 --backbones cifar_resnet56 --update
                                                                 # one slice, merged into the existing JSON
 """
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import add_output_args, output_path
 
 from eenn.cost import profile_costs
 from eenn.inference.engine import EarlyExitEngine, batches_of, time_backbone
@@ -206,21 +207,20 @@ MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--quick", action="store_true", help="a shorter stream and 5 repeats (smoke run)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, this machine's cores)")
     ap.add_argument("--backbones", nargs="*", default=list(BACKBONES), choices=list(BACKBONES))
     ap.add_argument("--batch-sizes", nargs="*", type=int, default=[128, 1], choices=[128, 1])
     ap.add_argument("--samples", type=int, default=None, help="stream length (a multiple of 10; default 1280 at batch 128, 100 at 1)")
     ap.add_argument("--update", action="store_true", help="replace only the rows of the backbones and batch sizes run here in --out")
-    ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc settings (see MALLOC_TUNED)")
+    add_output_args(ap)
     args = ap.parse_args()
     if not args.default_malloc and any(os.environ.get(k) != v for k, v in MALLOC_TUNED.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_TUNED})  # glibc reads them at start
     if args.threads:
         torch.set_num_threads(args.threads)
-    repeats = 5 if args.quick and args.repeats == 15 else args.repeats
-    sizes = {128: 640 if args.quick else 1280, 1: 50 if args.quick else 100}  # exact mixes need multiples of 10
+    repeats = 2 if args.quick else args.repeats
+    sizes = {128: 130 if args.quick else 1280, 1: 10 if args.quick else 100}  # exact mixes need multiples of 10
     if args.samples is not None:
         sizes = dict.fromkeys(sizes, args.samples)
     sizes = {b: n for b, n in sizes.items() if b in args.batch_sizes}
@@ -240,12 +240,13 @@ def main() -> None:
            "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
     for r in rows:
         r["env"] = env
-    if args.update and args.out.is_file():
+    out = output_path(args, OUT)
+    if args.update and out.is_file():
         ran = {(r["backbone"], r["batch_size"]) for r in rows}
-        rows += [r for r in json.loads(args.out.read_text()) if (r["backbone"], r["batch_size"]) not in ran]
+        rows += [r for r in json.loads(out.read_text()) if (r["backbone"], r["batch_size"]) not in ran]
         rows.sort(key=lambda r: (list(BACKBONES).index(r["backbone"]), -r["batch_size"], r["exit_mix"], r["mode"]))
-    write_json(args.out, rows)
-    print(f"wrote {args.out} (load average before {load_before[0]:.2f}, after {env['load_avg_after'][0]:.2f} "
+    write_json(out, rows)
+    print(f"wrote {out} (load average before {load_before[0]:.2f}, after {env['load_avg_after'][0]:.2f} "
           f"on {env['cores']} cores, {env['threads']} threads)")
 
 

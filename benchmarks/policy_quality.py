@@ -17,6 +17,7 @@ Writes ``benchmarks/results/policy_quality.json``.
 
     .venv/bin/python benchmarks/policy_quality.py [--epochs 12] [--backbone resnet20]
     .venv/bin/python benchmarks/policy_quality.py --run-dir <stage-1 run dir>   (skips training)
+    .venv/bin/python benchmarks/policy_quality.py --quick   (digits, 4 batches: a smoke run)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")  # a benchmark: no wandb runs
 os.environ.setdefault("WANDB_SILENT", "true")
 
 import torch  # noqa: E402
+from common import add_output_args, output_path  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
@@ -113,8 +115,12 @@ def main() -> None:
     parser.add_argument("--fit-overrides", nargs="*", default=[], help="extra eenn-fit overrides for every policy")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (training and fitting)")
     parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_policy_quality")
-    parser.add_argument("--out", type=Path, default=OUT)
+    add_output_args(parser)
     args = parser.parse_args()
+    out = output_path(args, OUT)
+    if args.quick:  # digits, 4 batches of one epoch, fits in the JSON's folder
+        args.data, args.epochs, args.workdir = "digits", 1, out.parent
+        args.train_overrides = [*args.train_overrides, "trainer.limit_train_batches=4"]
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -179,11 +185,11 @@ def main() -> None:
                     "torch_threads": torch.get_num_threads(), "load_avg_before": load_before,
                     "load_avg_after": os.getloadavg()[0]},
     }
-    write_json(args.out, result)
+    write_json(out, result)
     print(table(result))
     a = result["acceptance"]
     print(f"eenet - maxprob (points): {[round(d, 2) for d in a['eenet_minus_maxprob_points']]}; "
-          f"acceptance {'holds' if a['holds'] else 'does NOT hold'} -> {args.out}")
+          f"acceptance {'holds' if a['holds'] else 'does NOT hold'} -> {out}")
 
 
 if __name__ == "__main__":

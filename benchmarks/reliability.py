@@ -3,6 +3,7 @@ on a large predictions file. Writes benchmarks/results/reliability.json.
 
     python benchmarks/reliability.py                 # all three (~5 min on 2 CPU cores)
     python benchmarks/reliability.py --samples 20000  # a smaller large-fit file
+    python benchmarks/reliability.py --quick          # a 2,000-sample large-fit file: a smoke run
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
+from common import add_output_args, output_path  # noqa: E402
 
 from eenn.utils.io import write_json  # noqa: E402
 
@@ -41,8 +43,9 @@ def _compose(overrides: list[str], out: Path):
     return cfg
 
 
-def resume_equality(tmp: Path) -> bool:
-    """A run killed mid-epoch and resumed with ckpt_path=last ends with the same predictions."""
+def resume_equality(tmp: Path) -> dict[str, bool]:
+    """A run crashed mid-epoch and resumed with ckpt_path=last ends as the uninterrupted run: the
+    same predictions and the same last checkpoint (weights, optimiser state)."""
     sys.path.insert(0, str(REPO))
     from eenn.evaluation.predictions import Predictions
     from eenn.training.run import train
@@ -52,16 +55,21 @@ def resume_equality(tmp: Path) -> bool:
              "trainer.enable_progress_bar=false", "data.augment=cifar"]
     train(_compose(small, tmp / "whole"))
     crash = ["+callbacks.crash._target_=tests.reliability.crash.CrashAt", "+callbacks.crash.epoch=2", "+callbacks.crash.batch=3"]
+    crashed = False
     try:
         train(_compose([*small, *crash], tmp / "resumed"))
     except SimulatedCrash:
-        pass
+        crashed = True
     train(_compose([*small, "ckpt_path=last"], tmp / "resumed"))
-    return all(
-        torch.equal(Predictions.load(tmp / r / "predictions" / f"{s}.safetensors").logits,
+    same_predictions = all(
+        torch.equal(Predictions.load(tmp / "resumed" / "predictions" / f"{s}.safetensors").logits,
                     Predictions.load(tmp / "whole" / "predictions" / f"{s}.safetensors").logits)
-        for s in ("val", "test") for r in ("resumed",)
-    )
+        for s in ("val", "test"))
+    last = [torch.load(tmp / r / "checkpoints" / "last.ckpt", weights_only=True) for r in ("whole", "resumed")]
+    same_last = last[0]["global_step"] == last[1]["global_step"] and all(
+        torch.equal(v, last[1]["state_dict"][k]) for k, v in last[0]["state_dict"].items())
+    return {"crashed": crashed, "same_predictions": same_predictions, "same_last_checkpoint": same_last,
+            "resume_equal": crashed and same_predictions and same_last}
 
 
 def ddp_coverage(tmp: Path) -> bool:
@@ -114,19 +122,23 @@ def main() -> None:
     ap.add_argument("--exits", type=int, default=5)
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--policy", default="maxprob")
+    add_output_args(ap)
     args = ap.parse_args()
+    results = output_path(args, RESULTS)
+    if args.quick:  # a small large-fit file
+        args.samples, args.classes = 2000, 10
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         (tmp / "r").mkdir()
         (tmp / "l").mkdir()
         out = {
-            "resume_equal": resume_equality(tmp / "r"),
+            "resume": resume_equality(tmp / "r"),
             "ddp_each_sample_once": ddp_coverage(tmp),
             "large_fit": large_fit(tmp / "l", args.samples, args.exits, args.classes, args.policy),
             "machine": {"cpus": os.cpu_count(), "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
         }
-    write_json(RESULTS, out)
+    write_json(results, out)
     print(json.dumps(out, indent=2))
 
 

@@ -52,6 +52,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import add_output_args, output_path  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
@@ -310,8 +311,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed on a GPU")
     parser.add_argument("--override", action="append", default=[], help="a train config override for every run")
-    parser.add_argument("--quick", action="store_true", help="digits, 2 windows of 2 batches: a smoke run")
-    parser.add_argument("--out", type=Path, default=None)
+    add_output_args(parser)
     args = parser.parse_args()
     if args.quick:
         data, windows, window = "digits", 2, 2
@@ -319,7 +319,7 @@ def main() -> None:
     else:
         data = "cifar10_small" if CIFAR10_SMALL.is_file() else "digits"
         windows, window, extra = args.windows, args.window, args.override
-    out_path = args.out or (Path(tempfile.gettempdir()) / "eenn_train_speed_quick.json" if args.quick else OUT)
+    out_path = output_path(args, OUT)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     result: dict[str, Any] = {"dataset": data, "backbone": "resnet20", "exits": "stages", "device": args.device,

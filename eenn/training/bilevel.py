@@ -125,6 +125,7 @@ class BilevelTraining(MultiExitModule):
         budget_lr: float = 0.05,
         budget_penalty: float = 10.0,
         joint_warmup_epochs: int = 0,
+        normalize_loss: bool = False,
     ) -> None:
         if init_checkpoint:
             load_network_weights(network, init_checkpoint)
@@ -158,7 +159,7 @@ class BilevelTraining(MultiExitModule):
         self.register_buffer("exit_costs", normalised_exit_costs(cost_profile, cost_unit), persistent=False)
         if budget is not None and not float(self.exit_costs[0]) < budget <= 1:
             raise EENNError(f"training.budget is a fraction of the last exit's cost above the first exit's "
-                            f"({float(self.exit_costs[0]):.3f}) and at most 1, got {budget!r}.")
+                            f"({float(self.exit_costs[0]):.3f}) and at most 1, got {budget!r} (null: a fixed lambda).")
         # lambda: a constant, or (with a budget) the dual variable of eq. 2's cost constraint; checkpointed
         self.register_buffer("cost_weight", torch.tensor(float(cost_weight)))
         self.gater_optimizer_factory = gater_optimizer or partial(torch.optim.Adam, lr=1e-3)
@@ -167,7 +168,7 @@ class BilevelTraining(MultiExitModule):
         self.temperature, self.gater_every = temperature, gater_every
         self.grad_through_gater, self.budget, self.budget_lr = grad_through_gater, budget, budget_lr
         self.budget_penalty = budget_penalty
-        self.joint_warmup_epochs = joint_warmup_epochs
+        self.joint_warmup_epochs, self.normalize_loss = joint_warmup_epochs, normalize_loss
         self.freeze_backbone, self.clip_grad_norm, self.label_smoothing = freeze_backbone, clip_grad_norm, label_smoothing
         self.mixup = (Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing,
                             num_classes=num_classes) if mixup_alpha > 0 or cutmix_alpha > 0 else None)
@@ -194,9 +195,14 @@ class BilevelTraining(MultiExitModule):
     def inner_loss(self, logits: torch.Tensor, ce: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 4: (loss, A). Differentiable in theta through CE and, with ``grad_through_gater``
         (eq. 11's second term), through A; without it A only weights each sample's exits.
-        During the joint warm-up A is left out: theta trains on the plain sum of the exits' CE."""
+        During the joint warm-up A is left out: theta trains on the plain sum of the exits' CE.
+        ``normalize_loss`` divides each sample's weights (A^k + 1) by their sum (K + 1), so that the
+        loss has joint training's scale and only A's reallocation between exits tells them apart
+        (with SGD, weight decay and batch norm a loss K + 1 times larger is a larger step size)."""
         a = self.exit_distribution(logits if self.grad_through_gater else logits.detach())
         weight = a + 1 if self.current_epoch >= self.joint_warmup_epochs else torch.ones_like(a)
+        if self.normalize_loss:  # per sample the exits' weights sum to 1, as joint training's uniform 1/K
+            weight = weight / weight.sum(1, keepdim=True).detach()
         return (weight * (ce + self.cost_weight * self.exit_costs)).sum(1).mean(), a
 
     def outer_loss(self, logits: torch.Tensor, ce: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

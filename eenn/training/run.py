@@ -132,7 +132,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # weights_only: loading a checkpoint runs no pickled code
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
 
-    ckpt_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    ckpt_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
     best = ckpt_cb.best_model_path if ckpt_cb is not None else ""
     if best:
         load_weights(module, best)

@@ -26,7 +26,7 @@ def test_eenn_train_debug_run_writes_its_run_dir(tmp_path):
 
 def test_bad_input_is_one_clear_line_and_a_nonzero_exit(tmp_path):
     res = _run(["debug=fast", "data=cifar10", f"data.root={tmp_path}/none"], tmp_path)
-    assert res.returncode != 0
+    assert res.returncode == 2
     assert "error: cifar10 is not in data.root=" in res.stderr and "data.download=false" in res.stderr
     assert "Traceback" not in res.stderr
     runs = tmp_path / "outputs" / "train" / "runs"

@@ -18,6 +18,10 @@ from tests.reliability.crash import SimulatedCrash
 
 SMALL = ["logger=csv", "trainer.max_epochs=3", "trainer.limit_train_batches=4", "cost.latency=false",
          "trainer.enable_progress_bar=false", "data.augment=cifar", "training.kl_alpha=0.1", "training.kl_start=0.3"]
+# What a resumed run must restore besides the weights: joint (above) its self-distillation switch;
+# bi-level phi's optimiser, the batch count that times the gater (every 2 batches here) and lambda,
+# which follows the training budget by dual ascent.
+TRAININGS = {"joint": SMALL, "bilevel": [*SMALL[:6], "training=bilevel", "training.gater_every=2", "training.budget=0.6"]}
 
 
 def _preds(run: Path, split: str = "test") -> Predictions:
@@ -37,12 +41,30 @@ def test_same_seed_same_metrics_and_predictions(compose_cfg, tmp_path):
     assert m[0]["test_accuracy"] == m[1]["test_accuracy"]
 
 
-def test_resumed_run_equals_uninterrupted_run(compose_cfg, tmp_path):
-    whole = compose_cfg("train", SMALL)
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Weights, buffers (batch-norm statistics, bi-level's lambda), optimiser and scheduler states."""
+    ca, cb = (torch.load(p, weights_only=True) for p in (a, b))
+    assert ca["epoch"] == cb["epoch"] and ca["global_step"] == cb["global_step"]
+    assert ca["state_dict"].keys() == cb["state_dict"].keys()
+    for k, v in ca["state_dict"].items():
+        assert torch.equal(v, cb["state_dict"][k]), k
+    assert len(ca["optimizer_states"]) == len(cb["optimizer_states"])
+    for oa, ob in zip(ca["optimizer_states"], cb["optimizer_states"]):
+        assert oa["param_groups"] == ob["param_groups"]
+        for i, state in oa["state"].items():
+            for name, value in state.items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(ob["state"][i][name])), (i, name)
+    assert ca["lr_schedulers"] == cb["lr_schedulers"]
+
+
+@pytest.mark.parametrize("training", list(TRAININGS))
+def test_resumed_run_equals_uninterrupted_run(compose_cfg, tmp_path, training):
+    small = TRAININGS[training]
+    whole = compose_cfg("train", small)
     whole.paths.output_dir = str(tmp_path / "whole")
     train(whole)
 
-    crashed = compose_cfg("train", [*SMALL, "+callbacks.crash._target_=tests.reliability.crash.CrashAt",
+    crashed = compose_cfg("train", [*small, "+callbacks.crash._target_=tests.reliability.crash.CrashAt",
                                     "+callbacks.crash.epoch=2", "+callbacks.crash.batch=2"])
     crashed.paths.output_dir = str(tmp_path / "resumed")
     with pytest.raises(SimulatedCrash):
@@ -51,9 +73,13 @@ def test_resumed_run_equals_uninterrupted_run(compose_cfg, tmp_path):
     assert ckpt["epoch"] == 1  # the end of the last finished epoch
     assert "RNGStateCallback" in ckpt["callbacks"] and ckpt["optimizer_states"] and ckpt["lr_schedulers"]
 
-    resumed = compose_cfg("train", [*SMALL, "ckpt_path=last"])
+    resumed = compose_cfg("train", [*small, "ckpt_path=last"])
     resumed.paths.output_dir = str(tmp_path / "resumed")
     train(resumed)
+    # the final state is compared whole: predictions alone come from best.ckpt, which may be an
+    # epoch from before the crash that both runs share
+    assert_same_checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt",
+                           tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     for split in ("val", "test"):
         assert torch.equal(_preds(tmp_path / "whole", split).logits, _preds(tmp_path / "resumed", split).logits)
 
@@ -70,22 +96,25 @@ def test_last_without_a_checkpoint_starts_fresh_and_bad_checkpoints_are_refused(
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_ckpt_path_last_equals_the_uninterrupted_run(compose_cfg, tmp_path):
+@pytest.mark.parametrize("training", list(TRAININGS))
+def test_sigkill_mid_epoch_then_ckpt_path_last_equals_the_uninterrupted_run(compose_cfg, tmp_path, training):
     """The real thing, as a preempted job sees it: eenn-train is SIGKILLed mid-epoch, then the same
     command with ckpt_path=last in the same run dir finishes with the uninterrupted run's predictions."""
-    whole = compose_cfg("train", SMALL)
+    small = TRAININGS[training]
+    whole = compose_cfg("train", small)
     whole.paths.output_dir = str(tmp_path / "whole")
     train(whole)
 
     run_dir = tmp_path / "killed"
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(repo)}
-    cmd = [str(Path(sys.executable).parent / "eenn-train"), *SMALL, f"hydra.run.dir={run_dir}", f"paths.root_dir={tmp_path}"]
+    cmd = [str(Path(sys.executable).parent / "eenn-train"), *small, f"hydra.run.dir={run_dir}", f"paths.root_dir={tmp_path}"]
     kill = ["+callbacks.kill._target_=tests.reliability.crash.KillAt", "+callbacks.kill.epoch=2", "+callbacks.kill.batch=2"]
     killed = subprocess.run([*cmd, *kill], env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (run_dir / "predictions").exists()
     resumed = subprocess.run([*cmd, "ckpt_path=last"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt")
     for split in ("val", "test"):
         assert torch.equal(_preds(tmp_path / "whole", split).logits, _preds(run_dir, split).logits)

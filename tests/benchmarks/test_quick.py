@@ -1,0 +1,35 @@
+"""Every benchmark script runs: its ``--quick`` smoke run (seconds of work) ends well and writes its
+JSON, so that a benchmark the README quotes cannot rot unnoticed. Parametrized from the folder: a
+new script is picked up by being there."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CIFAR10_SMALL
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "common.py")
+NEEDS_CIFAR10_SMALL = {"eenet_resnet56_short.py"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_quick_run_writes_its_json(script, tmp_path):
+    if script in NEEDS_CIFAR10_SMALL and not CIFAR10_SMALL.is_file():
+        pytest.skip(f"{CIFAR10_SMALL} is absent")
+    out = tmp_path / "result.json"
+    quoted = {p: p.stat().st_mtime_ns for p in (BENCHMARKS / "results").iterdir()}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(BENCHMARKS.parent)}
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text())  # a JSON document with content
+    # a smoke run never writes over the results the README quotes
+    assert {p: p.stat().st_mtime_ns for p in (BENCHMARKS / "results").iterdir()} == quoted
