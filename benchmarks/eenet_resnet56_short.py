@@ -30,8 +30,8 @@ from omegaconf import OmegaConf, open_dict  # noqa: E402
 
 from eenn.cli.common import conf_dir  # noqa: E402
 from eenn.evaluation.offline import evaluate  # noqa: E402
-from eenn.evaluation.predictions import Predictions  # noqa: E402
 from eenn.policies import build_policy  # noqa: E402
+from eenn.predictions import Predictions  # noqa: E402
 from eenn.training.run import train  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
 

@@ -39,8 +39,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from eenn.cli.common import conf_dir  # noqa: E402
-from eenn.evaluation.predictions import Predictions  # noqa: E402
 from eenn.policies.fitting import fit_run  # noqa: E402
+from eenn.predictions import Predictions  # noqa: E402
 from eenn.training.run import train  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
 

@@ -44,7 +44,7 @@ def _compose(overrides: list[str], out: Path):
 def resume_equality(tmp: Path) -> bool:
     """A run killed mid-epoch and resumed with ckpt_path=last ends with the same predictions."""
     sys.path.insert(0, str(REPO))
-    from eenn.evaluation.predictions import Predictions
+    from eenn.predictions import Predictions
     from eenn.training.run import train
     from tests.reliability.crash import SimulatedCrash
 
@@ -67,7 +67,7 @@ def resume_equality(tmp: Path) -> bool:
 def ddp_coverage(tmp: Path) -> bool:
     """2-process DDP on CPU: every val/test sample once, in dataset order."""
     from eenn.data import EENNDataModule
-    from eenn.evaluation.predictions import Predictions
+    from eenn.predictions import Predictions
 
     env = {**os.environ, "EENN_ROOT": str(tmp / "ddp")}
     subprocess.run([str(BIN / "eenn-train"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
@@ -83,7 +83,7 @@ def ddp_coverage(tmp: Path) -> bool:
 def large_fit(tmp: Path, n: int, k: int, c: int, policy: str) -> dict:
     """eenn-fit on synthetic predictions of n samples x k exits x c classes, in a child process
     whose peak resident memory is read from the kernel (ru_maxrss)."""
-    from eenn.evaluation.predictions import Predictions
+    from eenn.predictions import Predictions
 
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, c, (n,), generator=g)

@@ -18,9 +18,9 @@ from rich.table import Table
 
 from eenn.errors import EENNError
 from eenn.evaluation.compare import Comparison
-from eenn.evaluation.predictions import Predictions
 from eenn.evaluation.report import accuracy_table
 from eenn.evaluation.run_compare import compare
+from eenn.predictions import Predictions
 from eenn.utils.io import write_json
 
 log = logging.getLogger("eenn.pipeline")

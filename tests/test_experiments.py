@@ -15,8 +15,8 @@ from eenn.cost import CostProfile, profile_costs
 from eenn.data import EENNDataModule
 from eenn.data.sources import SOURCES
 from eenn.errors import EENNError
-from eenn.evaluation.predictions import Predictions
 from eenn.policies import build_policy
+from eenn.predictions import Predictions
 from eenn.training.run import build_module, build_network, train
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "conf" / "experiment"

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.predictions import Predictions, check_compatible
+from eenn.predictions import Predictions, check_compatible
 
 
 def _preds(n=6, k=3, c=4, **kw):

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from eenn.errors import EENNError
 from eenn.evaluation.offline import evaluate
-from eenn.evaluation.predictions import Predictions
+from eenn.predictions import Predictions
 from eenn.utils.io import atomic_path
 
 log = logging.getLogger("eenn.compare")

@@ -23,9 +23,9 @@ import torch
 
 from eenn.cost import stage_latencies
 from eenn.errors import EENNError
-from eenn.evaluation.offline import simulate
-from eenn.evaluation.predictions import Predictions
 from eenn.models.multi_exit import MultiExitNetwork
+from eenn.policies.simulate import simulate
+from eenn.predictions import Predictions
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 
 from eenn.cost import CostProfile
 from eenn.errors import EENNError
-from eenn.evaluation.offline import realised_cost
+from eenn.policies.simulate import realised_cost
 
 UNITS = ("macs", "flops", "latency_ms")
 

@@ -22,8 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from eenn.cost import CostProfile
 from eenn.errors import EENNError
-from eenn.evaluation.offline import simulate
-from eenn.evaluation.predictions import Predictions
 from eenn.inference.edge_cloud import Link, deex_time_curve, edge_cloud_report, measure_partition
 from eenn.inference.engine import EarlyExitEngine, ExitResult, batches_of, time_backbone
 from eenn.inference.rebatch import Rebatcher
@@ -31,6 +29,8 @@ from eenn.inference.report import UNITS, cost_report, format_report
 from eenn.models.multi_exit import MultiExitNetwork
 from eenn.policies.base import ExitPolicy
 from eenn.policies.fitting import POLICY_FILE
+from eenn.policies.simulate import simulate
+from eenn.predictions import Predictions
 from eenn.utils.io import write_json
 
 MODES = ("batched", "rebatch", "single")

@@ -9,7 +9,7 @@ A policy is fitted once on validation predictions, then asked per exit about a b
 The engine keeps only the continuing samples (``~d.exit``) and index-selects every tensor of
 ``d.state`` with them: that is why all state is per-sample, with a leading batch dimension.
 ``decide`` is pure torch over the batch and never modifies its inputs, so offline simulation
-(:func:`eenn.evaluation.offline.simulate`, which calls it on exactly these compacted subsets)
+(:func:`eenn.policies.simulate.simulate`, which calls it on exactly these compacted subsets)
 and the engine cannot disagree.
 
 A fitted policy saves as one small safetensors file: its fitted tensors, plus JSON metadata
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.predictions import Predictions
+from eenn.predictions import Predictions
 from eenn.registry import Registry
 from eenn.utils.io import read_safetensors, write_safetensors
 

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.offline import realised_cost, simulate
-from eenn.evaluation.predictions import Predictions
 from eenn.policies.base import Decision, ExitPolicy, State, continue_to_next, register
 from eenn.policies.budget import RTOL, check_realised_budget
 from eenn.policies.features import max_prob
+from eenn.policies.simulate import realised_cost, simulate
+from eenn.predictions import Predictions
 
 
 def _probability(value: Any, key: str, allow_none: bool) -> float | None:

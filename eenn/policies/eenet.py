@@ -51,10 +51,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.predictions import Predictions
 from eenn.policies.base import State, register
 from eenn.policies.features import entropy_score, probabilities, vote
 from eenn.policies.threshold import ThresholdPolicy
+from eenn.predictions import Predictions
 
 if TYPE_CHECKING:
     from eenn.policies.eenet_scheduler import EENetScheduler

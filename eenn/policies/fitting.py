@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from eenn.errors import EENNError
 from eenn.evaluation.compare import model_name
 from eenn.evaluation.offline import evaluate
-from eenn.evaluation.predictions import Predictions, check_compatible
 from eenn.policies.base import ExitPolicy, build_policy, check_budget
+from eenn.predictions import Predictions, check_compatible
 from eenn.utils.io import write_json
 
 log = logging.getLogger("eenn")

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.offline import realised_cost, simulate
-from eenn.evaluation.predictions import Predictions
 from eenn.policies.base import Decision, ExitPolicy, State, continue_to_next, register
 from eenn.policies.budget import check_realised_budget, within_budget
+from eenn.policies.simulate import realised_cost, simulate
+from eenn.predictions import Predictions
 
 
 @register("patience")

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.predictions import Predictions
 from eenn.policies.base import Decision, ExitPolicy, State, continue_to_next, register
 from eenn.policies.budget import check_realised_budget
+from eenn.predictions import Predictions
 
 
 @register("static")

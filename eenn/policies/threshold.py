@@ -12,9 +12,9 @@ from typing import Any, ClassVar
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.predictions import Predictions
 from eenn.policies.base import Decision, ExitPolicy, State, continue_to_next
 from eenn.policies.budget import check_realised_budget, fit_to_budget
+from eenn.predictions import Predictions
 
 
 class ThresholdPolicy(ExitPolicy):

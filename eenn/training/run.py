@@ -22,7 +22,7 @@ from eenn.data.datamodule import EENNDataModule
 from eenn.errors import EENNError
 from eenn.models.multi_exit import MultiExitNetwork, build_multi_exit
 from eenn.training.joint import MultiExitModule, metric_key
-from eenn.training.predictions import make_predictions
+from eenn.training.predict import make_predictions
 from eenn.utils.config import instantiate
 from eenn.utils.io import write_json
 from eenn.utils.loggers import finish_wandb

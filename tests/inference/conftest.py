@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from eenn.cost import CostProfile, profile_costs
-from eenn.evaluation.predictions import Predictions
 from eenn.models import build_multi_exit
 from eenn.models.multi_exit import MultiExitNetwork
+from eenn.predictions import Predictions
 
 SHAPE = (3, 16, 16)
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.offline import simulate
 from eenn.inference.edge_cloud import (
     Link,
     Partition,
@@ -18,6 +17,7 @@ from eenn.inference.edge_cloud import (
     sample_times,
 )
 from eenn.policies import build_policy
+from eenn.policies.simulate import simulate
 from eenn.policies.synthetic import synthetic_predictions
 
 STAGE, HEAD = [2.0, 1.0, 1.5], [0.2, 0.3, 0.01]

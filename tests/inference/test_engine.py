@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.offline import realised_cost, simulate
 from eenn.inference.engine import EarlyExitEngine, batches_of, single_samples
 from eenn.inference.rebatch import Rebatcher
 from eenn.policies import build_policy
+from eenn.policies.simulate import realised_cost, simulate
 
 # (name, hyper-parameters, budget as a fraction of the full cost or None)
 POLICIES = [

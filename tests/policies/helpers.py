@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from eenn.evaluation.predictions import Predictions
 from eenn.policies.base import ExitPolicy
+from eenn.predictions import Predictions
 
 #: EENet settings that train briefly (the defaults train longer)
 EENET_FAST = {"max_epochs": 30, "patience": 20}

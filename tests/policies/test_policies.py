@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.offline import evaluate, simulate
-from eenn.evaluation.predictions import Predictions
+from eenn.evaluation.offline import evaluate
 from eenn.policies import POLICIES, ExitPolicy, build_policy
 from eenn.policies.features import max_prob
+from eenn.policies.simulate import simulate
 from eenn.policies.synthetic import synthetic_predictions
+from eenn.predictions import Predictions
 
 from .helpers import EENET_FAST, logits_for_max_prob, naive_simulate, predictions
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.predictions import Predictions
+from eenn.predictions import Predictions
 from eenn.training.run import train
 from tests.reliability.crash import SimulatedCrash
 

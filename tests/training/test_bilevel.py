@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from eenn.cost import profile_costs
 from eenn.errors import EENNError
-from eenn.evaluation.predictions import Predictions
 from eenn.models import build_multi_exit
+from eenn.predictions import Predictions
 from eenn.training.bilevel import BilevelTraining
 from eenn.training.gater import Gater, confidence_features, exit_log_probs, tempered_exit_distribution
 from eenn.training.run import train

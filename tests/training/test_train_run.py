@@ -9,7 +9,7 @@ import torch
 
 from eenn.cost import CostProfile
 from eenn.errors import EENNError
-from eenn.evaluation.predictions import Predictions
+from eenn.predictions import Predictions
 from eenn.training.run import train
 
 FAST = ["trainer.max_epochs=1", "cost.latency=true", "cost.repeats=2", "trainer.enable_progress_bar=false"]
