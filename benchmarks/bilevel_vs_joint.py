@@ -39,8 +39,8 @@ from eenn.cli.common import conf_dir  # noqa: E402
 from eenn.cost import profile_costs  # noqa: E402
 from eenn.evaluation.offline import evaluate  # noqa: E402
 from eenn.policies import build_policy  # noqa: E402
-from eenn.predictions import Predictions  # noqa: E402
-from eenn.training.run import build_network, train  # noqa: E402
+from eenn.rundir import Stage1Run  # noqa: E402
+from eenn.tasks.train import build_network, train  # noqa: E402
 from eenn.utils.config import instantiate  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
 
@@ -64,8 +64,7 @@ def make_cfg(method: str, data: str, backbone: str, epochs: int, run_dir: Path, 
 
 def budget_curve(run_dir: Path, fractions: list[float]) -> tuple[list[float], list[float]]:
     """Test accuracy and realised test cost (fraction of the last exit's) of maxprob at each budget."""
-    val = Predictions.load(run_dir / "predictions" / "val.safetensors")
-    test = Predictions.load(run_dir / "predictions" / "test.safetensors")
+    val, test = Stage1Run(run_dir).predictions("val"), Stage1Run(run_dir).predictions("test")
     full = float(val.costs[-1])
     accs, costs = [], []
     for f in fractions:

@@ -44,8 +44,8 @@ def _compose(overrides: list[str], out: Path):
 def resume_equality(tmp: Path) -> bool:
     """A run killed mid-epoch and resumed with ckpt_path=last ends with the same predictions."""
     sys.path.insert(0, str(REPO))
-    from eenn.predictions import Predictions
-    from eenn.training.run import train
+    from eenn.rundir import Stage1Run
+    from eenn.tasks.train import train
     from tests.reliability.crash import SimulatedCrash
 
     small = ["logger=csv", "trainer.max_epochs=3", "trainer.limit_train_batches=6", "cost.latency=false",
@@ -58,8 +58,7 @@ def resume_equality(tmp: Path) -> bool:
         pass
     train(_compose([*small, "ckpt_path=last"], tmp / "resumed"))
     return all(
-        torch.equal(Predictions.load(tmp / r / "predictions" / f"{s}.safetensors").logits,
-                    Predictions.load(tmp / "whole" / "predictions" / f"{s}.safetensors").logits)
+        torch.equal(Stage1Run(tmp / r).predictions(s).logits, Stage1Run(tmp / "whole").predictions(s).logits)
         for s in ("val", "test") for r in ("resumed",)
     )
 
@@ -67,7 +66,7 @@ def resume_equality(tmp: Path) -> bool:
 def ddp_coverage(tmp: Path) -> bool:
     """2-process DDP on CPU: every val/test sample once, in dataset order."""
     from eenn.data import EENNDataModule
-    from eenn.predictions import Predictions
+    from eenn.rundir import Stage1Run
 
     env = {**os.environ, "EENN_ROOT": str(tmp / "ddp")}
     subprocess.run([str(BIN / "eenn-train"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
@@ -76,7 +75,7 @@ def ddp_coverage(tmp: Path) -> bool:
     (run,) = (tmp / "ddp" / "outputs" / "train" / "runs").iterdir()
     dm = EENNDataModule(name="digits", val_size=0.2, seed=0)
     dm.setup()
-    return all(torch.equal(Predictions.load(run / "predictions" / f"{s}.safetensors").labels, ds.y)
+    return all(torch.equal(Stage1Run(run).predictions(s).labels, ds.y)
                for s, ds in (("val", dm.val_set), ("test", dm.test_set)))
 
 
@@ -84,6 +83,7 @@ def large_fit(tmp: Path, n: int, k: int, c: int, policy: str) -> dict:
     """eenn-fit on synthetic predictions of n samples x k exits x c classes, in a child process
     whose peak resident memory is read from the kernel (ru_maxrss)."""
     from eenn.predictions import Predictions
+    from eenn.rundir import FitRun
 
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, c, (n,), generator=g)
@@ -101,7 +101,7 @@ def large_fit(tmp: Path, n: int, k: int, c: int, policy: str) -> dict:
                                  f"predictions.test={tmp / 'test.safetensors'}", f"policy={policy}",
                                  "budget.fraction=0.5", f"hydra.run.dir={tmp / 'fit'}"], stdout=log, stderr=log)
         _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage: its peak resident memory
-    ok = os.waitstatus_to_exitcode(status) == 0 and (tmp / "fit" / "metrics.json").is_file()
+    ok = os.waitstatus_to_exitcode(status) == 0 and FitRun(tmp / "fit").finished()
     return {"samples": n, "exits": k, "classes": c, "policy": policy, "completed": ok,
             "file_gb_per_split": round(file_gb, 2), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
             "seconds": round(time.perf_counter() - t0, 1),

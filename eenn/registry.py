@@ -29,6 +29,9 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._factories)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._factories
+
     def get(self, key: str) -> Callable[..., T]:
         if key not in self._factories:
             raise EENNError(f"{self.config_key}={key!r} is not a known {self.kind}; valid: {', '.join(self.names())}.")

@@ -17,7 +17,7 @@ from eenn.data.sources import SOURCES
 from eenn.errors import EENNError
 from eenn.policies import build_policy
 from eenn.predictions import Predictions
-from eenn.training.run import build_module, build_network, train
+from eenn.tasks.train import build_module, build_network, train
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "conf" / "experiment"
 # ImageNet-sized MSDNet-35 (62 M parameters): building and profiling it takes ~30 s, training its

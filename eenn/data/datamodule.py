@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 
 from eenn.data.augment import BatchAugment
 from eenn.data.sources import IMAGENET_MEAN, IMAGENET_STD, SOURCES, FolderSource, Source
-from eenn.errors import EENNError
+from eenn.errors import EENNError, is_number
 
 AUGMENTATIONS = ("none", "cifar")
 
@@ -35,7 +35,7 @@ def _class_selection(
     for c in classes:
         if isinstance(c, str) and c in class_names:
             ids.append(class_names.index(c))
-        elif isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(class_names):
+        elif is_number(c, integer=True) and 0 <= c < len(class_names):
             ids.append(c)
         else:
             raise EENNError(f"data.classes: {c!r} is not a class of this dataset; classes: {class_names}.")

@@ -13,7 +13,7 @@ differences of the network's logits between batch sizes).
 
 Usage::
 
-    engine = EarlyExitEngine(network, ExitPolicy.load("policy.safetensors"))
+    engine = EarlyExitEngine(network, FitRun(fit_dir).policy())  # or ExitPolicy.load(path)
     out = engine.run(loader)                      # batched: a dataset streamed in batches
     out = engine.run(single_samples(x))           # single-sample: per-request latency
     out.cost(profile, "macs")                     # realised per-sample cost

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from eenn.errors import EENNError
+from eenn.errors import EENNError, is_number
 from eenn.models.backbones import BACKBONES, BackboneParts
 from eenn.models.heads import HEADS
 
@@ -97,7 +97,7 @@ def resolve_exit_blocks(
         raise EENNError(f"exits.at must be a list of block names/numbers or 'stages', got {at!r}.")
     names: list[str] = []
     for item in at:
-        if isinstance(item, bool) or not isinstance(item, (int, str)):
+        if not (isinstance(item, str) or is_number(item, integer=True)):
             raise EENNError(f"exits.at entries must be block names or 1-based numbers, got {item!r}.")
         if isinstance(item, int):
             if not 1 <= item <= n:

@@ -49,6 +49,17 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """A JSON file's content; a missing or corrupt file is one EENNError naming ``what`` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise EENNError(f"{what} {str(path)!r} does not exist.")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EENNError(f"{what} {str(path)!r} is not readable JSON (truncated or corrupt?): {exc}.") from None
+
+
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str]) -> Path:
     """A safetensors file written atomically (a crash never leaves a half-written one)."""
     path = Path(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import netrc
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ def resolve_wandb_mode(mode: str = "auto", key: str = "logger.wandb.mode") -> st
 
 
 def wandb_logger(
+    enabled: bool = True,
     project: str = "eenn",
     save_dir: str = ".",
     mode: str = "auto",
@@ -47,11 +49,15 @@ def wandb_logger(
     tags: list[str] | None = None,
     entity: str | None = None,
     **kwargs: Any,
-) -> WandbLogger:
+) -> WandbLogger | None:
+    """Lightning's wandb logger with eenn's rules (see :func:`resolve_wandb_mode`); None when
+    ``enabled`` is false. ``name`` defaults to ``job_type`` (the app)."""
+    if not enabled:
+        return None
     mode = resolve_wandb_mode(mode)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return WandbLogger(
-        project=project, save_dir=save_dir, name=name, group=group, job_type=job_type, tags=tags,
+        project=project, save_dir=save_dir, name=name or job_type, group=group, job_type=job_type, tags=tags,
         entity=entity, offline=mode == "offline", mode=mode, **kwargs,
     )
 
@@ -74,6 +80,22 @@ def init_wandb_run(
     Path(dir).mkdir(parents=True, exist_ok=True)
     return wandb.init(project=project, dir=str(dir), mode=mode, reinit="finish_previous",
                       settings=wandb.Settings(console="off", silent=True), **kwargs)
+
+
+def start_wandb_run(
+    settings: Mapping[str, Any] | None, dir: str | Path, job_type: str, name: str, group: str | None,  # noqa: A002
+    config: dict[str, Any] | None = None,
+) -> Any:
+    """The wandb run of a job outside Lightning, from the ``wandb:`` config every app shares
+    (conf/wandb/default.yaml): None when ``enabled`` is false; ``name`` and ``group`` are the
+    job's own defaults for the settings left null."""
+    if not settings or not settings.get("enabled", True):
+        return None
+    return init_wandb_run(
+        project=settings.get("project", "eenn"), dir=dir, mode=settings.get("mode", "auto"), key="wandb.mode",
+        entity=settings.get("entity"), group=settings.get("group") or group, job_type=job_type,
+        name=settings.get("name") or name, tags=list(settings.get("tags") or []), config=config,
+    )
 
 
 def finish_wandb() -> None:

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from eenn.evaluation.run_compare import compare
+from eenn.tasks.compare import compare
 from tests.evaluation.conftest import ALL_POLICIES, run_tiny_pipeline
 
 
@@ -60,15 +60,15 @@ def test_rerun_skips_finished_steps_and_force_redoes_them(tiny_pipeline, capsys)
 @pytest.mark.slow
 def test_force_redoes_everything(tmp_path):
     out = tmp_path / "p"
-    run_tiny_pipeline(out, ["pipeline.policies=[maxprob]", "pipeline.num_budgets=2", "pipeline.wandb.enabled=false"])
+    run_tiny_pipeline(out, ["pipeline.policies=[maxprob]", "pipeline.num_budgets=2", "wandb.enabled=false"])
     stamp = (out / "train" / "metrics.json").stat().st_mtime_ns
-    assert not list((out / "fit").glob("*/wandb"))  # pipeline.wandb.enabled=false reaches the fits
+    assert not list((out / "fit").glob("*/wandb"))  # wandb.enabled=false reaches the fits
     run_tiny_pipeline(out, ["pipeline.policies=[maxprob]", "pipeline.num_budgets=2", "pipeline.force=true"])
     assert (out / "train" / "metrics.json").stat().st_mtime_ns != stamp
 
 
 def test_every_pipeline_fit_is_its_own_offline_wandb_run(tiny_pipeline):
-    """pipeline.wandb reaches the fits: one offline run per fit dir, grouped by the pipeline's model."""
+    """The pipeline's wandb settings reach the fits: one offline run per fit dir, grouped by the pipeline's model."""
     fits = sorted(p.parent for p in (tiny_pipeline / "fit").glob("*/metrics.json"))
     assert fits
     for fit in fits:

@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from eenn.cli.common import conf_dir
 from eenn.errors import EENNError
 from eenn.policies import ExitPolicy
-from eenn.policies.fitting import fit_run
 from eenn.policies.synthetic import synthetic_predictions
+from eenn.tasks.fit import fit_run
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = {"policy", "budget", "budget_fraction", "cost_unit", "fit_seconds", "val", "test"}

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from eenn.errors import EENNError
-from eenn.training.run import train
+from eenn.tasks.train import train
 
 BASE = ["logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "cost.latency=false",
         "trainer.enable_progress_bar=false"]

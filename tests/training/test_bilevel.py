@@ -17,9 +17,9 @@ from eenn.cost import profile_costs
 from eenn.errors import EENNError
 from eenn.models import build_multi_exit
 from eenn.predictions import Predictions
+from eenn.tasks.train import train
 from eenn.training.bilevel import BilevelTraining
 from eenn.training.gater import Gater, confidence_features, exit_log_probs, tempered_exit_distribution
-from eenn.training.run import train
 
 SHAPE, C = (1, 8, 8), 10
 
