@@ -31,7 +31,7 @@ def _branch(block: str, in_shape: Sequence[int], num_classes: int) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(flat_size(layers, in_shape), num_classes))
 
 
-@BACKBONES.register("lenet")
+@BACKBONES.register("lenet", example={"image_size": 32})
 def lenet_backbone(num_classes: int, in_chans: int = 1, image_size: int = 28) -> BackboneParts:
     units: list[tuple[str, nn.Module]] = [
         ("conv1", nn.Conv2d(in_chans, 5, 5, padding=3)),
