@@ -94,6 +94,9 @@ class EENNDataModule(pl.LightningDataModule):
     (:meth:`train_batch_transform` does the same for a loop of one's own). Evaluation loaders
     always hand out normalised float batches. RandAugment works on PIL images, so with
     ``randaugment`` set, and for image folders, training images go through per-sample transforms.
+
+    ``meta`` declares the form of the data, ``input_shape`` [C, H, W] and ``num_classes``: the
+    dataset's source reads the real form from its files, the ``random`` stand-in makes this one.
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class EENNDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         source_kwargs: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if augment not in AUGMENTATIONS:
@@ -132,6 +136,7 @@ class EENNDataModule(pl.LightningDataModule):
         self._erasing: Any = None
         self.batch_size, self.eval_batch_size, self.num_workers, self.seed = batch_size, eval_batch_size, num_workers, seed
         self.source_kwargs = dict(source_kwargs or {})
+        self.meta = dict(meta or {})
         self._src: Source | None = None
 
     # --- what the model needs to know before training -----------------------------------------
@@ -140,8 +145,11 @@ class EENNDataModule(pl.LightningDataModule):
             self._build_source(download=True)
 
     def _build_source(self, download: bool) -> Source:
+        # every source is told the declared form: the random stand-in makes it, the others read theirs
+        declared = {"image_shape": self.meta.get("input_shape"), "num_classes": self.meta.get("num_classes")}
+        kwargs = {**{k: v for k, v in declared.items() if v is not None}, **self.source_kwargs}
         return SOURCES.build(self.name, root=str(Path(self.root)), download=download, path=self.path,
-                             seed=self.seed, **self.source_kwargs)
+                             seed=self.seed, **kwargs)
 
     def _load(self) -> Source:
         if self._src is None:

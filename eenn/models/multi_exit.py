@@ -4,6 +4,7 @@ stop after exit k without recomputing anything."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -156,6 +157,10 @@ def build_multi_exit(
     """
     backbone = dict(backbone)
     family = backbone.pop("family")
+    # every backbone takes pretrained=false (debug=smoke sets it): a family without weights of its own
+    # has no such argument and refuses true
+    if "pretrained" not in inspect.signature(BACKBONES.get(family)).parameters and backbone.pop("pretrained", False):
+        raise EENNError(f"backbone.pretrained=true: backbone.family={family!r} has no pretrained weights.")
     parts = BACKBONES.build(family, num_classes=num_classes, in_chans=int(input_shape[0]), **backbone)
     exits = dict(exits)
     head_cfg = dict(exits.pop("head", None) or {"type": "linear"})

@@ -1,14 +1,17 @@
 """The eenn-pipeline job, the main one: train (stage 1) -> predictions -> fit every policy over a
-budget sweep (stage 2) -> compare. Each step writes under one pipeline dir
+budget sweep, or an experiment's own ``stage2:`` (stage 2) -> compare. Each step writes under one pipeline dir
 (:class:`eenn.rundir.PipelineRun`) and is skipped when its outputs exist (``pipeline.force=true``
 redoes them), so a re-run after an interruption picks up where it stopped."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
+from typing import Any
 
 from hydra import compose
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -39,17 +42,40 @@ def budget_fractions(cfg: DictConfig, val: Predictions, unit: str) -> list[float
     return [round(lo + (1 - lo) * i / (n - 1), 4) for i in range(n)]
 
 
+def override(key: str, value: Any) -> str:
+    """A Hydra command-line override setting ``key`` to ``value`` (JSON is Hydra's syntax for values)."""
+    return f"{key}={json.dumps(value)}"
+
+
 def fit_jobs(cfg: DictConfig, fractions: list[float], num_exits: int) -> list[tuple[str, list[str]]]:
     """(job name, eenn-fit overrides) for every policy and budget; a policy compared per exit
     (static) once per exit instead."""
     jobs = []
     for policy in cfg.pipeline.policies:
-        extra = [f"policy.{k}={v}" for k, v in (cfg.pipeline.policy_overrides.get(policy) or {}).items()]
+        extra = [override(f"policy.{k}", v) for k, v in (cfg.pipeline.policy_overrides.get(policy) or {}).items()]
         if policy_class(policy).per_exit_only:
             jobs += [(f"{policy}_exit{k}", [f"policy={policy}", f"policy.exit={k}", "budget.fraction=1.0", *extra])
                      for k in range(num_exits)]
         else:
             jobs += [(f"{policy}_{b:.4f}", [f"policy={policy}", f"budget.fraction={b}", *extra]) for b in fractions]
+    return jobs
+
+
+def experiment_jobs(stage2: DictConfig) -> list[tuple[str, list[str]]]:
+    """(job name, eenn-fit overrides) of an experiment's ``stage2:`` section: its policy with its
+    hyper-parameters, once per combination of its sweep's values (a budget given as a value in the
+    cost unit clears the default fraction, so that the results table shows the budget fitted to)."""
+    s = OmegaConf.to_container(stage2, resolve=True)
+    params = dict(s["policy"])  # type: ignore[index]
+    name = params.pop("name")
+    base = [f"policy={name}", *(override(f"policy.{k}", v) for k, v in params.items())]
+    axes = [(f"{group}.{key}", values) for group, keys in s["sweep"].items() for key, values in keys.items()]  # type: ignore[index, union-attr]
+    jobs = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        chosen = list(zip((key for key, _ in axes), combo))
+        clear = ["budget.fraction=null"] if any(key == "budget.value" for key, _ in chosen) else []
+        job = "_".join([name, *(f"{key.rsplit('.', 1)[-1]}={v}" for key, v in chosen)])
+        jobs.append((job, [*base, *clear, *(override(key, v) for key, v in chosen)]))
     return jobs
 
 
@@ -68,9 +94,14 @@ def run_pipeline(cfg: DictConfig) -> Comparison:
     else:
         console.print(f"stage 1: {pipe.train.path} is complete, skipped (pipeline.force=true redoes it)")
 
-    # --- stage 2 -------------------------------------------------------------------------------
+    # --- stage 2: an experiment's own, or every policy over the budget sweep --------------------
     val = pipe.train.predictions("val")
-    jobs = fit_jobs(cfg, budget_fractions(cfg, val, cost_unit_name(cfg.pipeline.cost)), val.num_exits)
+    stage2 = cfg.get("stage2")
+    cost = stage2.cost if stage2 else cfg.pipeline.cost
+    if stage2:
+        jobs = experiment_jobs(stage2)
+    else:
+        jobs = fit_jobs(cfg, budget_fractions(cfg, val, cost_unit_name(cost)), val.num_exits)
     todo = [(n, o) for n, o in jobs if force or not pipe.fit(n).finished()]
     console.rule(f"[bold]stage 2: {len(jobs)} fits ({len(jobs) - len(todo)} done before)")
     failed = []
@@ -80,7 +111,7 @@ def run_pipeline(cfg: DictConfig) -> Comparison:
         for name, overrides in todo:
             progress.update(task, description=f"fitting {name:<24}")
             fit = pipe.fit(name)
-            fit_cfg = compose("fit", overrides=[*overrides, f"run_dir={pipe.train.path}", f"cost={cfg.pipeline.cost}"])
+            fit_cfg = compose("fit", overrides=[*overrides, f"run_dir={pipe.train.path}", f"cost={cost}"])
             with open_dict(fit_cfg):
                 fit_cfg.paths.output_dir = str(fit.path)
                 fit_cfg.wandb = cfg.wandb  # the pipeline's wandb settings reach every fit

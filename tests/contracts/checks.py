@@ -1,6 +1,7 @@
 """The contracts every registered part keeps, written once as functions: tests/contracts
-parametrizes them over the registries, and the README guide's test runs them on its toy parts.
-So a new policy or backbone is tested by adding its module and its YAML, nothing else."""
+parametrizes them over the registries and the config folders, and the README guide's test runs
+them on its toy parts. So a new policy or backbone is tested by adding its module and its YAML,
+and a dataset by adding its YAML, nothing else."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from torch import nn
 
 from eenn.cli.common import conf_dir
 from eenn.cost import profile_costs
-from eenn.errors import EENNError
+from eenn.data import EENNDataModule
+from eenn.data.sources import SOURCES
+from eenn.errors import EENNError, is_number
 from eenn.evaluation.offline import evaluate
 from eenn.inference.engine import EarlyExitEngine, batches_of
 from eenn.models import build_multi_exit
@@ -23,6 +26,7 @@ from eenn.models.multi_exit import MultiExitNetwork
 from eenn.policies import POLICIES, ExitPolicy, budget_ceiling, build_policy, policy_class
 from eenn.policies.simulate import simulate
 from eenn.predictions import Predictions
+from eenn.utils.config import instantiate
 from tests.policies.helpers import naive_simulate
 
 FRACTIONS = (0.4, 0.55, 0.7, 0.85, 1.0)
@@ -190,3 +194,39 @@ def check_backbone_yaml(option: str, search_path: Path | None = None) -> None:
     assert family in BACKBONES, option
     params = inspect.signature(BACKBONES.get(family)).parameters
     assert set(cfg.backbone) - {"family"} <= set(params), option
+
+
+# ------------------------------------------------------------------------------- datasets
+def check_data_yaml(option: str, search_path: Path | None = None) -> None:
+    """A dataset YAML (conf/data/<option>.yaml) names a registered source and declares the form
+    of its data (data.meta): an image shape [C, H, W] and a class count, each or left open."""
+    data = compose_app("train", [f"data={option}"], search_path).data
+    assert data.name in SOURCES, option
+    shape, classes = data.meta.input_shape, data.meta.num_classes
+    assert shape is None or (len(shape) == 3 and all(is_number(d, integer=True) and d > 0 for d in shape)), option
+    assert classes is None or (is_number(classes, integer=True) and classes > 1), option
+
+
+def datamodule(option: str, overrides: list[str] = (), search_path: Path | None = None) -> EENNDataModule:
+    """The data module a dataset YAML builds (set up), with ``overrides``."""
+    dm = instantiate(compose_app("train", [f"data={option}", *overrides], search_path).data, _convert_="all")
+    dm.setup("fit")
+    return dm
+
+
+def check_the_stand_in_has_the_declared_form(option: str, search_path: Path | None = None) -> None:
+    """debug=smoke puts random images of the declared form in the dataset's place."""
+    dm = datamodule(option, ["debug=smoke"], search_path)
+    x, y = next(iter(dm.train_dataloader()))
+    shape, classes = dm.meta["input_shape"], dm.meta["num_classes"]
+    assert dm.name == "random"
+    assert shape is None or tuple(x.shape[1:]) == tuple(shape)
+    assert classes is None or dm.num_classes == classes
+
+
+def check_the_declared_form_is_the_real_one(option: str, search_path: Path | None = None) -> None:
+    """The dataset's own files hold what its YAML declares (for a dataset at hand)."""
+    dm = datamodule(option, [], search_path)
+    x, _ = next(iter(dm.split_loader("val")))
+    assert tuple(x.shape[1:]) == tuple(dm.meta["input_shape"]) == tuple(dm.input_shape)
+    assert dm.num_classes == dm.meta["num_classes"]
