@@ -13,6 +13,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from timm.data.auto_augment import rand_augment_transform
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 
@@ -202,8 +204,6 @@ class EENNDataModule(pl.LightningDataModule):
 
     def _random_erasing(self) -> Any:
         """timm's RandomErasing (per image, or over a batch: it takes both), or None when off."""
-        from timm.data.random_erasing import RandomErasing
-
         return RandomErasing(self.random_erasing, mode="pixel", device="cpu") if self.random_erasing > 0 else None
 
     def train_batch_transform(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,8 +227,6 @@ class EENNDataModule(pl.LightningDataModule):
     def _recipe_transforms(self, size: int, mean: list[float], tail: list[v2.Transform]) -> list[v2.Transform]:
         """``tail`` wrapped in the optional timm recipe: RandAugment (on PIL images, before the
         tensor conversion) and random erasing (on the normalised tensor), as timm's create_transform."""
-        from timm.data.auto_augment import rand_augment_transform
-
         out: list[v2.Transform] = []
         if self.randaugment:
             fill = tuple(round(255 * m) for m in mean)

@@ -134,6 +134,7 @@ class EENetPolicy(ThresholdPolicy):
 
     def base_fractions(self, val: Predictions, costs: torch.Tensor, budget: float) -> torch.Tensor:
         """Train g and h (Algorithm 1, lines 4-6); return h's exit distribution p_k on ``val``."""
+        # Lightning takes seconds to import: only when an EENet policy trains (its package docstring)
         import lightning as L
         from lightning.pytorch.callbacks import EarlyStopping
 
@@ -207,7 +208,7 @@ class EENetPolicy(ThresholdPolicy):
         return {**super().tensors(), **g, "exit_distribution": self.exit_distribution}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        from eenn.policies.eenet_scheduler import EENetScheduler
+        from eenn.policies.eenet_scheduler import EENetScheduler  # Lightning: only when a fitted EENet loads
 
         super().load_tensors(tensors)
         self.scheduler = EENetScheduler(self.num_exits, self.num_classes, self.hidden_ratio)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ def init_wandb_run(
     credentials, never a prompt), files under ``dir/wandb/``, no console capture, and any run
     still active in this process finished first, so jobs of an in-process multirun never log into
     each other's runs. ``kwargs`` go to ``wandb.init`` (group, job_type, name, config, tags, ...)."""
-    import wandb
+    import wandb  # here: importing wandb takes seconds, and jobs that log nothing never pay for it
 
     mode = resolve_wandb_mode(mode, key)
     Path(dir).mkdir(parents=True, exist_ok=True)
@@ -100,7 +101,6 @@ def start_wandb_run(
 
 def finish_wandb() -> None:
     """End the active wandb run, so the next job of a multirun does not log into it."""
-    import wandb
-
-    if wandb.run is not None:
+    wandb = sys.modules.get("wandb")  # never imported: no run to end
+    if wandb is not None and wandb.run is not None:
         wandb.finish()
