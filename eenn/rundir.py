@@ -66,10 +66,12 @@ class RunDir:
         return self.config_file.is_file()
 
     def config(self) -> DictConfig:
-        """The job's composed config, as Hydra saved it."""
+        """The job's composed config, as Hydra saved it (in today's key names)."""
         if not self.has_config():
             raise EENNError(f"{str(self.path)!r} holds no {HYDRA_DIR}/config.yaml: it is not the run dir of an eenn app.")
-        return OmegaConf.load(self.config_file)  # type: ignore[return-value]
+        cfg: DictConfig = OmegaConf.load(self.config_file)  # type: ignore[assignment]
+        _rename_registry_keys(cfg)
+        return cfg
 
     # -------------------------------------------------------------------- metrics
     @property
@@ -329,6 +331,18 @@ class PipelineRun(RunDir):
     def results(self) -> list[dict[str, Any]]:
         """The pipeline's results table (compare/results.csv), for notebooks."""
         return self.compare.results()
+
+
+def _rename_registry_keys(cfg: DictConfig) -> None:
+    """Runs saved before every registry key was ``name`` say ``backbone.family`` (with a timm
+    backbone's model in ``backbone.name``) and ``exits.head.type``: read them as they are said now."""
+    backbone, head = cfg.get("backbone"), OmegaConf.select(cfg, "exits.head")
+    if backbone is not None and "family" in backbone:
+        if "name" in backbone:
+            backbone.model = backbone.pop("name")
+        backbone.name = backbone.pop("family")
+    if head is not None and "type" in head:
+        head.name = head.pop("type")
 
 
 # --------------------------------------------------------------------------- checkpoints

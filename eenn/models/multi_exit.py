@@ -151,25 +151,26 @@ def build_multi_exit(
     num_classes: int,
     input_shape: Sequence[int],
 ) -> MultiExitNetwork:
-    """Build the network from the ``backbone`` (``family`` + its arguments) and ``exits`` config groups.
+    """Build the network from the ``backbone`` (``name`` of a registered family + its arguments) and
+    ``exits`` config groups.
 
-    ``exits.head.type: native`` uses the backbone family's own exit heads (MSDNet, B-AlexNet, B-LeNet).
+    ``exits.head.name: native`` uses the backbone family's own exit heads (MSDNet, B-AlexNet, B-LeNet).
     """
     backbone = dict(backbone)
-    family = backbone.pop("family")
+    family = backbone.pop("name")
     # every backbone takes pretrained=false (debug=smoke sets it): a family without weights of its own
     # has no such argument and refuses true
     if "pretrained" not in inspect.signature(BACKBONES.get(family)).parameters and backbone.pop("pretrained", False):
-        raise EENNError(f"backbone.pretrained=true: backbone.family={family!r} has no pretrained weights.")
+        raise EENNError(f"backbone.pretrained=true: backbone.name={family!r} has no pretrained weights.")
     parts = BACKBONES.build(family, num_classes=num_classes, in_chans=int(input_shape[0]), **backbone)
     exits = dict(exits)
-    head_cfg = dict(exits.pop("head", None) or {"type": "linear"})
-    head_type = head_cfg.pop("type")
+    head_cfg = dict(exits.pop("head", None) or {"name": "linear"})
+    head_type = head_cfg.pop("name")
     unknown = set(exits) - {"at", "spacing", "first", "count"}
     if unknown:
         raise EENNError(f"exits has unknown keys {sorted(unknown)}; expected at, spacing, first, count, head.")
     if head_type == "native" and parts.exit_head is None:
-        raise EENNError(f"exits.head.type=native: backbone.family={family!r} has no exit heads of its own; "
+        raise EENNError(f"exits.head.name=native: backbone.name={family!r} has no exit heads of its own; "
                         f"use one of {', '.join(HEADS.names())}.")
     exit_blocks = resolve_exit_blocks(parts, **exits)
     shapes, multiscale = _feature_shapes(parts.units, input_shape)

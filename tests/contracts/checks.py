@@ -6,6 +6,7 @@ and a dataset by adding its YAML, nothing else."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -147,7 +148,7 @@ def check_traits(name: str, example: dict, val: Predictions) -> None:
         assert "p_d" in policy.hparams()
 
 
-def compose_app(app: str, overrides: list[str], search_path: Path | None = None):
+def compose_app(app: str, overrides: Sequence[str], search_path: Path | None = None):
     """An app's config composed from conf/ (and ``search_path``, a folder of further configs)."""
     extra = [f"hydra.searchpath=[file://{search_path}]"] if search_path else []
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
@@ -173,7 +174,7 @@ def check_backbone(name: str) -> None:
     assert [units.index(b) for b in parts.blocks] == sorted(units.index(b) for b in parts.blocks)
     assert set(parts.stages.values()) <= set(parts.blocks)
     torch.manual_seed(0)
-    net = build_multi_exit({"family": name, **kwargs}, {"at": [1], "head": {"type": "linear"}}, 5, SHAPE).eval()
+    net = build_multi_exit({"name": name, **kwargs}, {"at": [1], "head": {"name": "linear"}}, 5, SHAPE).eval()
     x = torch.randn(2, *SHAPE)
     with torch.no_grad():
         full = net(x)
@@ -190,33 +191,35 @@ def check_backbone_yaml(option: str, search_path: Path | None = None) -> None:
     """A backbone YAML (conf/backbone/<option>.yaml) names a registered family and only arguments
     its factory takes."""
     cfg = compose_app("train", [f"backbone={option}"], search_path)
-    family = cfg.backbone.family
+    family = cfg.backbone.name
     assert family in BACKBONES, option
     params = inspect.signature(BACKBONES.get(family)).parameters
-    assert set(cfg.backbone) - {"family"} <= set(params), option
+    assert set(cfg.backbone) - {"name"} <= set(params), option
 
 
 # ------------------------------------------------------------------------------- datasets
-def check_data_yaml(option: str, search_path: Path | None = None) -> None:
+def check_data_yaml(option: str, overrides: Sequence[str] = (), search_path: Path | None = None) -> None:
     """A dataset YAML (conf/data/<option>.yaml) names a registered source and declares the form
     of its data (data.meta): an image shape [C, H, W] and a class count, each or left open."""
-    data = compose_app("train", [f"data={option}"], search_path).data
+    data = compose_app("train", [f"data={option}", *overrides], search_path).data
     assert data.name in SOURCES, option
     shape, classes = data.meta.input_shape, data.meta.num_classes
     assert shape is None or (len(shape) == 3 and all(is_number(d, integer=True) and d > 0 for d in shape)), option
     assert classes is None or (is_number(classes, integer=True) and classes > 1), option
 
 
-def datamodule(option: str, overrides: list[str] = (), search_path: Path | None = None) -> EENNDataModule:
+def datamodule(option: str, overrides: Sequence[str] = (), search_path: Path | None = None) -> EENNDataModule:
     """The data module a dataset YAML builds (set up), with ``overrides``."""
     dm = instantiate(compose_app("train", [f"data={option}", *overrides], search_path).data, _convert_="all")
     dm.setup("fit")
     return dm
 
 
-def check_the_stand_in_has_the_declared_form(option: str, search_path: Path | None = None) -> None:
+def check_the_stand_in_has_the_declared_form(
+    option: str, overrides: Sequence[str] = (), search_path: Path | None = None
+) -> None:
     """debug=smoke puts random images of the declared form in the dataset's place."""
-    dm = datamodule(option, ["debug=smoke"], search_path)
+    dm = datamodule(option, ["debug=smoke", *overrides], search_path)
     x, y = next(iter(dm.train_dataloader()))
     shape, classes = dm.meta["input_shape"], dm.meta["num_classes"]
     assert dm.name == "random"
@@ -224,9 +227,11 @@ def check_the_stand_in_has_the_declared_form(option: str, search_path: Path | No
     assert classes is None or dm.num_classes == classes
 
 
-def check_the_declared_form_is_the_real_one(option: str, search_path: Path | None = None) -> None:
+def check_the_declared_form_is_the_real_one(
+    option: str, overrides: Sequence[str] = (), search_path: Path | None = None
+) -> None:
     """The dataset's own files hold what its YAML declares (for a dataset at hand)."""
-    dm = datamodule(option, [], search_path)
+    dm = datamodule(option, overrides, search_path)
     x, _ = next(iter(dm.split_loader("val")))
     assert tuple(x.shape[1:]) == tuple(dm.meta["input_shape"]) == tuple(dm.input_shape)
     assert dm.num_classes == dm.meta["num_classes"]

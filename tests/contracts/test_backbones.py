@@ -23,5 +23,5 @@ def test_backbone_yaml(option):
 
 
 def test_every_family_has_a_yaml():
-    families = {checks.compose_app("train", [f"backbone={o}"]).backbone.family for o in YAMLS}
+    families = {checks.compose_app("train", [f"backbone={o}"]).backbone.name for o in YAMLS}
     assert families == set(BACKBONES.names())

@@ -36,7 +36,7 @@ def run_dir(tmp_path: Path) -> Path:
         preds.source_run = str(run)  # as eenn-train writes it
         preds.save(run / "predictions" / f"{split}.safetensors")
     (run / "metrics.json").write_text(json.dumps({"data": "digits", "training": "joint",
-                                                  "backbone": {"family": "cifar_resnet", "depth": 20}}))
+                                                  "backbone": {"name": "cifar_resnet", "depth": 20}}))
     return run
 
 
