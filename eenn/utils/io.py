@@ -61,11 +61,27 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str]) -> Path:
-    """A safetensors file written atomically (a crash never leaves a half-written one)."""
+    """A safetensors file written atomically (a crash never leaves a half-written one), the same
+    bytes for the same content."""
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        _sort_metadata(tmp)
     return path
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header in place with its metadata in key order: safetensors writes
+    the metadata map in a random order per process, so equal files would differ in their bytes.
+    The same entries, serialised compactly as safetensors does, take the same length."""
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:
+            fh.seek(8)
+            fh.write(text.ljust(size))
 
 
 def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, Any], dict[str, str]]:
