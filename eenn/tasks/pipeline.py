@@ -52,7 +52,8 @@ def fit_jobs(cfg: DictConfig, fractions: list[float], num_exits: int) -> list[tu
     (static) once per exit instead."""
     jobs = []
     for policy in cfg.pipeline.policies:
-        extra = [override(f"policy.{k}", v) for k, v in (cfg.pipeline.policy_overrides.get(policy) or {}).items()]
+        given = cfg.pipeline.policy_overrides.get(policy)
+        extra = [override(f"policy.{k}", v) for k, v in (OmegaConf.to_container(given, resolve=True) if given else {}).items()]
         if policy_class(policy).per_exit_only:
             jobs += [(f"{policy}_exit{k}", [f"policy={policy}", f"policy.exit={k}", "budget.fraction=1.0", *extra])
                      for k in range(num_exits)]
