@@ -46,8 +46,8 @@ import torch  # noqa: E402
 from common import add_output_args, output_path  # noqa: E402
 
 from eenn.evaluation.offline import evaluate  # noqa: E402
-from eenn.evaluation.predictions import Predictions  # noqa: E402
 from eenn.policies import build_policy  # noqa: E402
+from eenn.predictions import Predictions  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

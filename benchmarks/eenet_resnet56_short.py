@@ -32,9 +32,9 @@ from omegaconf import OmegaConf, open_dict  # noqa: E402
 
 from eenn.cli.common import conf_dir  # noqa: E402
 from eenn.evaluation.offline import evaluate  # noqa: E402
-from eenn.evaluation.predictions import Predictions  # noqa: E402
 from eenn.policies import build_policy  # noqa: E402
-from eenn.training.run import train  # noqa: E402
+from eenn.rundir import Stage1Run  # noqa: E402
+from eenn.tasks.train import train  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,8 +60,7 @@ def stage1(epochs: int, run_dir: Path, extra: list[str]) -> dict:
 
 
 def stage2(run_dir: Path, experiment_stage2: dict, unit: str) -> list[dict]:
-    val = Predictions.load(run_dir / "predictions" / "val.safetensors")
-    test = Predictions.load(run_dir / "predictions" / "test.safetensors")
+    val, test = Stage1Run(run_dir).predictions("val"), Stage1Run(run_dir).predictions("test")
     full = float(val.costs_in(unit)[-1])
     methods = {**BASELINES, "EENet": experiment_stage2["policy"]}
     rows = []

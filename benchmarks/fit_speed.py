@@ -24,9 +24,9 @@ import torch
 from common import add_output_args, output_path
 
 from eenn.evaluation.offline import evaluate
-from eenn.evaluation.predictions import Predictions
 from eenn.policies import POLICIES, ExitPolicy, build_policy
 from eenn.policies.synthetic import synthetic_predictions
+from eenn.predictions import Predictions
 from eenn.utils.io import write_json
 
 OUT = Path(__file__).resolve().parent / "results" / "fit_speed.json"

@@ -50,10 +50,10 @@ from eenn.utils.io import write_json
 
 OUT = Path(__file__).resolve().parent / "results" / "inference_speed.json"
 BACKBONES: dict[str, dict[str, Any]] = {
-    "cifar_resnet56": {"backbone": {"family": "cifar_resnet", "depth": 56},
-                       "exits": {"at": "stages", "head": {"type": "conv_pool"}}, "shape": (3, 32, 32)},
-    "timm_resnet18_64px": {"backbone": {"family": "timm", "name": "resnet18"},
-                           "exits": {"at": ["layer1", "layer2"], "head": {"type": "conv_pool"}}, "shape": (3, 64, 64)},
+    "cifar_resnet56": {"backbone": {"name": "cifar_resnet", "depth": 56},
+                       "exits": {"at": "stages", "head": {"name": "conv_pool"}}, "shape": (3, 32, 32)},
+    "timm_resnet18_64px": {"backbone": {"name": "timm", "model": "resnet18"},
+                           "exits": {"at": ["layer1", "layer2"], "head": {"name": "conv_pool"}}, "shape": (3, 64, 64)},
 }
 MIXES = {"40/30/30": (0.4, 0.3, 0.3), "60/20/20": (0.6, 0.2, 0.2)}
 

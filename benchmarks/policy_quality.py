@@ -23,7 +23,6 @@ Writes ``benchmarks/results/policy_quality.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -41,9 +40,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from eenn.cli.common import conf_dir  # noqa: E402
-from eenn.evaluation.predictions import Predictions  # noqa: E402
-from eenn.policies.fitting import fit_run  # noqa: E402
-from eenn.training.run import train  # noqa: E402
+from eenn.rundir import Stage1Run  # noqa: E402
+from eenn.tasks.fit import fit_run  # noqa: E402
+from eenn.tasks.train import train  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,10 +130,9 @@ def main() -> None:
         stage1 = train_stage1(data, args.backbone, args.epochs, run_dir, args.train_overrides)
     else:
         run_dir = args.run_dir
-        stage1 = json.loads((run_dir / "metrics.json").read_text())
+        stage1 = Stage1Run(run_dir).metrics()
     run_dir = run_dir.resolve()
-    val = Predictions.load(run_dir / "predictions" / "val.safetensors")
-    test = Predictions.load(run_dir / "predictions" / "test.safetensors")
+    val, test = Stage1Run(run_dir).predictions("val"), Stage1Run(run_dir).predictions("test")
     costs = val.costs_in("flops")
     first = float(costs[0] / costs[-1])
     fractions = [first + (1 - first) * i / 6 for i in range(1, 6)]  # strictly between the first and last exit

@@ -47,8 +47,8 @@ def resume_equality(tmp: Path) -> dict[str, bool]:
     """A run crashed mid-epoch and resumed with ckpt_path=last ends as the uninterrupted run: the
     same predictions and the same last checkpoint (weights, optimiser state)."""
     sys.path.insert(0, str(REPO))
-    from eenn.evaluation.predictions import Predictions
-    from eenn.training.run import train
+    from eenn.rundir import Stage1Run
+    from eenn.tasks.train import train
     from tests.reliability.crash import SimulatedCrash
 
     small = ["logger=csv", "trainer.max_epochs=3", "trainer.limit_train_batches=6", "cost.latency=false",
@@ -61,11 +61,9 @@ def resume_equality(tmp: Path) -> dict[str, bool]:
     except SimulatedCrash:
         crashed = True
     train(_compose([*small, "ckpt_path=last"], tmp / "resumed"))
-    same_predictions = all(
-        torch.equal(Predictions.load(tmp / "resumed" / "predictions" / f"{s}.safetensors").logits,
-                    Predictions.load(tmp / "whole" / "predictions" / f"{s}.safetensors").logits)
-        for s in ("val", "test"))
-    last = [torch.load(tmp / r / "checkpoints" / "last.ckpt", weights_only=True) for r in ("whole", "resumed")]
+    whole, resumed = Stage1Run(tmp / "whole"), Stage1Run(tmp / "resumed")
+    same_predictions = all(torch.equal(resumed.predictions(s).logits, whole.predictions(s).logits) for s in ("val", "test"))
+    last = [torch.load(r.checkpoint("last"), weights_only=True) for r in (whole, resumed)]
     same_last = last[0]["global_step"] == last[1]["global_step"] and all(
         torch.equal(v, last[1]["state_dict"][k]) for k, v in last[0]["state_dict"].items())
     return {"crashed": crashed, "same_predictions": same_predictions, "same_last_checkpoint": same_last,
@@ -75,7 +73,7 @@ def resume_equality(tmp: Path) -> dict[str, bool]:
 def ddp_coverage(tmp: Path) -> bool:
     """2-process DDP on CPU: every val/test sample once, in dataset order."""
     from eenn.data import EENNDataModule
-    from eenn.evaluation.predictions import Predictions
+    from eenn.rundir import Stage1Run
 
     env = {**os.environ, "EENN_ROOT": str(tmp / "ddp")}
     subprocess.run([str(BIN / "eenn-train"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
@@ -84,14 +82,15 @@ def ddp_coverage(tmp: Path) -> bool:
     (run,) = (tmp / "ddp" / "outputs" / "train" / "runs").iterdir()
     dm = EENNDataModule(name="digits", val_size=0.2, seed=0)
     dm.setup()
-    return all(torch.equal(Predictions.load(run / "predictions" / f"{s}.safetensors").labels, ds.y)
+    return all(torch.equal(Stage1Run(run).predictions(s).labels, ds.y)
                for s, ds in (("val", dm.val_set), ("test", dm.test_set)))
 
 
 def large_fit(tmp: Path, n: int, k: int, c: int, policy: str) -> dict:
     """eenn-fit on synthetic predictions of n samples x k exits x c classes, in a child process
     whose peak resident memory is read from the kernel (ru_maxrss)."""
-    from eenn.evaluation.predictions import Predictions
+    from eenn.predictions import Predictions
+    from eenn.rundir import FitRun
 
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, c, (n,), generator=g)
@@ -109,7 +108,7 @@ def large_fit(tmp: Path, n: int, k: int, c: int, policy: str) -> dict:
                                  f"predictions.test={tmp / 'test.safetensors'}", f"policy={policy}",
                                  "budget.fraction=0.5", f"hydra.run.dir={tmp / 'fit'}"], stdout=log, stderr=log)
         _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage: its peak resident memory
-    ok = os.waitstatus_to_exitcode(status) == 0 and (tmp / "fit" / "metrics.json").is_file()
+    ok = os.waitstatus_to_exitcode(status) == 0 and FitRun(tmp / "fit").finished()
     return {"samples": n, "exits": k, "classes": c, "policy": policy, "completed": ok,
             "file_gb_per_split": round(file_gb, 2), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
             "seconds": round(time.perf_counter() - t0, 1),

@@ -22,7 +22,7 @@ them alike; the first window warms up and is dropped; images/s per contestant an
 eenn/plain per window are reported as medians. Besides: eenn's time to the first step (from
 ``train(cfg)`` to its first batch) and its end-of-run time (last batch to ``train`` returning:
 test pass, predictions, metrics), from a short real ``train()`` call, and the import time of
-``eenn.training.run`` in a fresh interpreter.
+``eenn.tasks.train`` in a fresh interpreter.
 
 Writes ``benchmarks/results/train_speed.json``.
 
@@ -61,8 +61,8 @@ from torchvision.transforms import v2  # noqa: E402
 from eenn.cli.common import conf_dir  # noqa: E402
 from eenn.cost import profile_costs  # noqa: E402
 from eenn.data.augment import BatchAugment  # noqa: E402
+from eenn.tasks.train import build_module, build_network, instantiate_group, train  # noqa: E402
 from eenn.training.gater import Gater  # noqa: E402
-from eenn.training.run import build_module, build_network, instantiate_group, train  # noqa: E402
 from eenn.utils.config import instantiate  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
 
@@ -279,7 +279,7 @@ def start_and_end(method: str, data: str, device: str, precision: str, tmp: Path
     probe = FirstLast()
     with open_dict(cfg):
         cfg.callbacks.first_last = {"_target_": f"{__name__}.FirstLast"}
-    import eenn.training.run as run_mod
+    import eenn.tasks.train as run_mod
 
     original = run_mod.instantiate_group
 
@@ -297,7 +297,7 @@ def start_and_end(method: str, data: str, device: str, precision: str, tmp: Path
 
 
 def import_seconds() -> float:
-    code = "import time; t = time.perf_counter(); import eenn.training.run; print(time.perf_counter() - t)"
+    code = "import time; t = time.perf_counter(); import eenn.tasks.train; print(time.perf_counter() - t)"
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                 env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout.strip())
 

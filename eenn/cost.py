@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from eenn.models.multi_exit import MultiExitNetwork
+from eenn.models.multi_exit import Features, MultiExitNetwork
 
 
 @dataclass
@@ -90,8 +90,9 @@ def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _median_ms(fn, x: torch.Tensor, warmup: int, repeats: int) -> float:
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+def _median_ms(fn, x: Features, warmup: int, repeats: int) -> float:
+    first = x if isinstance(x, torch.Tensor) else x[0]  # MSDNet's stages hand on every scale
+    sync = torch.cuda.synchronize if first.is_cuda else (lambda: None)
     for _ in range(warmup):
         fn(x)
     sync()

@@ -6,7 +6,7 @@ from eenn.models import build_multi_exit
 
 
 def _net(depth, exits=None, head="conv_pool"):
-    return build_multi_exit({"family": "cifar_resnet", "depth": depth}, exits or {"at": "stages", "head": {"type": head}},
+    return build_multi_exit({"name": "cifar_resnet", "depth": depth}, exits or {"at": "stages", "head": {"name": head}},
                             num_classes=10, input_shape=(3, 32, 32))
 
 
@@ -18,7 +18,7 @@ def test_plain_cifar_resnet_macs_match_published_counts(depth, published_mmacs):
 
 
 def test_costs_accumulate_stages_and_every_earlier_head():
-    net = _net(20, {"spacing": "even", "first": 2, "count": 3, "head": {"type": "conv_stack", "depth": 2}})
+    net = _net(20, {"spacing": "even", "first": 2, "count": 3, "head": {"name": "conv_stack", "depth": 2}})
     costs = profile_costs(net, (3, 32, 32), latency=True, latency_batch_size=2, repeats=2, warmup=1)
     for unit in ("flops", "macs", "params", "latency_ms"):
         vals = costs.per_exit(unit)

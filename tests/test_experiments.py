@@ -1,23 +1,26 @@
 """Every paper setting in conf/experiment: it composes, its model builds, runs and has a cost
-profile, its stage-1 optimiser and stage-2 policy are valid, and its smoke variant trains end to end
-on random data of the paper's shape. Also the datasets those settings add (svhn, random)."""
+profile, its stage-1 optimiser and stage-2 policy are valid, and its smoke run (debug=smoke) trains
+end to end on random data of the paper's shape; eenn-pipeline runs its stage 2. Also the datasets
+those settings add (svhn, random)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
-from eenn.cost import CostProfile, profile_costs
+from eenn.cli.common import conf_dir
+from eenn.cost import profile_costs
 from eenn.data import EENNDataModule
 from eenn.data.sources import SOURCES
 from eenn.errors import EENNError
-from eenn.evaluation.predictions import Predictions
 from eenn.policies import build_policy
-from eenn.training.run import build_module, build_network, train
+from eenn.rundir import PipelineRun, Stage1Run
+from eenn.tasks.pipeline import run_pipeline
+from eenn.tasks.train import build_module, build_network, train
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "conf" / "experiment"
 # ImageNet-sized MSDNet-35 (62 M parameters): building and profiling it takes ~30 s, training its
@@ -37,19 +40,16 @@ def _params(names: set[str], slow: set[str]) -> list:
     return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in sorted(names)]
 
 
-def test_every_paper_setting_has_a_smoke_variant():
-    names = {p.stem for p in EXPERIMENTS.glob("*.yaml")}
-    papers = {n for n in names if not n.endswith("_smoke")}
-    assert papers == set(NUM_EXITS)
-    assert names - papers == {f"{n}_smoke" for n in papers}
+def test_every_paper_setting_is_listed():
+    assert {p.stem for p in EXPERIMENTS.glob("*.yaml")} == set(NUM_EXITS)
 
 
 @pytest.mark.parametrize("name", _params(set(NUM_EXITS), SLOW))
 def test_experiment_composes_builds_runs_and_profiles(name, compose_cfg):
     cfg = compose_cfg("train", [f"experiment={name}"])
-    smoke = compose_cfg("train", [f"experiment={name}_smoke"])
-    # the smoke variant differs in data, trainer, logger, cost and (no download) pretrained weights
-    # only, and imitates the paper's data
+    smoke = compose_cfg("train", [f"experiment={name}", "debug=smoke"])
+    # the smoke run differs in data, trainer, logger, cost and (no download) pretrained weights
+    # only, and imitates the paper's data: the form its data config declares
     def model(c):
         backbone = {k: v for k, v in OmegaConf.to_container(c.backbone).items() if k != "pretrained"}
         return backbone, *(OmegaConf.to_container(c[g]) for g in ("exits", "training", "stage2"))
@@ -57,10 +57,11 @@ def test_experiment_composes_builds_runs_and_profiles(name, compose_cfg):
     assert model(cfg) == model(smoke)
     shape, classes = PAPER_DATA[cfg.data.name]
     classes = len(cfg.data.classes) if cfg.data.classes else classes
-    assert tuple(smoke.data.source_kwargs.image_shape) == shape and smoke.data.source_kwargs.num_classes == classes
+    assert tuple(cfg.data.meta.input_shape) == shape and cfg.data.meta.num_classes == classes
+    assert smoke.data.name == "random" and smoke.data.meta == cfg.data.meta and smoke.data.classes is None
 
-    dm = EENNDataModule(name="random", val_size=2, source_kwargs={"image_shape": list(shape), "num_classes": classes,
-                                                                   "train_size": 4, "test_size": 2})
+    dm = EENNDataModule(name="random", val_size=2, source_kwargs={"train_size": 4, "test_size": 2},
+                        meta=OmegaConf.to_container(smoke.data.meta, resolve=True))
     network = build_network(smoke, dm)
     assert network.num_exits == NUM_EXITS[name]
     network.eval()
@@ -84,19 +85,33 @@ def test_experiment_composes_builds_runs_and_profiles(name, compose_cfg):
 @pytest.mark.parametrize("name", _params(set(NUM_EXITS), SLOW_SMOKE))
 def test_smoke_run_trains_two_batches_and_writes_a_complete_run_dir(name, compose_cfg, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    cfg = compose_cfg("train", [f"experiment={name}_smoke"])
-    assert cfg.data.name == "random" and cfg.trainer.limit_train_batches == 2 and not cfg.cost.latency
+    cfg = compose_cfg("train", [f"experiment={name}", "debug=smoke"])
+    assert cfg.data.name == "random" and cfg.trainer.limit_train_batches == 2 and cfg.cost.repeats == 2
     metrics = train(cfg)
-    run = Path(cfg.paths.output_dir)
+    run = Stage1Run(cfg.paths.output_dir)
     k = NUM_EXITS[name]
-    assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
-    assert (run / "csv" / "metrics.csv").is_file()
-    costs = CostProfile.from_dict(json.loads((run / "costs.json").read_text()))
+    assert run.checkpoint("best").is_file() and run.checkpoint("last").is_file()
+    assert (run.path / "csv" / "metrics.csv").is_file()
+    costs = run.costs()
     assert len(costs.exits) == k and metrics["exit_names"] == [e.name for e in costs.exits]
-    assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
+    assert run.metrics()["epochs"] == 1
     for split in ("val", "test"):
-        p = Predictions.load(run / "predictions" / f"{split}.safetensors")
-        assert p.logits.shape[1:] == (k, cfg.data.source_kwargs.num_classes)
+        p = run.predictions(split)
+        assert p.logits.shape[1:] == (k, cfg.data.meta.num_classes)
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_an_experiments_stage2(compose_cfg, monkeypatch):
+    """eenn-pipeline experiment=<name> fits the paper's policy over the paper's sweep (here DEEx's p_d)."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = compose_cfg("pipeline", ["experiment=deex_alexnet_cifar10_binary", "debug=smoke"])
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):  # the pipeline composes eenn-fit's config
+        comp = run_pipeline(cfg)
+    fits = sorted(p.name for p in PipelineRun(cfg.paths.output_dir).fit_dir.iterdir())
+    p_ds = cfg.stage2.sweep.policy.p_d
+    assert fits == sorted(f"deex_p_d={v}" for v in p_ds)
+    assert {r["policy"] for r in comp.rows} == {"deex"} and len(comp.rows) == len(p_ds)
+    assert {r["cost_unit"] for r in comp.rows} == {"latency_ms"}
 
 
 # ------------------------------------------------------------------ datasets

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.predictions import Predictions, check_compatible
+from eenn.predictions import Predictions, check_compatible
 
 
 def _preds(n=6, k=3, c=4, **kw):
@@ -45,3 +45,11 @@ def test_truncated_missing_and_nan_files_are_refused(tmp_path):
 def test_val_and_test_must_match():
     with pytest.raises(EENNError, match="K=3 exits .* K=2"):
         check_compatible(_preds(), _preds(k=2))
+
+
+def test_the_same_predictions_give_the_same_bytes(tmp_path):
+    """safetensors writes its metadata in a random order; eenn's files do not differ for it."""
+    p = _preds()
+    files = [p.save(tmp_path / f"{i}.safetensors").read_bytes() for i in range(6)]
+    assert all(f == files[0] for f in files)
+    assert Predictions.load(tmp_path / "0.safetensors").exit_names == p.exit_names

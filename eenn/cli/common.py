@@ -1,4 +1,9 @@
-"""What every Hydra entry point shares: where the configs are, and how bad input is reported."""
+"""What every Hydra entry point shares: where the configs are, and how bad input is reported.
+
+Every CLI module imports this one before Hydra parses the command line, so it imports nothing
+heavy at the top: the run-dir objects (torch) and wandb come in where a job failed, so that
+``--help`` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,14 @@ import functools
 import logging
 import os
 import secrets
-import shutil
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from eenn.errors import EENNError
@@ -47,77 +52,48 @@ if not OmegaConf.has_resolver("eenn.launch_id"):
     OmegaConf.register_new_resolver("eenn.launch_id", _launch_id, use_cache=True)
 
 
-def _remove_empty_run_dir() -> None:
-    """A job refused for bad input leaves no run dir behind, unless it holds more than Hydra's own
-    config and log (a resumed run's checkpoints, say): finished outputs are never deleted."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if not run_dir.is_dir():
-        return
-    own = {".hydra", f"{HydraConfig.get().job.name}.log"}
-    if all(p.name in own for p in run_dir.iterdir()):
-        logging.shutdown()
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
 def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def _record_failure(exc: BaseException) -> None:
-    """In a sweep, a failed job writes error.json and lets the others run (eenn-compare lists it)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from eenn.utils.io import write_json
-
-    out = Path(HydraConfig.get().runtime.output_dir)
-    write_json(out / "error.json", {
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "overrides": list(HydraConfig.get().overrides.task),
-        "traceback": "" if isinstance(exc, EENNError) else traceback.format_exc(),
-    })
-    log.error("job %s failed (%s: %s); the sweep goes on", out.name, type(exc).__name__, exc)
 
 
 def report_errors(task: Callable[..., Any]) -> Callable[..., Any]:
     """Turn an EENNError into one clear line on stderr and exit code 2, instead of a traceback.
-    In a multirun, any failure is recorded in the job's error.json and the sweep continues."""
+    In a multirun, any failure is recorded in the job's run dir and the sweep continues."""
 
     @functools.wraps(task)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         try:
             return task(*args, **kwargs)
         except Exception as exc:
-            if _in_multirun():
-                from eenn.utils.loggers import finish_wandb
+            from eenn.rundir import RunDir  # here, not at the top: see the module's docstring
+            from eenn.utils.loggers import finish_wandb
 
-                _record_failure(exc)
+            run = RunDir(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+            if _in_multirun() and run is not None:
+                run.write_error(exc, list(HydraConfig.get().overrides.task))
+                log.error("job %s failed (%s: %s); the sweep goes on", run.path.name, type(exc).__name__, exc)
                 finish_wandb()
                 return None
             if not isinstance(exc, EENNError):
                 raise
             log.error("%s", exc)
             print(f"error: {exc}", file=sys.stderr)
-            _remove_empty_run_dir()
+            if run is not None:  # a refused job leaves no run dir behind
+                run.remove_if_only_hydra_files(HydraConfig.get().job.name)
             sys.exit(2)
 
     return wrapped
 
 
 class SweepSummary(Callback):
-    """At the end of a multirun: say how many jobs failed (their error.json) and exit non-zero if any."""
+    """At the end of a multirun: say how many jobs failed and exit non-zero if any."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from eenn.rundir import ERROR_FILE, failed_jobs  # here, not at the top: see the module's docstring
+
         sweep = Path(config.hydra.sweep.dir)
-        failed = sorted(p.parent.name for p in sweep.glob("*/error.json"))
+        failed = failed_jobs(sweep)
         if failed:
-            print(f"error: {len(failed)} job(s) of the sweep in {sweep} failed: {', '.join(failed)} (see their error.json)",
+            print(f"error: {len(failed)} job(s) of the sweep in {sweep} failed: {', '.join(failed)} (see their {ERROR_FILE})",
                   file=sys.stderr)
             sys.exit(1)

@@ -18,13 +18,10 @@ from eenn.cli.common import conf_dir, quiet_environment, report_errors
 @hydra.main(config_path=conf_dir(), config_name="fit", version_base="1.3")
 @report_errors
 def main(cfg: DictConfig) -> None:
-    # imported after Hydra parsed the command line, so that --help stays fast
-    from hydra.core.hydra_config import HydraConfig
-
-    from eenn.policies.fitting import fit_run
+    from eenn.tasks.fit import fit_run  # after Hydra parsed the command line: --help stays fast
 
     quiet_environment()
-    fit_run(cfg, HydraConfig.get().runtime.output_dir)
+    fit_run(cfg, cfg.paths.output_dir)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """``eenn-infer``: run a stage-1 network with a fitted exit policy, skipping layers for real.
 
     eenn-infer policy_dir=<eenn-fit run dir>
-    eenn-infer run_dir=<stage-1 run dir> policy_file=<policy.safetensors> mode=rebatch
+    eenn-infer run_dir=<stage-1 run dir> policy_file=<policy file> mode=rebatch
     eenn-infer -m policy_dir=<a>,<b> batch_size=1,128
 """
 
@@ -16,13 +16,10 @@ from eenn.cli.common import conf_dir, quiet_environment, report_errors
 @hydra.main(config_path=conf_dir(), config_name="infer", version_base="1.3")
 @report_errors
 def main(cfg: DictConfig) -> None:
-    # imported after Hydra parsed the command line, so that --help stays fast
-    from hydra.core.hydra_config import HydraConfig
-
-    from eenn.inference.run import infer
+    from eenn.tasks.infer import infer  # after Hydra parsed the command line: --help stays fast
 
     quiet_environment()
-    infer(cfg, HydraConfig.get().runtime.output_dir)
+    infer(cfg, cfg.paths.output_dir)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from eenn.cli.common import conf_dir, quiet_environment, report_errors
 @hydra.main(config_path=conf_dir(), config_name="train", version_base="1.3")
 @report_errors
 def main(cfg: DictConfig) -> None:
-    from eenn.training.run import train  # after Hydra parsed the command line: --help stays fast
+    from eenn.tasks.train import train  # after Hydra parsed the command line: --help stays fast
 
     quiet_environment()
     train(cfg)

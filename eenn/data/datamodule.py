@@ -13,12 +13,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from timm.data.auto_augment import rand_augment_transform
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 
 from eenn.data.augment import BatchAugment
 from eenn.data.sources import IMAGENET_MEAN, IMAGENET_STD, SOURCES, FolderSource, Source
-from eenn.errors import EENNError
+from eenn.errors import EENNError, is_number
 
 AUGMENTATIONS = ("none", "cifar")
 
@@ -35,7 +37,7 @@ def _class_selection(
     for c in classes:
         if isinstance(c, str) and c in class_names:
             ids.append(class_names.index(c))
-        elif isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(class_names):
+        elif is_number(c, integer=True) and 0 <= c < len(class_names):
             ids.append(c)
         else:
             raise EENNError(f"data.classes: {c!r} is not a class of this dataset; classes: {class_names}.")
@@ -94,6 +96,9 @@ class EENNDataModule(pl.LightningDataModule):
     (:meth:`train_batch_transform` does the same for a loop of one's own). Evaluation loaders
     always hand out normalised float batches. RandAugment works on PIL images, so with
     ``randaugment`` set, and for image folders, training images go through per-sample transforms.
+
+    ``meta`` declares the form of the data, ``input_shape`` [C, H, W] and ``num_classes``: the
+    dataset's source reads the real form from its files, the ``random`` stand-in makes this one.
     """
 
     def __init__(
@@ -115,6 +120,7 @@ class EENNDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         source_kwargs: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if augment not in AUGMENTATIONS:
@@ -132,6 +138,7 @@ class EENNDataModule(pl.LightningDataModule):
         self._erasing: Any = None
         self.batch_size, self.eval_batch_size, self.num_workers, self.seed = batch_size, eval_batch_size, num_workers, seed
         self.source_kwargs = dict(source_kwargs or {})
+        self.meta = dict(meta or {})
         self._src: Source | None = None
 
     # --- what the model needs to know before training -----------------------------------------
@@ -140,8 +147,11 @@ class EENNDataModule(pl.LightningDataModule):
             self._build_source(download=True)
 
     def _build_source(self, download: bool) -> Source:
+        # every source is told the declared form: the random stand-in makes it, the others read theirs
+        declared = {"image_shape": self.meta.get("input_shape"), "num_classes": self.meta.get("num_classes")}
+        kwargs = {**{k: v for k, v in declared.items() if v is not None}, **self.source_kwargs}
         return SOURCES.build(self.name, root=str(Path(self.root)), download=download, path=self.path,
-                             seed=self.seed, **self.source_kwargs)
+                             seed=self.seed, **kwargs)
 
     def _load(self) -> Source:
         if self._src is None:
@@ -194,8 +204,6 @@ class EENNDataModule(pl.LightningDataModule):
 
     def _random_erasing(self) -> Any:
         """timm's RandomErasing (per image, or over a batch: it takes both), or None when off."""
-        from timm.data.random_erasing import RandomErasing
-
         return RandomErasing(self.random_erasing, mode="pixel", device="cpu") if self.random_erasing > 0 else None
 
     def train_batch_transform(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,8 +227,6 @@ class EENNDataModule(pl.LightningDataModule):
     def _recipe_transforms(self, size: int, mean: list[float], tail: list[v2.Transform]) -> list[v2.Transform]:
         """``tail`` wrapped in the optional timm recipe: RandAugment (on PIL images, before the
         tensor conversion) and random erasing (on the normalised tensor), as timm's create_transform."""
-        from timm.data.auto_augment import rand_augment_transform
-
         out: list[v2.Transform] = []
         if self.randaugment:
             fill = tuple(round(255 * m) for m in mean)

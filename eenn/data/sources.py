@@ -14,7 +14,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision
 from torch.utils.data import Dataset
+from torchvision.datasets import SVHN, ImageFolder
+from torchvision.datasets.folder import default_loader
 
 from eenn.errors import EENNError
 from eenn.registry import Registry
@@ -45,8 +48,6 @@ class FileImageDataset(Dataset):
         return len(self.y)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from torchvision.datasets.folder import default_loader
-
         return self.transform(default_loader(self.paths[i])), self.y[i]
 
 
@@ -108,6 +109,7 @@ def _nchw(x: np.ndarray, source: str) -> torch.Tensor:
 def digits(test_fraction: float = 0.2, seed: int = 0, **_: object) -> ArraySource:
     """scikit-learn's bundled 8x8 digits (no network): the embedded default. It has no official
     test split, so a seeded, stratified ``test_fraction`` is held out."""
+    # scikit-learn takes a second to import and only the digits need it
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -134,8 +136,6 @@ def _fetch(name: str, root: str, download: bool, holds: str, load: Callable[[], 
 
 
 def _torchvision(cls_name: str, root: str, download: bool, name: str) -> ArraySource:
-    import torchvision
-
     cls = getattr(torchvision.datasets, cls_name)
     train, test = _fetch(name, root, download, "it",
                          lambda: tuple(cls(root, train=t, download=download) for t in (True, False)))
@@ -160,8 +160,6 @@ def cifar100(root: str, download: bool = False, **_: object) -> ArraySource:
 def svhn(root: str, download: bool = False, **_: object) -> ArraySource:
     """SVHN's train (73,257) and test (26,032) digits through torchvision (the 531k ``extra`` images
     are not used); the digit 0 is class 0."""
-    from torchvision.datasets import SVHN
-
     train, test = _fetch("svhn", root, download, "train_32x32.mat and test_32x32.mat",
                          lambda: tuple(SVHN(root, split=s, download=download) for s in ("train", "test")))
     return ArraySource(
@@ -216,8 +214,6 @@ def npz(path: str, **_: object) -> ArraySource:
 @SOURCES.register("imagefolder")
 def imagefolder(root: str, test_dir: str = "val", **_: object) -> FolderSource:
     """ImageNet-style folders; ``data.root`` holds ``train/`` and ``test_dir`` (``val/`` for ImageNet)."""
-    from torchvision.datasets import ImageFolder
-
     dirs = [Path(root) / "train", Path(root) / test_dir]
     for d in dirs:
         if not d.is_dir():

@@ -1,18 +1,23 @@
 """The comparison plots: accuracy vs cost, exit distributions, confusion matrices.
 
 Figures are made without pyplot, so writing them needs no display and leaves a notebook's own
-backend alone; :func:`accuracy_vs_cost` draws on any Axes, a notebook's included."""
+backend alone; :func:`accuracy_vs_cost` draws on any Axes, a notebook's included. The ``plot_*``
+functions return (name, figure) pairs; :func:`save_png` writes one where the caller says.
+"""
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from eenn.evaluation.compare import Comparison, Model
+from eenn.evaluation.compare import Comparison, Model, per_exit
+from eenn.policies import budget_ceiling, policy_class
 from eenn.utils.io import atomic_path
 
 UNIT_LABEL = {"flops": "average FLOPs per sample", "macs": "average MACs per sample",
@@ -25,7 +30,7 @@ def _scale(unit: str, values: list[float]) -> tuple[list[float], str]:
     return values, UNIT_LABEL.get(unit, unit)
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_png(fig: Figure, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     return path
@@ -34,7 +39,7 @@ def _save(fig: Figure, path: Path) -> Path:
 def accuracy_vs_cost(comp: Comparison, model: Model, unit: str, ax: Axes) -> None:
     """Budgeted batch classification (MSDNet's protocol): test accuracy against realised average
     cost, one curve per policy; per-exit static points (anytime) and the oracle ceiling."""
-    rows = [r for r in comp.rows if r["model"] == model.name and r["cost_unit"] == unit and r["policy"] != "static"]
+    rows = [r for r in comp.rows if r["model"] == model.name and r["cost_unit"] == unit and not per_exit(r)]
     by_policy: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_policy[r["policy"]].append(r)
@@ -43,12 +48,13 @@ def accuracy_vs_cost(comp: Comparison, model: Model, unit: str, ax: Axes) -> Non
     div = 1e6 if "millions" in label else 1.0
     for policy, pts in sorted(by_policy.items()):
         pts = sorted(pts, key=lambda r: r["test_avg_cost"])
-        style = {"linestyle": "--", "color": "black", "marker": None} if policy.startswith("oracle") else {"marker": "o"}
+        ceiling = not policy_class(policy).online  # it reads the labels: a ceiling, not a policy
+        style = {"linestyle": "--", "color": "black", "marker": None} if ceiling else {"marker": "o"}
         ax.plot([p["test_avg_cost"] / div for p in pts], [100 * p["test_accuracy"] for p in pts], label=policy, **style)
     static = model.static_points(unit)
     ax.scatter([p["avg_cost"] / div for p in static], [100 * p["accuracy"] for p in static], marker="*", s=160,
                color="crimson", zorder=5, label="static (each exit)")
-    if "oracle_budget" not in by_policy:
+    if budget_ceiling() not in by_policy:
         oracle = model.oracle_curve(unit)
         ax.plot([p["avg_cost"] / div for p in oracle], [100 * p["accuracy"] for p in oracle], linestyle=":",
                 color="grey", label="oracle ceiling")
@@ -59,9 +65,9 @@ def accuracy_vs_cost(comp: Comparison, model: Model, unit: str, ax: Axes) -> Non
     ax.legend(fontsize=8)
 
 
-def plot_accuracy_vs_cost(comp: Comparison, out_dir: Path) -> list[Path]:
+def plot_accuracy_vs_cost(comp: Comparison) -> list[tuple[str, Figure]]:
     """One figure per cost unit (FLOPs, and milliseconds where runs used measured latency)."""
-    paths = []
+    figures = []
     for unit in sorted({r["cost_unit"] for r in comp.rows}):
         models = [m for m in comp.models.values() if any(r["model"] == m.name and r["cost_unit"] == unit for r in comp.rows)]
         if not models:
@@ -70,17 +76,16 @@ def plot_accuracy_vs_cost(comp: Comparison, out_dir: Path) -> list[Path]:
         axes = fig.subplots(1, len(models), squeeze=False)
         for ax, m in zip(axes[0], models):
             accuracy_vs_cost(comp, m, unit, ax)
-        paths.append(_save(fig, out_dir / f"accuracy_vs_cost_{unit}.png"))
-    return paths
+        figures.append((f"accuracy_vs_cost_{unit}", fig))
+    return figures
 
 
-def plot_exit_distributions(comp: Comparison, out_dir: Path) -> Path | None:
-    """Per policy, the share of test samples leaving at each exit, at each budget (stacked bars)."""
-    import json
-
-    rows = [r for r in comp.rows if r["policy"] not in ("static",)]
+def plot_exit_distributions(comp: Comparison) -> list[tuple[str, Figure]]:
+    """Per policy, the share of test samples leaving at each exit, at each budget (stacked bars);
+    none when no policy ran at a budget."""
+    rows = [r for r in comp.rows if not per_exit(r)]
     if not rows:
-        return None
+        return []
     keys = sorted({(r["model"], r["policy"], r["cost_unit"]) for r in rows})
     cols = min(3, len(keys))
     nrows = (len(keys) + cols - 1) // cols
@@ -105,13 +110,13 @@ def plot_exit_distributions(comp: Comparison, out_dir: Path) -> Path | None:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, out_dir / "exit_distributions.png")
+    return [("exit_distributions", fig)]
 
 
 def crossing_point(comp: Comparison, model: Model) -> dict[str, Any] | None:
     """DEEx's crossing point: the cheapest ``deex`` run whose edge exits answer at least as
     accurately as the backbone exit does for the samples it receives."""
-    fits = sorted((f for f in comp.fits if f["policy"] == "deex" and Path(f["run"]).exists()
+    fits = sorted((f for f in comp.fits if policy_class(f["policy"]).has_p_d_curve and Path(f["run"]).exists()
                    and any(r["run"] == f["run"] and r["model"] == model.name for r in comp.rows)),
                   key=lambda f: f["budget"])
     for f in fits:
@@ -125,16 +130,19 @@ def crossing_point(comp: Comparison, model: Model) -> dict[str, Any] | None:
     return None
 
 
-def plot_confusions(comp: Comparison, model: Model, out_dir: Path) -> Path:
+def plot_confusions(comp: Comparison) -> list[tuple[str, Figure]]:
+    """One figure of confusion matrices per model (:func:`confusion_figure`)."""
+    return [(f"confusion_{m.name}", confusion_figure(comp, m)) for m in comp.models.values()]
+
+
+def confusion_figure(comp: Comparison, model: Model) -> Figure:
     """DEEx Fig. 6/7: confusion matrices with every sample at the first exit, at the last exit,
     and at the crossing point of the deex policy (when a deex sweep is present)."""
-    import numpy as np
-
     panels = [(f"all at {model.test.exit_names[0]}", model.confusion(0)),
               (f"all at {model.test.exit_names[-1]}", model.confusion(model.test.num_exits - 1))]
     cross = crossing_point(comp, model)
     if cross is not None:
-        panels.append((f"deex crossing point (budget {cross['budget_fraction']:.2f})", cross["test"]["confusion"]))
+        panels.append((f"{cross['policy']} crossing point (budget {cross['budget_fraction']:.2f})", cross["test"]["confusion"]))
     c = model.test.num_classes
     fig = Figure(figsize=(4.2 * len(panels), 4))
     axes = fig.subplots(1, len(panels), squeeze=False)
@@ -152,4 +160,4 @@ def plot_confusions(comp: Comparison, model: Model, out_dir: Path) -> Path:
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
     fig.tight_layout()
-    return _save(fig, out_dir / f"confusion_{model.name}.png")
+    return fig

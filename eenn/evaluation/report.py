@@ -1,4 +1,4 @@
-"""A self-contained report.html: plots embedded as base64 PNGs, tables inline, no external links."""
+"""A self-contained HTML report: plots embedded as base64 PNGs, tables inline, no external links."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from eenn.evaluation.compare import Comparison
+from eenn.evaluation.compare import Comparison, per_exit
 from eenn.utils.io import atomic_path
 
 STYLE = """
@@ -37,8 +37,8 @@ def _table(header: list[str], rows: list[list[object]], left: int = 1) -> str:
 
 def accuracy_table(comp: Comparison) -> tuple[list[str], list[list[object]]]:
     """Test accuracy (%) per (model, policy, unit) row and requested budget-fraction column
-    (``static`` runs are per exit, not per budget: they are in the per-exit tables)."""
-    rows = [r for r in comp.rows if r["policy"] != "static"]
+    (runs of a policy compared per exit, static's, are in the per-exit tables instead)."""
+    rows = [r for r in comp.rows if not per_exit(r)]
     fractions = sorted({round(r["requested_fraction"], 3) for r in rows})
     cells: dict[tuple[str, str, str], dict[float, str]] = defaultdict(dict)
     for r in rows:

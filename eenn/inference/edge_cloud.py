@@ -23,9 +23,11 @@ import torch
 
 from eenn.cost import stage_latencies
 from eenn.errors import EENNError
-from eenn.evaluation.offline import simulate
-from eenn.evaluation.predictions import Predictions
+from eenn.inference.report import latency_stats
 from eenn.models.multi_exit import MultiExitNetwork
+from eenn.policies import ExitPolicy, build_policy
+from eenn.policies.simulate import simulate
+from eenn.predictions import Predictions
 
 
 @dataclass
@@ -108,10 +110,6 @@ def sample_times(p: Partition, exit_index: torch.Tensor, heads_evaluated: torch.
             "offloaded": offloaded}
 
 
-def _stats(t: torch.Tensor) -> dict[str, float]:
-    return {"mean": float(t.mean()), "p50": float(t.quantile(0.5)), "p95": float(t.quantile(0.95)), "max": float(t.max())}
-
-
 def edge_cloud_report(
     p: Partition,
     exit_index: torch.Tensor,
@@ -127,7 +125,7 @@ def edge_cloud_report(
     out: dict[str, Any] = {
         "partition": {**asdict(p), "sent_bytes_per_offload": p.sent_bytes},
         "num_samples": int(exit_index.numel()),
-        "time_ms": _stats(t["total_ms"]),
+        "time_ms": latency_stats(t["total_ms"]),
         "total_time_s": float(t["total_ms"].sum()) / 1e3,
         "edge_ms_mean": float(t["edge_ms"].mean()),
         "transfer_ms_mean": float(t["transfer_ms"].mean()),
@@ -142,19 +140,18 @@ def edge_cloud_report(
     return out
 
 
-def deex_time_curve(
-    p: Partition, preds: Predictions, p_ds: Sequence[float], p_tar: float = 0.9
+def p_d_time_curve(
+    p: Partition, preds: Predictions, p_ds: Sequence[float], policy: ExitPolicy
 ) -> list[dict[str, Any]]:
-    """DEEx's Fig. 4 (with Fig. 3's exit fractions and Fig. 5's accuracy): for each decision
-    threshold p_d, the time to infer the whole set, the offload ratio and the accuracy, from saved
-    predictions (offline: the logits do not depend on p_d, only the exits taken do)."""
-    from eenn.policies.deex import DEExPolicy
-
+    """DEEx's Fig. 4 (with Fig. 3's exit fractions and Fig. 5's accuracy) for a policy whose
+    decision threshold p_d trades edge for cloud (``has_p_d_curve``): for each p_d, the time to
+    infer the whole set, the offload ratio and the accuracy, from saved predictions (offline: the
+    logits do not depend on p_d, only the exits taken do)."""
     n = preds.num_samples
     curve = []
     for p_d in p_ds:
-        policy = DEExPolicy(p_d=float(p_d), p_tar=p_tar).fit(preds, None, preds.cost_unit)
-        exit_index, heads = simulate(policy, preds.logits)
+        variant = build_policy(policy.name, **{**policy.hparams(), "p_d": float(p_d)}).fit(preds, None, preds.cost_unit)
+        exit_index, heads = simulate(variant, preds.logits)
         pred = preds.logits[torch.arange(n), exit_index].argmax(-1)
         row = edge_cloud_report(p, exit_index, heads, pred, preds.labels)
         curve.append({"p_d": float(p_d), **{k: row[k] for k in ("total_time_s", "time_ms", "offload_ratio",

@@ -7,13 +7,13 @@ and their policy state. A sample the policy sends to exit j > k+1 (DEEx's offloa
 runs stages k+1..j without evaluating the heads in between. Nothing is computed for a sample after
 it left, so its realised cost is the backbone stages up to its exit plus the heads it evaluated.
 
-The policy's ``decide`` is the very function offline :func:`eenn.evaluation.offline.simulate`
+The policy's ``decide`` is the very function offline :func:`eenn.policies.simulate.simulate`
 calls on the same compacted subsets, so the engine reproduces the offline exits (up to float
 differences of the network's logits between batch sizes).
 
 Usage::
 
-    engine = EarlyExitEngine(network, ExitPolicy.load("policy.safetensors"))
+    engine = EarlyExitEngine(network, FitRun(fit_dir).policy())  # or ExitPolicy.load(path)
     out = engine.run(loader)                      # batched: a dataset streamed in batches
     out = engine.run(single_samples(x))           # single-sample: per-request latency
     out.cost(profile, "macs")                     # realised per-sample cost
@@ -29,9 +29,9 @@ import torch
 
 from eenn.cost import CostProfile
 from eenn.errors import EENNError
-from eenn.evaluation.offline import realised_cost
 from eenn.models.multi_exit import Features, MultiExitNetwork
 from eenn.policies.base import Decision, ExitPolicy, State
+from eenn.policies.simulate import realised_cost
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
 

@@ -1,4 +1,5 @@
-"""Cost accounting in the form of the Distiller early-exit article's Figure 4 table.
+"""What an inference run reports: cost accounting in the form of the Distiller early-exit article's
+Figure 4 table, the engine's exits next to offline simulation's, and timing.
 
 Per exit: the exit head's overhead, the cost through that exit (the backbone up to it plus every
 head up to it), the % of samples exiting there and the savings of the layers after it. Totals:
@@ -20,7 +21,10 @@ import torch
 
 from eenn.cost import CostProfile
 from eenn.errors import EENNError
-from eenn.evaluation.offline import realised_cost
+from eenn.inference.engine import ExitResult
+from eenn.policies.base import ExitPolicy
+from eenn.policies.simulate import realised_cost, simulate
+from eenn.predictions import Predictions
 
 UNITS = ("macs", "flops", "latency_ms")
 
@@ -114,3 +118,51 @@ def format_report(columns: dict[str, dict[str, Any]], extra: Sequence[tuple[str,
     return "\n".join(
         "  ".join([r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:]))]) for r in rows
     )
+
+
+def latency_stats(t: torch.Tensor) -> dict[str, float]:
+    """Mean, median, 95th percentile and maximum of per-sample times."""
+    return {"mean": float(t.mean()), "p50": float(t.quantile(0.5)), "p95": float(t.quantile(0.95)), "max": float(t.max())}
+
+
+def expected_vs_realised(
+    policy: ExitPolicy, preds: Predictions, result: ExitResult, profile: CostProfile, unit: str
+) -> dict[str, Any]:
+    """The engine's run next to what offline simulation of ``policy`` on the saved predictions
+    of the same samples expects: accuracy, agreement (same exit, same answer), exit fractions and
+    the cost reports in ``unit``."""
+    expected_idx, expected_heads = simulate(policy, preds.logits, preds.labels)
+    expected_pred = preds.logits[torch.arange(preds.num_samples), expected_idx].argmax(-1)
+    reports = {
+        "expected": cost_report(profile, expected_idx, expected_heads, unit),
+        "realised": cost_report(profile, result.exit_index, result.heads_evaluated, unit),
+    }
+    return {
+        "accuracy": {"expected": float((expected_pred == preds.labels).double().mean()), "realised": result.accuracy()},
+        "agreement": {
+            "exit_index": float((expected_idx == result.exit_index).double().mean()),
+            "predictions": float((expected_pred == result.predictions).double().mean()),
+        },
+        "exit_fractions": {k: [e["fraction"] for e in r["exits"]] for k, r in reports.items()},
+        "cost_report": reports,
+    }
+
+
+def timing_summary(result: ExitResult, backbone_s: float | None) -> dict[str, Any]:
+    """Wall time, per-sample latency, policy time and the batches each stage ran; with the plain
+    backbone's time on the same inputs, the measured speedup and the policy's overhead."""
+    n = result.num_samples
+    out: dict[str, Any] = {
+        "engine_s": result.wall_s,
+        "ms_per_sample": 1e3 * result.wall_s / n,
+        "latency_ms": latency_stats(result.latency_ms),
+        "policy_s": result.policy_s,
+        "stage_batches": [{"count": len(b), "mean_size": (sum(b) / len(b)) if b else None} for b in result.stage_batch_sizes],
+        "backbone_s": backbone_s,
+        "realised_speedup": None,
+        "policy_overhead_pct": None,
+    }
+    if backbone_s:
+        out["realised_speedup"] = backbone_s / result.wall_s
+        out["policy_overhead_pct"] = 100 * result.policy_s / backbone_s
+    return out

@@ -6,7 +6,7 @@ from torch import nn
 
 from eenn.registry import Registry
 
-HEADS: Registry[nn.Module] = Registry("exit head type", "exits.head.type")
+HEADS: Registry[nn.Module] = Registry("exit head type", "exits.head.name")
 
 
 def _conv_bn_relu(cin: int, cout: int, bn: bool) -> list[nn.Module]:

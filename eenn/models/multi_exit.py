@@ -4,13 +4,14 @@ stop after exit k without recomputing anything."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from eenn.errors import EENNError
+from eenn.errors import EENNError, is_number
 from eenn.models.backbones import BACKBONES, BackboneParts
 from eenn.models.heads import HEADS
 
@@ -97,7 +98,7 @@ def resolve_exit_blocks(
         raise EENNError(f"exits.at must be a list of block names/numbers or 'stages', got {at!r}.")
     names: list[str] = []
     for item in at:
-        if isinstance(item, bool) or not isinstance(item, (int, str)):
+        if not (isinstance(item, str) or is_number(item, integer=True)):
             raise EENNError(f"exits.at entries must be block names or 1-based numbers, got {item!r}.")
         if isinstance(item, int):
             if not 1 <= item <= n:
@@ -150,21 +151,26 @@ def build_multi_exit(
     num_classes: int,
     input_shape: Sequence[int],
 ) -> MultiExitNetwork:
-    """Build the network from the ``backbone`` (``family`` + its arguments) and ``exits`` config groups.
+    """Build the network from the ``backbone`` (``name`` of a registered family + its arguments) and
+    ``exits`` config groups.
 
-    ``exits.head.type: native`` uses the backbone family's own exit heads (MSDNet, B-AlexNet, B-LeNet).
+    ``exits.head.name: native`` uses the backbone family's own exit heads (MSDNet, B-AlexNet, B-LeNet).
     """
     backbone = dict(backbone)
-    family = backbone.pop("family")
+    family = backbone.pop("name")
+    # every backbone takes pretrained=false (debug=smoke sets it): a family without weights of its own
+    # has no such argument and refuses true
+    if "pretrained" not in inspect.signature(BACKBONES.get(family)).parameters and backbone.pop("pretrained", False):
+        raise EENNError(f"backbone.pretrained=true: backbone.name={family!r} has no pretrained weights.")
     parts = BACKBONES.build(family, num_classes=num_classes, in_chans=int(input_shape[0]), **backbone)
     exits = dict(exits)
-    head_cfg = dict(exits.pop("head", None) or {"type": "linear"})
-    head_type = head_cfg.pop("type")
+    head_cfg = dict(exits.pop("head", None) or {"name": "linear"})
+    head_type = head_cfg.pop("name")
     unknown = set(exits) - {"at", "spacing", "first", "count"}
     if unknown:
         raise EENNError(f"exits has unknown keys {sorted(unknown)}; expected at, spacing, first, count, head.")
     if head_type == "native" and parts.exit_head is None:
-        raise EENNError(f"exits.head.type=native: backbone.family={family!r} has no exit heads of its own; "
+        raise EENNError(f"exits.head.name=native: backbone.name={family!r} has no exit heads of its own; "
                         f"use one of {', '.join(HEADS.names())}.")
     exit_blocks = resolve_exit_blocks(parts, **exits)
     shapes, multiscale = _feature_shapes(parts.units, input_shape)

@@ -1,7 +1,11 @@
 """Stage 2: exit policies behind one interface (:mod:`eenn.policies.base`), fitted to a budget on
-validation predictions. Importing the package registers every policy in ``POLICIES``."""
+validation predictions. Importing the package imports every module in it, and so registers every
+policy in ``POLICIES``: a new policy is its module (and its YAML in conf/policy)."""
 
-from eenn.policies import deex, eenet, entropy, margin, maxprob, oracle, patience, static, vote  # noqa: F401
-from eenn.policies.base import POLICIES, Decision, ExitPolicy, build_policy
+from eenn.policies.base import POLICIES, Decision, ExitPolicy, budget_ceiling, build_policy, policy_class
+from eenn.registry import import_submodules
 
-__all__ = ["POLICIES", "Decision", "ExitPolicy", "build_policy"]
+# eenet_scheduler imports Lightning, which takes seconds: it comes in when an EENet policy trains
+import_submodules(__name__, skip={"eenet_scheduler"})
+
+__all__ = ["POLICIES", "Decision", "ExitPolicy", "budget_ceiling", "build_policy", "policy_class"]

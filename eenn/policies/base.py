@@ -9,7 +9,7 @@ A policy is fitted once on validation predictions, then asked per exit about a b
 The engine keeps only the continuing samples (``~d.exit``) and index-selects every tensor of
 ``d.state`` with them: that is why all state is per-sample, with a leading batch dimension.
 ``decide`` is pure torch over the batch and never modifies its inputs, so offline simulation
-(:func:`eenn.evaluation.offline.simulate`, which calls it on exactly these compacted subsets)
+(:func:`eenn.policies.simulate.simulate`, which calls it on exactly these compacted subsets)
 and the engine cannot disagree.
 
 A fitted policy saves as one small safetensors file: its fitted tensors, plus JSON metadata
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +28,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 
-from eenn.errors import EENNError
-from eenn.evaluation.predictions import Predictions
+from eenn.errors import EENNError, is_number
+from eenn.predictions import Predictions
 from eenn.registry import Registry
 from eenn.utils.io import read_safetensors, write_safetensors
 
@@ -83,18 +82,44 @@ def build_policy(name: str, **cfg: Any) -> ExitPolicy:
 
 def check_budget(budget: Any, key: str = "budget") -> float:
     """A budget must be a finite positive number (``key`` names it in the error)."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+    if not is_number(budget) or budget <= 0:
         raise EENNError(f"{key} must be a finite positive number, got {budget!r}.")
     return float(budget)
 
 
+def policy_class(name: str) -> type[ExitPolicy]:
+    """The class registered as ``name``; for a name this version does not register (results
+    written by another version), the base class: an ordinary online policy fitted to budgets."""
+    return POLICIES.get(name) if name in POLICIES else ExitPolicy  # type: ignore[return-value]
+
+
+def budget_ceiling() -> str:
+    """The registered policy whose accuracy no exit assignment beats at its budget: it reads the
+    labels (offline only) and spends a budget (the oracle curve of the comparisons)."""
+    (name,) = [n for n in POLICIES.names() if not policy_class(n).online and policy_class(n).budgeted]
+    return name
+
+
 class ExitPolicy:
     """Base class. Subclasses set ``_fit`` and ``_decide``; the base enforces the shared rules
-    (everyone exits at the last exit, input shapes) and the save format."""
+    (everyone exits at the last exit, input shapes) and the save format.
+
+    The class attributes say what a policy is, so that the apps (pipeline, plots, report,
+    eenn-infer) and the contract tests ask them and never check a policy's name."""
 
     name: ClassVar[str] = ""
     #: False for policies that need labels (the oracles): they run on saved predictions only.
     online: ClassVar[bool] = True
+    #: True where it can fit its decisions to a budget (when its config leaves them open).
+    budgeted: ClassVar[bool] = True
+    #: True where it answers at the one exit its ``exit`` hyper-parameter names (static): it is
+    #: fitted and compared once per exit, not per budget.
+    per_exit_only: ClassVar[bool] = False
+    #: True where a decision threshold ``p_d`` (a hyper-parameter) trades edge for cloud (DEEx):
+    #: eenn-infer draws the inference time over p_d, eenn-compare finds its crossing point.
+    has_p_d_curve: ClassVar[bool] = False
+    #: Hyper-parameters to build it with in tests (each is ``build_policy(name, **example)``).
+    examples: ClassVar[tuple[dict[str, Any], ...]] = ({},)
 
     def __init__(self) -> None:
         self.num_exits: int | None = None

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.offline import realised_cost, simulate
-from eenn.evaluation.predictions import Predictions
+from eenn.policies.simulate import realised_cost, simulate
+from eenn.predictions import Predictions
 
 if TYPE_CHECKING:
     from eenn.policies.base import ExitPolicy

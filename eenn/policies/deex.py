@@ -16,29 +16,32 @@ validation cost is within the budget is kept.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from eenn.errors import EENNError
-from eenn.evaluation.offline import realised_cost, simulate
-from eenn.evaluation.predictions import Predictions
+from eenn.errors import EENNError, is_number
 from eenn.policies.base import Decision, ExitPolicy, State, continue_to_next, register
 from eenn.policies.budget import RTOL, check_realised_budget
 from eenn.policies.features import max_prob
+from eenn.policies.simulate import realised_cost, simulate
+from eenn.predictions import Predictions
 
 
 def _probability(value: Any, key: str, allow_none: bool) -> float | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    if not is_number(value) or not 0.0 <= value <= 1.0:
         raise EENNError(f"{key} must be a probability in [0, 1]{' or null' if allow_none else ''}, got {value!r}.")
     return float(value)
 
 
 @register("deex")
 class DEExPolicy(ExitPolicy):
+    has_p_d_curve: ClassVar[bool] = True
+    examples: ClassVar[tuple[dict[str, Any], ...]] = ({"p_tar": 0.8},)
+
     def __init__(self, p_d: float | None = None, p_tar: float = 0.9) -> None:
         super().__init__()
         self.p_d = _probability(p_d, "policy.p_d", allow_none=True)

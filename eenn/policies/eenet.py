@@ -44,17 +44,16 @@ Only g and the thresholds are needed at inference; h is used in fitting only and
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from eenn.errors import EENNError
-from eenn.evaluation.predictions import Predictions
+from eenn.errors import EENNError, is_number
 from eenn.policies.base import State, register
 from eenn.policies.features import entropy_score, probabilities, vote
 from eenn.policies.threshold import ThresholdPolicy
+from eenn.predictions import Predictions
 
 if TYPE_CHECKING:
     from eenn.policies.eenet_scheduler import EENetScheduler
@@ -67,8 +66,7 @@ def exit_inputs(logits_k: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
 
 
 def _positive(value: Any, key: str, integer: bool = False) -> Any:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or value <= 0:
+    if not is_number(value, integer) or value <= 0:
         raise EENNError(f"policy.{key} must be a positive {'integer' if integer else 'number'}, got {value!r}.")
     return value
 
@@ -76,6 +74,7 @@ def _positive(value: Any, key: str, integer: bool = False) -> Any:
 @register("eenet")
 class EENetPolicy(ThresholdPolicy):
     rounding: ClassVar[str] = "round"  # Algorithm 1, line 16: round(N p_k)
+    examples: ClassVar[tuple[dict[str, Any], ...]] = ({"max_epochs": 30, "patience": 20},)  # trains briefly
 
     def __init__(
         self,
@@ -98,7 +97,7 @@ class EENetPolicy(ThresholdPolicy):
         self.lr = _positive(lr, "lr")
         self.max_epochs = _positive(max_epochs, "max_epochs", integer=True)
         self.patience = _positive(patience, "patience", integer=True)
-        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or min_delta < 0:
+        if not is_number(min_delta) or min_delta < 0:
             raise EENNError(f"policy.min_delta must be a non-negative number, got {min_delta!r}.")
         self.min_delta = float(min_delta)
         self.batch_size = None if batch_size is None else _positive(batch_size, "batch_size", integer=True)
@@ -135,6 +134,7 @@ class EENetPolicy(ThresholdPolicy):
 
     def base_fractions(self, val: Predictions, costs: torch.Tensor, budget: float) -> torch.Tensor:
         """Train g and h (Algorithm 1, lines 4-6); return h's exit distribution p_k on ``val``."""
+        # Lightning takes seconds to import: only when an EENet policy trains (its package docstring)
         import lightning as L
         from lightning.pytorch.callbacks import EarlyStopping
 
@@ -208,7 +208,7 @@ class EENetPolicy(ThresholdPolicy):
         return {**super().tensors(), **g, "exit_distribution": self.exit_distribution}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        from eenn.policies.eenet_scheduler import EENetScheduler
+        from eenn.policies.eenet_scheduler import EENetScheduler  # Lightning: only when a fitted EENet loads
 
         super().load_tensors(tensors)
         self.scheduler = EENetScheduler(self.num_exits, self.num_classes, self.hidden_ratio)

@@ -15,7 +15,7 @@ the two differ only for a sample exactly on the threshold).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -29,6 +29,8 @@ CRITERIA = {"entropy": entropy_score, "cross_entropy": neg_log_max_prob_score}
 
 @register("entropy")
 class EntropyPolicy(ThresholdPolicy):
+    examples: ClassVar[tuple[dict[str, Any], ...]] = ({}, {"criterion": "cross_entropy"})
+
     def __init__(self, thresholds: list[float] | None = None, criterion: str = "entropy") -> None:
         super().__init__(thresholds)
         if criterion not in CRITERIA:

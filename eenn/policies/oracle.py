@@ -1,6 +1,6 @@
 """Oracles: the ceilings on every accuracy-cost curve. They read the labels, so they run offline
 only: their per-sample target exit is computed from the labels (and all exits' logits) into the
-state that :func:`eenn.evaluation.offline.simulate` starts from; ``init_state`` (what an engine
+state that :func:`eenn.policies.simulate.simulate` starts from; ``init_state`` (what an engine
 calls) refuses with an EENNError.
 
 The decision itself is ordinary: at exit 0 a sample whose target is later jumps straight to it,
@@ -22,9 +22,9 @@ from typing import ClassVar
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.predictions import Predictions
 from eenn.policies.base import Decision, ExitPolicy, State, register
 from eenn.policies.budget import check_realised_budget
+from eenn.predictions import Predictions
 
 
 @register("oracle")

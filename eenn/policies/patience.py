@@ -16,18 +16,18 @@ from typing import Any
 
 import torch
 
-from eenn.errors import EENNError
-from eenn.evaluation.offline import realised_cost, simulate
-from eenn.evaluation.predictions import Predictions
+from eenn.errors import EENNError, is_number
 from eenn.policies.base import Decision, ExitPolicy, State, continue_to_next, register
 from eenn.policies.budget import check_realised_budget, within_budget
+from eenn.policies.simulate import realised_cost, simulate
+from eenn.predictions import Predictions
 
 
 @register("patience")
 class PatiencePolicy(ExitPolicy):
     def __init__(self, patience: int | None = None) -> None:
         super().__init__()
-        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 0):
+        if patience is not None and (not is_number(patience, integer=True) or patience < 0):
             raise EENNError(f"policy.patience must be a non-negative integer or null (fit to the budget), got {patience!r}.")
         self.patience = patience
         self.fitted_patience: int | None = patience

@@ -6,21 +6,25 @@ accuracy is exactly that exit's accuracy. Any budget is ignored (recorded only).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from eenn.errors import EENNError
-from eenn.evaluation.predictions import Predictions
+from eenn.errors import EENNError, is_number
 from eenn.policies.base import Decision, ExitPolicy, State, continue_to_next, register
 from eenn.policies.budget import check_realised_budget
+from eenn.predictions import Predictions
 
 
 @register("static")
 class StaticPolicy(ExitPolicy):
+    budgeted: ClassVar[bool] = False
+    per_exit_only: ClassVar[bool] = True
+    examples: ClassVar[tuple[dict[str, Any], ...]] = ({"exit": 1},)
+
     def __init__(self, exit: int = -1) -> None:
         super().__init__()
-        if isinstance(exit, bool) or not isinstance(exit, int):
+        if not is_number(exit, integer=True):
             raise EENNError(f"policy.exit must be an integer exit index, got {exit!r}.")
         self.exit = exit
 

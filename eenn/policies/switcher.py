@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.offline import realised_cost, simulate
-from eenn.evaluation.predictions import Predictions
 from eenn.policies.base import ExitPolicy, build_policy
+from eenn.policies.simulate import realised_cost, simulate
+from eenn.predictions import Predictions
 
 
 class BudgetSwitcher:

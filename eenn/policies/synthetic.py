@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from eenn.evaluation.predictions import Predictions
+from eenn.predictions import Predictions
 
 
 def synthetic_predictions(

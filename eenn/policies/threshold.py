@@ -11,10 +11,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from eenn.errors import EENNError
-from eenn.evaluation.predictions import Predictions
+from eenn.errors import EENNError, is_number
 from eenn.policies.base import Decision, ExitPolicy, State, continue_to_next
 from eenn.policies.budget import check_realised_budget, fit_to_budget
+from eenn.predictions import Predictions
 
 
 class ThresholdPolicy(ExitPolicy):
@@ -25,7 +25,7 @@ class ThresholdPolicy(ExitPolicy):
         super().__init__()
         if thresholds is not None:
             thresholds = list(thresholds)
-            if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in thresholds):
+            if not all(is_number(t) for t in thresholds):
                 raise EENNError(f"policy.thresholds must be a list of finite numbers, got {thresholds!r}.")
         self.explicit = thresholds
         self.thresholds: torch.Tensor | None = None  # (K,) float32, on the score scale

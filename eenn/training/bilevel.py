@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +42,7 @@ from timm.utils import ModelEmaV3
 from eenn.cost import CostProfile
 from eenn.errors import EENNError
 from eenn.models.multi_exit import MultiExitNetwork
+from eenn.rundir import load_weights
 from eenn.training.gater import Gater
 from eenn.training.joint import MultiExitModule, OptimizerFactory, SchedulerFactory, metric_key
 
@@ -59,19 +59,6 @@ def normalised_exit_costs(costs: CostProfile | None, unit: str) -> torch.Tensor:
                         "(latency_ms needs cost.latency=true).")
     c = torch.tensor(costs.per_exit(unit), dtype=torch.float32)
     return c / c[-1]
-
-
-def load_network_weights(network: MultiExitNetwork, ckpt_path: str) -> None:
-    """theta from a stage-1 checkpoint (its ``network.*`` entries, loaded with ``weights_only=True``)."""
-    if not Path(ckpt_path).is_file():
-        raise EENNError(f"training.init_checkpoint={ckpt_path!r} does not exist.")
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("state_dict", {})
-    weights = {k.removeprefix("network."): v for k, v in state.items() if k.startswith("network.")}
-    try:
-        network.load_state_dict(weights)
-    except RuntimeError:
-        raise EENNError(f"training.init_checkpoint={ckpt_path!r} does not hold this network's weights "
-                        "(train it with the same backbone, exits and data).") from None
 
 
 def _swap_ema_entries(state_dict: dict[str, Any]) -> None:
@@ -128,7 +115,7 @@ class BilevelTraining(MultiExitModule):
         normalize_loss: bool = False,
     ) -> None:
         if init_checkpoint:
-            load_network_weights(network, init_checkpoint)
+            load_weights(network, init_checkpoint, "training.init_checkpoint", prefix="network.")
         super().__init__(network, num_classes, optimizer, scheduler, scheduler_interval, cost_profile, channels_last)
         self.save_hyperparameters(ignore=["network", "optimizer", "scheduler", "gater_optimizer", "gater_scheduler",
                                           "cost_profile"])

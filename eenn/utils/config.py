@@ -1,4 +1,4 @@
-"""Hydra helpers."""
+"""Hydra helpers: instantiation that lets eenn's errors through, and the network a config describes."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ from typing import Any
 
 import hydra
 from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
 
 from eenn.errors import EENNError
+from eenn.models.multi_exit import MultiExitNetwork, build_multi_exit
 
 
 def instantiate(cfg: Any, **kwargs: Any) -> Any:
@@ -22,3 +24,13 @@ def instantiate(cfg: Any, **kwargs: Any) -> Any:
         if cause is not None:
             raise cause from None
         raise
+
+
+def build_network(cfg: DictConfig, dm: Any) -> MultiExitNetwork:
+    """The multi-exit network of a stage-1 config (``backbone``, ``exits``) for data module ``dm``."""
+    return build_multi_exit(
+        OmegaConf.to_container(cfg.backbone, resolve=True),  # type: ignore[arg-type]
+        OmegaConf.to_container(cfg.exits, resolve=True),  # type: ignore[arg-type]
+        num_classes=dm.num_classes,
+        input_shape=dm.input_shape,
+    )

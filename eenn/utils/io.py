@@ -49,12 +49,39 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """A JSON file's content; a missing or corrupt file is one EENNError naming ``what`` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise EENNError(f"{what} {str(path)!r} does not exist.")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EENNError(f"{what} {str(path)!r} is not readable JSON (truncated or corrupt?): {exc}.") from None
+
+
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str]) -> Path:
-    """A safetensors file written atomically (a crash never leaves a half-written one)."""
+    """A safetensors file written atomically (a crash never leaves a half-written one), the same
+    bytes for the same content."""
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        _sort_metadata(tmp)
     return path
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header in place with its metadata in key order: safetensors writes
+    the metadata map in a random order per process, so equal files would differ in their bytes.
+    The same entries, serialised compactly as safetensors does, take the same length."""
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:
+            fh.seek(8)
+            fh.write(text.ljust(size))
 
 
 def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, Any], dict[str, str]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import netrc
 import os
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ def resolve_wandb_mode(mode: str = "auto", key: str = "logger.wandb.mode") -> st
 
 
 def wandb_logger(
+    enabled: bool = True,
     project: str = "eenn",
     save_dir: str = ".",
     mode: str = "auto",
@@ -47,11 +50,15 @@ def wandb_logger(
     tags: list[str] | None = None,
     entity: str | None = None,
     **kwargs: Any,
-) -> WandbLogger:
+) -> WandbLogger | None:
+    """Lightning's wandb logger with eenn's rules (see :func:`resolve_wandb_mode`); None when
+    ``enabled`` is false. ``name`` defaults to ``job_type`` (the app)."""
+    if not enabled:
+        return None
     mode = resolve_wandb_mode(mode)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return WandbLogger(
-        project=project, save_dir=save_dir, name=name, group=group, job_type=job_type, tags=tags,
+        project=project, save_dir=save_dir, name=name or job_type, group=group, job_type=job_type, tags=tags,
         entity=entity, offline=mode == "offline", mode=mode, **kwargs,
     )
 
@@ -68,7 +75,7 @@ def init_wandb_run(
     credentials, never a prompt), files under ``dir/wandb/``, no console capture, and any run
     still active in this process finished first, so jobs of an in-process multirun never log into
     each other's runs. ``kwargs`` go to ``wandb.init`` (group, job_type, name, config, tags, ...)."""
-    import wandb
+    import wandb  # here: importing wandb takes seconds, and jobs that log nothing never pay for it
 
     mode = resolve_wandb_mode(mode, key)
     Path(dir).mkdir(parents=True, exist_ok=True)
@@ -76,9 +83,24 @@ def init_wandb_run(
                       settings=wandb.Settings(console="off", silent=True), **kwargs)
 
 
+def start_wandb_run(
+    settings: Mapping[str, Any] | None, dir: str | Path, job_type: str, name: str, group: str | None,  # noqa: A002
+    config: dict[str, Any] | None = None,
+) -> Any:
+    """The wandb run of a job outside Lightning, from the ``wandb:`` config every app shares
+    (conf/wandb/default.yaml): None when ``enabled`` is false; ``name`` and ``group`` are the
+    job's own defaults for the settings left null."""
+    if not settings or not settings.get("enabled", True):
+        return None
+    return init_wandb_run(
+        project=settings.get("project", "eenn"), dir=dir, mode=settings.get("mode", "auto"), key="wandb.mode",
+        entity=settings.get("entity"), group=settings.get("group") or group, job_type=job_type,
+        name=settings.get("name") or name, tags=list(settings.get("tags") or []), config=config,
+    )
+
+
 def finish_wandb() -> None:
     """End the active wandb run, so the next job of a multirun does not log into it."""
-    import wandb
-
-    if wandb.run is not None:
+    wandb = sys.modules.get("wandb")  # never imported: no run to end
+    if wandb is not None and wandb.run is not None:
         wandb.finish()

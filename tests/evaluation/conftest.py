@@ -7,18 +7,23 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from eenn.cli.common import conf_dir
+from eenn.tasks.pipeline import run_pipeline
 
-ALL_POLICIES = ["static", "maxprob", "entropy", "patience", "deex", "eenet", "oracle_budget"]
+
+def _pipeline_policies() -> list[str]:
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return list(compose("pipeline").pipeline.policies)
+
+
+ALL_POLICIES = _pipeline_policies()  # what eenn-pipeline fits by default
 
 
 def run_tiny_pipeline(out: Path, overrides: list[str] = ()):
-    from eenn.pipeline import run_pipeline
-
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose("pipeline", [
             "logger=csv", "trainer.max_epochs=2", "cost.latency=false", "trainer.enable_progress_bar=false",
-            f"pipeline.policies=[{','.join(ALL_POLICIES)}]", "pipeline.num_budgets=3",
-            "+pipeline.policy_overrides.eenet.max_epochs=30", "pipeline.wandb.mode=offline", *overrides,
+            "pipeline.num_budgets=3",
+            "+pipeline.policy_overrides.eenet.max_epochs=30", "wandb.mode=offline", *overrides,
         ])
         with open_dict(cfg):
             cfg.paths.output_dir = str(out)

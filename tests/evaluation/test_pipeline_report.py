@@ -4,8 +4,12 @@ import re
 import shutil
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from eenn.evaluation.run_compare import compare
+from eenn.cli.common import conf_dir
+from eenn.tasks.compare import compare
+from eenn.tasks.pipeline import experiment_jobs, fit_jobs
 from tests.evaluation.conftest import ALL_POLICIES, run_tiny_pipeline
 
 
@@ -60,15 +64,15 @@ def test_rerun_skips_finished_steps_and_force_redoes_them(tiny_pipeline, capsys)
 @pytest.mark.slow
 def test_force_redoes_everything(tmp_path):
     out = tmp_path / "p"
-    run_tiny_pipeline(out, ["pipeline.policies=[maxprob]", "pipeline.num_budgets=2", "pipeline.wandb.enabled=false"])
+    run_tiny_pipeline(out, ["pipeline.policies=[maxprob]", "pipeline.num_budgets=2", "wandb.enabled=false"])
     stamp = (out / "train" / "metrics.json").stat().st_mtime_ns
-    assert not list((out / "fit").glob("*/wandb"))  # pipeline.wandb.enabled=false reaches the fits
+    assert not list((out / "fit").glob("*/wandb"))  # wandb.enabled=false reaches the fits
     run_tiny_pipeline(out, ["pipeline.policies=[maxprob]", "pipeline.num_budgets=2", "pipeline.force=true"])
     assert (out / "train" / "metrics.json").stat().st_mtime_ns != stamp
 
 
 def test_every_pipeline_fit_is_its_own_offline_wandb_run(tiny_pipeline):
-    """pipeline.wandb reaches the fits: one offline run per fit dir, grouped by the pipeline's model."""
+    """The pipeline's wandb settings reach the fits: one offline run per fit dir, grouped by the pipeline's model."""
     fits = sorted(p.parent for p in (tiny_pipeline / "fit").glob("*/metrics.json"))
     assert fits
     for fit in fits:
@@ -76,3 +80,34 @@ def test_every_pipeline_fit_is_its_own_offline_wandb_run(tiny_pipeline):
         assert len(runs) == 1, fit
         data = next(runs[0].glob("*.wandb")).read_bytes()
         assert b"tiny" in data and fit.name.rsplit("_", 1)[0].encode() in data
+
+
+def _fit_policy(overrides):
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("fit", overrides=overrides)
+    return OmegaConf.to_container(cfg.policy), OmegaConf.to_container(cfg.budget)
+
+
+def test_pipeline_jobs_carry_their_settings_to_eenn_fit():
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("pipeline", ["pipeline.policies=[static,entropy]", "+pipeline.policy_overrides.entropy.criterion=cross_entropy",
+                                   "+pipeline.policy_overrides.entropy.thresholds=[0.5,0.25]"])
+    jobs = dict(fit_jobs(cfg, [0.5, 1.0], num_exits=2))
+    assert sorted(jobs) == ["entropy_0.5000", "entropy_1.0000", "static_exit0", "static_exit1"]
+    assert _fit_policy(jobs["static_exit1"]) == ({"name": "static", "exit": 1}, {"fraction": 1.0, "value": None})
+    policy, budget = _fit_policy(jobs["entropy_0.5000"])
+    assert policy == {"name": "entropy", "criterion": "cross_entropy", "thresholds": [0.5, 0.25]} and budget["fraction"] == 0.5
+
+
+def test_an_experiments_stage2_is_one_job_per_combination_of_its_sweep():
+    def stage2(experiment):
+        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+            return compose("pipeline", [f"experiment={experiment}"]).stage2
+
+    deex = dict(experiment_jobs(stage2("deex_alexnet_cifar10_binary")))
+    assert len(deex) == 11 and _fit_policy(deex["deex_p_d=0.7"])[0] == {"name": "deex", "p_d": 0.7, "p_tar": 0.9}
+    bilevel = dict(experiment_jobs(stage2("bilevel_msdnet_cifar10")))
+    policy, budget = _fit_policy(bilevel["maxprob_value=25000000.0"])
+    assert policy == {"name": "maxprob", "thresholds": None} and budget == {"fraction": None, "value": 2.5e7}
+    (job,) = experiment_jobs(stage2("branchynet_alexnet_cifar10"))  # thresholds given, no sweep: one fit
+    assert job[0] == "entropy" and _fit_policy(job[1])[0]["thresholds"] == [1.0e-4, 0.05]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from eenn.evaluation.run_compare import compare
+from eenn.tasks.compare import compare
 
 BIN = Path(sys.executable).parent
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from eenn.cost import CostProfile, profile_costs
-from eenn.evaluation.predictions import Predictions
 from eenn.models import build_multi_exit
 from eenn.models.multi_exit import MultiExitNetwork
+from eenn.predictions import Predictions
 
 SHAPE = (3, 16, 16)
 
@@ -68,7 +68,7 @@ def briefly_trained(net: MultiExitNetwork, steps: int = 20) -> MultiExitNetwork:
 @pytest.fixture(scope="package")
 def setup(one_thread) -> Setup:
     torch.manual_seed(0)
-    net = briefly_trained(build_multi_exit({"family": "cifar_resnet", "depth": 20}, {"at": "stages", "head": {"type": "conv_pool"}},
+    net = briefly_trained(build_multi_exit({"name": "cifar_resnet", "depth": 20}, {"at": "stages", "head": {"name": "conv_pool"}},
                                            num_classes=10, input_shape=SHAPE))
     profile = profile_costs(net, SHAPE, latency=False)
     xv, xt = torch.randn(300, *SHAPE), torch.randn(200, *SHAPE)

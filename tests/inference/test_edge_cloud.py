@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.offline import simulate
 from eenn.inference.edge_cloud import (
     Link,
     Partition,
-    deex_time_curve,
     edge_cloud_report,
     measure_partition,
+    p_d_time_curve,
     sample_times,
 )
 from eenn.policies import build_policy
+from eenn.policies.simulate import simulate
 from eenn.policies.synthetic import synthetic_predictions
 
 STAGE, HEAD = [2.0, 1.0, 1.5], [0.2, 0.3, 0.01]
@@ -47,7 +47,7 @@ def test_inference_time_grows_with_p_d_from_all_at_exit_2_to_all_at_the_backbone
     """DEEx Fig. 4: p_d = 0 keeps every sample at the edge's EE 2, p_d = 1 offloads all to exit 3."""
     preds = synthetic_predictions(500, num_exits=3, seed=1, split="test")
     for p in (_partition(rtt=0.0, bandwidth=1e9), _partition()):  # without and with a communication delay
-        curve = deex_time_curve(p, preds, torch.linspace(0, 1, 21).tolist(), p_tar=0.9)
+        curve = p_d_time_curve(p, preds, torch.linspace(0, 1, 21).tolist(), build_policy("deex", p_tar=0.9))
         times = [c["total_time_s"] for c in curve]
         assert all(b >= a for a, b in itertools.pairwise(times))
         assert times[-1] > times[0]
@@ -68,7 +68,7 @@ def test_inference_time_grows_with_p_d_from_all_at_exit_2_to_all_at_the_backbone
 
 def test_a_faster_cloud_and_no_delay_can_make_offloading_pay():
     preds = synthetic_predictions(200, num_exits=3, seed=2)
-    curve = deex_time_curve(_partition(rtt=0.0, bandwidth=1e9, speedup=10.0), preds, [0.0, 1.0])
+    curve = p_d_time_curve(_partition(rtt=0.0, bandwidth=1e9, speedup=10.0), preds, [0.0, 1.0], build_policy("deex"))
     assert curve[1]["total_time_s"] < curve[0]["total_time_s"]
 
 

@@ -6,22 +6,14 @@ import pytest
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.offline import realised_cost, simulate
 from eenn.inference.engine import EarlyExitEngine, batches_of, single_samples
 from eenn.inference.rebatch import Rebatcher
-from eenn.policies import build_policy
+from eenn.policies import POLICIES, build_policy, policy_class
+from eenn.policies.simulate import realised_cost, simulate
 
-# (name, hyper-parameters, budget as a fraction of the full cost or None)
-POLICIES = [
-    ("maxprob", {}, 0.6),
-    ("entropy", {}, 0.6),
-    ("margin", {}, 0.7),
-    ("vote", {}, 0.8),
-    ("patience", {"patience": 1}, None),
-    ("deex", {"p_tar": 0.12}, 0.8),
-    ("static", {"exit": 1}, None),
-    ("eenet", {"max_epochs": 50}, 0.6),  # a learned scheduler with per-sample state (earlier predictions, scores)
-]
+# every policy that runs online, fitted to this fraction of the full cost where it takes a budget
+ONLINE = [name for name in POLICIES.names() if policy_class(name).online]
+BUDGET = 0.8
 
 
 def _fit(setup, name, hparams, budget):
@@ -32,10 +24,11 @@ def _fit(setup, name, hparams, budget):
 _FITTED = {}
 
 
-def _fitted(setup, name, hparams, budget):
-    """Fitted once per session (deciding never changes a policy)."""
+def _fitted(setup, name):
+    """Fitted with its first example once per session (deciding never changes a policy)."""
     if name not in _FITTED:
-        _FITTED[name] = _fit(setup, name, hparams, budget)
+        cls = policy_class(name)
+        _FITTED[name] = _fit(setup, name, cls.examples[0], BUDGET if cls.budgeted else None)
     return _FITTED[name]
 
 
@@ -61,11 +54,11 @@ class RowCounter:
             h.remove()
 
 
-@pytest.mark.parametrize("name, hparams, budget", POLICIES, ids=[p[0] for p in POLICIES])
-def test_engine_matches_offline_simulation_and_computes_only_what_it_must(setup, name, hparams, budget):
-    policy = _fitted(setup, name, hparams, budget)
+@pytest.mark.parametrize("name", ONLINE)
+def test_engine_matches_offline_simulation_and_computes_only_what_it_must(setup, name):
+    policy = _fitted(setup, name)
     exit_idx, heads = simulate(policy, setup.test.logits)
-    if name not in ("vote", "static"):  # vote's few score values may put everyone at one exit
+    if not policy.per_exit_only:  # a per-exit policy sends everyone to one exit
         assert exit_idx.unique().numel() >= 2, "the test needs a mix of exits"
 
     engine = EarlyExitEngine(setup.network, policy)
@@ -90,10 +83,9 @@ def test_engine_matches_offline_simulation_and_computes_only_what_it_must(setup,
     assert (out.latency_ms > 0).all() and out.wall_s > 0 and out.policy_s > 0
 
 
-@pytest.mark.parametrize("name, hparams, budget", [POLICIES[0], POLICIES[4], POLICIES[5], POLICIES[7]],
-                         ids=["maxprob", "patience", "deex", "eenet"])
-def test_rebatching_and_single_sample_mode_give_the_engine_results_in_input_order(setup, name, hparams, budget):
-    engine = EarlyExitEngine(setup.network, _fitted(setup, name, hparams, budget))
+@pytest.mark.parametrize("name", [n for n in ONLINE if not policy_class(n).per_exit_only])
+def test_rebatching_and_single_sample_mode_give_the_engine_results_in_input_order(setup, name):
+    engine = EarlyExitEngine(setup.network, _fitted(setup, name))
     plain = engine.run(batches_of(setup.x, 48))
     assert plain.exit_index.unique().numel() >= 2, "the test needs samples leaving at different exits"
     counter = RowCounter(setup.network)

@@ -15,9 +15,10 @@ from omegaconf import OmegaConf, open_dict
 
 from eenn.cli.common import conf_dir
 from eenn.errors import EENNError
-from eenn.inference.run import infer
-from eenn.policies.fitting import POLICY_FILE, fit_run
-from eenn.training.run import train
+from eenn.rundir import FitRun
+from eenn.tasks.fit import fit_run
+from eenn.tasks.infer import infer
+from eenn.tasks.train import train
 
 
 def _compose(name: str, overrides: list[str], root: Path, out: Path):
@@ -81,7 +82,7 @@ def test_infer_runs_the_policy_and_reports_expected_next_to_realised(fitted, tmp
     assert times == sorted(times)
 
     for mode in ("rebatch", "single"):
-        cfg = _compose("infer", [f"run_dir={run}", f"policy_file={policy_dir / POLICY_FILE}", f"mode={mode}",
+        cfg = _compose("infer", [f"run_dir={run}", f"policy_file={FitRun(policy_dir).policy_file}", f"mode={mode}",
                                  "edge_cloud.enabled=false", "backbone_baseline=false", "report_unit=latency_ms"],
                        tmp_path, tmp_path / mode)
         again = infer(cfg, tmp_path / mode)
@@ -119,7 +120,7 @@ def test_bad_input_is_named(fitted, tmp_path):
 def test_eenn_infer_multirun_writes_one_dir_per_job(fitted, tmp_path):
     run, policy_dir = fitted
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "EENN_ROOT": str(tmp_path)}
-    args = [sys.executable, "-m", "eenn.cli.infer", "-m", f"policy_file={policy_dir / POLICY_FILE}", f"run_dir={run}",
+    args = [sys.executable, "-m", "eenn.cli.infer", "-m", f"policy_file={FitRun(policy_dir).policy_file}", f"run_dir={run}",
             "mode=batched,rebatch", "edge_cloud.repeats=2"]
     res = subprocess.run(args, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]

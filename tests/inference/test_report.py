@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from eenn.cost import CostProfile, ExitCost
-from eenn.evaluation.offline import simulate
 from eenn.inference.report import cost_report, format_report
 from eenn.policies import build_policy
+from eenn.policies.simulate import simulate
 
 # Distiller article, Figure 4: ResNet-50 on ImageNet with 2 early exits
 STANDARD = 3_486_721_024

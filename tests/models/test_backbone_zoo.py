@@ -13,12 +13,12 @@ from eenn.errors import EENNError
 from eenn.models import build_multi_exit
 from eenn.models.backbones import BACKBONES
 
-MSDNET_CIFAR = {"family": "msdnet", "n_blocks": 7, "base": 1, "step": 1, "stepmode": "lin_grow", "channels": 16,
+MSDNET_CIFAR = {"name": "msdnet", "n_blocks": 7, "base": 1, "step": 1, "stepmode": "lin_grow", "channels": 16,
                 "growth_rate": 6, "gr_factor": [1, 2, 4], "bn_factor": [1, 2, 4]}
-MSDNET35 = {"family": "msdnet", "n_blocks": 5, "base": 7, "step": 7, "stepmode": "even", "channels": 32,
+MSDNET35 = {"name": "msdnet", "n_blocks": 5, "base": 7, "step": 7, "stepmode": "even", "channels": 32,
             "growth_rate": 16, "gr_factor": [1, 2, 4, 4], "bn_factor": [1, 2, 4, 4], "stem": "imagenet"}
-DENSENET121_CIFAR = {"family": "densenet", "blocks": [6, 12, 24, 16], "growth_rate": 12, "stem": "cifar"}
-NATIVE = {"at": "stages", "head": {"type": "native"}}
+DENSENET121_CIFAR = {"name": "densenet", "blocks": [6, 12, 24, 16], "growth_rate": 12, "stem": "cifar"}
+NATIVE = {"at": "stages", "head": {"name": "native"}}
 
 
 def _cumulative_params(net: nn.Module) -> list[float]:
@@ -33,7 +33,7 @@ def _cumulative_params(net: nn.Module) -> list[float]:
 # ------------------------------------------------------------------ published counts
 def test_resnet56_costs_125m_macs():
     # He et al. 2016 (CIFAR ResNet-56, EENet's CIFAR-10 backbone): 125 M multiply-accumulates
-    net = build_multi_exit({"family": "cifar_resnet", "depth": 56}, {"at": []}, 10, (3, 32, 32))
+    net = build_multi_exit({"name": "cifar_resnet", "depth": 56}, {"at": []}, 10, (3, 32, 32))
     costs = profile_costs(net, (3, 32, 32), latency=False)
     assert costs.backbone["macs"] == pytest.approx(125e6, rel=0.03)
 
@@ -59,7 +59,7 @@ def test_msdnet_cifar_anytime_model_has_the_reference_parameter_count():
 def test_densenet121_cifar100_matches_eenet_table3():
     # EENet Table 3, DenseNet121 on CIFAR-100: 1.04 M parameters without exits; 0.06 / 0.25 / 0.86 M
     # up to exits 1-3 (exits after the transitions). EENet publishes no FLOPs count for it.
-    net = build_multi_exit(DENSENET121_CIFAR, {"at": [6, 18, 42], "head": {"type": "native"}}, 100, (3, 32, 32))
+    net = build_multi_exit(DENSENET121_CIFAR, {"at": [6, 18, 42], "head": {"name": "native"}}, 100, (3, 32, 32))
     costs = profile_costs(net, (3, 32, 32), latency=False)
     assert net.exit_names == ["dense1.5", "dense2.11", "dense3.23", "final"]
     assert costs.backbone["params"] == pytest.approx(1.04e6, rel=0.03)
@@ -79,7 +79,7 @@ def test_densenet121_imagenet_form_is_torchvisions():
 
 def test_alexnet_imagenet_is_torchvisions():
     # torchvision's AlexNet (DEEx's backbone): 61.1 M parameters, 0.71 GFLOPS (multiply-adds) at 224
-    net = build_multi_exit({"family": "alexnet", "variant": "imagenet"}, {"at": ["conv2", "conv3"]}, 1000,
+    net = build_multi_exit({"name": "alexnet", "variant": "imagenet"}, {"at": ["conv2", "conv3"]}, 1000,
                            (3, 224, 224))
     costs = profile_costs(net, (3, 224, 224), latency=False)
     assert costs.backbone["params"] == pytest.approx(61.1e6, rel=0.01)
@@ -99,7 +99,7 @@ def test_msdnet35_matches_eenet_table3():
 def test_b_alexnet_has_branchynets_layer_sizes():
     # kunglab/branchynet networks/alex_cifar10.py: Linear(1024, 256) in the main network, branches
     # ending in Linear(512, 10) and Linear(128, 10); these sizes need chainer's cover-all pooling.
-    net = build_multi_exit({"family": "alexnet"}, {"at": ["conv2", "conv3"], "head": {"type": "native"}}, 10,
+    net = build_multi_exit({"name": "alexnet"}, {"at": ["conv2", "conv3"], "head": {"name": "native"}}, 10,
                            (3, 32, 32))
     linears = [[m.in_features for m in part.modules() if isinstance(m, nn.Linear)]
                for part in (net.heads[0], net.heads[1], net.stages[2], net.heads[2])]
@@ -109,7 +109,7 @@ def test_b_alexnet_has_branchynets_layer_sizes():
 
 def test_b_lenet_has_branchynets_layer_sizes():
     # kunglab/branchynet networks/lenet_mnist.py: branch Linear(640, 10), main Linear(720, 84)
-    net = build_multi_exit({"family": "lenet"}, {"at": ["conv1"], "head": {"type": "native"}}, 10, (1, 28, 28))
+    net = build_multi_exit({"name": "lenet"}, {"at": ["conv1"], "head": {"name": "native"}}, 10, (1, 28, 28))
     assert [m.in_features for m in net.heads[0].modules() if isinstance(m, nn.Linear)] == [640]
     assert [m.in_features for m in net.stages[1].modules() if isinstance(m, nn.Linear)] == [720]
     assert net(torch.randn(2, 1, 28, 28)).shape == (2, 2, 10)
@@ -118,10 +118,10 @@ def test_b_lenet_has_branchynets_layer_sizes():
 # ------------------------------------------------------------------ running stage by stage
 @pytest.mark.parametrize("backbone, exits, shape", [
     (MSDNET_CIFAR, NATIVE, (3, 32, 32)),
-    (MSDNET_CIFAR, {"at": [2, 9], "head": {"type": "conv_pool"}}, (3, 32, 32)),  # registry heads on scales
-    (DENSENET121_CIFAR, {"at": "stages", "head": {"type": "native"}}, (3, 32, 32)),
-    ({"family": "alexnet"}, {"at": ["conv2", "conv3"], "head": {"type": "native"}}, (3, 32, 32)),
-    ({"family": "lenet", "image_size": 8}, {"at": ["conv1"], "head": {"type": "native"}}, (1, 8, 8)),
+    (MSDNET_CIFAR, {"at": [2, 9], "head": {"name": "conv_pool"}}, (3, 32, 32)),  # registry heads on scales
+    (DENSENET121_CIFAR, {"at": "stages", "head": {"name": "native"}}, (3, 32, 32)),
+    ({"name": "alexnet"}, {"at": ["conv2", "conv3"], "head": {"name": "native"}}, (3, 32, 32)),
+    ({"name": "lenet", "image_size": 8}, {"at": ["conv1"], "head": {"name": "native"}}, (1, 8, 8)),
 ])
 def test_stage_by_stage_equals_the_full_forward(backbone, exits, shape):
     torch.manual_seed(0)
@@ -142,14 +142,14 @@ def test_msdnet_stages_hand_on_multi_scale_features():
 
 # ------------------------------------------------------------------ clear refusals
 @pytest.mark.parametrize("backbone, exits, message", [
-    ({"family": "cifar_resnet", "depth": 20}, {"at": "stages", "head": {"type": "native"}},
-     "backbone.family='cifar_resnet' has no exit heads of its own"),
-    ({"family": "alexnet"}, {"at": ["conv4"], "head": {"type": "native"}}, "native branches only after"),
-    ({"family": "alexnet", "variant": "vgg"}, {"at": []}, "backbone.variant must be one of"),
-    ({"family": "alexnet", "pretrained": True}, {"at": []}, "for backbone.variant=imagenet"),
-    ({"family": "msdnet", "stepmode": "grow"}, {"at": []}, "backbone.stepmode"),
-    ({"family": "msdnet", "bn_factor": [1, 2]}, {"at": []}, "one entry per scale"),
-    ({"family": "densenet", "stem": "tiny"}, {"at": []}, "backbone.stem"),
+    ({"name": "cifar_resnet", "depth": 20}, {"at": "stages", "head": {"name": "native"}},
+     "backbone.name='cifar_resnet' has no exit heads of its own"),
+    ({"name": "alexnet"}, {"at": ["conv4"], "head": {"name": "native"}}, "native branches only after"),
+    ({"name": "alexnet", "variant": "vgg"}, {"at": []}, "backbone.variant must be one of"),
+    ({"name": "alexnet", "pretrained": True}, {"at": []}, "for backbone.variant=imagenet"),
+    ({"name": "msdnet", "stepmode": "grow"}, {"at": []}, "backbone.stepmode"),
+    ({"name": "msdnet", "bn_factor": [1, 2]}, {"at": []}, "one entry per scale"),
+    ({"name": "densenet", "stem": "tiny"}, {"at": []}, "backbone.stem"),
 ])
 def test_bad_backbone_options_are_refused_clearly(backbone, exits, message):
     with pytest.raises(EENNError, match=message):
@@ -175,7 +175,7 @@ def test_timm_pretrained_offline_asks_for_a_local_checkpoint(monkeypatch):
 
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(EENNError, match="backbone.pretrained=true could not fetch resnet50.*backbone.checkpoint"):
-        BACKBONES.build("timm", num_classes=10, name="resnet50", pretrained=True)
+        BACKBONES.build("timm", num_classes=10, model="resnet50", pretrained=True)
 
 
 def test_alexnet_checkpoint_must_be_a_torchvision_state_dict(tmp_path):

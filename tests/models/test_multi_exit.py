@@ -7,12 +7,12 @@ from eenn.models import build_multi_exit
 from eenn.models.backbones import BACKBONES
 from eenn.models.multi_exit import resolve_exit_blocks
 
-RESNET20 = {"family": "cifar_resnet", "depth": 20}
+RESNET20 = {"name": "cifar_resnet", "depth": 20}
 
 
 @pytest.mark.parametrize("head", ["linear", "conv_pool", "conv_stack"])
 def test_shapes_and_stage_by_stage_equals_full_forward(head):
-    net = build_multi_exit(RESNET20, {"at": "stages", "head": {"type": head}}, num_classes=7, input_shape=(3, 32, 32))
+    net = build_multi_exit(RESNET20, {"at": "stages", "head": {"name": head}}, num_classes=7, input_shape=(3, 32, 32))
     net.eval()
     x = torch.randn(4, 3, 32, 32)
     full = net(x)
@@ -55,14 +55,14 @@ def test_bad_exit_placement_is_refused_clearly(at, message):
 
 
 def test_unknown_backbone_lists_valid_ones():
-    with pytest.raises(EENNError, match="backbone.family='vgg'.*cifar_resnet.*timm"):
-        build_multi_exit({"family": "vgg"}, {"at": "stages"}, 10, (3, 32, 32))
+    with pytest.raises(EENNError, match="backbone.name='vgg'.*cifar_resnet.*timm"):
+        build_multi_exit({"name": "vgg"}, {"at": "stages"}, 10, (3, 32, 32))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])
 def test_timm_split_reproduces_the_timm_model(name):
     torch.manual_seed(0)
-    net = build_multi_exit({"family": "timm", "name": name}, {"at": "stages"}, num_classes=5, input_shape=(3, 32, 32))
+    net = build_multi_exit({"name": "timm", "model": name}, {"at": "stages"}, num_classes=5, input_shape=(3, 32, 32))
     torch.manual_seed(0)
     ref = timm.create_model(name, pretrained=False, num_classes=5)
     net.eval()
@@ -80,6 +80,6 @@ def test_timm_split_reproduces_the_timm_model(name):
 
 def test_timm_unknown_model_and_missing_checkpoint():
     with pytest.raises(EENNError, match="not a timm model"):
-        build_multi_exit({"family": "timm", "name": "no_such_net"}, {"at": "stages"}, 10, (3, 32, 32))
+        build_multi_exit({"name": "timm", "model": "no_such_net"}, {"at": "stages"}, 10, (3, 32, 32))
     with pytest.raises(EENNError, match="backbone.checkpoint"):
-        build_multi_exit({"family": "timm", "name": "resnet18", "checkpoint": "/nope.safetensors"}, {"at": "stages"}, 10, (3, 32, 32))
+        build_multi_exit({"name": "timm", "model": "resnet18", "checkpoint": "/nope.safetensors"}, {"at": "stages"}, 10, (3, 32, 32))

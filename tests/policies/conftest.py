@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eenn.evaluation.predictions import Predictions
 from eenn.policies.synthetic import synthetic_predictions
+from eenn.predictions import Predictions
 
 
 @pytest.fixture(scope="session")

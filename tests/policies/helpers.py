@@ -6,11 +6,12 @@ from collections.abc import Sequence
 
 import torch
 
-from eenn.evaluation.predictions import Predictions
 from eenn.policies.base import ExitPolicy
+from eenn.policies.eenet import EENetPolicy
+from eenn.predictions import Predictions
 
 #: EENet settings that train briefly (the defaults train longer)
-EENET_FAST = {"max_epochs": 30, "patience": 20}
+EENET_FAST = EENetPolicy.examples[0]
 
 
 def logits_for_max_prob(p: Sequence[float], pred: Sequence[int]) -> torch.Tensor:

@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 
 from eenn.cli.common import conf_dir
 from eenn.errors import EENNError
-from eenn.policies import ExitPolicy
-from eenn.policies.fitting import fit_run
+from eenn.policies import POLICIES, ExitPolicy, policy_class
 from eenn.policies.synthetic import synthetic_predictions
+from eenn.tasks.fit import fit_run
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = {"policy", "budget", "budget_fraction", "cost_unit", "fit_seconds", "val", "test"}
@@ -39,10 +39,11 @@ def fit_cfg(overrides: Sequence[str]) -> DictConfig:
         return compose(config_name="fit", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("policy", ["maxprob", "entropy", "patience", "deex", "static", "oracle", "oracle_budget"])
+@pytest.mark.parametrize("policy", POLICIES.names())
 def test_fit_app_writes_policy_and_metrics(policy: str, run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "fit"
-    cfg = fit_cfg([f"run_dir={run_dir}", f"policy={policy}", "budget.fraction=0.8"])
+    example = [f"policy.{k}={v}" for k, v in policy_class(policy).examples[0].items()]
+    cfg = fit_cfg([f"run_dir={run_dir}", f"policy={policy}", *example, "budget.fraction=0.8"])
     metrics = fit_run(cfg, out)
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
@@ -52,7 +53,7 @@ def test_fit_app_writes_policy_and_metrics(policy: str, run_dir: Path, tmp_path:
     assert on_disk["cost_unit"] == "flops"
     assert on_disk["budget"] == pytest.approx(0.8e6)
     assert on_disk["budget_fraction"] == pytest.approx(0.8)
-    if policy not in ("static", "oracle"):
+    if policy_class(policy).budgeted:
         assert on_disk["val"]["avg_cost"] <= on_disk["budget"] * 1.005
     loaded = ExitPolicy.load(out / "policy.safetensors")
     assert loaded.name == policy

@@ -18,9 +18,10 @@ from omegaconf import DictConfig
 
 from eenn.cli.common import conf_dir
 from eenn.errors import EENNError
-from eenn.policies import fitting
-from eenn.policies.fitting import fit_run, stage1_name
 from eenn.policies.synthetic import synthetic_predictions
+from eenn.rundir import Stage1Run
+from eenn.tasks import fit as fitting
+from eenn.tasks.fit import fit_run
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE1 = "2025-01-02_03-04-05_a1b2c3"
@@ -35,7 +36,7 @@ def run_dir(tmp_path: Path) -> Path:
         preds.source_run = str(run)  # as eenn-train writes it
         preds.save(run / "predictions" / f"{split}.safetensors")
     (run / "metrics.json").write_text(json.dumps({"data": "digits", "training": "joint",
-                                                  "backbone": {"family": "cifar_resnet", "depth": 20}}))
+                                                  "backbone": {"name": "cifar_resnet", "depth": 20}}))
     return run
 
 
@@ -143,7 +144,7 @@ def test_refused_input_starts_no_run_and_wandb_can_be_switched_off(
 
 
 def test_the_group_follows_eenn_compare_s_model_name(run_dir: Path, tmp_path: Path, captured: list[FakeRun]) -> None:
-    assert stage1_name(tmp_path / "pipeline" / "demo" / "train") == "demo"  # a pipeline's stage-1 run
+    assert Stage1Run(tmp_path / "pipeline" / "demo" / "train").name == "demo"  # a pipeline's stage-1 run
     files = [f"predictions.{s}={run_dir / 'predictions' / f'{s}.safetensors'}" for s in ("val", "test")]
     fit_run(fit_cfg(files), tmp_path / "fit")  # no run_dir: the files' source_run names the run
     assert captured[-1].kwargs["group"] == STAGE1

@@ -7,8 +7,9 @@ import time
 import pytest
 import torch
 
-from eenn.evaluation.offline import evaluate, realised_cost, simulate
+from eenn.evaluation.offline import evaluate
 from eenn.policies import build_policy
+from eenn.policies.simulate import realised_cost, simulate
 from eenn.policies.synthetic import synthetic_predictions
 
 from .helpers import EENET_FAST, logits_for_max_prob, predictions

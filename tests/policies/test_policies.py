@@ -1,5 +1,5 @@
-"""Every policy: budgets hold on validation, offline simulation equals a naive per-sample loop,
-save/load round-trips, and the per-policy rules on hand-built predictions."""
+"""The per-policy rules on hand-built predictions and bad input (what every policy shares is in
+tests/contracts)."""
 
 from __future__ import annotations
 
@@ -9,55 +9,20 @@ import pytest
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.offline import evaluate, simulate
-from eenn.evaluation.predictions import Predictions
-from eenn.policies import POLICIES, ExitPolicy, build_policy
+from eenn.evaluation.offline import evaluate
+from eenn.policies import ExitPolicy, build_policy, policy_class
 from eenn.policies.features import max_prob
+from eenn.policies.simulate import simulate
 from eenn.policies.synthetic import synthetic_predictions
+from eenn.predictions import Predictions
+from tests.contracts import checks
 
-from .helpers import EENET_FAST, logits_for_max_prob, naive_simulate, predictions
-
-BUDGETED = {
-    "maxprob": {},
-    "entropy": {},
-    "entropy_xent": {"criterion": "cross_entropy"},
-    "margin": {},
-    "vote": {},
-    "patience": {},
-    "deex": {"p_tar": 0.8},
-    "eenet": EENET_FAST,
-    "oracle_budget": {},
-}
-FRACTIONS = [0.4, 0.55, 0.7, 0.85, 1.0]
-
-
-def make(name: str) -> ExitPolicy:
-    cfg = dict(BUDGETED.get(name, {}))
-    return build_policy(name.split("_xent")[0], **cfg)
-
-
-_FITTED: dict[tuple[str, int, float], ExitPolicy] = {}
+from .helpers import EENET_FAST, logits_for_max_prob, predictions
 
 
 def fitted(name: str, val: Predictions, fraction: float) -> ExitPolicy:
-    """``name`` fitted to ``fraction`` of the full cost (at least its cheapest), cached: fitting
-    EENet takes a while and decisions never change a fitted policy."""
-    key = (name, id(val), fraction)
-    if key not in _FITTED:
-        policy = make(name)
-        budget = max(fraction * float(val.costs[-1]), policy.cheapest_cost(val, "flops"))
-        _FITTED[key] = policy.fit(val, budget, "flops")
-    return _FITTED[key]
-
-
-@pytest.mark.parametrize("name", sorted(BUDGETED))
-def test_fitted_policies_meet_the_budget_on_validation(name: str, val: Predictions) -> None:
-    for fraction in FRACTIONS if name != "eenet" else [0.55, 0.7, 0.85]:
-        policy = fitted(name, val, fraction)
-        S = evaluate(policy, val, "flops")
-        assert S["avg_cost"] <= policy.budget * 1.005, (name, fraction)
-        assert sum(S["exit_fractions"]) == pytest.approx(1.0)
-        assert policy.info["fitted_to_budget"] is True
+    """``name`` (its first example) fitted to ``fraction`` of the full cost, as the contracts fit it."""
+    return checks.fitted(name, policy_class(name).examples[0], val, fraction)
 
 
 @pytest.mark.parametrize("name", ["maxprob", "entropy", "margin", "eenet"])
@@ -83,16 +48,6 @@ def test_static_reproduces_per_exit_accuracy_exactly(val: Predictions, test_pred
             assert S["exit_fractions"][k] == 1.0
 
 
-def test_oracle_beats_every_policy_at_equal_cost(val: Predictions) -> None:
-    for name in BUDGETED:
-        for fraction in (0.55, 0.85):
-            S = evaluate(fitted(name, val, fraction), val, "flops")
-            ceiling = build_policy("oracle_budget").fit(val, S["avg_cost"], "flops")
-            best = evaluate(ceiling, val, "flops")
-            assert best["accuracy"] >= S["accuracy"], (name, fraction)
-            assert best["avg_cost"] <= S["avg_cost"] * (1 + 1e-9)
-
-
 def test_oracle_exits_at_the_earliest_correct_exit() -> None:
     # sample 0 right at exit 0; sample 1 first right at exit 2; sample 2 never right -> last exit
     logits = torch.tensor(
@@ -116,36 +71,6 @@ def test_oracles_refuse_to_run_online(val: Predictions) -> None:
         oracle.init_state(4)
     with pytest.raises(EENNError, match="needs the labels"):
         simulate(oracle, val.logits)
-
-
-ALL = ["static", "maxprob", "entropy", "margin", "vote", "patience", "deex", "eenet", "oracle", "oracle_budget"]
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_compacting_simulation_equals_a_naive_per_sample_loop(name: str, val: Predictions) -> None:
-    policy = fitted(name, val, 0.7) if name != "static" else build_policy("static", exit=1).fit(val, None, "flops")
-    sub = slice(0, 300)
-    got = simulate(policy, val.logits[sub], val.labels[sub])
-    want = naive_simulate(policy, val.logits[sub], val.labels[sub])
-    assert torch.equal(got[0], want[0])
-    assert torch.equal(got[1], want[1])
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_save_load_round_trip_gives_identical_decisions(name: str, val: Predictions, test_preds: Predictions, tmp_path) -> None:
-    policy = fitted(name, val, 0.7) if name != "static" else build_policy("static", exit=1).fit(val, None, "flops")
-    path = policy.save(tmp_path / f"{name}.safetensors")
-    loaded = ExitPolicy.load(path).to("cpu")
-    assert type(loaded) is type(policy)
-    assert (loaded.num_exits, loaded.num_classes, loaded.budget) == (policy.num_exits, policy.num_classes, policy.budget)
-    for a, b in zip(simulate(policy, test_preds.logits, test_preds.labels), simulate(loaded, test_preds.logits, test_preds.labels)):
-        assert torch.equal(a, b)
-    assert evaluate(loaded, test_preds, "flops") == evaluate(policy, test_preds, "flops")
-    assert path.stat().st_size < 64_000
-
-
-def test_every_registered_policy_is_tested() -> None:
-    assert POLICIES.names() == sorted(ALL)
 
 
 # ------------------------------------------------------------------------- per-policy rules

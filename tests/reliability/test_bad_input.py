@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from eenn.errors import EENNError
-from eenn.training.run import train
+from eenn.tasks.train import train
 
 BASE = ["logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "cost.latency=false",
         "trainer.enable_progress_bar=false"]
@@ -22,8 +22,8 @@ BASE = ["logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "
         (["data=cifar10", "data.root=/nonexistent"], "cifar10 is not in data.root='/nonexistent' and data.download=false"),
         (["data.classes=[]"], "data.classes is an empty list"),
         (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt' does not exist."),
-        (["backbone.family=vgg"], "backbone.family='vgg' is not a known backbone family; valid: alexnet, cifar_resnet, densenet, lenet, msdnet, timm"),
-        (["exits.head.type=mlp"], "exits.head.type='mlp' is not a known exit head type; valid: conv_pool, conv_stack, linear"),
+        (["backbone.name=vgg"], "backbone.name='vgg' is not a known backbone family; valid: alexnet, cifar_resnet, densenet, lenet, msdnet, timm"),
+        (["exits.head.name=mlp"], "exits.head.name='mlp' is not a known exit head type; valid: conv_pool, conv_stack, linear"),
     ],
 )
 def test_bad_stage1_input_is_one_sentence_and_leaves_nothing(compose_cfg, overrides, message):

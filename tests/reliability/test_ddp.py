@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from eenn.data import EENNDataModule
-from eenn.evaluation.predictions import Predictions
+from eenn.predictions import Predictions
 
 
 @pytest.mark.slow

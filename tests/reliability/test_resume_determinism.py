@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.predictions import Predictions
-from eenn.training.run import train
+from eenn.predictions import Predictions
+from eenn.tasks.train import train
 from tests.reliability.crash import SimulatedCrash
 
 SMALL = ["logger=csv", "trainer.max_epochs=3", "trainer.limit_train_batches=4", "cost.latency=false",

@@ -15,18 +15,18 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from eenn.cost import profile_costs
 from eenn.errors import EENNError
-from eenn.evaluation.predictions import Predictions
 from eenn.models import build_multi_exit
+from eenn.predictions import Predictions
+from eenn.tasks.train import train
 from eenn.training.bilevel import BilevelTraining
 from eenn.training.gater import Gater, confidence_features, exit_log_probs, tempered_exit_distribution
-from eenn.training.run import train
 
 SHAPE, C = (1, 8, 8), 10
 
 
 def make_network(seed: int = 0):
     torch.manual_seed(seed)
-    return build_multi_exit({"family": "cifar_resnet", "depth": 20}, {"at": "stages"}, num_classes=C, input_shape=SHAPE)
+    return build_multi_exit({"name": "cifar_resnet", "depth": 20}, {"at": "stages"}, num_classes=C, input_shape=SHAPE)
 
 
 def make_module(seed: int = 0, **kw) -> BilevelTraining:

@@ -9,8 +9,8 @@ import torch
 
 from eenn.cost import CostProfile
 from eenn.errors import EENNError
-from eenn.evaluation.predictions import Predictions
-from eenn.training.run import train
+from eenn.predictions import Predictions
+from eenn.tasks.train import train
 
 FAST = ["trainer.max_epochs=1", "cost.latency=true", "cost.repeats=2", "trainer.enable_progress_bar=false"]
 
@@ -75,8 +75,8 @@ def test_missing_checkpoint_to_resume_from_is_refused(compose_cfg):
 
 def test_warmup_trains_only_the_final_exit(compose_cfg):
     from eenn.data import EENNDataModule
+    from eenn.tasks.train import build_network
     from eenn.training.joint import JointTraining
-    from eenn.training.run import build_network
 
     cfg = compose_cfg("train", [])
     dm = EENNDataModule()

@@ -1,4 +1,10 @@
-from eenn.models.backbones import alexnet, cifar_resnet, densenet, lenet, msdnet, timm_backbone  # noqa: F401  (register the factories)
+"""Backbones cut into units for the multi-exit network. Importing the package imports every module
+in it, and so registers every backbone family in ``BACKBONES``: a new backbone is its module (and
+its YAML in conf/backbone)."""
+
 from eenn.models.backbones.base import BACKBONES, BackboneParts
+from eenn.registry import import_submodules
+
+import_submodules(__name__)
 
 __all__ = ["BACKBONES", "BackboneParts"]

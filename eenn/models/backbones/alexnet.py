@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.models import AlexNet_Weights, alexnet
 
 from eenn.errors import EENNError
 from eenn.models.backbones.base import BACKBONES, BackboneParts
@@ -52,7 +53,7 @@ def _branchynet_branch(block: str, in_shape: Sequence[int], num_classes: int) ->
     convs = {"conv2": 2, "conv3": 1}
     if block not in convs:
         raise EENNError(f"exits.at: B-AlexNet has native branches only after {sorted(convs)}, not {block!r}; "
-                        "use another exits.head.type there.")
+                        "use another exits.head.name there.")
     layers: list[nn.Module] = [nn.ReLU(), _pool(), _lrn()]
     cin = in_shape[0]
     for _ in range(convs[block]):
@@ -87,8 +88,6 @@ def _imagenet_weights(pretrained: bool, checkpoint: str | None) -> dict[str, tor
         return torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not pretrained:
         return None
-    from torchvision.models import AlexNet_Weights
-
     try:
         return AlexNet_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError: no network
@@ -101,8 +100,6 @@ def _imagenet_weights(pretrained: bool, checkpoint: str | None) -> dict[str, tor
 def _imagenet(
     num_classes: int, in_chans: int, resize: int | None, pretrained: bool, checkpoint: str | None
 ) -> BackboneParts:
-    from torchvision.models import alexnet
-
     model = alexnet(weights=None, num_classes=num_classes)
     if in_chans != 3:
         model.features[0] = nn.Conv2d(in_chans, 64, 11, 4, 2)

@@ -22,7 +22,7 @@ class BackboneParts:
 
     ``exit_head``, for families whose exits are part of the architecture (MSDNet's classifiers,
     BranchyNet's branches), builds the exit after a block: ``exit_head(block=name,
-    in_shape=(C, H, W), num_classes=n, **exits.head)``; ``exits.head.type: native`` selects it.
+    in_shape=(C, H, W), num_classes=n, **exits.head)``; ``exits.head.name: native`` selects it.
     A unit may output a list of multi-scale tensors (MSDNet); exit heads read its last (coarsest).
     """
 
@@ -33,4 +33,4 @@ class BackboneParts:
     exit_head: Callable[..., nn.Module] | None = None
 
 
-BACKBONES: Registry[BackboneParts] = Registry("backbone family", "backbone.family")
+BACKBONES: Registry[BackboneParts] = Registry("backbone family", "backbone.name")

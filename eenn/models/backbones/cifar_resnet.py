@@ -37,7 +37,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + x)
 
 
-@BACKBONES.register("cifar_resnet")
+@BACKBONES.register("cifar_resnet", example={"depth": 8})
 def cifar_resnet(num_classes: int, depth: int = 56, in_chans: int = 3, shortcut: str = "A") -> BackboneParts:
     if (depth - 2) % 6 or depth < 8:
         raise EENNError(f"backbone.depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}.")

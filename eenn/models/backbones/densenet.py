@@ -58,7 +58,7 @@ def eenet_exit_head(block: str, in_shape: Sequence[int], num_classes: int, depth
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
 
 
-@BACKBONES.register("densenet")
+@BACKBONES.register("densenet", example={"blocks": [2, 2], "growth_rate": 4})
 def densenet_backbone(
     num_classes: int,
     in_chans: int = 3,

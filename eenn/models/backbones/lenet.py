@@ -26,12 +26,12 @@ def _pool() -> nn.Module:
 def _branch(block: str, in_shape: Sequence[int], num_classes: int) -> nn.Module:
     if block != "conv1":
         raise EENNError(f"exits.at: B-LeNet has its native branch only after 'conv1', not {block!r}; "
-                        "use another exits.head.type there.")
+                        "use another exits.head.name there.")
     layers = [_pool(), nn.ReLU(), nn.Conv2d(in_shape[0], 10, 3, padding=1), _pool(), nn.ReLU(), nn.Flatten()]
     return nn.Sequential(*layers, nn.Linear(flat_size(layers, in_shape), num_classes))
 
 
-@BACKBONES.register("lenet")
+@BACKBONES.register("lenet", example={"image_size": 32})
 def lenet_backbone(num_classes: int, in_chans: int = 1, image_size: int = 28) -> BackboneParts:
     units: list[tuple[str, nn.Module]] = [
         ("conv1", nn.Conv2d(in_chans, 5, 5, padding=3)),

@@ -162,7 +162,7 @@ def block_steps(n_blocks: int, base: int, step: int, stepmode: str) -> list[int]
     return [base] + [step if stepmode == "even" else step * b + 1 for b in range(1, n_blocks)]
 
 
-@BACKBONES.register("msdnet")
+@BACKBONES.register("msdnet", example={"n_blocks": 2, "channels": 4, "growth_rate": 2})
 def msdnet_backbone(
     num_classes: int,
     in_chans: int = 3,

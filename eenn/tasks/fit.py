@@ -1,14 +1,14 @@
-"""The work of ``eenn-fit``: load a stage-1 run's predictions, fit a policy to a budget on the
-validation split, evaluate it on both splits and write the policy file and ``metrics.json``.
+"""The eenn-fit job: load a stage-1 run's predictions, fit a policy to a budget on the validation
+split, evaluate it on both splits and write the policy file and the metrics
+(:class:`eenn.rundir.FitRun`).
 
-Each fit is also one wandb run (``wandb:`` in conf/fit.yaml): group = the stage-1 run's name,
-job_type = the policy, the fitted hyper-parameters and budget in its config, accuracies, realised
-costs and exit fractions in its summary, its files in ``<fit run dir>/wandb/``.
+Each fit is also one wandb run (the ``wandb:`` config every app shares): group = the stage-1 run's
+name, job_type = the policy, the fitted hyper-parameters and budget in its config, accuracies,
+realised costs and exit fractions in its summary, its files in ``<fit run dir>/wandb/``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -17,30 +17,26 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from eenn.errors import EENNError
-from eenn.evaluation.compare import model_name
 from eenn.evaluation.offline import evaluate
-from eenn.evaluation.predictions import Predictions, check_compatible
 from eenn.policies.base import ExitPolicy, build_policy, check_budget
-from eenn.utils.io import write_json
+from eenn.predictions import SPLITS, Predictions, check_compatible, cost_unit_name
+from eenn.rundir import FitRun, Stage1Run
+from eenn.utils.loggers import start_wandb_run
 
 log = logging.getLogger("eenn")
-
-#: ``cost=`` names that differ from the predictions file's unit names
-COST_ALIASES = {"latency": "latency_ms"}
-POLICY_FILE = "policy.safetensors"
 
 
 def load_split_predictions(cfg: DictConfig) -> tuple[Predictions, Predictions]:
     """Validation and test predictions from ``predictions.val``/``predictions.test`` or else from
-    ``run_dir``'s ``predictions/`` folder."""
+    the stage-1 run ``run_dir``."""
     paths = {}
-    for split in ("val", "test"):
+    for split in SPLITS:
         given = cfg.predictions.get(split)
         if given is None and cfg.get("run_dir") is None:
             raise EENNError(
                 f"no {split} predictions: set run_dir=<stage-1 run dir> or predictions.{split}=<file>."
             )
-        paths[split] = Path(given) if given is not None else Path(cfg.run_dir) / "predictions" / f"{split}.safetensors"
+        paths[split] = Path(given) if given is not None else Stage1Run(cfg.run_dir).predictions_file(split)
     if cfg.get("run_dir") is not None and not Path(cfg.run_dir).is_dir():
         raise EENNError(f"run_dir={cfg.run_dir!r} is not a directory.")
     val, test = Predictions.load(paths["val"]), Predictions.load(paths["test"])
@@ -49,7 +45,7 @@ def load_split_predictions(cfg: DictConfig) -> tuple[Predictions, Predictions]:
 
 
 def cost_unit(cfg: DictConfig, val: Predictions) -> str:
-    unit = COST_ALIASES.get(str(cfg.cost), str(cfg.cost))
+    unit = cost_unit_name(str(cfg.cost))
     have = sorted({val.cost_unit, *val.cost_table})
     if unit not in have:
         raise EENNError(f"cost={cfg.cost!r}: the predictions have no {unit!r} costs; they have {have}.")
@@ -80,51 +76,28 @@ def resolve_budget(
     return budget, warnings
 
 
-def stage1_source(cfg: DictConfig, val: Predictions) -> Path | None:
-    """The stage-1 run dir the predictions came from: ``run_dir``, else the files' ``source_run``
-    metadata, else the folder holding the validation file (``<run>/predictions/val.safetensors``)."""
+def stage1_source(cfg: DictConfig, val: Predictions) -> Stage1Run | None:
+    """The stage-1 run the predictions came from: ``run_dir``, else the files' ``source_run``
+    metadata, else the run (or folder) holding the validation file."""
     if cfg.get("run_dir"):
-        return Path(cfg.run_dir).resolve()
+        return Stage1Run(Path(cfg.run_dir).resolve())
     if val.source_run:
-        return Path(val.source_run)
+        return Stage1Run(val.source_run)
     if cfg.predictions.get("val"):
-        folder = Path(cfg.predictions.val).resolve().parent
-        return folder.parent if folder.name == "predictions" else folder
+        return Stage1Run.holding(cfg.predictions.val)
     return None
 
 
-def stage1_name(run_dir: Path | None) -> str:
-    """The stage-1 run's name as eenn-compare names the model (the wandb group of its fits)."""
-    return "unknown" if run_dir is None else model_name(run_dir)
-
-
-def stage1_info(run_dir: Path | None) -> dict[str, Any]:
-    """What the stage-1 run's metrics.json says about the model (for filtering in wandb's UI)."""
-    info: dict[str, Any] = {"run_dir": str(run_dir) if run_dir else None, "name": stage1_name(run_dir)}
-    metrics = run_dir / "metrics.json" if run_dir else None
-    if metrics is not None and metrics.is_file():
+def stage1_info(run: Stage1Run | None) -> dict[str, Any]:
+    """What the stage-1 run's metrics say about the model (for filtering in wandb's UI)."""
+    info: dict[str, Any] = {"run_dir": str(run.path) if run else None, "name": run.name if run else "unknown"}
+    if run is not None and run.finished():
         try:
-            m = json.loads(metrics.read_text())
-        except (OSError, ValueError):
+            m = run.metrics()
+        except EENNError:
             return info
         info.update({k: m[k] for k in ("data", "backbone", "training", "exit_names", "num_classes") if k in m})
     return info
-
-
-def start_wandb(cfg: DictConfig, out_dir: Path, policy: ExitPolicy, source: Path | None, config: dict[str, Any]) -> Any:
-    """The fit's wandb run (None when ``wandb.enabled=false``): one project for all fits,
-    group = the stage-1 run's name, job_type = the policy, files in ``out_dir/wandb/``."""
-    w = cfg.get("wandb")
-    if w is None or not w.get("enabled", True):
-        return None
-    from eenn.utils.loggers import init_wandb_run
-
-    name = w.get("name") or f"{policy.name}_{config['budget_fraction']:.3f}"
-    return init_wandb_run(
-        project=w.get("project", "eenn"), dir=out_dir, mode=w.get("mode", "auto"), key="wandb.mode",
-        entity=w.get("entity"), group=w.get("group") or stage1_name(source), job_type=policy.name, name=name,
-        tags=list(w.get("tags") or []), config=config,
-    )
 
 
 def log_fit(run: Any, policy: ExitPolicy, metrics: dict[str, Any]) -> None:
@@ -143,9 +116,9 @@ def log_fit(run: Any, policy: ExitPolicy, metrics: dict[str, Any]) -> None:
 
 
 def fit_run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Fit ``cfg.policy`` for ``cfg.budget`` and write ``policy.safetensors`` and ``metrics.json``
-    in ``out_dir``; log the fit as a wandb run (``cfg.wandb``). Returns the metrics."""
-    out_dir = Path(out_dir)
+    """Fit ``cfg.policy`` for ``cfg.budget`` and write the policy file and metrics into the fit
+    run dir ``out_dir``; log the fit as a wandb run (``cfg.wandb``). Returns the metrics."""
+    fit = FitRun(out_dir)
     policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
     if not isinstance(policy_cfg, dict) or "name" not in policy_cfg:
         raise EENNError("policy must be a config group with a name (e.g. policy=maxprob).")
@@ -156,13 +129,15 @@ def fit_run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     source = stage1_source(cfg, val)
     # the wandb run starts only once the input is known good (a refused job leaves no run dir)
     # and always finishes, failed or not: the next job of an in-process sweep gets its own run
-    run = start_wandb(cfg, out_dir, policy, source, {
-        "policy": policy_cfg, "budget": budget, "budget_fraction": budget / float(val.costs_in(unit)[-1]),
+    fraction = budget / float(val.costs_in(unit)[-1])
+    run = start_wandb_run(cfg.get("wandb"), fit.path, job_type=policy.name, name=f"{policy.name}_{fraction:.3f}",
+                          group=source.name if source else "unknown", config={
+        "policy": policy_cfg, "budget": budget, "budget_fraction": fraction,
         "budget_request": OmegaConf.to_container(cfg.budget, resolve=True), "cost_unit": unit,
         "stage1": stage1_info(source),
     })
     try:
-        metrics = _fit_and_evaluate(cfg, out_dir, policy, val, test, unit, budget, warnings)
+        metrics = _fit_and_evaluate(cfg, fit, policy, val, test, unit, budget, warnings)
         if run is not None:
             log_fit(run, policy, metrics)
     except BaseException:
@@ -175,13 +150,13 @@ def fit_run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
 
 def _fit_and_evaluate(
-    cfg: DictConfig, out_dir: Path, policy: ExitPolicy, val: Predictions, test: Predictions, unit: str,
+    cfg: DictConfig, fit: FitRun, policy: ExitPolicy, val: Predictions, test: Predictions, unit: str,
     budget: float, warnings: list[str],
 ) -> dict[str, Any]:
     start = time.perf_counter()
     policy.fit(val, budget, unit)
     fit_seconds = time.perf_counter() - start
-    policy.save(out_dir / POLICY_FILE)
+    fit.write_policy(policy)
     metrics = {
         "policy": policy.name,
         "budget": budget,
@@ -197,10 +172,10 @@ def _fit_and_evaluate(
         "val": evaluate(policy, val, unit),
         "test": evaluate(policy, test, unit),
     }
-    write_json(out_dir / "metrics.json", metrics)
+    fit.write_metrics(metrics)
     log.info(
         "%s at budget %.4g %s (%.3f of full): val accuracy %.4f, cost %.4g; test accuracy %.4f, cost %.4g (%s)",
         policy.name, budget, unit, metrics["budget_fraction"], metrics["val"]["accuracy"], metrics["val"]["avg_cost"],
-        metrics["test"]["accuracy"], metrics["test"]["avg_cost"], out_dir,
+        metrics["test"]["accuracy"], metrics["test"]["avg_cost"], fit.path,
     )
     return metrics

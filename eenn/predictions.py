@@ -28,6 +28,15 @@ from eenn.errors import EENNError
 from eenn.utils.io import read_safetensors, write_safetensors
 
 FORMAT = "eenn.predictions/1"
+#: the held-out splits a stage-1 run predicts: stage 2 fits on val and reports on test
+SPLITS = ("val", "test")
+#: ``cost=`` settings whose name differs from the files' cost unit
+COST_ALIASES = {"latency": "latency_ms"}
+
+
+def cost_unit_name(cost: str) -> str:
+    """The cost unit a ``cost=`` setting names (``latency`` is the files' ``latency_ms``)."""
+    return COST_ALIASES.get(cost, cost)
 
 
 @dataclass

@@ -6,8 +6,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from eenn.cost import CostProfile
-from eenn.evaluation.predictions import Predictions
 from eenn.models.multi_exit import MultiExitNetwork
+from eenn.predictions import Predictions
 
 
 @torch.inference_mode()

@@ -1,0 +1,105 @@
+"""The eenn-compare job: stage-2 run and sweep dirs in; the results table, plots and a
+self-contained report out (:class:`eenn.rundir.CompareRun`), and the same to wandb."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from eenn.errors import EENNError
+from eenn.evaluation.compare import Comparison, Model, fit_row, write_csv
+from eenn.evaluation.plots import plot_accuracy_vs_cost, plot_confusions, plot_exit_distributions, save_png
+from eenn.evaluation.report import accuracy_table, write_report
+from eenn.rundir import CompareRun, Stage1Run, fit_runs
+from eenn.utils.loggers import start_wandb_run
+
+log = logging.getLogger("eenn.compare")
+
+
+def load_model(run: Stage1Run) -> Model:
+    """A stage-1 run's model: its name, training and saved predictions."""
+    return Model(run.name, run.path, run.training(), run.predictions("test"), run.predictions("val"))
+
+
+def collect(sweeps: Sequence[str | Path], runs: Sequence[str | Path] = ()) -> Comparison:
+    """Read stage-2 run/sweep dirs and the stage-1 runs they came from (plus any ``runs`` given)."""
+    comp = Comparison()
+    for r in runs:
+        m = load_model(Stage1Run(r))
+        comp.models[str(m.run_dir.resolve())] = m
+    for sweep in map(Path, sweeps):
+        if not sweep.is_dir():
+            raise EENNError(f"sweeps: {str(sweep)!r} is not a directory.")
+        for job in fit_runs(sweep):
+            if not job.finished():
+                comp.failures.append({"run": str(job.path), "reason": job.failure()})
+                continue
+            metrics = job.metrics()
+            source = job.source_run()
+            model = None
+            if source is not None:
+                key = str(source.path.resolve())
+                if key not in comp.models and source.has_predictions():
+                    comp.models[key] = load_model(source)
+                model = comp.models.get(key)
+            comp.fits.append({**metrics, "run": str(job.path)})
+            name = model.name if model else (source.path.name if source else "unknown")
+            comp.rows.append(fit_row(metrics, job.path, name, model.training if model else "unknown"))
+    comp.rows.sort(key=lambda r: (r["model"], r["policy"], r["cost_unit"], r["budget"]))
+    if not comp.rows and not comp.failures:
+        raise EENNError(f"sweeps={[str(s) for s in sweeps]} hold no eenn-fit runs (none has finished or failed).")
+    return comp
+
+
+def compare(
+    sweeps: Sequence[str | Path], runs: Sequence[str | Path], out_dir: str | Path,
+    wandb_cfg: Mapping[str, Any] | None = None, group: str | None = None,
+) -> Comparison:
+    """Compare the fits of ``sweeps`` into ``out_dir``; ``wandb_cfg`` is the ``wandb:`` config every
+    app shares (None: no wandb run), ``group`` the wandb group when it names none."""
+    out = CompareRun(out_dir)
+    out.path.mkdir(parents=True, exist_ok=True)
+    comp = collect(sweeps, runs)
+    for f in comp.failures:
+        log.warning("missing or failed run %s: %s", f["run"], f["reason"])
+    write_csv(comp, out.results_file)
+    figures = [*plot_accuracy_vs_cost(comp), *plot_exit_distributions(comp), *plot_confusions(comp)]
+    images = [save_png(fig, out.figure_file(name)) for name, fig in figures]
+    write_report(comp, images, out.report_file)
+    if isinstance(wandb_cfg, DictConfig):
+        wandb_cfg = OmegaConf.to_container(wandb_cfg, resolve=True)  # type: ignore[assignment]
+    run = start_wandb_run(wandb_cfg, out.path, job_type="compare", name="compare", group=group)
+    if run is not None:
+        log_to_wandb(run, comp, images)
+    log.info("compared %d runs (%d missing/failed): %s", len(comp.rows), len(comp.failures), out.report_file)
+    return comp
+
+
+def log_to_wandb(run: Any, comp: Comparison, images: list[Path]) -> None:
+    """The results as a wandb.Table, the curves as wandb.plot.line_series, the plots as images."""
+    import wandb  # only here: importing wandb takes seconds, and most comparisons log nowhere
+
+    try:
+        columns = list(comp.rows[0]) if comp.rows else []
+        run.log({"results": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in comp.rows])})
+        for model in comp.models.values():
+            series = sorted({(r["policy"], r["cost_unit"]) for r in comp.rows if r["model"] == model.name})
+            xs, ys, keys = [], [], []
+            for policy, unit in series:
+                pts = sorted((r for r in comp.rows if (r["model"], r["policy"], r["cost_unit"]) == (model.name, policy, unit)),
+                             key=lambda r: r["test_avg_cost"])
+                xs.append([r["test_avg_cost"] for r in pts])
+                ys.append([r["test_accuracy"] for r in pts])
+                keys.append(f"{policy} [{unit}]")
+            if keys:
+                run.log({f"accuracy_vs_cost/{model.name}": wandb.plot.line_series(
+                    xs=xs, ys=ys, keys=keys, title=f"{model.name}: test accuracy vs average cost", xname="average cost")})
+        header, rows = accuracy_table(comp)
+        run.log({"accuracy_by_budget": wandb.Table(columns=header, data=rows)})
+        run.log({p.stem: wandb.Image(str(p)) for p in images})
+    finally:
+        run.finish()

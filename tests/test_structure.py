@@ -1,0 +1,99 @@
+"""The structure the design asks for, checked on the source: the domain packages take tensors and
+dataclasses (no Hydra, omegaconf or wandb), run-dir file names live in eenn/rundir.py alone, and
+nobody outside eenn/policies checks a policy's name."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eenn.policies import POLICIES
+
+EENN = Path(__file__).resolve().parents[1] / "eenn"
+DOMAIN = ("policies", "inference", "evaluation", "models")
+JOB_LIBRARIES = ("hydra", "omegaconf", "wandb")
+
+
+def _modules(*packages: str) -> list[Path]:
+    roots = [EENN / p for p in packages] if packages else [EENN]
+    return sorted(f for root in roots for f in root.rglob("*.py"))
+
+
+def _imported(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", DOMAIN)
+def test_domain_packages_import_no_job_library(package: str) -> None:
+    offenders = {str(f.relative_to(EENN)): sorted(_imported(ast.parse(f.read_text())) & set(JOB_LIBRARIES))
+                 for f in _modules(package)}
+    assert {f: libs for f, libs in offenders.items() if libs} == {}
+
+
+def test_importing_the_domain_packages_loads_no_hydra_or_omegaconf() -> None:
+    # wandb is left out: timm imports it for its own logging
+    code = ("import sys; import eenn.policies, eenn.inference.edge_cloud, eenn.inference.report, eenn.evaluation.plots, "
+            "eenn.evaluation.report, eenn.models; print(sorted(m for m in ('hydra', 'omegaconf') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]"
+
+
+# file names of run dirs, as code spells them: in strings and joined paths
+RUN_DIR_NAMES = re.compile(
+    r"metrics\.json|costs\.json|policy\.safetensors|error\.json|infer\.json|results\.csv|report\.html|\.ckpt\b"
+    r"|[\"'/]\.hydra\b|/ \"(predictions|checkpoints)\"|\"(predictions|checkpoints)/"
+)
+
+
+def test_run_dir_file_names_are_spelled_in_the_run_dir_module_only() -> None:
+    found = [f"{f.relative_to(EENN)}:{i}: {line.strip()}" for f in _modules() if f.name != "rundir.py"
+             for i, line in enumerate(f.read_text().splitlines(), 1) if RUN_DIR_NAMES.search(line)]
+    assert found == []
+
+
+def _name_checks(tree: ast.AST, names: set[str]) -> list[int]:
+    """Lines that compare a policy (``policy``, ``.name``, ``["policy"]``...) with a registered
+    policy's name: ==, !=, in, startswith, endswith."""
+    def named(node: ast.AST, part: bool = False) -> bool:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value in names or (part and len(node.value) > 2 and any(node.value in n for n in names))
+        return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(named(e, part) for e in node.elts)
+
+    def a_policy(node: ast.AST) -> bool:
+        text = ast.unparse(node)
+        return "policy" in text or text.endswith(".name")
+
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(named(c) for c in sides) and any(a_policy(c) for c in sides):
+                lines.append(node.lineno)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and a_policy(node.func.value)
+              and node.func.attr in ("startswith", "endswith") and any(named(a, part=True) for a in node.args)):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_no_policy_name_checks_outside_the_policies_package() -> None:
+    names = set(POLICIES.names())
+    found = {str(f.relative_to(EENN)): lines for f in _modules() if "policies" not in f.relative_to(EENN).parts
+             if (lines := _name_checks(ast.parse(f.read_text()), names))}
+    assert found == {}
+
+
+def test_the_name_check_finder_finds_the_checks_it_is_for() -> None:
+    code = ('a = p.name == "deex"\nb = r["policy"] != "static"\nc = policy.startswith("oracle")\n'
+            'd = policy in ("vote",)\ne = unit == "flops"\nf = "margin" in features')
+    assert _name_checks(ast.parse(code), set(POLICIES.names())) == [1, 2, 3, 4]
