@@ -3,6 +3,7 @@ tests/contracts)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -48,12 +49,16 @@ def test_static_reproduces_per_exit_accuracy_exactly(val: Predictions, test_pred
             assert S["exit_fractions"][k] == 1.0
 
 
-def test_oracle_exits_at_the_earliest_correct_exit() -> None:
-    # sample 0 right at exit 0; sample 1 first right at exit 2; sample 2 never right -> last exit
-    logits = torch.tensor(
-        [[[2.0, 0.0], [2.0, 0.0], [2.0, 0.0]], [[2.0, 0.0], [2.0, 0.0], [0.0, 2.0]], [[2.0, 0.0], [2.0, 0.0], [2.0, 0.0]]]
-    )
-    val = predictions(logits, [0, 1, 1], [1.0, 2.0, 3.0], [0.1, 0.2, 0.0])
+def _oracle_case(correct: torch.Tensor, costs: list[float], heads: list[float]) -> Predictions:
+    """Two-class predictions right exactly where ``correct`` (N, K) says."""
+    logits = torch.where(correct[..., None], torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0]))
+    return predictions(logits, [0] * correct.shape[0], costs, heads)
+
+
+def test_oracle_exits_at_the_cheapest_correct_exit() -> None:
+    # sample 0 right everywhere; sample 1 right only at exit 2; sample 2 never right -> last exit
+    correct = torch.tensor([[True, True, True], [False, False, True], [False, False, False]])
+    val = _oracle_case(correct, [1.0, 2.0, 3.0], [0.1, 0.2, 0.0])
     oracle = build_policy("oracle").fit(val, None, "flops")
     exit_idx, heads = simulate(oracle, val.logits, val.labels)
     assert exit_idx.tolist() == [0, 2, 2]
@@ -63,6 +68,50 @@ def test_oracle_exits_at_the_earliest_correct_exit() -> None:
     assert S["avg_cost"] == pytest.approx((1.0 + 2 * (3.0 - 0.2)) / 3)
     # at a budget that pays for nobody's correction the ceiling is exit 0's accuracy
     assert evaluate(build_policy("oracle_budget").fit(val, 1.0, "flops"), val, "flops")["accuracy"] == pytest.approx(1 / 3)
+    # right at exits 1 and 2: a costly head at exit 1 makes jumping past it to exit 2 (2.5 - 0.6 = 1.9)
+    # cheaper than stopping at exit 1 (2.0), so the oracle takes exit 2, not the earliest correct one
+    correct = torch.tensor([[False, True, True], [True, True, True]])
+    val = _oracle_case(correct, [1.0, 2.0, 2.5], [0.1, 0.6, 0.0])
+    assert simulate(build_policy("oracle").fit(val, None, "flops"), val.logits, val.labels)[0].tolist() == [2, 0]
+
+
+def _brute_force_ceiling(correct: torch.Tensor, jump: torch.Tensor, budget: float) -> float:
+    """The best accuracy over every assignment of samples to exits whose mean jump cost is within
+    the budget (the code's rule, B(1 + 1e-9))."""
+    n, K = correct.shape
+    best = -1.0
+    for exits in itertools.product(range(K), repeat=n):
+        if sum(float(jump[k]) for k in exits) / n <= budget * (1 + 1e-9):
+            best = max(best, sum(bool(correct[i, k]) for i, k in enumerate(exits)) / n)
+    return best
+
+
+def test_oracle_budget_is_exact_when_a_later_exit_is_cheaper_to_jump_to() -> None:
+    # the issue's counterexample: jumping straight to exit 2 costs 10.5 - 8.5 = 2, exit 1 costs 10;
+    # every sample is wrong at exit 0 and right at exits 1 and 2, so budget 4 pays for all of them
+    correct = torch.tensor([[False, True, True]] * 3)
+    val = _oracle_case(correct, [1.0, 10.0, 10.5], [0.1, 8.5, 0.1])
+    S = evaluate(build_policy("oracle_budget").fit(val, 4.0, "flops"), val, "flops")
+    assert S["accuracy"] == 1.0
+    assert S["exit_fractions"] == [0.0, 0.0, 1.0]
+    assert S["avg_cost"] == pytest.approx(2.0)
+
+
+def test_oracle_budget_equals_brute_force_on_random_small_cases() -> None:
+    g = torch.Generator().manual_seed(0)
+    for case in range(250):
+        n, K = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(2, 5, (1,), generator=g))
+        correct = torch.rand(n, K, generator=g) < 0.5
+        stages = torch.rand(K, generator=g, dtype=torch.float64) * 4 + 0.1
+        # heads of up to 10 (more than a stage) make a later exit cheaper to jump to than an earlier one
+        heads = torch.rand(K, generator=g, dtype=torch.float64) * 10
+        val = _oracle_case(correct, (stages + heads).cumsum(0).tolist(), heads.tolist())
+        # jumping to exit k runs the stages up to k and evaluates heads 0 and k
+        jump = stages.cumsum(0) + heads + heads[0] * (torch.arange(K) > 0)
+        budget = float(jump.min() + torch.rand(1, generator=g, dtype=torch.float64) * (jump.max() - jump.min()))
+        S = evaluate(build_policy("oracle_budget").fit(val, budget, "flops"), val, "flops")
+        assert S["avg_cost"] <= budget * (1 + 1e-9), case
+        assert S["accuracy"] == pytest.approx(_brute_force_ceiling(correct, jump, budget)), case
 
 
 def test_oracles_refuse_to_run_online(val: Predictions) -> None:
