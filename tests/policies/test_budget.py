@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from eenn.errors import EENNError
 from eenn.evaluation.offline import evaluate
-from eenn.policies import build_policy
+from eenn.policies import POLICIES, build_policy, policy_class
 from eenn.policies.budget import assign, fit_to_budget, thresholds_for_counts, tilted_fractions
 from eenn.policies.features import max_prob
 
@@ -96,14 +96,18 @@ def test_fitted_thresholds_never_exceed_the_budget_on_their_data(data, n: int, k
     assert realised == pytest.approx(info["val_cost"])
 
 
-@settings(max_examples=40, deadline=None)
-@given(data=st.data(), n=st.integers(2, 30), name=st.sampled_from(["maxprob", "entropy", "vote", "deex", "patience"]))
+BUDGETED = [name for name in POLICIES.names() if policy_class(name).budgeted]
+
+
+@pytest.mark.parametrize("name", BUDGETED)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), n=st.integers(2, 30))
 def test_policies_fitted_for_a_budget_meet_it_on_validation(data, n: int, name: str) -> None:
     # coarse logits (ties), three exits with head costs: checked through the real simulation
     logits = torch.tensor(data.draw(st.lists(st.sampled_from([-1.0, 0.0, 1.0, 2.0]), min_size=n * 9, max_size=n * 9)))
     labels = data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n))
     val = predictions(logits.reshape(n, 3, 3), labels, [1.0, 2.0, 3.0], [0.1, 0.1, 0.0])
-    policy = build_policy(name)
+    policy = build_policy(name, **policy_class(name).examples[0])
     lo = policy.cheapest_cost(val, "flops")
     budget = data.draw(st.floats(lo, 3.0))
     policy.fit(val, budget, "flops")
