@@ -1,8 +1,10 @@
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from eenn.cost import CostProfile, profile_costs
 from eenn.models import build_multi_exit
+from tests.contracts import checks
 
 
 def _net(depth, exits=None, head="conv_pool"):
@@ -10,9 +12,12 @@ def _net(depth, exits=None, head="conv_pool"):
                             num_classes=10, input_shape=(3, 32, 32))
 
 
-@pytest.mark.parametrize("depth, published_mmacs", [(20, 41), (56, 125)])
-def test_plain_cifar_resnet_macs_match_published_counts(depth, published_mmacs):
-    costs = profile_costs(_net(depth), (3, 32, 32), latency=False)
+@pytest.mark.parametrize("option, published_mmacs", [("resnet20", 41), ("resnet56", 125)])
+def test_plain_cifar_resnet_macs_match_published_counts(option, published_mmacs):
+    # He et al. 2016, built from conf/backbone/<option>.yaml as eenn-train composes it
+    cfg = checks.compose_app("train", [f"backbone={option}", "exits=stages"])
+    net = build_multi_exit(OmegaConf.to_container(cfg.backbone), OmegaConf.to_container(cfg.exits), 10, (3, 32, 32))
+    costs = profile_costs(net, (3, 32, 32), latency=False)
     assert costs.backbone["macs"] / 1e6 == pytest.approx(published_mmacs, rel=0.03)
     assert costs.backbone["flops"] == 2 * costs.backbone["macs"]
 
