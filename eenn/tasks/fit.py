@@ -45,6 +45,10 @@ def load_split_predictions(cfg: DictConfig) -> tuple[Predictions, Predictions]:
 
 
 def cost_unit(cfg: DictConfig, val: Predictions) -> str:
+    """The unit ``cost`` names; unset, the predictions' own ``cost_unit`` (a file whose only
+    unit is not flops fits without being told)."""
+    if cfg.get("cost") is None:
+        return val.cost_unit
     unit = cost_unit_name(str(cfg.cost))
     have = sorted({val.cost_unit, *val.cost_table})
     if unit not in have:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,19 @@ def test_fit_app_eenet_latency_and_explicit_files(run_dir: Path, tmp_path: Path)
     assert metrics["cost_unit"] == "latency_ms"
     assert metrics["budget"] == 3.0
     assert metrics["val"]["avg_cost"] <= 3.0 * (1 + 1e-9)
+
+
+def test_fit_app_defaults_to_the_predictions_own_cost_unit(tmp_path: Path) -> None:
+    # files whose only unit is latency_ms (from another tool): no cost= needed, flops is refused
+    run = tmp_path / "train_run"
+    for split, seed in (("val", 0), ("test", 1)):
+        p = synthetic_predictions(300, seed=seed, split=split, costs=[1.0, 2.0, 4.0], head_costs=[0.1, 0.1, 0.0])
+        replace(p, cost_unit="latency_ms", cost_table={}, head_cost_table={}).save(run / "predictions" / f"{split}.safetensors")
+    metrics = fit_run(fit_cfg([f"run_dir={run}", "budget.fraction=0.6"]), tmp_path / "fit")
+    assert metrics["cost_unit"] == "latency_ms"
+    assert metrics["budget"] == pytest.approx(0.6 * 4.0)
+    with pytest.raises(EENNError, match="cost='flops': the predictions have no 'flops' costs; they have \\['latency_ms'\\]"):
+        fit_run(fit_cfg([f"run_dir={run}", "cost=flops"]), tmp_path / "flops")
 
 
 def test_budgets_outside_the_reachable_range_are_clamped_with_a_warning(run_dir: Path, tmp_path: Path) -> None:
