@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from eenn.errors import EENNError
+from eenn.errors import EENNError, is_number
 from eenn.evaluation.offline import evaluate
 from eenn.policies.base import ExitPolicy, build_policy, check_budget
 from eenn.predictions import SPLITS, Predictions, check_compatible, cost_unit_name
@@ -56,16 +57,45 @@ def cost_unit(cfg: DictConfig, val: Predictions) -> str:
     return unit
 
 
+def sweep_fractions(costs: torch.Tensor, n: int) -> list[float]:
+    """``n`` budget fractions evenly spaced from the first exit's cost to the full cost: the range
+    where policies differ (below the first exit every policy is clamped to it)."""
+    lo = float(costs[0] / costs[-1])
+    return [lo + (1 - lo) * i / (n - 1) for i in range(n)]
+
+
+def requested_fraction(cfg: DictConfig, costs: torch.Tensor) -> float | None:
+    """The fraction of the full cost ``budget`` asks for: ``budget.point`` of ``budget.points``
+    on the sweep of :func:`sweep_fractions` when set, else ``budget.fraction`` as given (None
+    where ``budget.value`` sets the budget)."""
+    b = cfg.budget
+    if b.get("value") is not None:
+        return None
+    if b.get("point") is None:
+        return b.get("fraction")
+    n, i = b.get("points"), b.point
+    if not is_number(n, integer=True) or n < 2:
+        raise EENNError(f"budget.points must be an integer >= 2 with budget.point set, got {n!r}.")
+    if not is_number(i, integer=True) or not 0 <= i < n:
+        raise EENNError(f"budget.point must be an integer in 0..{n - 1}, got {i!r}.")
+    return sweep_fractions(costs, n)[i]
+
+
 def resolve_budget(
     cfg: DictConfig, policy: ExitPolicy, val: Predictions, unit: str
 ) -> tuple[float, list[str]]:
-    """The absolute budget from ``budget.value`` (in the cost unit) or ``budget.fraction`` (of the
-    last exit's cost), clamped, with a warning, into what the policy can spend on ``val``: from its
-    cheapest schedule (normally everyone at exit 0) to the full cost."""
+    """The absolute budget from ``budget.value`` (in the cost unit), ``budget.point`` (a point of a
+    sweep) or ``budget.fraction`` (of the last exit's cost), clamped, with a warning, into what
+    the policy can spend on ``val``: from its cheapest schedule (normally everyone at exit 0) to
+    the full cost."""
     full = float(val.costs_in(unit)[-1])
-    value, fraction = cfg.budget.get("value"), cfg.budget.get("fraction")
-    key, raw = ("budget.value", value) if value is not None else ("budget.fraction", fraction)
-    budget = check_budget(raw, key) * (1.0 if value is not None else full)
+    value, point = cfg.budget.get("value"), cfg.budget.get("point")
+    if value is not None:
+        key, raw = "budget.value", value
+        budget = check_budget(value, key)
+    else:
+        key, raw = ("budget.fraction", cfg.budget.get("fraction")) if point is None else ("budget.point", point)
+        budget = check_budget(requested_fraction(cfg, val.costs_in(unit)), "budget.fraction") * full
     warnings = []
     lo = policy.cheapest_cost(val, unit)
     # within 1e-4 of a bound is that bound (e.g. the first exit's fraction printed with 4 digits),
@@ -168,7 +198,9 @@ def _fit_and_evaluate(
         "cost_unit": unit,
         # the stage-1 run the predictions came from: eenn-compare groups fits by it
         "source_run": str(Path(cfg.run_dir).resolve()) if cfg.get("run_dir") else val.source_run,
-        "budget_request": {"fraction": cfg.budget.get("fraction"), "value": cfg.budget.get("value")},
+        # a sweep point's fraction as computed: eenn-compare lines policies up by it
+        "budget_request": {"fraction": requested_fraction(cfg, val.costs_in(unit)), "value": cfg.budget.get("value"),
+                           "point": cfg.budget.get("point"), "points": cfg.budget.get("points")},
         "exit_names": val.exit_names,
         "fit_seconds": fit_seconds,
         "warnings": warnings,

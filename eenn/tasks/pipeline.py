@@ -23,7 +23,7 @@ from eenn.policies import policy_class
 from eenn.predictions import Predictions, cost_unit_name
 from eenn.rundir import ERROR_FILE, PipelineRun
 from eenn.tasks.compare import compare
-from eenn.tasks.fit import fit_run
+from eenn.tasks.fit import fit_run, sweep_fractions
 from eenn.tasks.train import train
 
 log = logging.getLogger("eenn.pipeline")
@@ -34,12 +34,11 @@ def budget_fractions(cfg: DictConfig, val: Predictions, unit: str) -> list[float
     exit's cost to the full cost (the range where policies differ)."""
     if cfg.pipeline.budgets:
         return [float(b) for b in cfg.pipeline.budgets]
-    costs = val.costs_in(unit)
-    lo = float(costs[0] / costs[-1])
     n = int(cfg.pipeline.num_budgets)
     if n < 2:
         raise EENNError(f"pipeline.num_budgets must be at least 2, got {n}.")
-    return [round(lo + (1 - lo) * i / (n - 1), 4) for i in range(n)]
+    # unrounded: the first exit's fraction rounded down would be clamped up with a warning
+    return sweep_fractions(val.costs_in(unit), n)
 
 
 def override(key: str, value: Any) -> str:

@@ -94,7 +94,7 @@ def test_pipeline_jobs_carry_their_settings_to_eenn_fit():
                                    "+pipeline.policy_overrides.entropy.thresholds=[0.5,0.25]"])
     jobs = dict(fit_jobs(cfg, [0.5, 1.0], num_exits=2))
     assert sorted(jobs) == ["entropy_0.5000", "entropy_1.0000", "static_exit0", "static_exit1"]
-    assert _fit_policy(jobs["static_exit1"]) == ({"name": "static", "exit": 1}, {"fraction": 1.0, "value": None})
+    assert _fit_policy(jobs["static_exit1"]) == ({"name": "static", "exit": 1}, {"fraction": 1.0, "value": None, "point": None, "points": None})
     policy, budget = _fit_policy(jobs["entropy_0.5000"])
     assert policy == {"name": "entropy", "criterion": "cross_entropy", "thresholds": [0.5, 0.25]} and budget["fraction"] == 0.5
 
@@ -108,6 +108,6 @@ def test_an_experiments_stage2_is_one_job_per_combination_of_its_sweep():
     assert len(deex) == 11 and _fit_policy(deex["deex_p_d=0.7"])[0] == {"name": "deex", "p_d": 0.7, "p_tar": 0.9}
     bilevel = dict(experiment_jobs(stage2("bilevel_msdnet_cifar10")))
     policy, budget = _fit_policy(bilevel["maxprob_value=25000000.0"])
-    assert policy == {"name": "maxprob", "thresholds": None} and budget == {"fraction": None, "value": 2.5e7}
+    assert policy == {"name": "maxprob", "thresholds": None} and budget == {"fraction": None, "value": 2.5e7, "point": None, "points": None}
     (job,) = experiment_jobs(stage2("branchynet_alexnet_cifar10"))  # thresholds given, no sweep: one fit
     assert job[0] == "entropy" and _fit_policy(job[1])[0]["thresholds"] == [1.0e-4, 0.05]

@@ -146,12 +146,34 @@ def test_fit_app_bad_predictions(tmp_path: Path) -> None:
             fit_run(fit_cfg(overrides), tmp_path / "fit")
 
 
-def test_sweep_presets_hold_fraction_lists() -> None:
-    cfg = fit_cfg(["budget=sweep5"])
-    assert cfg.budget.fraction == 0.5
+@pytest.mark.parametrize("preset, points", [("sweep5", 5), ("sweep10", 10)])
+def test_sweep_presets_sweep_from_the_first_exit_to_the_full_cost(preset: str, points: int, run_dir: Path,
+                                                                   tmp_path: Path) -> None:
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        hydra_cfg = compose(config_name="fit", overrides=["budget=sweep10"], return_hydra_config=True)
-    assert hydra_cfg.hydra.sweeper.params["budget.fraction"].split(",")[0] == "0.1"
+        cfg = compose(config_name="fit", overrides=[f"budget={preset}"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params["budget.point"] == ",".join(map(str, range(points)))
+    # the synthetic run's exits cost 1/3, 2/3 and 1 of the full cost: every point is reachable
+    first = 1 / 3
+    for i in (0, points // 2, points - 1):
+        metrics = fit_run(fit_cfg([f"run_dir={run_dir}", f"budget={preset}", f"budget.point={i}"]), tmp_path / f"{i}")
+        assert metrics["budget_fraction"] == pytest.approx(first + (1 - first) * i / (points - 1))
+        assert metrics["budget_request"]["fraction"] == pytest.approx(metrics["budget_fraction"])
+        assert metrics["warnings"] == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["budget=sweep5", "budget.point=5"], r"budget.point must be an integer in 0..4, got 5"),
+        (["budget=sweep5", "budget.point=1.5"], r"budget.point must be an integer in 0..4, got 1.5"),
+        (["budget.point=0"], r"budget.points must be an integer >= 2 with budget.point set, got None"),
+        (["budget=sweep5", "budget.points=1"], r"budget.points must be an integer >= 2 with budget.point set, got 1"),
+        (["budget=sweep5", "budget.point=null"], r"budget.fraction must be a finite positive number, got None"),
+    ],
+)
+def test_bad_sweep_points_are_named(overrides: list[str], match: str, run_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(EENNError, match=match):
+        fit_run(fit_cfg([f"run_dir={run_dir}", *overrides]), tmp_path / "fit")
 
 
 @pytest.mark.slow
@@ -167,9 +189,10 @@ def test_eenn_fit_subprocess(run_dir: Path, tmp_path: Path) -> None:
     bad = subprocess.run([*cmd, "budget.fraction=-1"], check=False, **run)
     assert bad.returncode == 2
     assert "error: budget.fraction must be a finite positive number, got -1." in bad.stderr
-    sweep_cmd = [*cmd[:3], "-m", f"run_dir={run_dir}", "policy=maxprob,entropy", "budget.fraction=0.5,0.9"]
+    sweep_cmd = [*cmd[:3], "-m", f"run_dir={run_dir}", "policy=maxprob", "budget=sweep5"]
     sweep = subprocess.run(sweep_cmd, check=False, **run)
     assert sweep.returncode == 0, sweep.stderr
     (sweep_dir,) = (tmp_path / "outputs" / "fit" / "multirun").iterdir()
-    assert len(list(sweep_dir.glob("*/metrics.json"))) == 4
+    fractions = sorted(json.loads(m.read_text())["budget_fraction"] for m in sweep_dir.glob("*/metrics.json"))
+    assert fractions == pytest.approx([1 / 3, 1 / 2, 2 / 3, 5 / 6, 1.0])  # the first exit (1/3) to the full cost
 
