@@ -16,11 +16,14 @@ under A, the share of samples whose largest A^k is each exit, lambda).
 Writes ``benchmarks/results/budget_aware.json`` (per seed, and mean / std over seeds, and the paired
 difference of every method to joint) and ``budget_aware.png``.
 
-    python benchmarks/budget_aware.py                  # 3 seeds x joint, bilevel, bilevel_paper (hours on 2 CPU cores)
-    python benchmarks/budget_aware.py --methods joint bilevel --seeds 0 1 2 --epochs 30 --jobs 2
+    python benchmarks/budget_aware.py                  # 3 seeds x joint, bilevel, bilevel_paper, 60 epochs (hours)
+    python benchmarks/budget_aware.py --methods joint bilevel --seeds 0 1 2 --jobs 2
     python benchmarks/budget_aware.py --quick          # seconds: digits, 1 seed, 2 epochs (the slow tests' smoke run)
 
 ``--method NAME=OVERRIDES`` adds a variant (e.g. ``--method 'lam05=training=bilevel training.cost_weight=0.5'``).
+``--run NAME=RUN_DIR`` (repeatable) trains nothing: it evaluates finished ``eenn-train`` runs made
+elsewhere (a cluster, an earlier sweep) under the same protocol, each a seed of method NAME.
+An interrupted training resumes from its ``last.ckpt`` when the benchmark is started again.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 from common import add_output_args, output_path  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from eenn.evaluation.offline import evaluate  # noqa: E402
 from eenn.policies import build_policy  # noqa: E402
@@ -62,8 +66,9 @@ POLICIES = ("maxprob", "eenet")
 
 
 def train_command(overrides: list[str], run_dir: Path) -> list[str]:
+    # ckpt_path=last: an interrupted training continues from its last checkpoint (a fresh start if none)
     return [sys.executable, "-m", "eenn.cli.train", *overrides, "logger=csv", "cost.latency=false",
-            "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
+            "trainer.enable_progress_bar=false", "ckpt_path=last", f"hydra.run.dir={run_dir}"]
 
 
 def run_training(name: str, overrides: list[str], run_dir: Path, threads: int) -> None:
@@ -81,6 +86,33 @@ def run_training(name: str, overrides: list[str], run_dir: Path, threads: int) -
         proc = subprocess.run(train_command(overrides, run_dir), cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise SystemExit(f"training {name} failed (exit {proc.returncode}); see {log}")
+
+
+def read_overrides(run_dir: Path) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+
+def given_runs(specs: list[str]) -> tuple[dict[tuple[str, int], Path], list[int], int, str]:
+    """``--run NAME=RUN_DIR`` values: the finished runs by (method, seed), the seeds (every method
+    must have each), the epochs and the data they were trained for (the first run's)."""
+    runs: dict[tuple[str, int], Path] = {}
+    epochs, data = 0, ""
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        run_dir = Path(path)
+        if not sep or not (run_dir / "metrics.json").is_file():
+            raise SystemExit(f"--run {spec!r}: expected NAME=RUN_DIR with a finished eenn-train run in RUN_DIR.")
+        cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        runs[name, int(cfg.seed)] = run_dir
+        source = Path(str(cfg.data.path)).stem if cfg.data.get("path") else str(cfg.data.name)  # npz: its file
+        epochs, data = epochs or int(cfg.trainer.max_epochs), data or source
+    seeds = sorted({sd for _, sd in runs})
+    for name in dict.fromkeys(m for m, _ in runs):
+        missing = [sd for sd in seeds if (name, sd) not in runs]
+        if missing:
+            raise SystemExit(f"--run: method {name!r} has no run for seed(s) {missing}; every method needs every seed.")
+    return runs, seeds, epochs, data
 
 
 def budget_fractions(preds: Predictions, n: int) -> list[float]:
@@ -118,7 +150,9 @@ def epoch_log(run_dir: Path, exit_keys: list[str]) -> dict[str, Any]:
             continue
         e = by_epoch.setdefault(int(r["epoch"]), {})
         e.update({k: float(v) for k, v in r.items() if v not in ("", None) and k not in ("epoch", "step")})
-    epochs = sorted(by_epoch)
+    # an epoch without validation metrics is a test pass's row (runs of eenn before it logged test
+    # metrics from the predictions)
+    epochs = sorted(e for e in by_epoch if f"val/acc/{exit_keys[-1]}" in by_epoch[e])
     out: dict[str, Any] = {"epoch": epochs,
                            "val_acc": [[by_epoch[e].get(f"val/acc/{k}") for k in exit_keys] for e in epochs]}
     if any("train/exit_prob/" + exit_keys[0] in by_epoch[e] for e in epochs):
@@ -200,13 +234,15 @@ def main() -> None:
     parser.add_argument("--method", action="append", default=[], metavar="NAME=OVERRIDES",
                         help="an extra method: its name and its eenn-train overrides")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=60, help="60: where the final exit's val accuracy stops rising")
     parser.add_argument("--budgets", type=int, default=6)
     parser.add_argument("--data", default=None, help="a conf/data preset (default: cifar10_small if present, else digits)")
     parser.add_argument("--override", action="append", default=[], help="an eenn-train override for every run")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
     parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_budget_aware")
+    parser.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR",
+                        help="evaluate this finished run as a seed of method NAME instead of training")
     add_output_args(parser)
     args = parser.parse_args()
     methods = {m: METHODS[m] for m in args.methods}
@@ -224,25 +260,29 @@ def main() -> None:
         extra.append(f"data.path={CIFAR10_SMALL}")
     t0 = time.perf_counter()
 
-    jobs = [(m, sd) for sd in seeds for m in methods]  # seed-major: every method's seed 0 finishes first
-
     def overrides(method: str, seed: int) -> list[str]:
         return [*shlex.split(methods[method]), f"data={data}", "backbone=resnet20", "exits=stages",
                 f"trainer.max_epochs={epochs}", f"seed={seed}", *extra]
 
-    with ThreadPoolExecutor(args.jobs) as pool:  # list(): a failed training stops the benchmark here
-        list(pool.map(lambda j: run_training(f"{j[0]} seed {j[1]}", overrides(*j), workdir / f"{j[0]}_s{j[1]}",
-                                             args.threads), jobs))
+    if args.run:
+        run_dirs, seeds, epochs, data = given_runs(args.run)
+        jobs = list(run_dirs)
+        methods = {m: "" for m, _ in jobs}
+    else:
+        jobs = [(m, sd) for sd in seeds for m in methods]  # seed-major: every method's seed 0 finishes first
+        run_dirs = {(m, sd): workdir / f"{m}_s{sd}" for m, sd in jobs}
+        with ThreadPoolExecutor(args.jobs) as pool:  # list(): a failed training stops the benchmark here
+            list(pool.map(lambda j: run_training(f"{j[0]} seed {j[1]}", overrides(*j), run_dirs[j], args.threads), jobs))
 
-    first = Predictions.load(workdir / f"{jobs[0][0]}_s{jobs[0][1]}" / "predictions" / "val.safetensors")
+    first = Predictions.load(run_dirs[jobs[0]] / "predictions" / "val.safetensors")
     fractions = budget_fractions(first, args.budgets)
     exit_keys = [n.replace(".", "_") for n in first.exit_names]
     per_run: dict[str, dict[int, dict[str, Any]]] = {}
     for method, seed in jobs:
-        run_dir = workdir / f"{method}_s{seed}"
+        run_dir = run_dirs[method, seed]
         metrics = json.loads((run_dir / "metrics.json").read_text())
         per_run.setdefault(method, {})[seed] = {
-            "run_dir": str(run_dir), "overrides": overrides(method, seed), "train_seconds": metrics["train_seconds"],
+            "run_dir": str(run_dir), "overrides": read_overrides(run_dir), "train_seconds": metrics["train_seconds"],
             "curves": budget_curves(run_dir, fractions), "epochs": epoch_log(run_dir, exit_keys)}
     result = {
         "dataset": data, "backbone": "resnet20", "exits": first.exit_names, "epochs": epochs, "seeds": seeds,

@@ -33,3 +33,23 @@ def test_benchmark_quick_run_writes_its_json(script, tmp_path):
     assert json.loads(out.read_text())  # a JSON document with content
     # a smoke run never writes over the results the README quotes
     assert {p: p.stat().st_mtime_ns for p in (BENCHMARKS / "results").iterdir()} == quoted
+
+
+@pytest.mark.slow
+def test_budget_aware_evaluates_finished_runs_given_to_it(tmp_path):
+    # --run NAME=RUN_DIR trains nothing and gives the protocol's numbers for runs made elsewhere:
+    # on the quick run's own run dirs, the same curves as the run that trained them
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(BENCHMARKS.parent)}
+    script = str(BENCHMARKS / "budget_aware.py")
+    trained, given = tmp_path / "trained.json", tmp_path / "given.json"
+    subprocess.run([sys.executable, script, "--quick", "--out", str(trained)], cwd=tmp_path, env=env, check=True,
+                   capture_output=True, timeout=900)
+    first = json.loads(trained.read_text())
+    runs = [f"--run={m}={r['run_dir']}" for m, seeds in first["runs"].items() for r in seeds.values()]
+    proc = subprocess.run([sys.executable, script, *runs, "--budgets", "2", "--out", str(given)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = json.loads(given.read_text())
+    assert list(second["methods"]) == list(first["methods"]) and second["seeds"] == first["seeds"] == [0]
+    for method, seeds in first["runs"].items():
+        assert second["runs"][method]["0"]["curves"] == seeds["0"]["curves"]
