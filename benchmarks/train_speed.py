@@ -205,7 +205,8 @@ def plain_loop(name: str, method: str, cfg: DictConfig, dm: Any, turns: Turns, b
                     loss = ce.mean(0).mean()
                 else:
                     gater.requires_grad_(False)
-                    a = gater.exit_distribution(logits.float(), cfg.training.temperature)
+                    through = cfg.training.grad_through_gater  # as eenn's module: A detached unless eq. 11's gradient is on
+                    a = gater.exit_distribution((logits if through else logits.detach()).float(), cfg.training.temperature)
                     loss = ((a + 1) * (ce + cfg.training.cost_weight * costs)).sum(1).mean()
             opt.zero_grad()
             loss.backward()
@@ -306,7 +307,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["joint", "bilevel"])
     parser.add_argument("--windows", type=int, default=7, help="timed windows per contestant (after one warm-up)")
-    parser.add_argument("--window", type=int, default=10, help="batches per window (a multiple of gater_every)")
+    parser.add_argument("--window", type=int, default=7,
+                        help="batches per window (a multiple of gater_every); (windows + 1) x window batches must fit in one epoch")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed on a GPU")
