@@ -121,9 +121,8 @@ class EENetPolicy(ThresholdPolicy):
         clamped q_k, as in the paper."""
         preds, scores = state["preds"].clone(), state["scores"].clone()
         preds[:, k] = logits_k.argmax(-1)
-        x = torch.cat([exit_inputs(logits_k, preds[:, : k + 1]), scores[:, :k]], 1)
         with torch.no_grad():
-            raw = self.scheduler.linear_score(k, x)
+            raw = self.scheduler.linear_score(k, exit_inputs(logits_k, preds[:, : k + 1]), scores[:, :k])
         scores[:, k] = raw.clamp(0.0, 1.0)
         return raw, {"preds": preds, "scores": scores}
 
@@ -140,15 +139,21 @@ class EENetPolicy(ThresholdPolicy):
 
         from eenn.policies.eenet_scheduler import Batches, EENetScheduler
 
-        _, K, C = val.logits.shape
-        preds = val.logits.argmax(-1)
-        inputs = torch.stack([exit_inputs(val.logits[:, k].contiguous(), preds[:, : k + 1]) for k in range(K)], 1)
+        N, K, C = val.logits.shape
+        preds = torch.empty(N, K, dtype=torch.int64)
+        inputs = torch.empty(N, K, C + 3)  # as large as the logits: built in row blocks, nothing bigger
+        for a, block in val.row_blocks():
+            rows = slice(a, a + len(block))
+            preds[rows] = block.argmax(-1)
+            for k in range(K):
+                inputs[rows, k] = exit_inputs(block[:, k].contiguous(), preds[rows, : k + 1])
         correct = (preds == val.labels[:, None]).float()
         with torch.random.fork_rng(devices=[]):  # h's init is seeded without touching the global RNG
             torch.manual_seed(self.seed)
             self.scheduler = EENetScheduler(K, C, self.hidden_ratio, self.beta_h, self.alpha_cost, self.lr)
         self.scheduler.costs, self.scheduler.budget = costs.double(), budget
-        loader = torch.utils.data.DataLoader(Batches(inputs, correct, self.batch_size, self.seed), batch_size=None)
+        batches = Batches(inputs, correct, self.batch_size, self.seed)
+        loader = torch.utils.data.DataLoader(batches, batch_size=None)
         lightning_log = logging.getLogger("lightning.pytorch")
         level, threads = lightning_log.level, torch.get_num_threads()
         lightning_log.setLevel(logging.WARNING)  # no "GPU available: False" banners on every fit
@@ -186,6 +191,9 @@ class EENetPolicy(ThresholdPolicy):
         self.exit_distribution = torch.softmax(r_logits, 1).double().mean(0)
         self.info["epochs"] = int(trainer.current_epoch)
         self.info["exit_distribution"] = self.exit_distribution.tolist()
+        # the trainer lives in reference cycles that hold the loader, and so the features (as large
+        # as the logits), until a full garbage collection (seconds): let go of them now
+        batches.drop()
         return self.exit_distribution
 
     def hparams(self) -> dict[str, Any]:
