@@ -130,6 +130,24 @@ class EENetPolicy(ThresholdPolicy):
         if budget is None:
             raise EENNError("policy 'eenet' needs a budget.")
         super()._fit(val, costs, heads, budget)
+        self.info.update(self.scheduler_cost(costs))
+
+    def scheduler_cost(self, costs: torch.Tensor) -> dict[str, Any]:
+        """What deciding costs a sample beside the network: at exit k, g_k's product-sum over x_k
+        (C + 3 + k multiply-adds, 2 FLOPs each as :mod:`eenn.cost` counts a matmul) plus one
+        FLOP per elementwise step of its features (softmax and max: 4C, entropy: 3C, vote:
+        (k+1)^2 comparisons). ``scheduler_flops[k]`` is exit k's; ``scheduler_cost_fraction``,
+        where the costs are FLOPs or MACs, the largest share of an exit's cost that a sample
+        reaching it spends on g_0..g_k (the paper's latencies include it; Table 3 finds it small).
+        The budgets exclude it: it is this small, e.g. 1e-5 of a CIFAR ResNet-56 exit."""
+        K, C = self._require_fitted(), self.num_classes
+        flops = [2 * (C + 3 + k) + 7 * C + (k + 1) ** 2 for k in range(K)]
+        info: dict[str, Any] = {"scheduler_flops": flops, "scheduler_cost_fraction": None}
+        per_flop = {"flops": 1.0, "macs": 0.5}.get(self.cost_unit)
+        if per_flop is not None:
+            spent = torch.tensor(flops, dtype=torch.float64).cumsum(0) * per_flop
+            info["scheduler_cost_fraction"] = float((spent / costs.double()).max())
+        return info
 
     def base_fractions(self, val: Predictions, costs: torch.Tensor, budget: float) -> torch.Tensor:
         """Train g and h (Algorithm 1, lines 4-6); return h's exit distribution p_k on ``val``."""
