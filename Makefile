@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv (if missing) and install eenn with its dev tools
 
 demo: $(STAMP) ## the main job on the bundled digits: train, fit every policy over a budget sweep, compare
-	$(BIN)/eenn-pipeline
+	$(BIN)/eenn-pipeline exits=early
 
 test: $(STAMP) ## run the test suite (slow and browser tests deselected)
 	$(BIN)/python -m pytest

@@ -12,26 +12,40 @@ A safetensors file (no pickle) holding
 
 and string metadata: ``format``, ``cost_unit``, ``exit_names`` and ``class_names`` (JSON lists),
 ``split`` and ``source_run``.
+
+A loaded file's tensors are views of a memory map of the file, not copies: a 100,000 x 5 x 1,000
+file is 1.9 GB, and the passes over it go in row blocks (:meth:`Predictions.row_blocks`) that
+hand each block's pages back behind them, so memory holds a block, not the file. Loaded logits
+are read-only by convention (in-place changes are lost where pages are handed back).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from eenn.errors import EENNError
-from eenn.utils.io import read_safetensors, write_safetensors
+from eenn.utils.io import map_safetensors, write_safetensors
 
 FORMAT = "eenn.predictions/1"
 #: the held-out splits a stage-1 run predicts: stage 2 fits on val and reports on test
 SPLITS = ("val", "test")
 #: ``cost=`` settings whose name differs from the files' cost unit
 COST_ALIASES = {"latency": "latency_ms"}
+#: the bytes of logits one row block holds (:meth:`Predictions.row_blocks`)
+BLOCK_BYTES = 64 * 2**20
+
+
+def block_rows(logits: torch.Tensor) -> int:
+    """Rows of logits (N, K, C) per block of a pass that goes in row blocks: ``BLOCK_BYTES`` of them."""
+    return max(1, BLOCK_BYTES // max(1, logits[0].numel() * logits.element_size()))
 
 
 def cost_unit_name(cost: str) -> str:
@@ -52,9 +66,13 @@ class Predictions:
     cost_table: dict[str, torch.Tensor] = field(default_factory=dict)
     head_costs: torch.Tensor | None = None
     head_cost_table: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the file's memory map where ``logits`` is a view of it (set by :meth:`load`)
+    mapping: mmap.mmap | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.logits = self.logits.detach().to(torch.float32).cpu().contiguous()
+        if self.mapping is not None and not _inside(self.logits, self.mapping):
+            self.mapping = None  # converted to a copy: nothing of the map to hand back
         self.labels = self.labels.detach().to(torch.int64).cpu().contiguous()
         self.costs = torch.as_tensor(self.costs, dtype=torch.float64).cpu().contiguous()
         as64 = lambda v: torch.as_tensor(v, dtype=torch.float64).cpu().contiguous()  # noqa: E731
@@ -78,6 +96,30 @@ class Predictions:
     @property
     def num_classes(self) -> int:
         return self.logits.shape[2]
+
+    def row_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, logits of the block's rows) over the samples in order; a memory-mapped
+        file's pages are handed back behind each block, so a whole pass holds one block."""
+        rows = block_rows(self.logits)
+        for a in range(0, self.num_samples, rows):
+            yield a, self.logits[a:a + rows]
+            # every row so far, not the block's only: on a fault the kernel maps the page's
+            # neighbours too, some of which lie behind the block
+            self.release(slice(0, a + rows))
+
+    def release(self, rows: slice = slice(None)) -> None:
+        """Hand back the resident pages of ``rows`` of a memory-mapped file's logits (all by
+        default); touching them again reads them again from the page cache. No-op for logits in
+        memory."""
+        if self.mapping is None:
+            return
+        a, b, _ = rows.indices(self.num_samples)
+        if b <= a:
+            return
+        row = self.logits[0].numel() * self.logits.element_size()
+        start = self.logits.data_ptr() - _address(self.mapping) + a * row
+        page = start - start % mmap.PAGESIZE
+        self.mapping.madvise(mmap.MADV_DONTNEED, page, start + (b - a) * row - page)
 
     def costs_in(self, unit: str) -> torch.Tensor:
         """Per-exit costs in ``unit`` (the file's own unit or one of its ``cost_table`` units)."""
@@ -109,8 +151,9 @@ class Predictions:
             raise EENNError(f"{source}: labels must have shape ({n},), got {tuple(self.labels.shape)}.")
         if tuple(self.costs.shape) != (k,):
             raise EENNError(f"{source}: costs must have shape ({k},), got {tuple(self.costs.shape)}.")
-        if not torch.isfinite(self.logits).all():
-            bad = int((~torch.isfinite(self.logits)).any(-1).any(-1).sum())
+        # per row block: a full-size boolean mask of a large file would double its memory
+        bad = sum(int((~torch.isfinite(block)).flatten(1).any(1).sum()) for _, block in self.row_blocks())
+        if bad:
             raise EENNError(f"{source}: logits hold NaN or Inf values in {bad} of {n} samples.")
         if self.labels.min() < 0 or self.labels.max() >= c:
             raise EENNError(f"{source}: labels must lie in [0, {c}), got [{int(self.labels.min())}, {int(self.labels.max())}].")
@@ -145,7 +188,7 @@ class Predictions:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Predictions:
-        tensors, metadata = read_safetensors(path, "predictions file")
+        tensors, metadata, mapping = map_safetensors(path, "predictions file")
         missing = [k for k in ("logits", "labels", "costs") if k not in tensors]
         if missing:
             raise EENNError(f"predictions file {str(path)!r} lacks the tensors {missing}.")
@@ -168,9 +211,21 @@ class Predictions:
             head_cost_table={
                 k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("head_cost_table.")
             },
+            mapping=mapping,
         )
         preds.validate(f"predictions file {str(path)!r}")
         return preds
+
+
+def _address(mapping: mmap.mmap) -> int:
+    """The address of a memory map's first byte."""
+    return torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
+
+
+def _inside(tensor: torch.Tensor, mapping: mmap.mmap) -> bool:
+    """Whether a contiguous tensor's bytes lie in the memory map."""
+    start = tensor.data_ptr() - _address(mapping)
+    return 0 <= start and start + tensor.numel() * tensor.element_size() <= len(mapping)
 
 
 def check_compatible(val: Predictions, test: Predictions) -> None:

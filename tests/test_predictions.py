@@ -1,6 +1,9 @@
+import os
+
 import pytest
 import torch
 
+from eenn import predictions
 from eenn.errors import EENNError
 from eenn.predictions import Predictions, check_compatible
 
@@ -53,3 +56,42 @@ def test_the_same_predictions_give_the_same_bytes(tmp_path):
     files = [p.save(tmp_path / f"{i}.safetensors").read_bytes() for i in range(6)]
     assert all(f == files[0] for f in files)
     assert Predictions.load(tmp_path / "0.safetensors").exit_names == p.exit_names
+
+
+def _resident_bytes(tensor: torch.Tensor) -> int:
+    """Resident bytes of the memory mapping that holds ``tensor`` (from /proc/self/smaps)."""
+    address, inside = tensor.data_ptr(), False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and ":" not in fields[0]:
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            inside = lo <= address < hi
+        elif inside and fields[0] == "Rss:":
+            return int(fields[1]) * 1024
+    raise AssertionError("no mapping holds the tensor")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_a_loaded_file_is_memory_mapped_and_row_block_passes_hand_pages_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(predictions, "BLOCK_BYTES", 2**16)
+    p = _preds(n=2000, c=256)
+    p.save(tmp_path / "big.safetensors")
+    size = p.logits.numel() * 4  # 6 MB
+    q = Predictions.load(tmp_path / "big.safetensors")
+    assert q.mapping is not None
+    assert _resident_bytes(q.logits) < 2**17  # loading validated every row, a block at a time
+    q.validate()
+    assert _resident_bytes(q.logits) < 2**17
+    assert torch.equal(q.logits, p.logits)  # touching every row brings the whole file in ...
+    assert _resident_bytes(q.logits) >= size
+    q.release()  # ... and handing it back keeps the values
+    assert _resident_bytes(q.logits) < 2**16  # the header, labels and costs stay
+    assert torch.equal(q.logits, p.logits)
+    blocks = list(q.row_blocks())
+    assert torch.equal(torch.cat([b for _, b in blocks]), p.logits) and len(blocks) > 10
+
+
+def test_predictions_in_memory_have_no_mapping_to_hand_back():
+    p = _preds()
+    p.release()  # a no-op
+    assert p.mapping is None and torch.equal(p.logits, _preds().logits)

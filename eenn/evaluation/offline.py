@@ -24,7 +24,8 @@ def summarize(preds: Predictions, exit_idx: torch.Tensor, heads: torch.Tensor, u
     n, K, C = preds.logits.shape
     costs = preds.costs_in(unit)
     cost = realised_cost(exit_idx, heads, costs, preds.head_costs_in(unit))
-    pred = preds.logits[torch.arange(n), exit_idx].argmax(-1)
+    pred = torch.cat([block[torch.arange(len(block)), exit_idx[a:a + len(block)]].argmax(-1)
+                      for a, block in preds.row_blocks()])
     correct = pred == preds.labels
     per_exit = torch.bincount(exit_idx, minlength=K)
     right = torch.bincount(exit_idx[correct], minlength=K)

@@ -81,7 +81,7 @@ class DEExPolicy(ExitPolicy):
         offloaded = torch.zeros(1, K, dtype=torch.bool)
         offloaded[0, [0, K - 1]] = True
         cloud = float(realised_cost(torch.tensor([K - 1]), offloaded, costs, heads)[0])
-        s = max_prob(val.logits[:, 0].contiguous())
+        s = torch.cat([max_prob(block[:, 0].contiguous()) for _, block in val.row_blocks()])
         order = torch.argsort(s, stable=True)
         extra = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(cloud - edge[order], 0)])
         cost = (edge.sum() + extra) / n

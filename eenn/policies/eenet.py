@@ -121,9 +121,8 @@ class EENetPolicy(ThresholdPolicy):
         clamped q_k, as in the paper."""
         preds, scores = state["preds"].clone(), state["scores"].clone()
         preds[:, k] = logits_k.argmax(-1)
-        x = torch.cat([exit_inputs(logits_k, preds[:, : k + 1]), scores[:, :k]], 1)
         with torch.no_grad():
-            raw = self.scheduler.linear_score(k, x)
+            raw = self.scheduler.linear_score(k, exit_inputs(logits_k, preds[:, : k + 1]), scores[:, :k])
         scores[:, k] = raw.clamp(0.0, 1.0)
         return raw, {"preds": preds, "scores": scores}
 
@@ -131,6 +130,24 @@ class EENetPolicy(ThresholdPolicy):
         if budget is None:
             raise EENNError("policy 'eenet' needs a budget.")
         super()._fit(val, costs, heads, budget)
+        self.info.update(self.scheduler_cost(costs))
+
+    def scheduler_cost(self, costs: torch.Tensor) -> dict[str, Any]:
+        """What deciding costs a sample beside the network: at exit k, g_k's product-sum over x_k
+        (C + 3 + k multiply-adds, 2 FLOPs each as :mod:`eenn.cost` counts a matmul) plus one
+        FLOP per elementwise step of its features (softmax and max: 4C, entropy: 3C, vote:
+        (k+1)^2 comparisons). ``scheduler_flops[k]`` is exit k's; ``scheduler_cost_fraction``,
+        where the costs are FLOPs or MACs, the largest share of an exit's cost that a sample
+        reaching it spends on g_0..g_k (the paper's latencies include it; Table 3 finds it small).
+        The budgets exclude it: it is this small, e.g. 1e-5 of a CIFAR ResNet-56 exit."""
+        K, C = self._require_fitted(), self.num_classes
+        flops = [2 * (C + 3 + k) + 7 * C + (k + 1) ** 2 for k in range(K)]
+        info: dict[str, Any] = {"scheduler_flops": flops, "scheduler_cost_fraction": None}
+        per_flop = {"flops": 1.0, "macs": 0.5}.get(self.cost_unit)
+        if per_flop is not None:
+            spent = torch.tensor(flops, dtype=torch.float64).cumsum(0) * per_flop
+            info["scheduler_cost_fraction"] = float((spent / costs.double()).max())
+        return info
 
     def base_fractions(self, val: Predictions, costs: torch.Tensor, budget: float) -> torch.Tensor:
         """Train g and h (Algorithm 1, lines 4-6); return h's exit distribution p_k on ``val``."""
@@ -140,15 +157,21 @@ class EENetPolicy(ThresholdPolicy):
 
         from eenn.policies.eenet_scheduler import Batches, EENetScheduler
 
-        _, K, C = val.logits.shape
-        preds = val.logits.argmax(-1)
-        inputs = torch.stack([exit_inputs(val.logits[:, k].contiguous(), preds[:, : k + 1]) for k in range(K)], 1)
+        N, K, C = val.logits.shape
+        preds = torch.empty(N, K, dtype=torch.int64)
+        inputs = torch.empty(N, K, C + 3)  # as large as the logits: built in row blocks, nothing bigger
+        for a, block in val.row_blocks():
+            rows = slice(a, a + len(block))
+            preds[rows] = block.argmax(-1)
+            for k in range(K):
+                inputs[rows, k] = exit_inputs(block[:, k].contiguous(), preds[rows, : k + 1])
         correct = (preds == val.labels[:, None]).float()
         with torch.random.fork_rng(devices=[]):  # h's init is seeded without touching the global RNG
             torch.manual_seed(self.seed)
             self.scheduler = EENetScheduler(K, C, self.hidden_ratio, self.beta_h, self.alpha_cost, self.lr)
         self.scheduler.costs, self.scheduler.budget = costs.double(), budget
-        loader = torch.utils.data.DataLoader(Batches(inputs, correct, self.batch_size, self.seed), batch_size=None)
+        batches = Batches(inputs, correct, self.batch_size, self.seed)
+        loader = torch.utils.data.DataLoader(batches, batch_size=None)
         lightning_log = logging.getLogger("lightning.pytorch")
         level, threads = lightning_log.level, torch.get_num_threads()
         lightning_log.setLevel(logging.WARNING)  # no "GPU available: False" banners on every fit
@@ -186,6 +209,9 @@ class EENetPolicy(ThresholdPolicy):
         self.exit_distribution = torch.softmax(r_logits, 1).double().mean(0)
         self.info["epochs"] = int(trainer.current_epoch)
         self.info["exit_distribution"] = self.exit_distribution.tolist()
+        # the trainer lives in reference cycles that hold the loader, and so the features (as large
+        # as the logits), until a full garbage collection (seconds): let go of them now
+        batches.drop()
         return self.exit_distribution
 
     def hparams(self) -> dict[str, Any]:

@@ -44,24 +44,47 @@ class EENetScheduler(L.LightningModule):
         self.costs = torch.zeros(num_exits, dtype=torch.float64)
         self.budget = 1.0
 
-    def linear_score(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        """psi^T x before the clamp, written as a row-wise product-sum (not a matmul, whose
-        blocking depends on the batch size) so a sample's score is the same in any batch."""
-        return (x * self.g[k].weight[0]).sum(-1) + self.g[k].bias[0]
+    def linear_score(self, k: int, feats: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """psi^T x_k before the clamp, x_k = [feats (B, C + 3), prev (B, k): the earlier exits'
+        scores]. Written as row-wise product-sums (not a matmul, whose blocking depends on the
+        batch size) so a sample's score is the same in any batch; and without concatenating x_k,
+        which for a large validation set would copy every exit's features once more."""
+        w = self.g[k].weight[0]
+        width = feats.shape[1]
+        return (feats * w[:width]).sum(-1) + (prev * w[width:]).sum(-1) + self.g[k].bias[0]
+
+    def scores(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs`` (B, K, C + 3) -> exit scores q (B, K), each exit seeing the earlier ones."""
+        q = inputs.new_zeros(len(inputs), 0)
+        for k in range(self.num_exits):
+            q = torch.cat([q, self.linear_score(k, inputs[:, k], q).clamp(0.0, 1.0)[:, None]], 1)
+        return q
+
+    def assignment_logits(self, inputs: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """h_k(x_k) for every exit, (B, K); h_k's first layer applied to the parts of x_k in turn
+        (the same map as on their concatenation, without copying the features)."""
+        logits = []
+        for k in range(self.num_exits):
+            first, relu, last = self.h[k]
+            width = inputs.shape[2]
+            z = F.linear(inputs[:, k], first.weight[:, :width], first.bias) + F.linear(q[:, :k], first.weight[:, width:])
+            logits.append(last(relu(z))[:, 0])
+        return torch.stack(logits, 1)
 
     def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``inputs`` (B, K, C + 3) -> exit scores q (B, K) and assignment logits (B, K); h sees
         the scores detached (it is optimised with g fixed, and g with h fixed)."""
-        qs: list[torch.Tensor] = []
-        logits: list[torch.Tensor] = []
-        for k in range(self.num_exits):
-            x = torch.cat([inputs[:, k], *[q[:, None] for q in qs]], 1)
-            qs.append(self.linear_score(k, x).clamp(0.0, 1.0))
-            logits.append(self.h[k](x.detach())[:, 0])
-        return torch.stack(qs, 1), torch.stack(logits, 1)
+        q = self.scores(inputs)
+        return q, self.assignment_logits(inputs, q.detach())
 
-    def losses(self, inputs: torch.Tensor, correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q, r_logits = self(inputs)
+    def losses(self, inputs: torch.Tensor, correct: torch.Tensor, train: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_g and L_h; only the network that ``train`` names ("g" or "h") keeps a graph: each
+        loss treats the other network's outputs as constants, and a graph of both would hold
+        a second copy of activations as large as the features."""
+        with torch.set_grad_enabled(train == "g"):
+            q = self.scores(inputs)
+        with torch.set_grad_enabled(train == "h"):
+            r_logits = self.assignment_logits(inputs, q.detach())
         r = torch.softmax(r_logits, 1)
         w = (r / r.sum(0, keepdim=True)).detach()
         bce = F.binary_cross_entropy(q * (1 - 2 * BCE_EPS) + BCE_EPS, correct, reduction="none")
@@ -75,11 +98,11 @@ class EENetScheduler(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         inputs, correct = batch
         opt_g, opt_h = self.optimizers()
-        loss_g, _ = self.losses(inputs, correct)
+        loss_g, _ = self.losses(inputs, correct, "g")
         opt_g.zero_grad()
         self.manual_backward(loss_g)
         opt_g.step()
-        loss_g, loss_h = self.losses(inputs, correct)  # h's step sees the updated g
+        loss_g, loss_h = self.losses(inputs, correct, "h")  # h's step sees the updated g
         opt_h.zero_grad()
         self.manual_backward(loss_h)
         opt_h.step()
@@ -95,6 +118,10 @@ class Batches(torch.utils.data.IterableDataset):
     def __init__(self, inputs: torch.Tensor, correct: torch.Tensor, batch_size: int | None, seed: int) -> None:
         self.inputs, self.correct, self.batch_size = inputs, correct, batch_size
         self.gen = torch.Generator().manual_seed(seed)
+
+    def drop(self) -> None:
+        """Let go of the data (training is over)."""
+        self.inputs = self.correct = None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.inputs)

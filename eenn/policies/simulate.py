@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from eenn.errors import EENNError
+from eenn.predictions import block_rows
 
 if TYPE_CHECKING:
     from eenn.policies.base import ExitPolicy
@@ -32,9 +33,22 @@ def simulate(
         )
     state = policy.offline_state(logits, labels)
     dev = logits.device
-    next_exit = torch.zeros(n, dtype=torch.int64, device=dev)
     exit_idx = torch.full((n,), -1, dtype=torch.int64, device=dev)
     heads = torch.zeros(n, K, dtype=torch.bool, device=dev)
+    # in row blocks: every sample's decisions depend on its own logits and state only, and a
+    # large file's per-exit copies (softmax, features) then take a block's memory, not N rows'
+    rows = block_rows(logits)
+    for a in range(0, n, rows):
+        block = slice(a, a + rows)
+        _walk(policy, logits[block], {name: v[block] for name, v in state.items()}, exit_idx[block], heads[block])
+    return exit_idx, heads
+
+
+def _walk(policy: ExitPolicy, logits: torch.Tensor, state: dict[str, torch.Tensor], exit_idx: torch.Tensor,
+          heads: torch.Tensor) -> None:
+    """Walk exits 0..K-1 for the samples of ``logits``, writing into ``exit_idx`` and ``heads``."""
+    n, K, _ = logits.shape
+    next_exit = torch.zeros(n, dtype=torch.int64, device=logits.device)
     for k in range(K):
         idx = (next_exit == k).nonzero().squeeze(1)
         if idx.numel() == 0:
@@ -49,7 +63,6 @@ def simulate(
         next_exit[idx] = torch.where(d.exit, torch.full_like(d.next_exit, K), d.next_exit)
         for name, v in d.state.items():
             state[name][idx] = v
-    return exit_idx, heads
 
 
 def realised_cost(

@@ -65,7 +65,7 @@ class ThresholdPolicy(ExitPolicy):
             if budget is None:
                 raise EENNError(f"policy {self.name!r} needs a budget or policy.thresholds.")
             base = self.base_fractions(val, costs, budget)  # first: EENet trains its scores here
-            scores = self.score_matrix(val.logits)
+            scores = torch.cat([self.score_matrix(block) for _, block in val.row_blocks()])
             self.thresholds, info = fit_to_budget(scores, base, costs, budget, self.rounding)
             self.info.update(info)
             check_realised_budget(self, val, costs, heads, budget)

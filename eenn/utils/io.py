@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -84,17 +86,60 @@ def _sort_metadata(path: Path) -> None:
             fh.write(text.ljust(size))
 
 
+@contextlib.contextmanager
+def _readable(path: Path, what: str) -> Iterator[None]:
+    """Turn a missing, truncated or corrupt safetensors file into one EENNError naming ``what``."""
+    if not path.is_file():
+        raise EENNError(f"{what} {str(path)!r} does not exist.")
+    try:
+        yield
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise EENNError(f"{what} {str(path)!r} is not a readable safetensors file "
+                        f"(truncated or corrupt?): {str(exc).rstrip('.')}.") from None
+
+
 def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, Any], dict[str, str]]:
     """Tensors and metadata of a safetensors file; a missing, truncated or corrupt file is one
     EENNError naming ``what`` (e.g. "predictions file") and the path."""
     path = Path(path)
-    if not path.is_file():
-        raise EENNError(f"{what} {str(path)!r} does not exist.")
-    try:
+    with _readable(path, what):
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise EENNError(f"{what} {str(path)!r} is not a readable safetensors file "
-                        f"(truncated or corrupt?): {str(exc).rstrip('.')}.") from None
     return tensors, metadata
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def map_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str], mmap.mmap]:
+    """Like :func:`read_safetensors`, but every tensor is a view of one copy-on-write memory map of
+    the file (returned too): pages are read when touched, and ``mmap.madvise(MADV_DONTNEED)``
+    hands them back (they are read again from the page cache if touched again). In-place changes
+    stay in this process and are lost where pages are handed back."""
+    path = Path(path)
+    with _readable(path, what), safe_open(str(path), framework="pt") as fh:  # it checks header and offsets
+        metadata = fh.metadata() or {}
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    size = int.from_bytes(mm[:8], "little")
+    header = json.loads(mm[8:8 + size])
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise EENNError(f"{what} {str(path)!r} holds tensor {name!r} of dtype {entry['dtype']}, expected one of {sorted(_DTYPES)}.")
+        begin, end = (8 + size + o for o in entry["data_offsets"])
+        shape = entry["shape"]
+        if end == begin:  # frombuffer refuses empty views
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        elif begin % dtype.itemsize:  # a misaligned view would be slow or refused: copy it
+            tensors[name] = torch.frombuffer(bytearray(mm[begin:end]), dtype=dtype).reshape(shape)
+        else:
+            tensors[name] = torch.frombuffer(mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin).reshape(shape)
+    return tensors, metadata, mm
+

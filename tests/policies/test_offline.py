@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from eenn import predictions as predictions_module
 from eenn.evaluation.offline import evaluate
 from eenn.policies import build_policy
 from eenn.policies.simulate import realised_cost, simulate
@@ -66,3 +67,18 @@ def test_simulate_reports_every_head_a_sample_evaluated(val) -> None:
     exit_idx, heads = simulate(policy, val.logits, val.labels)
     upto = torch.arange(val.num_exits)[None, :] <= exit_idx[:, None]
     assert torch.equal(heads, upto)  # threshold policies look at every head up to their exit
+
+
+@pytest.mark.parametrize("name", ["maxprob", "patience", "deex", "eenet", "oracle_budget"])
+def test_row_blocks_change_no_decision(name: str, val, monkeypatch) -> None:
+    # fitting and simulation go over large files in row blocks; blocks of 400 rows here must give
+    # what one block of all 1,500 gives (oracle_budget's assignment spans every sample)
+    whole = build_policy(name, **(EENET_FAST if name == "eenet" else {}))
+    whole.fit(val, max(0.6 * float(val.costs[-1]), whole.cheapest_cost(val, "flops")), "flops")
+    expected = simulate(whole, val.logits, val.labels)
+    monkeypatch.setattr(predictions_module, "BLOCK_BYTES", 400 * val.logits[0].numel() * 4)
+    blocked = build_policy(name, **(EENET_FAST if name == "eenet" else {}))
+    blocked.fit(val, whole.budget, "flops")
+    assert blocked.info == whole.info
+    for got, want in zip(simulate(blocked, val.logits, val.labels), expected):
+        assert torch.equal(got, want)

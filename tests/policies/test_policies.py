@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import itertools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from eenn.cost import profile_costs
 from eenn.errors import EENNError
 from eenn.evaluation.offline import evaluate
 from eenn.policies import ExitPolicy, build_policy, policy_class
@@ -16,6 +18,7 @@ from eenn.policies.features import max_prob
 from eenn.policies.simulate import simulate
 from eenn.policies.synthetic import synthetic_predictions
 from eenn.predictions import Predictions
+from eenn.utils.config import build_network
 from tests.contracts import checks
 
 from .helpers import EENET_FAST, logits_for_max_prob, predictions
@@ -192,6 +195,26 @@ def test_eenet_scores_start_as_max_prob_and_training_changes_them(val: Predictio
     assert not torch.allclose(trained.score_matrix(val.logits), policy.score_matrix(val.logits))
     assert trained.info["epochs"] > 0
     assert sum(trained.info["exit_distribution"]) == pytest.approx(1.0)
+
+
+def test_eenet_records_its_scheduler_cost_and_it_is_small_beside_the_demo_exits(val: Predictions, compose_cfg) -> None:
+    policy = build_policy("eenet", **EENET_FAST).fit(val, 0.6 * float(val.costs[-1]), "flops")
+    C = val.num_classes
+    flops = [2 * (C + 3 + k) + 7 * C + (k + 1) ** 2 for k in range(val.num_exits)]
+    assert policy.info["scheduler_flops"] == flops
+    spent = torch.tensor(flops, dtype=torch.float64).cumsum(0)
+    assert policy.info["scheduler_cost_fraction"] == pytest.approx(float((spent / val.costs).max()))
+    # the smallest network eenn ships a demo of: `make demo`'s ResNet-20 on 8x8 digits, whose
+    # first exit costs 0.15 of the full model; g_0..g_k stay below 0.1% of any exit's cost
+    cfg = compose_cfg("pipeline", ["exits=early"])
+    meta = cfg.data.meta
+    network = build_network(cfg, SimpleNamespace(num_classes=meta.num_classes, input_shape=tuple(meta.input_shape)))
+    costs = torch.tensor(profile_costs(network, tuple(meta.input_shape), latency=False).per_exit("flops"))
+    demo = build_policy("eenet")
+    demo.num_exits, demo.num_classes, demo.cost_unit = len(costs), meta.num_classes, "flops"
+    assert 0 < demo.scheduler_cost(costs)["scheduler_cost_fraction"] < 1e-3
+    demo.cost_unit = "latency_ms"  # only FLOPs and MACs can be compared
+    assert demo.scheduler_cost(costs)["scheduler_cost_fraction"] is None
 
 
 def test_eenet_learns_class_dependent_confidence_that_max_prob_misses() -> None:
