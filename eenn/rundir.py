@@ -551,8 +551,9 @@ class PipelineRun(RunDir):
             return False
         before = flatten(OmegaConf.to_container(OmegaConf.load(saved.config_file)))  # as saved: no renames
         now = flatten(resolved_config(self.stage1_config(cfg), self.train.path))
-        before.pop("task_name", None)
-        now.pop("task_name", None)
+        # paths inside the run dir (its checkpoints...) follow the dir when it is moved or copied
+        before, now = ({k: v.replace(str(flat.get("paths.output_dir")), "<run dir>") if isinstance(v, str) else v
+                        for k, v in flat.items() if k != "task_name"} for flat in (before, now))
         differ = [k for k in sorted(set(before) | set(now)) if before.get(k, "<unset>") != now.get(k, "<unset>")
                   and not any(k == p or k.startswith(p + ".") for p in self.RERUN_MAY_CHANGE)]
         if differ:

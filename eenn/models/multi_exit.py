@@ -96,8 +96,6 @@ def resolve_exit_blocks(
         at = list(parts.stages)[:-1]
     if isinstance(at, str) or at is None:
         raise EENNError(f"exits.at must be a list of block names/numbers or 'stages', got {at!r}.")
-    if not at:  # a network without early exits is not what eenn trains
-        raise EENNError("exits.at is empty; give at least one block to exit after, or exits.at=stages.")
     names: list[str] = []
     for item in at:
         if not (isinstance(item, str) or is_number(item, integer=True)):

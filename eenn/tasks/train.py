@@ -60,6 +60,10 @@ def check_config(cfg: DictConfig) -> None:
         if isinstance(value, float) and not math.isfinite(value) and not key.startswith("hydra."):
             raise EENNError(f"{key} must be a finite number, got {value!r}.")
     check_number(cfg.trainer.max_epochs, "trainer.max_epochs", 1, integer=True)
+    at = cfg.exits.get("at")
+    if at is not None and not isinstance(at, str) and len(at) == 0 and cfg.exits.get("spacing") is None:
+        # a plain backbone builds (the cost tables use one), but it is not what stage 1 trains
+        raise EENNError("exits.at is empty; give at least one block to exit after, or exits.at=stages.")
     check_number(cfg.seed, "seed", 0, integer=True)
 
 

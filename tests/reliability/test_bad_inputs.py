@@ -315,6 +315,26 @@ def test_a_policy_fixed_by_its_config_warns_when_it_spends_more_than_the_budget(
     assert any("exceeds the budget" in w for w in metrics["warnings"])
 
 
+def test_a_pipeline_whose_fits_fail_exits_1_and_keeps_its_finished_results(pipeline_dir, tmp_path, monkeypatch,
+                                                                           capsys):
+    monkeypatch.setenv("EENN_ROOT", str(tmp_path))
+    pipe = tmp_path / "P"
+    shutil.copytree(pipeline_dir, pipe)
+    before = {k: v for k, v in snapshot(pipe).items() if k.startswith(("train", "fit"))}
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a fit that crashed")
+
+    monkeypatch.setattr("eenn.tasks.pipeline.fit_run", failing)
+    code, _, err = run_app("pipeline", [*TRAIN, "pipeline.policies=[maxprob,entropy]", "pipeline.num_budgets=2",
+                                        "wandb.mode=disabled", f"hydra.run.dir={pipe}"], capsys)
+    assert code == 1 and "error: 2 fit(s) of the pipeline failed" in err, err
+    after = snapshot(pipe)
+    assert all(after[k] == v for k, v in before.items())  # the earlier stage 1 and fits are untouched
+    failed = [p.parent.name for p in (pipe / "fit").glob("*/error.json")]
+    assert len(failed) == 2 and all(name.startswith("entropy_") for name in failed)
+
+
 def test_compare_lists_a_truncated_job_and_takes_one_sweep_without_brackets(made, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EENN_ROOT", str(tmp_path))
     sweep = tmp_path / "sweep"
