@@ -1,5 +1,5 @@
 """Bad input: the one exception type eenn raises for it (the CLI prints its message alone), and
-the check that a config value is a number."""
+the checks that a config value is a number."""
 
 from __future__ import annotations
 
@@ -16,3 +16,12 @@ def is_number(value: Any, integer: bool = False) -> bool:
     Python counts it as an int."""
     kinds = (int,) if integer else (int, float)
     return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_number(value: Any, key: str, minimum: float, strict: bool = False, integer: bool = False) -> Any:
+    """``value`` if it is a finite number (an integer if ``integer``) above ``minimum`` (at or above
+    it unless ``strict``); otherwise an EENNError naming ``key``."""
+    if not is_number(value, integer) or value < minimum or (strict and value == minimum):
+        bound = f"{'>' if strict else '>='} {minimum:g}"
+        raise EENNError(f"{key} must be {'an integer' if integer else 'a number'} {bound}, got {value!r}.")
+    return value

@@ -161,9 +161,13 @@ class Predictions:
             raise EENNError(f"{source}: costs must be finite and positive, got {self.costs.tolist()}.")
         if (self.costs[1:] < self.costs[:-1]).any():
             raise EENNError(f"{source}: costs must not decrease with the exit index, got {self.costs.tolist()}.")
-        for unit, vec in [("head_costs", self.head_costs), *self.cost_table.items(), *self.head_cost_table.items()]:
+        tables = [("head_costs", self.head_costs), *[(f"cost_table.{u}", v) for u, v in self.cost_table.items()],
+                  *[(f"head_cost_table.{u}", v) for u, v in self.head_cost_table.items()]]
+        for name, vec in tables:
             if vec is not None and tuple(vec.shape) != (k,):
-                raise EENNError(f"{source}: {unit} must have shape ({k},), got {tuple(vec.shape)}.")
+                raise EENNError(f"{source}: {name} must have shape ({k},), got {tuple(vec.shape)}.")
+            if vec is not None and (not torch.isfinite(vec).all() or (vec < 0).any()):
+                raise EENNError(f"{source}: {name} must be finite and non-negative, got {vec.tolist()}.")
         if len(self.exit_names) != k:
             raise EENNError(f"{source}: {len(self.exit_names)} exit names for {k} exits.")
         if len(self.class_names) != c:
@@ -189,9 +193,13 @@ class Predictions:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Predictions:
         tensors, metadata, mapping = map_safetensors(path, "predictions file")
+        if metadata.get("format") != FORMAT:
+            raise EENNError(f"predictions file {str(path)!r} has format {metadata.get('format')!r}, expected {FORMAT!r}.")
         missing = [k for k in ("logits", "labels", "costs") if k not in tensors]
         if missing:
             raise EENNError(f"predictions file {str(path)!r} lacks the tensors {missing}.")
+        if tensors["labels"].is_floating_point() or tensors["labels"].dtype == torch.bool:
+            raise EENNError(f"predictions file {str(path)!r} has {tensors['labels'].dtype} labels, expected int64 class indices.")
         try:
             exit_names = json.loads(metadata.get("exit_names", "[]"))
             class_names = json.loads(metadata.get("class_names", "[]"))

@@ -14,23 +14,29 @@ as its input. The objects here know the files; every other module asks them:
 - a job of a sweep that failed leaves ``error.json`` instead of its results.
 
 Every file a stage writes goes through its run object's ``write_*`` methods, and checkpoints load
-through :func:`load_weights` alone (``weights_only=True``: no pickled code runs). So the rules for
-a run dir, such as "a finished run is written into again only when resumed or forced" and "a lock
-file keeps a second job out", have one place to live.
+through :func:`load_weights` alone (``weights_only=True``: no pickled code runs). The rules for a
+run dir live here too (:meth:`RunDir.claim`): a job writes only into an empty dir, or into its own
+app's run that it resumes or is told to overwrite (``force=true``); a lock file keeps a second
+job out while the first one runs; and each run saves its config resolved, with absolute paths, so
+that the run dir works from any working directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import logging
+import os
 import shutil
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from eenn.cost import CostProfile
@@ -39,17 +45,41 @@ from eenn.models.multi_exit import MultiExitNetwork
 from eenn.policies.base import ExitPolicy
 from eenn.predictions import SPLITS, Predictions
 from eenn.utils.config import build_network, instantiate
-from eenn.utils.io import read_json, write_json
+from eenn.utils.io import atomic_path, read_json, write_json
 
 log = logging.getLogger("eenn")
 
 HYDRA_DIR = ".hydra"  # Hydra's own: the job's composed config and overrides
 ERROR_FILE = "error.json"
+LOCK_FILE = ".eenn.lock"  # held (flock) by the job writing into the dir; it holds that job's pid
+#: what Hydra writes into a run or sweep dir before a job starts (besides <job>.log), and the lock:
+#: a dir holding nothing else holds no job's results
+HYDRA_FILES = (HYDRA_DIR, "multirun.yaml", LOCK_FILE)
+#: config values that are paths: saved absolute, so that a run dir works from any working directory
+PATH_KEYS = ("data.root", "data.path", "run_dir")
+
+# the run dirs this process holds: resolved path -> [lock file descriptor, claims, created by the claim]
+_HELD: dict[Path, list[int]] = {}
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is a job's first (a DDP worker's launcher or SLURM sets its rank)."""
+    return all(os.environ.get(var, "0") == "0" for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def release_all() -> None:
+    """Unlock every run dir this process holds (an app ended by bad input skips Hydra's run-end
+    callback; an in-process caller, such as a test, then claims afresh)."""
+    while _HELD:
+        os.close(_HELD.popitem()[1][0])
 
 
 class RunDir:
     """What every run dir has: Hydra's saved config, ``metrics.json`` once the job finished, and
     ``error.json`` when it failed in a sweep."""
+
+    #: the app (its config's task_name) whose run dirs these are
+    APP: ClassVar[str] = ""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -72,6 +102,22 @@ class RunDir:
         cfg: DictConfig = OmegaConf.load(self.config_file)  # type: ignore[assignment]
         _rename_registry_keys(cfg)
         return cfg
+
+    def write_config(self, cfg: DictConfig) -> None:
+        """Save the job's config as this run's: resolved, with absolute paths (Hydra saves it
+        unresolved, and its relative paths would then follow the working directory of whoever
+        reads it)."""
+        with atomic_path(self.config_file) as tmp:
+            OmegaConf.save(OmegaConf.create(resolved_config(cfg, self.path)), tmp)
+
+    def saved_app(self) -> str | None:
+        """The app that made this run dir, from its saved config's task_name (None: no config)."""
+        if not self.has_config():
+            return None
+        try:
+            return str(OmegaConf.load(self.config_file).get("task_name"))
+        except Exception:  # noqa: BLE001  (a broken config says nothing about its app)
+            return None
 
     # -------------------------------------------------------------------- metrics
     @property
@@ -115,19 +161,156 @@ class RunDir:
             return str(read_json(self.error_file, "error file").get("message", "failed"))
         return "no metrics.json (failed or unfinished)"
 
-    def remove_if_only_hydra_files(self, job_name: str) -> None:
-        """Remove the run dir of a refused job when it holds nothing but Hydra's config and log:
-        a run dir with anything more (a resumed run's checkpoints, say) is never deleted."""
+    # ------------------------------------------------------------ claim and lock
+    def outputs(self) -> list[str]:
+        """What jobs made in this dir: every entry but Hydra's files, logs and the lock."""
         if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.name not in HYDRA_FILES and p.suffix != ".log")
+
+    def resumes(self, cfg: DictConfig) -> bool:
+        """Whether the job ``cfg`` continues this run (so it may write into its files)."""
+        return False
+
+    def resume_hint(self) -> str:
+        return ""
+
+    def claim(self, force: bool = False, resume: bool = False) -> None:
+        """Make this dir the run dir of a job of :attr:`APP` for this process, before anything is
+        written into it. Refused, by an EENNError naming the dir: a dir holding another app's run
+        or other files; a run of this app, unless the job resumes it or is forced (which deletes
+        its files first); a dir another job holds (its lock); a dir that cannot be written.
+        Claims nest: :meth:`release` each one."""
+        key = self.path.resolve()
+        if not is_rank_zero():  # a DDP worker writes into the dir its rank-0 process claimed
             return
-        own = {HYDRA_DIR, f"{job_name}.log"}
-        if all(p.name in own for p in self.path.iterdir()):
-            logging.shutdown()  # Hydra's log handler holds <job>.log open
+        if key in _HELD:
+            _HELD[key][1] += 1
+            return
+        holder = self._holder()
+        if holder is not None:
+            raise self._in_use(holder)
+        self._check_outputs(force, resume, clear=False)  # a refused claim writes nothing
+        created = not self.path.exists()
+        fd = self._lock()
+        try:
+            self._check_outputs(force, resume, clear=force)  # again: another job may have finished meanwhile
+        except BaseException:
+            os.close(fd)
+            raise
+        _HELD[key] = [fd, 1, created]
+
+    def release(self, failed: bool = False) -> None:
+        """End a claim; the last one unlocks, and after a refused job (``failed``) removes the dir
+        it created if the dir holds nothing but Hydra's files."""
+        key = self.path.resolve()
+        held = _HELD.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            fd, _, created = _HELD.pop(key)
+            os.close(fd)
+            if failed and created:
+                self.remove_if_only_hydra_files()
+
+    @contextlib.contextmanager
+    def claimed(self, force: bool = False, resume: bool = False) -> Iterator[None]:
+        """:meth:`claim` for the duration of a job; a job refused by bad input leaves no dir behind."""
+        self.claim(force, resume)
+        refused = True
+        try:
+            yield
+            refused = False
+        except EENNError:
+            raise
+        except BaseException:
+            refused = False  # a crash keeps what it made, for resuming or a bug report
+            raise
+        finally:
+            self.release(refused)
+
+    def _lock(self) -> int:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise EENNError(f"run dir {str(self.path)!r} cannot be written: {exc.strerror}.") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise self._in_use(holder) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def _holder(self) -> str | None:
+        """The pid of the job that holds this dir's lock now, read without creating anything;
+        None where no job does."""
+        try:
+            fd = os.open(self.path / LOCK_FILE, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)  # closing drops the shared lock taken to probe
+
+    def _in_use(self, holder: str) -> EENNError:
+        return EENNError(f"run dir {str(self.path)!r} is in use by another job (pid {holder}): two jobs never share "
+                         "a run dir; wait for it to end, or choose another hydra.run.dir.")
+
+    def _check_outputs(self, force: bool, resume: bool, clear: bool) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise EENNError(f"run dir {str(self.path)!r} is a file, not a directory.")
+        found = self.outputs()
+        if not found:
+            return
+        saved = self.saved_app()
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        if saved != self.APP:
+            what = f"an eenn-{saved} run" if saved else "files of no eenn run"
+            raise EENNError(f"run dir {str(self.path)!r} holds {what} ({shown}): eenn-{self.APP} never writes into "
+                            "it, force=true included; choose another hydra.run.dir.")
+        if resume:
+            return
+        if not force:
+            state = "finished" if self.finished() else "started"
+            raise EENNError(f"run dir {str(self.path)!r} holds a {state} eenn-{self.APP} run, which is never written "
+                            f"into again{self.resume_hint()}: add force=true to overwrite it, or choose another "
+                            "hydra.run.dir.")
+        if clear:  # forced: the old run goes, whole, so that none of it mixes with the new one
+            for name in found:
+                entry = self.path / name
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+    def remove_if_only_hydra_files(self) -> None:
+        """Remove the run dir of a refused job when it holds nothing but Hydra's config and log
+        and the lock: a run dir with anything more (a resumed run's checkpoints, say) is never
+        deleted."""
+        if self.path.is_dir() and not self.outputs():
+            if any(self.path.glob("*.log")):
+                logging.shutdown()  # Hydra's log handler holds <job>.log open
             shutil.rmtree(self.path, ignore_errors=True)
 
 
 class Stage1Run(RunDir):
     """An eenn-train run dir: config, checkpoints, cost profile, predictions, metrics."""
+
+    APP = "train"
+
+    def resumes(self, cfg: DictConfig) -> bool:
+        """``ckpt_path=last``, or a checkpoint of this run's own."""
+        ckpt = cfg.get("ckpt_path")
+        return ckpt == "last" or (bool(ckpt) and Path(str(ckpt)).resolve().parent == self.checkpoint_dir.resolve())
+
+    def resume_hint(self) -> str:
+        return " but to resume it (ckpt_path=last)"
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -231,6 +414,21 @@ class Stage1Run(RunDir):
 class FitRun(RunDir):
     """An eenn-fit run dir: the fitted policy and its metrics."""
 
+    APP = "fit"
+    #: what an eenn-fit metrics.json holds for eenn-compare, at the top and per split
+    METRICS_KEYS = ("policy", "budget", "budget_fraction", "cost_unit", "val", "test")
+    SPLIT_KEYS = ("accuracy", "avg_cost", "exit_fractions")
+
+    def metrics(self) -> dict[str, Any]:
+        """The fit's metrics; a file that is not an eenn-fit result is an EENNError naming it."""
+        m = super().metrics()
+        missing = [k for k in self.METRICS_KEYS if not isinstance(m, dict) or k not in m]
+        if not missing:
+            missing = [f"{s}.{k}" for s in SPLITS for k in self.SPLIT_KEYS if not isinstance(m[s], dict) or k not in m[s]]
+        if missing:
+            raise EENNError(f"metrics file {str(self.metrics_file)!r} is not an eenn-fit result (it lacks {missing}).")
+        return m
+
     @property
     def policy_file(self) -> Path:
         return self.path / "policy.safetensors"
@@ -266,8 +464,26 @@ def failed_jobs(sweep_dir: str | Path) -> list[str]:
     return sorted(d.name for d in Path(sweep_dir).iterdir() if d.is_dir() and RunDir(d).failed())
 
 
+class SweepDir(RunDir):
+    """A multirun's dir: a run dir per job. A sweep never runs into a dir holding an earlier
+    sweep's jobs (unless forced): Hydra rewrites a job's config and log before the job could see
+    that it finished, so finished jobs would be recomputed, not skipped."""
+
+    def _check_outputs(self, force: bool, resume: bool, clear: bool) -> None:
+        jobs = self.outputs()
+        if jobs and not force:
+            raise EENNError(f"sweep dir {str(self.path)!r} holds {len(jobs)} jobs of an earlier sweep: a sweep is "
+                            "never re-run into its dir, as its finished jobs would be recomputed, not skipped; start "
+                            "a new sweep (leave hydra.sweep.dir to its default), or add force=true to recompute them.")
+
+
 class InferRun(RunDir):
     """An eenn-infer run dir: ``infer.json``."""
+
+    APP = "infer"
+
+    def finished(self) -> bool:
+        return self.result_file.is_file()
 
     @property
     def result_file(self) -> Path:
@@ -279,6 +495,11 @@ class InferRun(RunDir):
 
 class CompareRun(RunDir):
     """An eenn-compare run dir: results.csv, the plots and report.html."""
+
+    APP = "compare"
+
+    def finished(self) -> bool:
+        return self.report_file.is_file()
 
     @property
     def results_file(self) -> Path:
@@ -307,11 +528,47 @@ class CompareRun(RunDir):
 class PipelineRun(RunDir):
     """An eenn-pipeline dir: its stage-1 run, one fit run per job, and the comparison."""
 
+    APP = "pipeline"
     TRAIN = "train"
+    #: what a re-run may change: it adds fits (new names) and logs elsewhere; anything else would
+    #: mix results of two configs under one name
+    RERUN_MAY_CHANGE = ("force", "ckpt_path", "pipeline.policies", "pipeline.budgets", "pipeline.num_budgets",
+                        "wandb", "logger", "paths", "data.root", "trainer.enable_progress_bar")
+
+    def stage1_config(self, cfg: DictConfig) -> DictConfig:
+        """The pipeline's config as its stage-1 run (``train/``) takes it."""
+        train_cfg = cfg.copy()
+        with open_dict(train_cfg):
+            train_cfg.task_name = Stage1Run.APP
+            train_cfg.paths.output_dir = str(self.train.path)
+        return train_cfg
+
+    def resumes(self, cfg: DictConfig) -> bool:
+        """A re-run with the config the pipeline was made with (up to what :attr:`RERUN_MAY_CHANGE`)
+        continues it; another config is refused, naming the keys that differ."""
+        saved = self.train if self.train.has_config() else self
+        if not saved.has_config():
+            return False
+        before = flatten(OmegaConf.to_container(OmegaConf.load(saved.config_file)))  # as saved: no renames
+        now = flatten(resolved_config(self.stage1_config(cfg), self.train.path))
+        # paths inside the run dir (its checkpoints...) follow the dir when it is moved or copied
+        before, now = ({k: v.replace(str(flat.get("paths.output_dir")), "<run dir>") if isinstance(v, str) else v
+                        for k, v in flat.items() if k != "task_name"} for flat in (before, now))
+        differ = [k for k in sorted(set(before) | set(now)) if before.get(k, "<unset>") != now.get(k, "<unset>")
+                  and not any(k == p or k.startswith(p + ".") for p in self.RERUN_MAY_CHANGE)]
+        if differ:
+            shown = "; ".join(f"{k}: {before.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in differ[:4])
+            more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+            raise EENNError(f"pipeline dir {str(self.path)!r} was made with another config ({shown}{more}): choose "
+                            "another pipeline.name, or add force=true to redo it all with this one.")
+        return True
 
     @property
     def name(self) -> str:
         return self.path.name
+
+    def finished(self) -> bool:
+        return self.compare.finished()
 
     @property
     def train(self) -> Stage1Run:
@@ -331,6 +588,34 @@ class PipelineRun(RunDir):
     def results(self) -> list[dict[str, Any]]:
         """The pipeline's results table (compare/results.csv), for notebooks."""
         return self.compare.results()
+
+
+#: the run dir of each app, by its config's task_name
+RUN_TYPES: dict[str, type[RunDir]] = {t.APP: t for t in (Stage1Run, FitRun, InferRun, CompareRun, PipelineRun)}
+
+
+def resolved_config(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """``cfg`` (without Hydra's node) as the run in ``run_dir`` saves it: resolved, with that dir as
+    ``paths.output_dir`` and every path (``paths.*``, :data:`PATH_KEYS`) absolute."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+        if "paths" in cfg:
+            cfg.paths.output_dir = str(Path(run_dir).resolve())
+    out: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    for key in [f"paths.{k}" for k in out.get("paths", {})] + list(PATH_KEYS):
+        parent, _, leaf = key.rpartition(".")
+        node = out.get(parent) if parent else out
+        if isinstance(node, dict) and isinstance(node.get(leaf), str):
+            node[leaf] = os.path.abspath(node[leaf])
+    return out
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"a.b.c": leaf}``."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.rstrip("."): tree}
+    return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
 
 
 def _rename_registry_keys(cfg: DictConfig) -> None:

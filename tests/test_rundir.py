@@ -101,11 +101,11 @@ def test_a_refused_job_leaves_no_run_dir_unless_it_holds_more(tmp_path):
     bare = RunDir(tmp_path / "bare")
     (bare.path / ".hydra").mkdir(parents=True)
     (bare.path / "train.log").write_text("")
-    bare.remove_if_only_hydra_files("train")
+    bare.remove_if_only_hydra_files()
     assert not bare.path.exists()
     kept = RunDir(tmp_path / "kept")
     (kept.path / "checkpoints").mkdir(parents=True)
-    kept.remove_if_only_hydra_files("train")
+    kept.remove_if_only_hydra_files()
     assert kept.path.is_dir()
 
 

@@ -1,13 +1,16 @@
-"""What every Hydra entry point shares: where the configs are, and how bad input is reported.
+"""What every Hydra entry point shares: where the configs are, the guard that claims a run dir
+before Hydra writes into it, and how bad input is reported (one sentence, exit code 2).
 
 Every CLI module imports this one before Hydra parses the command line, so it imports nothing
-heavy at the top: the run-dir objects (torch) and wandb come in where a job failed, so that
-``--help`` stays fast.
+heavy at the top: the run-dir objects (torch) and wandb come in where a job starts or failed, so
+that ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
+import importlib
 import logging
 import os
 import secrets
@@ -17,9 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from eenn.errors import EENNError
 
@@ -56,12 +62,69 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+#: Exit codes: 2 for bad input (a config value, a file, a Hydra override, a refused run dir),
+#: 1 for a sweep with failed jobs or an internal error (with its traceback), 130 for Ctrl-C.
+BAD_INPUT, INTERRUPTED = 2, 130
+_jobs_started = False  # whether Hydra got as far as running a job: errors before that are config errors
+
+
+def cli(app: Callable[[], Any]) -> Callable[[], None]:
+    """The console script of the Hydra app ``app``: Hydra's own errors before any job started (an
+    unknown key, a misspelled group option, an override it cannot parse) and a refused run dir
+    end like every bad input, in one line and exit code 2; Ctrl-C ends in one line and 130."""
+
+    @functools.wraps(app)
+    def main() -> None:
+        global _jobs_started
+        _jobs_started = False
+        before = os.environ.get("HYDRA_FULL_ERROR")
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them and exiting 1
+        try:
+            app()
+        except KeyboardInterrupt:
+            print("error: interrupted; jobs that finished keep their run dirs, the one that was running is "
+                  "incomplete.", file=sys.stderr)
+            sys.exit(INTERRUPTED)
+        except (EENNError, Refused) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(BAD_INPUT)
+        except (HydraException, OmegaConfBaseException) as exc:
+            if _jobs_started:
+                raise
+            print(f"error: {hydra_error_text(exc)}", file=sys.stderr)
+            sys.exit(BAD_INPUT)
+        finally:
+            rundir = sys.modules.get("eenn.rundir")  # loaded only if a job started
+            if rundir is not None:
+                rundir.release_all()
+            if before is None:
+                os.environ.pop("HYDRA_FULL_ERROR", None)
+            else:
+                os.environ["HYDRA_FULL_ERROR"] = before
+
+    return main
+
+
+def hydra_error_text(exc: BaseException) -> str:
+    """Hydra's message on one line: its lines up to the list of options or search paths, which
+    follow as one comma-separated list."""
+    lines = []
+    for line in str(exc).splitlines():
+        if not line.strip() or line.startswith(("Available options", "Config search path")):
+            break
+        lines.append(line.strip())
+    options = getattr(exc, "options", None) if isinstance(exc, MissingConfigException) else None
+    return " ".join(lines) + (f"; options: {', '.join(options)}." if options else "")
+
+
 def report_errors(task: Callable[..., Any]) -> Callable[..., Any]:
     """Turn an EENNError into one clear line on stderr and exit code 2, instead of a traceback.
     In a multirun, any failure is recorded in the job's run dir and the sweep continues."""
 
     @functools.wraps(task)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
+        global _jobs_started
+        _jobs_started = True
         try:
             return task(*args, **kwargs)
         except Exception as exc:
@@ -79,10 +142,89 @@ def report_errors(task: Callable[..., Any]) -> Callable[..., Any]:
             log.error("%s", exc)
             print(f"error: {exc}", file=sys.stderr)
             if run is not None:  # a refused job leaves no run dir behind
-                run.remove_if_only_hydra_files(HydraConfig.get().job.name)
-            sys.exit(2)
+                run.remove_if_only_hydra_files()
+            sys.exit(BAD_INPUT)
 
     return wrapped
+
+
+#: config nodes that take keys added with ``+`` (``+trainer.gradient_clip_val=1``): each is passed
+#: whole to something that refuses a key it does not take (Lightning's Trainer, the data module, a
+#: backbone, a policy...). A key added anywhere else would be read by nobody.
+OPEN_KEYS = ("trainer", "data", "training", "backbone", "exits", "callbacks", "logger", "policy", "pipeline.policy_overrides")
+
+
+def check_added_keys(config: DictConfig) -> None:
+    """Refuse a ``+key=value`` override that adds a key the app never reads (``+budgt.fraction=0.9``
+    would otherwise be ignored in silence)."""
+    from eenn.rundir import flatten  # here, not at the top: see the module's docstring
+
+    groups = set(config.hydra.runtime.choices)
+    for override in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):
+        key = override.key_or_group
+        if not override.is_add() or key in groups or key.split(".")[0] == "hydra":
+            continue
+        if any(key.startswith(f"{node}.") and OmegaConf.select(config, node) is not None for node in OPEN_KEYS):
+            continue
+        known = [k for k in flatten(OmegaConf.to_container(config)) if not k.startswith("hydra.") and k != key]
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise EENNError(f"+{key}: eenn-{config.task_name} reads no key {key!r}{hint}; keys are added with + only "
+                        f"under {', '.join(OPEN_KEYS)}.")
+
+
+class Refused(BaseException):
+    """Bad input found by a Hydra callback: Hydra turns a callback's Exception into a warning and
+    runs the job anyway, so the refusal travels as a BaseException to :func:`cli`."""
+
+
+def _refuse_bad_input(hook: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(hook)
+    def wrapped(*args: Any, **kwargs: Any) -> None:
+        try:
+            hook(*args, **kwargs)
+        except EENNError as exc:
+            raise Refused(exc) from None
+
+    return wrapped
+
+
+class RunDirGuard(Callback):
+    """Claim the job's run dir (or the sweep's dir) before Hydra writes its config and log into it:
+    a finished run is refused there and stays byte for byte as it was (see
+    :meth:`eenn.rundir.RunDir.claim`). The run's lock is held until the job ends."""
+
+    def __init__(self) -> None:
+        self.held: list[Any] = []
+
+    @_refuse_bad_input
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from eenn.rundir import RUN_TYPES  # here, not at the top: see the module's docstring
+
+        check_added_keys(config)
+        # the app's own checks of its config, before the run dir is touched (a job may refuse
+        # more once it reads its inputs, and then leaves the dir as it found it)
+        check = getattr(importlib.import_module(f"eenn.tasks.{config.task_name}"), "check_config", None)
+        if check is not None:
+            check(config)
+        self._claim(RUN_TYPES[config.task_name](os.path.abspath(config.hydra.run.dir)), config)
+
+    @_refuse_bad_input
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from eenn.rundir import SweepDir
+
+        check_added_keys(config)
+        self._claim(SweepDir(os.path.abspath(config.hydra.sweep.dir)), config)
+
+    def _claim(self, run: Any, config: DictConfig) -> None:
+        run.claim(force=bool(config.get("force")), resume=run.resumes(config))
+        self.held.append(run)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        while self.held:
+            self.held.pop().release()
+
+    on_multirun_end = on_run_end
 
 
 class SweepSummary(Callback):

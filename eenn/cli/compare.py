@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import hydra
 from omegaconf import DictConfig
 
-from eenn.cli.common import conf_dir, quiet_environment, report_errors
+from eenn.cli.common import cli, conf_dir, quiet_environment, report_errors
 
 
 @hydra.main(config_path=conf_dir(), config_name="compare", version_base="1.3")
 @report_errors
-def main(cfg: DictConfig) -> None:
+def app(cfg: DictConfig) -> None:
     from eenn.tasks.compare import compare  # after Hydra parsed the command line: --help stays fast
 
     quiet_environment()
-    compare(list(cfg.sweeps), list(cfg.runs), cfg.paths.output_dir, cfg.wandb)
+    compare(_paths(cfg.sweeps), _paths(cfg.runs), cfg.paths.output_dir, cfg.wandb, force=bool(cfg.force))
 
+
+def _paths(value: Any) -> list[str]:
+    """A list of paths, or one path given without brackets (``sweeps=<dir>``)."""
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+main = cli(app)
 
 if __name__ == "__main__":
     main()

@@ -10,17 +10,19 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from eenn.cli.common import conf_dir, quiet_environment, report_errors
+from eenn.cli.common import cli, conf_dir, quiet_environment, report_errors
 
 
 @hydra.main(config_path=conf_dir(), config_name="infer", version_base="1.3")
 @report_errors
-def main(cfg: DictConfig) -> None:
+def app(cfg: DictConfig) -> None:
     from eenn.tasks.infer import infer  # after Hydra parsed the command line: --help stays fast
 
     quiet_environment()
     infer(cfg, cfg.paths.output_dir)
 
+
+main = cli(app)
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 
 from eenn.data.augment import BatchAugment
 from eenn.data.sources import IMAGENET_MEAN, IMAGENET_STD, SOURCES, FolderSource, Source
-from eenn.errors import EENNError, is_number
+from eenn.errors import EENNError, check_number, is_number
 
 AUGMENTATIONS = ("none", "cifar")
 
@@ -129,6 +129,9 @@ class EENNDataModule(pl.LightningDataModule):
             raise EENNError(f"data.randaugment must be a timm RandAugment string such as 'rand-m9-mstd0.5-inc1', got {randaugment!r}.")
         if not 0.0 <= random_erasing <= 1.0:
             raise EENNError(f"data.random_erasing is a probability in [0, 1], got {random_erasing!r}.")
+        check_number(batch_size, "data.batch_size", 1, integer=True)
+        check_number(eval_batch_size, "data.eval_batch_size", 1, integer=True)
+        check_number(num_workers, "data.num_workers", 0, integer=True)
         self.randaugment, self.random_erasing = randaugment, random_erasing
         self.name, self.root, self.download, self.path = name, root, download, path
         self.val_size, self.classes, self.augment, self.image_size = val_size, classes, augment, image_size
@@ -175,7 +178,12 @@ class EENNDataModule(pl.LightningDataModule):
     # --- splits --------------------------------------------------------------------------------
     def _val_count(self, n: int) -> int:
         v = self.val_size
-        count = int(round(v * n)) if isinstance(v, float) and v < 1 else int(v)
+        if is_number(v, integer=True):
+            count = int(v)
+        elif is_number(v) and 0 < v < 1:
+            count = int(round(v * n))
+        else:  # 1.5 would be read as one sample
+            raise EENNError(f"data.val_size must be a fraction in (0, 1) or a whole number of samples, got {v!r}.")
         if not 0 < count < n:
             raise EENNError(f"data.val_size={v} leaves no training or no validation samples out of {n}.")
         return count

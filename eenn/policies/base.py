@@ -168,6 +168,13 @@ class ExitPolicy:
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what ``tensors`` returned."""
 
+    def check_fitted(self) -> None:
+        """Raise a ValueError where the fitted state is not one ``fit`` makes (a policy file
+        edited by hand): subclasses add their tensors' shapes and ranges."""
+        for name, t in self.tensors().items():
+            if t.is_floating_point() and torch.isnan(t).any():
+                raise ValueError(f"its tensor {name!r} holds NaN")
+
     def to(self, device: str | torch.device) -> Self:
         """Move the fitted tensors to ``device`` (the engine's); new states are created there."""
         self.device = torch.device(device)
@@ -236,11 +243,24 @@ class ExitPolicy:
             raise EENNError(f"policy file {str(path)!r} has unreadable metadata: {str(exc).rstrip('.')}.") from None
         if meta.get("format") != FORMAT:
             raise EENNError(f"policy file {str(path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}.")
-        policy = build_policy(meta.get("name", ""), **hparams)
-        policy.num_exits, policy.num_classes = fitted["num_exits"], fitted["num_classes"]
-        policy.cost_unit, policy.budget = fitted["cost_unit"], fitted["budget"]
+        try:
+            policy = build_policy(meta.get("name", ""), **hparams)
+        except EENNError as exc:  # what eenn-fit refuses in a config, it refuses in a file
+            raise EENNError(f"policy file {str(path)!r}: {exc}") from None
+        K, C = fitted.get("num_exits"), fitted.get("num_classes")
+        if not (is_number(K, integer=True) and K >= 1 and is_number(C, integer=True) and C >= 2):
+            raise EENNError(f"policy file {str(path)!r} says it was fitted on {K!r} exits and {C!r} classes.")
+        policy.num_exits, policy.num_classes = K, C
+        policy.cost_unit, policy.budget = fitted.get("cost_unit"), fitted.get("budget")
         policy.info = fitted.get("info", {})
-        policy.load_tensors(tensors)
+        try:
+            policy.load_tensors(tensors)
+            policy.check_fitted()
+        except KeyError as exc:
+            raise EENNError(f"policy file {str(path)!r} lacks the tensor {exc} of a fitted {policy.name!r} policy.") from None
+        except (ValueError, RuntimeError, IndexError, TypeError) as exc:
+            reason = str(exc).strip().splitlines()[0].rstrip(":.")
+            raise EENNError(f"policy file {str(path)!r} is not a fitted {policy.name!r} policy: {reason}.") from None
         return policy
 
 

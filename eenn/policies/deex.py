@@ -115,3 +115,8 @@ class DEExPolicy(ExitPolicy):
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.fitted_p_d = float(tensors["p_d"][0])
+
+    def check_fitted(self) -> None:
+        super().check_fitted()
+        if not 0.0 <= self.fitted_p_d <= 1.0:
+            raise ValueError(f"its p_d is {self.fitted_p_d:g}, expected a probability in [0, 1]")

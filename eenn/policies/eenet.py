@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from eenn.errors import EENNError, is_number
+from eenn.errors import EENNError, check_number, is_number
 from eenn.policies.base import State, register
 from eenn.policies.features import entropy_score, probabilities, vote
 from eenn.policies.threshold import ThresholdPolicy
@@ -101,7 +101,7 @@ class EENetPolicy(ThresholdPolicy):
             raise EENNError(f"policy.min_delta must be a non-negative number, got {min_delta!r}.")
         self.min_delta = float(min_delta)
         self.batch_size = None if batch_size is None else _positive(batch_size, "batch_size", integer=True)
-        self.seed = seed
+        self.seed = check_number(seed, "policy.seed", 0, integer=True)
         self.enable_progress_bar = bool(enable_progress_bar)
         self.num_threads = None if num_threads is None else _positive(num_threads, "num_threads", integer=True)
         self.scheduler: EENetScheduler | None = None
@@ -241,3 +241,8 @@ class EENetPolicy(ThresholdPolicy):
         self.scheduler.g.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("g.")})
         self.scheduler.to(self.device)
         self.exit_distribution = tensors["exit_distribution"]
+
+    def check_fitted(self) -> None:
+        super().check_fitted()
+        if tuple(self.exit_distribution.shape) != (self.num_exits,):
+            raise ValueError(f"'exit_distribution' has shape {tuple(self.exit_distribution.shape)}, expected ({self.num_exits},)")

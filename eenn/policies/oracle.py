@@ -89,6 +89,11 @@ class OraclePolicy(ExitPolicy):
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.costs = tensors["costs"]
 
+    def check_fitted(self) -> None:
+        super().check_fitted()
+        if tuple(self.costs.shape) != (self.num_exits,):
+            raise ValueError(f"'costs' has shape {tuple(self.costs.shape)}, expected ({self.num_exits},)")
+
 
 @register("oracle_budget")
 class OracleBudgetPolicy(OraclePolicy):

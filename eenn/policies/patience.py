@@ -71,3 +71,7 @@ class PatiencePolicy(ExitPolicy):
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.fitted_patience = int(tensors["patience"][0])
+
+    def check_fitted(self) -> None:
+        if self.fitted_patience < 0:
+            raise ValueError(f"its patience is {self.fitted_patience}, expected >= 0")

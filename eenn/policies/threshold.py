@@ -82,3 +82,8 @@ class ThresholdPolicy(ExitPolicy):
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.thresholds = tensors["thresholds"]
+
+    def check_fitted(self) -> None:
+        super().check_fitted()
+        if tuple(self.thresholds.shape) != (self.num_exits,):
+            raise ValueError(f"'thresholds' has shape {tuple(self.thresholds.shape)}, expected ({self.num_exits},)")

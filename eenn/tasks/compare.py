@@ -14,7 +14,7 @@ from eenn.errors import EENNError
 from eenn.evaluation.compare import Comparison, Model, fit_row, write_csv
 from eenn.evaluation.plots import plot_accuracy_vs_cost, plot_confusions, plot_exit_distributions, save_png
 from eenn.evaluation.report import accuracy_table, write_report
-from eenn.rundir import CompareRun, Stage1Run, fit_runs
+from eenn.rundir import CompareRun, FitRun, Stage1Run, fit_runs
 from eenn.utils.loggers import start_wandb_run
 
 log = logging.getLogger("eenn.compare")
@@ -35,35 +35,53 @@ def collect(sweeps: Sequence[str | Path], runs: Sequence[str | Path] = ()) -> Co
         if not sweep.is_dir():
             raise EENNError(f"sweeps: {str(sweep)!r} is not a directory.")
         for job in fit_runs(sweep):
-            if not job.finished():
-                comp.failures.append({"run": str(job.path), "reason": job.failure()})
-                continue
-            metrics = job.metrics()
-            source = job.source_run()
-            model = None
-            if source is not None:
-                key = str(source.path.resolve())
-                if key not in comp.models and source.has_predictions():
-                    comp.models[key] = load_model(source)
-                model = comp.models.get(key)
-            comp.fits.append({**metrics, "run": str(job.path)})
-            name = model.name if model else (source.path.name if source else "unknown")
-            comp.rows.append(fit_row(metrics, job.path, name, model.training if model else "unknown"))
+            try:
+                if not job.finished():
+                    raise EENNError(job.failure())
+                add_fit(comp, job)
+            except EENNError as exc:  # one broken job is listed; the others' results stand
+                comp.failures.append({"run": str(job.path), "reason": str(exc)})
     comp.rows.sort(key=lambda r: (r["model"], r["policy"], r["cost_unit"], r["budget"]))
-    if not comp.rows and not comp.failures:
-        raise EENNError(f"sweeps={[str(s) for s in sweeps]} hold no eenn-fit runs (none has finished or failed).")
+    if not comp.rows:
+        why = f" ({comp.failures[0]['run']}: {comp.failures[0]['reason']})" if comp.failures else ""
+        raise EENNError(f"sweeps={[str(s) for s in sweeps]} hold no finished eenn-fit run{why}.")
     return comp
+
+
+def add_fit(comp: Comparison, job: FitRun) -> None:
+    """A finished fit's row, and the stage-1 model it came from if not there yet."""
+    metrics = job.metrics()
+    source = job.source_run()
+    model = None
+    if source is not None:
+        key = str(source.path.resolve())
+        if key not in comp.models and source.has_predictions():
+            comp.models[key] = load_model(source)
+        model = comp.models.get(key)
+    row = fit_row(metrics, job.path, model.name if model else (source.path.name if source else "unknown"),
+                  model.training if model else "unknown")
+    comp.fits.append({**metrics, "run": str(job.path)})
+    comp.rows.append(row)
 
 
 def compare(
     sweeps: Sequence[str | Path], runs: Sequence[str | Path], out_dir: str | Path,
-    wandb_cfg: Mapping[str, Any] | None = None, group: str | None = None,
+    wandb_cfg: Mapping[str, Any] | None = None, group: str | None = None, force: bool = False,
 ) -> Comparison:
     """Compare the fits of ``sweeps`` into ``out_dir``; ``wandb_cfg`` is the ``wandb:`` config every
-    app shares (None: no wandb run), ``group`` the wandb group when it names none."""
+    app shares (None: no wandb run), ``group`` the wandb group when it names none; ``force``
+    overwrites an earlier comparison there."""
     out = CompareRun(out_dir)
-    out.path.mkdir(parents=True, exist_ok=True)
     comp = collect(sweeps, runs)
+    with out.claimed(force=force):
+        if not out.has_config():  # made in-process (eenn-pipeline's): the dir still says whose it is
+            out.write_config(OmegaConf.create({"task_name": CompareRun.APP, "sweeps": [str(s) for s in sweeps],
+                                               "runs": [str(r) for r in runs]}))
+        _write(comp, out, wandb_cfg, group)
+    return comp
+
+
+def _write(comp: Comparison, out: CompareRun, wandb_cfg: Mapping[str, Any] | None, group: str | None) -> None:
     for f in comp.failures:
         log.warning("missing or failed run %s: %s", f["run"], f["reason"])
     write_csv(comp, out.results_file)
@@ -76,7 +94,6 @@ def compare(
     if run is not None:
         log_to_wandb(run, comp, images)
     log.info("compared %d runs (%d missing/failed): %s", len(comp.rows), len(comp.failures), out.report_file)
-    return comp
 
 
 def log_to_wandb(run: Any, comp: Comparison, images: list[Path]) -> None:

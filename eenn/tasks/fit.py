@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from eenn.errors import EENNError, is_number
 from eenn.evaluation.offline import evaluate
 from eenn.policies.base import ExitPolicy, build_policy, check_budget
+from eenn.policies.budget import within_budget
 from eenn.predictions import SPLITS, Predictions, check_compatible, cost_unit_name
 from eenn.rundir import FitRun, Stage1Run
 from eenn.utils.loggers import start_wandb_run
@@ -160,9 +161,20 @@ def fit_run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     val, test = load_split_predictions(cfg)
     unit = cost_unit(cfg, val)
     budget, warnings = resolve_budget(cfg, policy, val, unit)
+    with fit.claimed(force=bool(cfg.get("force"))):
+        return _fit(cfg, fit, policy, policy_cfg, val, test, unit, budget, warnings)
+
+
+def _fit(
+    cfg: DictConfig, fit: FitRun, policy: ExitPolicy, policy_cfg: dict[str, Any], val: Predictions, test: Predictions,
+    unit: str, budget: float, warnings: list[str],
+) -> dict[str, Any]:
+    fit.write_config(cfg)  # first: a crash leaves a dir that says whose it is (force=true then clears it)
+    start = time.perf_counter()
+    policy.fit(val, budget, unit)  # before the wandb run: a policy that refuses its settings leaves no run dir
+    fit_seconds = time.perf_counter() - start
     source = stage1_source(cfg, val)
-    # the wandb run starts only once the input is known good (a refused job leaves no run dir)
-    # and always finishes, failed or not: the next job of an in-process sweep gets its own run
+    # the wandb run always finishes, failed or not: the next job of an in-process sweep gets its own run
     fraction = budget / float(val.costs_in(unit)[-1])
     run = start_wandb_run(cfg.get("wandb"), fit.path, job_type=policy.name, name=f"{policy.name}_{fraction:.3f}",
                           group=source.name if source else "unknown", config={
@@ -171,7 +183,7 @@ def fit_run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         "stage1": stage1_info(source),
     })
     try:
-        metrics = _fit_and_evaluate(cfg, fit, policy, val, test, unit, budget, warnings)
+        metrics = _evaluate_and_write(cfg, fit, policy, val, test, unit, budget, fit_seconds, warnings)
         if run is not None:
             log_fit(run, policy, metrics)
     except BaseException:
@@ -183,13 +195,17 @@ def fit_run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     return metrics
 
 
-def _fit_and_evaluate(
+def _evaluate_and_write(
     cfg: DictConfig, fit: FitRun, policy: ExitPolicy, val: Predictions, test: Predictions, unit: str,
-    budget: float, warnings: list[str],
+    budget: float, fit_seconds: float, warnings: list[str],
 ) -> dict[str, Any]:
-    start = time.perf_counter()
-    policy.fit(val, budget, unit)
-    fit_seconds = time.perf_counter() - start
+    val_summary = evaluate(policy, val, unit)
+    if not within_budget(val_summary["avg_cost"], budget):
+        # a policy whose config fixes its decisions (explicit thresholds, patience, p_d) spends
+        # what they cost: say so, as the budget promise holds only for policies fitted to it
+        warnings = [*warnings, f"the realised validation cost {val_summary['avg_cost']:g} {unit} exceeds the budget "
+                               f"{budget:g}: the policy's config fixes its decisions, they were not fitted to the budget."]
+        log.warning("%s", warnings[-1])
     fit.write_policy(policy)
     metrics = {
         "policy": policy.name,
@@ -205,7 +221,7 @@ def _fit_and_evaluate(
         "fit_seconds": fit_seconds,
         "warnings": warnings,
         "fitted": policy.info,
-        "val": evaluate(policy, val, unit),
+        "val": val_summary,
         "test": evaluate(policy, test, unit),
     }
     fit.write_metrics(metrics)

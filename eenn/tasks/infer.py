@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from eenn.errors import EENNError, is_number
+from eenn.errors import EENNError, check_number, is_number
 from eenn.inference.edge_cloud import Link, edge_cloud_report, measure_partition, p_d_time_curve
 from eenn.inference.engine import EarlyExitEngine, ExitResult, batches_of, time_backbone
 from eenn.inference.rebatch import Rebatcher
@@ -44,23 +44,14 @@ def resolve_policy_file(cfg: DictConfig) -> Path:
     raise EENNError("no policy: set policy_dir=<eenn-fit run dir> or policy_file=<policy file>.")
 
 
-def _number(value: Any, key: str, minimum: float, strict: bool, integer: bool = False) -> Any:
-    """``value`` if it is a finite number (an integer if ``integer``) above ``minimum`` (at or above
-    it unless ``strict``); otherwise an EENNError naming ``key``."""
-    if not is_number(value, integer) or value < minimum or (strict and value == minimum):
-        bound = f"{'>' if strict else '>='} {minimum:g}"
-        raise EENNError(f"{key} must be {'an integer' if integer else 'a number'} {bound}, got {value!r}.")
-    return value
-
-
 def check_config(cfg: DictConfig) -> None:
     """Refuse bad settings before loading anything, each with one sentence naming its key."""
     if cfg.mode not in MODES:
         raise EENNError(f"mode must be one of {MODES}, got {cfg.mode!r}.")
-    _number(cfg.batch_size, "batch_size", 1, strict=False, integer=True)
-    _number(cfg.timing_repeats, "timing_repeats", 1, strict=False, integer=True)
+    check_number(cfg.batch_size, "batch_size", 1, integer=True)
+    check_number(cfg.timing_repeats, "timing_repeats", 1, integer=True)
     if cfg.get("threads") is not None:
-        _number(cfg.threads, "threads", 1, strict=False, integer=True)
+        check_number(cfg.threads, "threads", 1, integer=True)
     if cfg.split not in SPLITS:
         raise EENNError(f"split must be 'val' or 'test', got {cfg.split!r}.")
     if cfg.report_unit not in UNITS:
@@ -75,13 +66,13 @@ def check_config(cfg: DictConfig) -> None:
     if not ec.enabled:
         return
     if ec.split is not None:
-        _number(ec.split, "edge_cloud.split", -1, strict=False, integer=True)
-    _number(ec.bandwidth_mbps, "edge_cloud.bandwidth_mbps", 0, strict=True)
-    _number(ec.rtt_ms, "edge_cloud.rtt_ms", 0, strict=False)
-    _number(ec.cloud_speedup, "edge_cloud.cloud_speedup", 0, strict=True)
-    _number(ec.bytes_per_element, "edge_cloud.bytes_per_element", 1, strict=False, integer=True)
-    _number(ec.latency_batch_size, "edge_cloud.latency_batch_size", 1, strict=False, integer=True)
-    _number(ec.repeats, "edge_cloud.repeats", 1, strict=False, integer=True)
+        check_number(ec.split, "edge_cloud.split", -1, integer=True)
+    check_number(ec.bandwidth_mbps, "edge_cloud.bandwidth_mbps", 0, strict=True)
+    check_number(ec.rtt_ms, "edge_cloud.rtt_ms", 0)
+    check_number(ec.cloud_speedup, "edge_cloud.cloud_speedup", 0, strict=True)
+    check_number(ec.bytes_per_element, "edge_cloud.bytes_per_element", 1, integer=True)
+    check_number(ec.latency_batch_size, "edge_cloud.latency_batch_size", 1, integer=True)
+    check_number(ec.repeats, "edge_cloud.repeats", 1, integer=True)
     for p_d in ec.p_d_sweep or []:
         if not is_number(p_d) or not 0.0 <= p_d <= 1.0:
             raise EENNError(f"edge_cloud.p_d_sweep entries must be probabilities in [0, 1], got {p_d!r}.")
@@ -110,16 +101,18 @@ def infer(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Run the engine as ``cfg`` (conf/infer.yaml) says; write the result into ``out_dir`` and return it.
     ``threads`` holds for this call only: the jobs of a multirun share one process."""
     check_config(cfg)
+    out = InferRun(out_dir)
     threads = torch.get_num_threads()
     if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))
     try:
-        return _infer(cfg, Path(out_dir))
+        with out.claimed(force=bool(cfg.get("force"))):
+            return _infer(cfg, out)
     finally:
         torch.set_num_threads(threads)
 
 
-def _infer(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+def _infer(cfg: DictConfig, out_run: InferRun) -> dict[str, Any]:
     policy_file = resolve_policy_file(cfg)
     policy = ExitPolicy.load(policy_file)
     run = resolve_run(cfg)
@@ -138,8 +131,9 @@ def _infer(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             f"the {cfg.split} split ({len(y)} samples) does not match the run's saved predictions "
             f"({preds.num_samples}); were data overrides given that change the split?"
         )
-    if policy.num_exits != preds.num_exits:
-        raise EENNError(f"policy file {str(policy_file)!r} was fitted on {policy.num_exits} exits; run_dir's network has {preds.num_exits}.")
+    if (policy.num_exits, policy.num_classes) != (preds.num_exits, preds.num_classes):
+        raise EENNError(f"policy file {str(policy_file)!r} was fitted on {policy.num_exits} exits and {policy.num_classes} "
+                        f"classes; run_dir's network has {preds.num_exits} and {preds.num_classes}.")
 
     ec = cfg.edge_cloud
     split = network.num_exits - 2 if ec.split is None else int(ec.split)
@@ -189,7 +183,8 @@ def _infer(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         if policy.has_p_d_curve and ec.p_d_sweep:
             out["edge_cloud"]["p_d_curve"] = p_d_time_curve(partition, preds, list(ec.p_d_sweep), policy)
 
-    InferRun(out_dir).write_result(out)
+    out_run.write_config(cfg)
+    out_run.write_result(out)
     print(summary_text(out))
     return out
 

@@ -1,7 +1,8 @@
 """The eenn-pipeline job, the main one: train (stage 1) -> predictions -> fit every policy over a
 budget sweep, or an experiment's own ``stage2:`` (stage 2) -> compare. Each step writes under one pipeline dir
-(:class:`eenn.rundir.PipelineRun`) and is skipped when its outputs exist (``pipeline.force=true``
-redoes them), so a re-run after an interruption picks up where it stopped."""
+(:class:`eenn.rundir.PipelineRun`) and is skipped when its outputs exist (``force=true`` redoes
+them), so a re-run after an interruption picks up where it stopped. Every value stage 2 needs is
+checked before stage 1 trains, and a re-run with another config is refused, naming the keys."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from eenn.errors import EENNError
+from eenn.errors import EENNError, check_number
 from eenn.evaluation.compare import Comparison
 from eenn.evaluation.report import accuracy_table
-from eenn.policies import policy_class
+from eenn.policies import POLICIES, build_policy, policy_class
+from eenn.policies.base import check_budget
 from eenn.predictions import Predictions, cost_unit_name
 from eenn.rundir import ERROR_FILE, PipelineRun
 from eenn.tasks.compare import compare
@@ -35,10 +37,44 @@ def budget_fractions(cfg: DictConfig, val: Predictions, unit: str) -> list[float
     if cfg.pipeline.budgets:
         return [float(b) for b in cfg.pipeline.budgets]
     n = int(cfg.pipeline.num_budgets)
-    if n < 2:
-        raise EENNError(f"pipeline.num_budgets must be at least 2, got {n}.")
     # unrounded: the first exit's fraction rounded down would be clamped up with a warning
     return sweep_fractions(val.costs_in(unit), n)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every value stage 2 will need, checked before stage 1 trains: each fit's policy and budget
+    (as eenn-fit would check them), the budget sweep and the cost unit."""
+    stage2 = cfg.get("stage2")
+    if stage2:
+        units, jobs = [cost_unit_name(stage2.cost)], [(f"stage2 job {name}", o) for name, o in experiment_jobs(stage2)]
+    else:
+        p = cfg.pipeline
+        units = [cost_unit_name(p.cost)]
+        if p.budgets is not None:
+            if isinstance(p.budgets, str) or not p.budgets:
+                raise EENNError(f"pipeline.budgets must be a non-empty list of budget fractions or null, got {p.budgets!r}.")
+            for b in p.budgets:
+                check_budget(b, "pipeline.budgets")
+        else:
+            check_number(p.num_budgets, "pipeline.num_budgets", 2, integer=True)
+        if isinstance(p.policies, str) or not p.policies:
+            raise EENNError(f"pipeline.policies must be a non-empty list of policies, got {p.policies!r}.")
+        for name in [*p.policies, *p.policy_overrides]:
+            if name not in POLICIES:
+                raise EENNError(f"pipeline: {name!r} is not a known exit policy; valid: {', '.join(POLICIES.names())}.")
+        jobs = [(f"pipeline.policy_overrides.{name}" if name in p.policy_overrides else f"pipeline.policies: {name}",
+                 [f"policy={name}", *policy_overrides(cfg, name)]) for name in p.policies]
+    have = ["flops", "macs", "params", *(["latency_ms"] if cfg.cost.latency else [])]
+    if units[0] not in have:
+        raise EENNError(f"pipeline.cost={units[0]!r}: stage 1 will save the costs {have} (latency only with cost.latency=true).")
+    for where, overrides in jobs:
+        fit_cfg = compose("fit", overrides=overrides)
+        try:
+            build_policy(**OmegaConf.to_container(fit_cfg.policy, resolve=True))  # type: ignore[arg-type]
+            budget = fit_cfg.budget.value if fit_cfg.budget.value is not None else fit_cfg.budget.fraction
+            check_budget(budget, "budget.value" if fit_cfg.budget.value is not None else "budget.fraction")
+        except EENNError as exc:
+            raise EENNError(f"{where}: {exc}") from None
 
 
 def override(key: str, value: Any) -> str:
@@ -46,13 +82,18 @@ def override(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"
 
 
+def policy_overrides(cfg: DictConfig, policy: str) -> list[str]:
+    """The eenn-fit overrides of ``pipeline.policy_overrides.<policy>``."""
+    given = cfg.pipeline.policy_overrides.get(policy)
+    return [override(f"policy.{k}", v) for k, v in (OmegaConf.to_container(given, resolve=True) if given else {}).items()]
+
+
 def fit_jobs(cfg: DictConfig, fractions: list[float], num_exits: int) -> list[tuple[str, list[str]]]:
     """(job name, eenn-fit overrides) for every policy and budget; a policy compared per exit
     (static) once per exit instead."""
     jobs = []
     for policy in cfg.pipeline.policies:
-        given = cfg.pipeline.policy_overrides.get(policy)
-        extra = [override(f"policy.{k}", v) for k, v in (OmegaConf.to_container(given, resolve=True) if given else {}).items()]
+        extra = policy_overrides(cfg, policy)
         if policy_class(policy).per_exit_only:
             jobs += [(f"{policy}_exit{k}", [f"policy={policy}", f"policy.exit={k}", "budget.fraction=1.0", *extra])
                      for k in range(num_exits)]
@@ -80,19 +121,24 @@ def experiment_jobs(stage2: DictConfig) -> list[tuple[str, list[str]]]:
 
 
 def run_pipeline(cfg: DictConfig) -> Comparison:
+    """Run the pipeline into ``cfg.paths.output_dir``; returns the comparison, whose ``failures``
+    list the fits that failed."""
     pipe = PipelineRun(cfg.paths.output_dir)
-    force = bool(cfg.pipeline.force)
+    check_config(cfg)
+    with pipe.claimed(force=bool(cfg.get("force")), resume=pipe.resumes(cfg)):
+        pipe.write_config(cfg)
+        return _run_pipeline(cfg, pipe)
+
+
+def _run_pipeline(cfg: DictConfig, pipe: PipelineRun) -> Comparison:
     console = Console()
 
-    # --- stage 1 -------------------------------------------------------------------------------
-    if force or not pipe.train.finished():
+    # --- stage 1 (force=true cleared the pipeline dir when claiming it) -------------------------
+    if not pipe.train.finished():
         console.rule("[bold]stage 1: train")
-        train_cfg = cfg.copy()
-        with open_dict(train_cfg):
-            train_cfg.paths.output_dir = str(pipe.train.path)
-        train(train_cfg)
+        train(pipe.stage1_config(cfg))
     else:
-        console.print(f"stage 1: {pipe.train.path} is complete, skipped (pipeline.force=true redoes it)")
+        console.print(f"stage 1: {pipe.train.path} is complete, skipped (force=true redoes it)")
 
     # --- stage 2: an experiment's own, or every policy over the budget sweep --------------------
     val = pipe.train.predictions("val")
@@ -102,7 +148,7 @@ def run_pipeline(cfg: DictConfig) -> Comparison:
         jobs = experiment_jobs(stage2)
     else:
         jobs = fit_jobs(cfg, budget_fractions(cfg, val, cost_unit_name(cost)), val.num_exits)
-    todo = [(n, o) for n, o in jobs if force or not pipe.fit(n).finished()]
+    todo = [(n, o) for n, o in jobs if not pipe.fit(n).finished()]
     console.rule(f"[bold]stage 2: {len(jobs)} fits ({len(jobs) - len(todo)} done before)")
     failed = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -115,6 +161,7 @@ def run_pipeline(cfg: DictConfig) -> Comparison:
             with open_dict(fit_cfg):
                 fit_cfg.paths.output_dir = str(fit.path)
                 fit_cfg.wandb = cfg.wandb  # the pipeline's wandb settings reach every fit
+                fit_cfg.force = True  # its own job, unfinished: what a failed try left goes
             fit.clear_error()
             try:
                 fit_run(fit_cfg, fit.path)
@@ -126,7 +173,7 @@ def run_pipeline(cfg: DictConfig) -> Comparison:
 
     # --- compare -------------------------------------------------------------------------------
     console.rule("[bold]compare")
-    comp = compare([pipe.fit_dir], [pipe.train.path], pipe.compare.path, cfg.wandb, group=pipe.name)
+    comp = compare([pipe.fit_dir], [pipe.train.path], pipe.compare.path, cfg.wandb, group=pipe.name, force=True)
     print_results(comp, console)
     console.print(f"\nreport: [bold]{pipe.compare.report_file.resolve()}[/bold]")
     if failed:

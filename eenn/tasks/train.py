@@ -5,6 +5,7 @@ metrics); stage 2 takes the run dir as its input."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -17,9 +18,10 @@ from rich.table import Table
 
 from eenn.cost import CostProfile, profile_costs
 from eenn.data.datamodule import EENNDataModule
+from eenn.errors import EENNError, check_number
 from eenn.models.multi_exit import MultiExitNetwork
 from eenn.predictions import SPLITS
-from eenn.rundir import Stage1Run, check_fits, load_weights
+from eenn.rundir import Stage1Run, check_fits, flatten, load_weights
 from eenn.training.joint import MultiExitModule, metric_key
 from eenn.training.predict import make_predictions
 from eenn.utils.config import build_network, instantiate
@@ -51,10 +53,31 @@ def log_cost_table(loggers: list[Logger], costs: CostProfile) -> None:
             lg.log_table(key="costs", columns=CostProfile.table_columns, data=costs.table())
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Refuse the stage-1 settings Lightning would take in silence (``max_epochs=-1`` trains
+    forever, ``0`` saves an untrained network) or fail on with a traceback."""
+    for key, value in flatten(OmegaConf.to_container(cfg)).items():
+        if isinstance(value, float) and not math.isfinite(value) and not key.startswith("hydra."):
+            raise EENNError(f"{key} must be a finite number, got {value!r}.")
+    check_number(cfg.trainer.max_epochs, "trainer.max_epochs", 1, integer=True)
+    at = cfg.exits.get("at")
+    if at is not None and not isinstance(at, str) and len(at) == 0 and cfg.exits.get("spacing") is None:
+        # a plain backbone builds (the cost tables use one), but it is not what stage 1 trains
+        raise EENNError("exits.at is empty; give at least one block to exit after, or exits.at=stages.")
+    check_number(cfg.seed, "seed", 0, integer=True)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run stage 1 into ``cfg.paths.output_dir`` and return the metrics written there."""
+    """Run stage 1 into ``cfg.paths.output_dir`` and return the metrics written there. A run dir
+    holding a run is refused unless ``ckpt_path`` resumes it or ``force`` is set."""
     # Everything that can be refused is checked before the first file is written.
+    check_config(cfg)
     run = Stage1Run(cfg.paths.output_dir)
+    with run.claimed(force=bool(cfg.get("force")), resume=run.resumes(cfg)):
+        return _train(cfg, run)
+
+
+def _train(cfg: DictConfig, run: Stage1Run) -> dict[str, Any]:
     ckpt_path = run.resume_checkpoint(cfg.get("ckpt_path"))
     pl.seed_everything(cfg.seed, workers=True)
     t0 = time.perf_counter()
@@ -76,6 +99,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
 
     if trainer.is_global_zero:
+        run.write_config(cfg)
         run.write_costs(costs)
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import hydra
@@ -20,6 +21,10 @@ def instantiate(cfg: Any, **kwargs: Any) -> Any:
     except InstantiationException as exc:
         cause = exc.__cause__
         while cause is not None and not isinstance(cause, EENNError):
+            unknown = re.search(r"unexpected keyword argument '(\w+)'", str(cause)) if isinstance(cause, TypeError) else None
+            if unknown and isinstance(cfg, DictConfig):  # a key added with + that the target does not take
+                node = cfg._get_full_key(None) or "the config"
+                raise EENNError(f"{node}.{unknown[1]}: {cfg.get('_target_')} takes no option {unknown[1]!r}.") from None
             cause = cause.__cause__
         if cause is not None:
             raise cause from None

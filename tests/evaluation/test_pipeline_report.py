@@ -67,7 +67,7 @@ def test_force_redoes_everything(tmp_path):
     run_tiny_pipeline(out, ["pipeline.policies=[maxprob]", "pipeline.num_budgets=2", "wandb.enabled=false"])
     stamp = (out / "train" / "metrics.json").stat().st_mtime_ns
     assert not list((out / "fit").glob("*/wandb"))  # wandb.enabled=false reaches the fits
-    run_tiny_pipeline(out, ["pipeline.policies=[maxprob]", "pipeline.num_budgets=2", "pipeline.force=true"])
+    run_tiny_pipeline(out, ["pipeline.policies=[maxprob]", "pipeline.num_budgets=2", "force=true"])
     assert (out / "train" / "metrics.json").stat().st_mtime_ns != stamp
 
 

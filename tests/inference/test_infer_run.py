@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 from eenn.cli.common import conf_dir
 from eenn.errors import EENNError
@@ -32,18 +32,14 @@ def _compose(name: str, overrides: list[str], root: Path, out: Path):
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory) -> tuple[Path, Path]:
-    """(stage-1 run dir, eenn-fit policy dir), each with the .hydra/config.yaml Hydra would write."""
+    """(stage-1 run dir, eenn-fit policy dir); each saves its own config, as eenn-pipeline's do."""
     root = tmp_path_factory.mktemp("eenn")
     run, policy_dir = root / "train", root / "fit"
     cfg = _compose("train", ["data=digits", "backbone=resnet20", "exits=stages", "logger=csv", "trainer.max_epochs=1",
                              "cost.repeats=2", "trainer.enable_progress_bar=false"], root, run)
     train(cfg)
-    (run / ".hydra").mkdir()
-    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
     fit_cfg = _compose("fit", [f"run_dir={run}", "policy=deex", "policy.p_tar=0.8", "budget.fraction=0.8"], root, policy_dir)
     fit_run(fit_cfg, policy_dir)
-    (policy_dir / ".hydra").mkdir()
-    OmegaConf.save(fit_cfg, policy_dir / ".hydra" / "config.yaml")
     return run, policy_dir
 
 

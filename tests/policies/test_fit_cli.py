@@ -20,6 +20,7 @@ from eenn.cli.common import conf_dir
 from eenn.errors import EENNError
 from eenn.policies import POLICIES, ExitPolicy, policy_class
 from eenn.policies.synthetic import synthetic_predictions
+from eenn.predictions import FORMAT
 from eenn.tasks.fit import fit_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,7 +133,7 @@ def test_fit_app_bad_predictions(tmp_path: Path) -> None:
     nan = synthetic_predictions(50, seed=1)
     nan.logits[3, 1, 2] = float("nan")
     bad_nan = tmp_path / "nan.safetensors"  # Predictions.save refuses NaN: write the file by hand
-    save_file({"logits": nan.logits, "labels": nan.labels, "costs": nan.costs}, str(bad_nan))
+    save_file({"logits": nan.logits, "labels": nan.labels, "costs": nan.costs}, str(bad_nan), {"format": FORMAT})
     four = _write(tmp_path / "four.safetensors", synthetic_predictions(50, num_exits=4, seed=2))
     cases = [
         ([f"predictions.val={good}", f"predictions.test={bad_nan}"], "logits hold NaN or Inf values in 1 of 50 samples"),

@@ -91,6 +91,7 @@ def test_last_without_a_checkpoint_starts_fresh_and_bad_checkpoints_are_refused(
     bad = tmp_path / "cut.ckpt"
     bad.write_bytes(last.read_bytes()[:1000])
     cfg = compose_cfg("train", [*SMALL, f"ckpt_path={bad}"])
+    cfg.paths.output_dir = str(tmp_path / "other")  # the finished run's own dir is refused before the checkpoint is read
     with pytest.raises(EENNError, match=r"ckpt_path=.*cut.ckpt' is not a readable checkpoint \(truncated or tampered\?\)"):
         train(cfg)
 
