@@ -165,6 +165,9 @@ def test_real_offline_runs_are_written_in_each_fit_run_dir(run_dir: Path, tmp_pa
     for out in outs:
         fit_run(fit_cfg([f"run_dir={run_dir}", f"policy={out.name}", "budget.fraction=0.6"]), out)
     assert wandb.run is None  # finished: nothing left to log into the next job's run
+    # the wandb-core service writes each run's transaction log behind finish(); its teardown (what
+    # the process's exit does) waits until every record is on disk
+    wandb.teardown()
     for out in outs:
         (offline,) = (out / "wandb").glob("offline-run-*")
         (records,) = offline.glob("run-*.wandb")
