@@ -277,17 +277,17 @@ class RunDir:
             what = f"an eenn-{saved} run" if saved else "files of no eenn run"
             raise EENNError(f"run dir {str(self.path)!r} holds {what} ({shown}): eenn-{self.APP} never writes into "
                             "it, force=true included; choose another hydra.run.dir.")
-        if resume:
+        if force:  # before resume: force=true redoes a run even where the job would resume it
+            if clear:  # the old run goes, whole, so that none of it mixes with the new one
+                for name in found:
+                    entry = self.path / name
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
             return
-        if not force:
+        if not resume:
             state = "finished" if self.finished() else "started"
             raise EENNError(f"run dir {str(self.path)!r} holds a {state} eenn-{self.APP} run, which is never written "
                             f"into again{self.resume_hint()}: add force=true to overwrite it, or choose another "
                             "hydra.run.dir.")
-        if clear:  # forced: the old run goes, whole, so that none of it mixes with the new one
-            for name in found:
-                entry = self.path / name
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
     def remove_if_only_hydra_files(self) -> None:
         """Remove the run dir of a refused job when it holds nothing but Hydra's config and log
