@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import platform
 import shlex
@@ -52,6 +51,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from eenn.evaluation.offline import evaluate  # noqa: E402
 from eenn.policies import build_policy  # noqa: E402
 from eenn.predictions import Predictions  # noqa: E402
+from eenn.rundir import Stage1Run  # noqa: E402
+from eenn.tasks.fit import sweep_fractions  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,10 +74,8 @@ def train_command(overrides: list[str], run_dir: Path) -> list[str]:
 
 def run_training(name: str, overrides: list[str], run_dir: Path, threads: int) -> None:
     """Train one run in its own process (skipped when ``run_dir`` holds this finished run)."""
-    wanted = sorted(overrides)
-    if (run_dir / "metrics.json").is_file():
-        saved = (run_dir / ".hydra" / "overrides.yaml").read_text() if (run_dir / ".hydra" / "overrides.yaml").is_file() else ""
-        if all(o in saved for o in wanted):
+    if Stage1Run(run_dir).finished():
+        if set(overrides) <= set(read_overrides(run_dir)):
             return
         raise SystemExit(f"{run_dir} holds a finished run of other settings; give another --workdir.")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "WANDB_MODE": "disabled"}
@@ -100,11 +99,11 @@ def given_runs(specs: list[str]) -> tuple[dict[tuple[str, int], Path], list[int]
     epochs, data = 0, ""
     for spec in specs:
         name, sep, path = spec.partition("=")
-        run_dir = Path(path)
-        if not sep or not (run_dir / "metrics.json").is_file():
+        run = Stage1Run(path)
+        if not sep or not run.finished():
             raise SystemExit(f"--run {spec!r}: expected NAME=RUN_DIR with a finished eenn-train run in RUN_DIR.")
-        cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-        runs[name, int(cfg.seed)] = run_dir
+        cfg = run.config()
+        runs[name, int(cfg.seed)] = run.path
         source = Path(str(cfg.data.path)).stem if cfg.data.get("path") else str(cfg.data.name)  # npz: its file
         epochs, data = epochs or int(cfg.trainer.max_epochs), data or source
     seeds = sorted({sd for _, sd in runs})
@@ -116,15 +115,13 @@ def given_runs(specs: list[str]) -> tuple[dict[tuple[str, int], Path], list[int]
 
 
 def budget_fractions(preds: Predictions, n: int) -> list[float]:
-    costs = preds.costs_in("flops")
-    first = float(costs[0] / costs[-1])
-    return [first + (1 - first) * i / (n + 1) for i in range(1, n + 1)]
+    """``n`` budgets evenly spaced strictly between the first exit's cost and the full cost."""
+    return sweep_fractions(preds.costs_in("flops"), n + 2)[1:-1]
 
 
 def budget_curves(run_dir: Path, fractions: list[float]) -> dict[str, Any]:
     """Per policy: accuracy on test (and on val, where it was fitted) and realised test cost."""
-    val = Predictions.load(run_dir / "predictions" / "val.safetensors")
-    test = Predictions.load(run_dir / "predictions" / "test.safetensors")
+    val, test = Stage1Run(run_dir).predictions("val"), Stage1Run(run_dir).predictions("test")
     full = float(val.costs_in("flops")[-1])
     out: dict[str, Any] = {}
     for name in POLICIES:
@@ -274,13 +271,13 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:  # list(): a failed training stops the benchmark here
             list(pool.map(lambda j: run_training(f"{j[0]} seed {j[1]}", overrides(*j), run_dirs[j], args.threads), jobs))
 
-    first = Predictions.load(run_dirs[jobs[0]] / "predictions" / "val.safetensors")
+    first = Stage1Run(run_dirs[jobs[0]]).predictions("val")
     fractions = budget_fractions(first, args.budgets)
     exit_keys = [n.replace(".", "_") for n in first.exit_names]
     per_run: dict[str, dict[int, dict[str, Any]]] = {}
     for method, seed in jobs:
         run_dir = run_dirs[method, seed]
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = Stage1Run(run_dir).metrics()
         per_run.setdefault(method, {})[seed] = {
             "run_dir": str(run_dir), "overrides": read_overrides(run_dir), "train_seconds": metrics["train_seconds"],
             "curves": budget_curves(run_dir, fractions), "epochs": epoch_log(run_dir, exit_keys)}
