@@ -131,7 +131,7 @@ def run_pipeline(cfg: DictConfig) -> Comparison:
 
 
 def _run_pipeline(cfg: DictConfig, pipe: PipelineRun) -> Comparison:
-    console = Console()
+    console = Console(soft_wrap=True)  # messages hold paths: a line broken inside one cannot be copied or grepped
 
     # --- stage 1 (force=true cleared the pipeline dir when claiming it) -------------------------
     if not pipe.train.finished():
