@@ -21,6 +21,7 @@ are read-only by convention (in-place changes are lost where pages are handed ba
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import mmap
@@ -136,6 +137,13 @@ class Predictions:
         table = {self.cost_unit: self.head_costs, **self.head_cost_table}
         heads = table.get(unit)
         return heads if heads is not None else torch.zeros_like(self.costs_in(unit))
+
+    def scaled(self, temperature: torch.Tensor | None) -> Predictions:
+        """These predictions with exit k's logits divided by ``temperature[k]`` (float32, the
+        division :meth:`eenn.policies.base.ExitPolicy.decide` makes); themselves for None."""
+        if temperature is None:
+            return self
+        return dataclasses.replace(self, logits=self.logits / temperature.to(torch.float32)[None, :, None], mapping=None)
 
     def accuracy_per_exit(self) -> torch.Tensor:
         return (self.logits.argmax(-1) == self.labels[:, None]).double().mean(0)

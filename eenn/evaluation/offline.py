@@ -13,8 +13,9 @@ from eenn.predictions import Predictions
 
 
 def evaluate(policy: ExitPolicy, preds: Predictions, unit: str) -> dict[str, Any]:
-    """Accuracy, average cost, per-exit fractions and accuracies and the confusion matrix
-    (rows: true class, columns: predicted) of ``policy`` on ``preds``, costs in ``unit``."""
+    """Accuracy, average cost, per-exit fractions and accuracies, the confusion matrix (rows: true
+    class, columns: predicted) and the risk against the final exit of ``policy`` on ``preds``,
+    costs in ``unit``."""
     exit_idx, heads = simulate(policy, preds.logits, preds.labels)
     return summarize(preds, exit_idx, heads, unit)
 
@@ -26,6 +27,7 @@ def summarize(preds: Predictions, exit_idx: torch.Tensor, heads: torch.Tensor, u
     cost = realised_cost(exit_idx, heads, costs, preds.head_costs_in(unit))
     pred = torch.cat([block[torch.arange(len(block)), exit_idx[a:a + len(block)]].argmax(-1)
                       for a, block in preds.row_blocks()])
+    final = torch.cat([block[:, -1].argmax(-1) for _, block in preds.row_blocks()])
     correct = pred == preds.labels
     per_exit = torch.bincount(exit_idx, minlength=K)
     right = torch.bincount(exit_idx[correct], minlength=K)
@@ -38,4 +40,7 @@ def summarize(preds: Predictions, exit_idx: torch.Tensor, heads: torch.Tensor, u
         "exit_fractions": (per_exit.double() / n).tolist(),
         "exit_accuracy": [float(r) / int(m) if m else None for r, m in zip(right.tolist(), per_exit.tolist())],
         "confusion": confusion.tolist(),
+        # the losses policy=risk bounds, against the final exit: its right answers lost, its answers changed
+        "risk": {"drop": float(((final == preds.labels) & ~correct).double().mean()),
+                 "disagreement": float((pred != final).double().mean())},
     }

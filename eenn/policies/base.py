@@ -14,6 +14,10 @@ and the engine cannot disagree.
 
 A fitted policy saves as one small safetensors file: its fitted tensors, plus JSON metadata
 (name, hyper-parameters, K, C, cost unit, budget); no pickle.
+
+Any policy can be fitted on temperature-scaled logits (``fit(..., temperature=T)``, eenn-fit's
+``calibrate=true``): ``decide`` then divides exit k's logits by T_k before the policy sees them,
+and T is saved with the policy, so offline evaluation and the engine scale alike.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 FORMAT = "eenn.policy/1"
+#: the policy file's tensor of per-exit temperatures (absent: the policy reads unscaled logits)
+TEMPERATURE = "temperature"
 
 State = dict[str, torch.Tensor]
 P = TypeVar("P", bound="ExitPolicy")
@@ -118,6 +124,9 @@ class ExitPolicy:
     #: True where a decision threshold ``p_d`` (a hyper-parameter) trades edge for cloud (DEEx):
     #: eenn-infer draws the inference time over p_d, eenn-compare finds its crossing point.
     has_p_d_curve: ClassVar[bool] = False
+    #: True where it certifies a risk against the final exit (Learn then Test): a budget is then
+    #: a ceiling it keeps or refuses by name, and eenn-compare draws its risk-cost curves.
+    risk_controlled: ClassVar[bool] = False
     #: Hyper-parameters to build it with in tests (each is ``build_policy(name, **example)``).
     examples: ClassVar[tuple[dict[str, Any], ...]] = ({},)
 
@@ -127,16 +136,26 @@ class ExitPolicy:
         self.cost_unit: str | None = None
         self.budget: float | None = None
         self.info: dict[str, Any] = {}  # what fitting found (q, realised validation cost, ...)
+        #: per-exit temperatures (K,) the logits are divided by before deciding; None: unscaled
+        self.temperature: torch.Tensor | None = None
         self.device = torch.device("cpu")  # where its fitted tensors and new states live
 
     # ----------------------------------------------------------------- fitting
-    def fit(self, val: Predictions, budget: float | None, cost_unit: str) -> Self:
+    def fit(self, val: Predictions, budget: float | None, cost_unit: str, temperature: torch.Tensor | None = None) -> Self:
         """Fit on validation predictions for an average ``budget`` per sample (absolute, in
-        ``cost_unit``; None where the policy's own config fixes its thresholds)."""
+        ``cost_unit``; None where the policy's own config fixes its thresholds); with
+        ``temperature`` (K,), on the logits divided by it, as the fitted policy will decide."""
         costs, heads = self._bind(val, cost_unit)
         self.budget = None if budget is None else check_budget(budget)
         self.info = {}
-        self._fit(val, costs, heads, self.budget)
+        if temperature is not None and (temperature.shape != (val.num_exits,) or not bool((temperature > 0).all())):
+            raise EENNError(f"temperature must hold {val.num_exits} positive values, got {temperature.tolist()}.")
+        if temperature is not None:
+            temperature = temperature.to(torch.float32)
+        # _fit sees the scaled logits and, while it simulates, decide must not scale them again
+        self.temperature = None
+        self._fit(val.scaled(temperature), costs, heads, self.budget)
+        self.temperature = None if temperature is None else temperature.to(self.device)
         return self
 
     def cheapest_cost(self, val: Predictions, cost_unit: str) -> float:
@@ -174,11 +193,16 @@ class ExitPolicy:
         for name, t in self.tensors().items():
             if t.is_floating_point() and torch.isnan(t).any():
                 raise ValueError(f"its tensor {name!r} holds NaN")
+        T = self.temperature
+        if T is not None and (tuple(T.shape) != (self.num_exits,) or not bool((T > 0).all()) or not bool(T.isfinite().all())):
+            raise ValueError(f"its 'temperature' must be {self.num_exits} finite positive values")
 
     def to(self, device: str | torch.device) -> Self:
         """Move the fitted tensors to ``device`` (the engine's); new states are created there."""
         self.device = torch.device(device)
         self.load_tensors({k: v.to(self.device) for k, v in self.tensors().items()})
+        if self.temperature is not None:
+            self.temperature = self.temperature.to(self.device)
         return self
 
     # ---------------------------------------------------------------- deciding
@@ -197,6 +221,8 @@ class ExitPolicy:
             raise ValueError(f"exit index {k} out of range for a policy fitted on {K} exits")
         if logits_k.ndim != 2 or logits_k.shape[1] != self.num_classes:
             raise ValueError(f"logits at exit {k} must have shape (B, {self.num_classes}), got {tuple(logits_k.shape)}")
+        if self.temperature is not None:
+            logits_k = logits_k / self.temperature[k]
         d = self._decide(k, logits_k, state)
         if k == K - 1:  # the last exit always answers
             d.exit = torch.ones_like(d.exit)
@@ -230,6 +256,8 @@ class ExitPolicy:
             ),
         }
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}
+        if self.temperature is not None:
+            tensors[TEMPERATURE] = self.temperature.detach().cpu().contiguous()
         return write_safetensors(path, tensors, meta)
 
     @classmethod
@@ -254,6 +282,7 @@ class ExitPolicy:
         policy.cost_unit, policy.budget = fitted.get("cost_unit"), fitted.get("budget")
         policy.info = fitted.get("info", {})
         try:
+            policy.temperature = tensors.pop(TEMPERATURE, None)
             policy.load_tensors(tensors)
             policy.check_fitted()
         except KeyError as exc:

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from eenn.errors import EENNError, is_number
+from eenn.evaluation.calibration import calibration_report, fit_temperatures
 from eenn.evaluation.offline import evaluate
 from eenn.policies.base import ExitPolicy, build_policy, check_budget
 from eenn.policies.budget import within_budget
@@ -171,8 +172,13 @@ def _fit(
 ) -> dict[str, Any]:
     fit.write_config(cfg)  # first: a crash leaves a dir that says whose it is (force=true then clears it)
     start = time.perf_counter()
-    policy.fit(val, budget, unit)  # before the wandb run: a policy that refuses its settings leaves no run dir
+    temperature = fit_temperatures(val) if cfg.get("calibrate") else None
+    # before the wandb run: a policy that refuses its settings leaves no run dir
+    policy.fit(val, budget, unit, temperature=temperature)
     fit_seconds = time.perf_counter() - start
+    for w in policy.info.get("warnings", []):  # what fitting found wrong (risk: nothing certified)
+        log.warning("%s", w)
+    warnings = [*warnings, *policy.info.get("warnings", [])]
     source = stage1_source(cfg, val)
     # the wandb run always finishes, failed or not: the next job of an in-process sweep gets its own run
     fraction = budget / float(val.costs_in(unit)[-1])
@@ -183,7 +189,8 @@ def _fit(
         "stage1": stage1_info(source),
     })
     try:
-        metrics = _evaluate_and_write(cfg, fit, policy, val, test, unit, budget, fit_seconds, warnings)
+        calibration = None if temperature is None else calibration_report(temperature, {"val": val, "test": test})
+        metrics = _evaluate_and_write(cfg, fit, policy, val, test, unit, budget, fit_seconds, warnings, calibration)
         if run is not None:
             log_fit(run, policy, metrics)
     except BaseException:
@@ -197,7 +204,7 @@ def _fit(
 
 def _evaluate_and_write(
     cfg: DictConfig, fit: FitRun, policy: ExitPolicy, val: Predictions, test: Predictions, unit: str,
-    budget: float, fit_seconds: float, warnings: list[str],
+    budget: float, fit_seconds: float, warnings: list[str], calibration: dict[str, Any] | None,
 ) -> dict[str, Any]:
     val_summary = evaluate(policy, val, unit)
     if not within_budget(val_summary["avg_cost"], budget):
@@ -221,6 +228,8 @@ def _evaluate_and_write(
         "fit_seconds": fit_seconds,
         "warnings": warnings,
         "fitted": policy.info,
+        # calibrate=true: the temperatures and each exit's ECE before and after, per split
+        "calibration": calibration,
         "val": val_summary,
         "test": evaluate(policy, test, unit),
     }

@@ -96,6 +96,23 @@ def test_infer_runs_the_policy_and_reports_expected_next_to_realised(fitted, tmp
         assert again["cost_report"]["realised"]["unit"] == "latency_ms" and again["edge_cloud"] is None
 
 
+def test_a_calibrated_risk_policy_runs_in_the_engine_as_fitted(fitted, tmp_path):
+    # policy=risk with calibrate=true through policy.safetensors into eenn-infer: the engine scales
+    # the logits by the saved temperatures and takes the exits offline simulation took
+    run, _ = fitted
+    fit_dir = tmp_path / "fit"
+    fit_cfg = _compose("fit", [f"run_dir={run}", "policy=risk", "risk.epsilon=0.2", "risk.loss=disagreement",
+                               "calibrate=true", "budget.fraction=1.0"], tmp_path, fit_dir)
+    metrics = fit_run(fit_cfg, fit_dir)
+    assert metrics["calibration"]["temperatures"] and metrics["fitted"]["calibration_size"] == metrics["val"]["num_samples"]
+    cfg = _compose("infer", [f"policy_dir={fit_dir}", "batch_size=64", "edge_cloud.enabled=false", "threads=1",
+                             "backbone_baseline=false", "timing_repeats=1"], tmp_path, tmp_path / "infer")
+    out = infer(cfg, tmp_path / "infer")
+    assert out["policy"]["name"] == "risk" and out["policy"]["info"]["threshold"] == metrics["fitted"]["threshold"]
+    assert out["agreement"]["exit_index"] >= 0.99 and out["agreement"]["predictions"] >= 0.99  # float ties aside
+    assert out["accuracy"]["expected"] == pytest.approx(metrics["test"]["accuracy"])
+
+
 def test_bad_input_is_named(fitted, tmp_path):
     run, policy_dir = fitted
     cases = [

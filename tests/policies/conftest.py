@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,6 +19,15 @@ def val() -> Predictions:
 @pytest.fixture(scope="session")
 def test_preds() -> Predictions:
     return synthetic_predictions(2000, seed=1, split="test")
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """A stage-1 run dir holding only synthetic val and test predictions (what eenn-fit reads)."""
+    run = tmp_path / "train_run"
+    synthetic_predictions(600, seed=0).save(run / "predictions" / "val.safetensors")
+    synthetic_predictions(800, seed=1, split="test").save(run / "predictions" / "test.safetensors")
+    return run
 
 
 @pytest.fixture(autouse=True)

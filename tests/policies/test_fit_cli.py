@@ -28,14 +28,6 @@ KEYS = {"policy", "budget", "budget_fraction", "cost_unit", "fit_seconds", "val"
 S_KEYS = {"accuracy", "avg_cost", "exit_fractions", "exit_accuracy", "confusion"}
 
 
-@pytest.fixture
-def run_dir(tmp_path: Path) -> Path:
-    run = tmp_path / "train_run"
-    synthetic_predictions(600, seed=0).save(run / "predictions" / "val.safetensors")
-    synthetic_predictions(800, seed=1, split="test").save(run / "predictions" / "test.safetensors")
-    return run
-
-
 def fit_cfg(overrides: Sequence[str]) -> DictConfig:
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         return compose(config_name="fit", overrides=list(overrides))
