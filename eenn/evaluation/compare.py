@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from eenn.evaluation.offline import evaluate
-from eenn.policies import budget_ceiling, build_policy, policy_class
+from eenn.policies import ExitPolicy, budget_ceiling, build_policy, policy_class
 from eenn.predictions import Predictions
 from eenn.utils.io import atomic_path
 
@@ -91,6 +91,38 @@ def fit_row(metrics: dict[str, Any], run: Path, model: str, training: str) -> di
         "fit_seconds": metrics.get("fit_seconds"),
         "run": str(run),
     }
+
+
+def temperatures(comp: Comparison, model: Model) -> torch.Tensor | None:
+    """The per-exit temperatures a calibrate=true fit of ``model`` found (all its fits share the
+    validation set they are fitted on), or None where none calibrated."""
+    for fit in comp.fits:
+        if fit.get("model") == model.name and fit.get("calibration"):
+            return torch.tensor(fit["calibration"]["temperatures"], dtype=torch.float32)
+    return None
+
+
+def risk_points(comp: Comparison) -> list[dict[str, Any]]:
+    """Per certifying fit of a risk-controlled policy: its epsilon, loss, realised test risk and
+    cost saved, beside the uncertified baseline (its rule fitted to the same empirical risk on the
+    model's validation predictions, untested) on the same test predictions."""
+    points = []
+    for fit in comp.fits:
+        info = fit.get("fitted") or {}
+        model = next((m for m in comp.models.values() if m.name == fit.get("model")), None)
+        if not policy_class(fit["policy"]).risk_controlled or not info.get("certify") or model is None:
+            continue
+        policy, unit, loss = ExitPolicy.load(fit["policy_file"]), fit["cost_unit"], info["loss"]
+        base = policy.uncertified().fit(model.val, None, unit, temperature=policy.temperature)  # type: ignore[attr-defined]
+        S = evaluate(base, model.test, unit)
+        points.append({
+            "model": model.name, "loss": loss, "epsilon": info["epsilon"], "delta": info["delta"],
+            "calibration_size": info["calibration_size"], "certified": info["certified"], "threshold": info["threshold"],
+            "calibrated": policy.temperature is not None, "test_risk": fit["test"]["risk"][loss],
+            "cost_saved": 1 - fit["test"]["avg_cost_fraction"], "uncertified_threshold": base.info["threshold"],
+            "uncertified_test_risk": S["risk"][loss], "uncertified_cost_saved": 1 - S["avg_cost_fraction"],
+        })
+    return sorted(points, key=lambda p: (p["model"], p["loss"], p["calibrated"], p["epsilon"]))
 
 
 def write_csv(comp: Comparison, path: Path) -> Path:

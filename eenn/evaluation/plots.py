@@ -1,4 +1,5 @@
-"""The comparison plots: accuracy vs cost, exit distributions, confusion matrices.
+"""The comparison plots: accuracy vs cost, exit distributions, confusion matrices, reliability
+diagrams and risk-cost curves.
 
 Figures are made without pyplot, so writing them needs no display and leaves a notebook's own
 backend alone; :func:`accuracy_vs_cost` draws on any Axes, a notebook's included. The ``plot_*``
@@ -16,7 +17,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from eenn.evaluation.compare import Comparison, Model, per_exit
+from eenn.evaluation.calibration import expected_calibration_error, reliability
+from eenn.evaluation.compare import Comparison, Model, per_exit, temperatures
 from eenn.policies import budget_ceiling, policy_class
 from eenn.utils.io import atomic_path
 
@@ -161,3 +163,65 @@ def confusion_figure(comp: Comparison, model: Model) -> Figure:
         ax.set_ylabel("true")
     fig.tight_layout()
     return fig
+
+
+def plot_reliability(comp: Comparison) -> list[tuple[str, Figure]]:
+    """Per model, one reliability diagram per exit on the test predictions: accuracy against mean
+    confidence per confidence bin, with the diagonal of perfect calibration; before and, where a
+    fit calibrated (calibrate=true), after temperature scaling, each with its ECE."""
+    figures = []
+    for model in comp.models.values():
+        T = temperatures(comp, model)
+        K = model.test.num_exits
+        fig = Figure(figsize=(3.6 * K, 3.6))
+        axes = fig.subplots(1, K, squeeze=False)
+        for k, ax in enumerate(axes[0]):
+            z = model.test.logits[:, k]
+            versions = [("uncalibrated", z)] + ([] if T is None else [(f"T = {float(T[k]):.2f}", z / T[k])])
+            for label, logits in versions:
+                r = reliability(logits, model.test.labels)
+                pts = [(c, a) for n, c, a in zip(r["count"], r["confidence"], r["accuracy"]) if n]
+                ece = expected_calibration_error(logits, model.test.labels)
+                ax.plot([c for c, _ in pts], [a for _, a in pts], marker="o", label=f"{label} (ECE {ece:.3f})")
+            ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{model.name}: {model.test.exit_names[k]}", fontsize=9)
+            ax.set_xlabel("confidence (max probability)")
+            ax.set_ylabel("test accuracy")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        figures.append((f"reliability_{model.name}", fig))
+    return figures
+
+
+def plot_risk_curves(points: list[dict[str, Any]]) -> list[tuple[str, Figure]]:
+    """Per model and loss of the risk-controlled fits (:func:`eenn.evaluation.compare.risk_points`):
+    the realised test risk against epsilon with the diagonal it must stay under, and the cost
+    saved at each epsilon; Learn then Test beside the uncertified baseline."""
+    keys = sorted({(p["model"], p["loss"], p["calibrated"]) for p in points})
+    figures = []
+    for model, loss, calibrated in keys:
+        pts = sorted((p for p in points if (p["model"], p["loss"], p["calibrated"]) == (model, loss, calibrated)),
+                     key=lambda p: p["epsilon"])
+        eps = [100 * p["epsilon"] for p in pts]
+        fig = Figure(figsize=(10, 4))
+        risk_ax, cost_ax = fig.subplots(1, 2)
+        risk_ax.plot(eps, [100 * p["test_risk"] for p in pts], marker="o", label=f"Learn then Test (δ = {pts[0]['delta']:g})")
+        risk_ax.plot(eps, [100 * p["uncertified_test_risk"] for p in pts], marker="s", label="maxprob at the validation risk (no guarantee)")
+        top = max(eps)
+        risk_ax.plot([0, top], [0, top], linestyle="--", color="grey", label="risk = ε")
+        risk_ax.set_xlabel("ε (%)")
+        risk_ax.set_ylabel(f"realised test {loss} (%)")
+        cost_ax.plot(eps, [100 * p["cost_saved"] for p in pts], marker="o", label="Learn then Test")
+        cost_ax.plot(eps, [100 * p["uncertified_cost_saved"] for p in pts], marker="s", label="maxprob at the validation risk")
+        cost_ax.set_xlabel("ε (%)")
+        cost_ax.set_ylabel("test cost saved (% of the full cost)")
+        for ax in (risk_ax, cost_ax):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        suffix = ", calibrated" if calibrated else ""
+        fig.suptitle(f"{model}: risk-cost ({loss}{suffix})", fontsize=10)
+        fig.tight_layout()
+        figures.append((f"risk_cost_{model}_{loss}{'_calibrated' if calibrated else ''}", fig))
+    return figures

@@ -48,7 +48,20 @@ def accuracy_table(comp: Comparison) -> tuple[list[str], list[list[object]]]:
     return header, rows
 
 
-def write_report(comp: Comparison, images: list[Path], out_path: Path, title: str = "eenn: exit policies compared") -> Path:
+def risk_table(points: list[dict[str, object]]) -> tuple[list[str], list[list[object]]]:
+    """The risk-controlled fits (:func:`eenn.evaluation.compare.risk_points`), one row per ε."""
+    header = ["model", "loss", "calibrated", "ε %", "δ", "n cal", "certified", "threshold", "test risk %", "cost saved %",
+              "uncertified threshold", "uncertified test risk %", "uncertified cost saved %"]
+    pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
+    thr = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    rows = [[p["model"], p["loss"], p["calibrated"], pct(p["epsilon"]), p["delta"], p["calibration_size"], p["certified"],
+             thr(p["threshold"]), pct(p["test_risk"]), pct(p["cost_saved"]), thr(p["uncertified_threshold"]),
+             pct(p["uncertified_test_risk"]), pct(p["uncertified_cost_saved"])] for p in points]
+    return header, rows
+
+
+def write_report(comp: Comparison, images: list[Path], out_path: Path, risk: list[dict[str, object]] | None = None,
+                 title: str = "eenn: exit policies compared") -> Path:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
     parts.append(f"<p>{len(comp.rows)} stage-2 runs, policies: {html.escape(', '.join(comp.policies))}; "
@@ -67,6 +80,19 @@ def write_report(comp: Comparison, images: list[Path], out_path: Path, title: st
     header, rows = accuracy_table(comp)
     parts.append("<h2>Test accuracy (%) by budget (fraction of the full cost)</h2>")
     parts.append(_table(header, rows, left=3))
+    if risk:
+        parts.append("<h2>Risk control: realised test risk and cost saved at each ε</h2>")
+        parts.append("<p>Learn then Test certifies that the loss against the final exit is at most ε with probability "
+                     "1 - δ; the uncertified baseline takes the same rule at the same empirical risk on validation.</p>")
+        parts.append(_table(*risk_table(risk), left=3))
+    calibrated = [f for f in comp.fits if f.get("calibration")]
+    if calibrated:
+        parts.append("<h2>Calibration: test ECE per exit before / after temperature scaling</h2>")
+        by_model = {f["model"]: f for f in calibrated}  # a model's fits share their validation set, so their T
+        rows = [[m, n, f"{t:.3f}", f"{b:.4f}", f"{a:.4f}"] for m, f in by_model.items()
+                for n, t, b, a in zip(f["exit_names"], f["calibration"]["temperatures"],
+                                      f["calibration"]["test"]["ece_before"], f["calibration"]["test"]["ece_after"])]
+        parts.append(_table(["model", "exit", "T", "ECE before", "ECE after"], rows, left=2))
     parts.append("<h2>All runs</h2>")
     run_rows = [[r["model"], r["policy"], r["cost_unit"], f"{r['budget_fraction']:.3f}", f"{100 * r['val_accuracy']:.2f}",
                  f"{100 * r['test_accuracy']:.2f}", f"{r['test_avg_cost']:.4g}",

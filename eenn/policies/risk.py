@@ -115,6 +115,10 @@ class RiskPolicy(MaxProbPolicy):
         return {"epsilon": self.epsilon, "delta": self.delta, "loss": self.loss, "candidates": self.candidates,
                 "certify": self.certify}
 
+    def uncertified(self) -> RiskPolicy:
+        """This rule, unfitted, with certify=False: the baseline fitted to the same empirical risk."""
+        return type(self)(**{**self.hparams(), "certify": False})
+
     def _fit(self, val: Predictions, costs: torch.Tensor, heads: torch.Tensor, budget: float | None) -> None:
         n, K = val.num_samples, val.num_exits
         grid = candidate_grid(self.candidates)

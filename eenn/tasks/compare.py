@@ -11,8 +11,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from eenn.errors import EENNError
-from eenn.evaluation.compare import Comparison, Model, fit_row, write_csv
-from eenn.evaluation.plots import plot_accuracy_vs_cost, plot_confusions, plot_exit_distributions, save_png
+from eenn.evaluation.compare import Comparison, Model, fit_row, risk_points, write_csv
+from eenn.evaluation.plots import (
+    plot_accuracy_vs_cost,
+    plot_confusions,
+    plot_exit_distributions,
+    plot_reliability,
+    plot_risk_curves,
+    save_png,
+)
 from eenn.evaluation.report import accuracy_table, write_report
 from eenn.rundir import CompareRun, FitRun, Stage1Run, fit_runs
 from eenn.utils.loggers import start_wandb_run
@@ -60,7 +67,7 @@ def add_fit(comp: Comparison, job: FitRun) -> None:
         model = comp.models.get(key)
     row = fit_row(metrics, job.path, model.name if model else (source.path.name if source else "unknown"),
                   model.training if model else "unknown")
-    comp.fits.append({**metrics, "run": str(job.path)})
+    comp.fits.append({**metrics, "run": str(job.path), "model": row["model"], "policy_file": str(job.policy_file)})
     comp.rows.append(row)
 
 
@@ -85,9 +92,11 @@ def _write(comp: Comparison, out: CompareRun, wandb_cfg: Mapping[str, Any] | Non
     for f in comp.failures:
         log.warning("missing or failed run %s: %s", f["run"], f["reason"])
     write_csv(comp, out.results_file)
-    figures = [*plot_accuracy_vs_cost(comp), *plot_exit_distributions(comp), *plot_confusions(comp)]
+    risk = risk_points(comp)
+    figures = [*plot_accuracy_vs_cost(comp), *plot_exit_distributions(comp), *plot_confusions(comp),
+               *plot_reliability(comp), *plot_risk_curves(risk)]
     images = [save_png(fig, out.figure_file(name)) for name, fig in figures]
-    write_report(comp, images, out.report_file)
+    write_report(comp, images, out.report_file, risk)
     if isinstance(wandb_cfg, DictConfig):
         wandb_cfg = OmegaConf.to_container(wandb_cfg, resolve=True)  # type: ignore[assignment]
     run = start_wandb_run(wandb_cfg, out.path, job_type="compare", name="compare", group=group)
