@@ -124,8 +124,8 @@ class ExitPolicy:
     #: True where a decision threshold ``p_d`` (a hyper-parameter) trades edge for cloud (DEEx):
     #: eenn-infer draws the inference time over p_d, eenn-compare finds its crossing point.
     has_p_d_curve: ClassVar[bool] = False
-    #: True where it certifies a risk against the final exit (Learn then Test): a budget is then
-    #: a ceiling it keeps or refuses by name, and eenn-compare draws its risk-cost curves.
+    #: True where it certifies a risk against the final exit (Learn then Test): eenn-compare draws
+    #: its risk-cost curves beside its ``uncertified()`` twin.
     risk_controlled: ClassVar[bool] = False
     #: Hyper-parameters to build it with in tests (each is ``build_policy(name, **example)``).
     examples: ClassVar[tuple[dict[str, Any], ...]] = ({},)

@@ -90,9 +90,10 @@ def min_calibration_size(epsilon: float, delta: float) -> int:
 @register("risk")
 class RiskPolicy(MaxProbPolicy):
     risk_controlled: ClassVar[bool] = True
-    # a large ε certifies even "everyone at exit 0", so every budget the contracts ask holds
+    # its decisions are fitted to epsilon, not to a budget: a budget is a ceiling it keeps or refuses
+    budgeted: ClassVar[bool] = False
     examples: ClassVar[tuple[dict[str, Any], ...]] = (
-        {"epsilon": 0.5}, {"epsilon": 0.5, "loss": "disagreement", "candidates": 20}, {"epsilon": 0.5, "certify": False},
+        {"epsilon": 0.05}, {"epsilon": 0.1, "loss": "disagreement", "candidates": 20}, {"epsilon": 0.05, "certify": False},
     )
 
     def __init__(self, epsilon: float = 0.02, delta: float = 0.1, loss: str = "drop", candidates: int = 100,
@@ -165,7 +166,7 @@ class RiskPolicy(MaxProbPolicy):
         if budget is not None and not within_budget(float(costs[-1]), budget):
             raise EENNError(f"{reason}, and the final exit exceeds the budget {budget:g}: no exit rule meets both.")
         msg = f"{reason}; every sample answers at the final exit."
-        warnings.warn(msg, stacklevel=3)
+        warnings.warn(msg, stacklevel=4)  # at the caller of fit()
         self.thresholds = torch.full((len(costs),), math.inf)
         self.thresholds[-1] = -math.inf
         self.info.update({"threshold": None, "candidate": None, "certified": False, "risk_bound": 0.0,

@@ -55,15 +55,20 @@ def test_simulate_reports_every_head_a_sample_evaluated(val) -> None:
     assert torch.equal(heads, upto)  # threshold policies look at every head up to their exit
 
 
-@pytest.mark.parametrize("name", ["maxprob", "patience", "deex", "eenet", "oracle_budget"])
+#: settings that fit within the budget below (risk: an epsilon whose certified threshold costs < 0.6)
+OPTIONS = {"eenet": EENET_FAST, "risk": {"epsilon": 0.1}}
+
+
+@pytest.mark.parametrize("name", ["maxprob", "patience", "deex", "eenet", "oracle_budget", "risk"])
 def test_row_blocks_change_no_decision(name: str, val, monkeypatch) -> None:
     # fitting and simulation go over large files in row blocks; blocks of 400 rows here must give
-    # what one block of all 1,500 gives (oracle_budget's assignment spans every sample)
-    whole = build_policy(name, **(EENET_FAST if name == "eenet" else {}))
+    # what one block of all 1,500 gives (oracle_budget's assignment spans every sample; risk's
+    # candidate losses are summed over the blocks)
+    whole = build_policy(name, **OPTIONS.get(name, {}))
     whole.fit(val, max(0.6 * float(val.costs[-1]), whole.cheapest_cost(val, "flops")), "flops")
     expected = simulate(whole, val.logits, val.labels)
     monkeypatch.setattr(predictions_module, "BLOCK_BYTES", 400 * val.logits[0].numel() * 4)
-    blocked = build_policy(name, **(EENET_FAST if name == "eenet" else {}))
+    blocked = build_policy(name, **OPTIONS.get(name, {}))
     blocked.fit(val, whole.budget, "flops")
     assert blocked.info == whole.info
     for got, want in zip(simulate(blocked, val.logits, val.labels), expected):
