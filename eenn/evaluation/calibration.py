@@ -12,7 +12,6 @@ import math
 from typing import Any
 
 import torch
-from scipy.optimize import minimize_scalar
 
 from eenn.predictions import Predictions
 
@@ -28,6 +27,8 @@ def _nll(logits: torch.Tensor, labels: torch.Tensor, log_t: float) -> float:
 def fit_temperatures(preds: Predictions) -> torch.Tensor:
     """T_k (K,) float32 minimising exit k's NLL on ``preds``. The NLL is convex in 1/T, hence
     unimodal in log T, so a bounded Brent search finds the minimum."""
+    from scipy.optimize import minimize_scalar  # about a second to import: only calibrate=true needs it
+
     temps = []
     for k in range(preds.num_exits):
         z = preds.logits[:, k].double()

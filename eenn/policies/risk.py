@@ -36,7 +36,6 @@ import warnings
 from typing import Any, ClassVar
 
 import torch
-from scipy.stats import binom
 
 from eenn.errors import EENNError, is_number
 from eenn.policies.base import register
@@ -73,6 +72,8 @@ def exit_losses(logits: torch.Tensor, labels: torch.Tensor | None, loss: str) ->
 
 def binomial_pvalues(losses: torch.Tensor, n: int, epsilon: float) -> torch.Tensor:
     """p_j = P(Bin(n, ε) <= sum of candidate j's losses), for loss sums (..., M)."""
+    from scipy.stats import binom  # seconds to import: every eenn app imports the policies, few fit this one
+
     return torch.from_numpy(binom.cdf(losses.double().numpy(), n, epsilon))
 
 
