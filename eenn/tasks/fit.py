@@ -159,6 +159,8 @@ def fit_run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     if not isinstance(policy_cfg, dict) or "name" not in policy_cfg:
         raise EENNError("policy must be a config group with a name (e.g. policy=maxprob).")
     policy = build_policy(**policy_cfg)
+    if not isinstance(cfg.get("calibrate"), bool):
+        raise EENNError(f"calibrate must be true or false, got {cfg.get('calibrate')!r}.")
     val, test = load_split_predictions(cfg)
     unit = cost_unit(cfg, val)
     budget, warnings = resolve_budget(cfg, policy, val, unit)

@@ -113,6 +113,10 @@ def _write(path: Path, preds) -> Path:
         (["policy.name=nope"], "policy.name='nope' is not a known exit policy; valid:"),
         (["cost=joules"], "cost='joules': the predictions have no 'joules' costs; they have"),
         (["policy.thresholds=[0.5]"], "policy.thresholds needs 2 values"),
+        (["calibrate=yes"], "calibrate must be true or false, got 'yes'"),
+        (["policy=risk", "risk.epsilon=2"], r"risk.epsilon must be a number in \(0, 1\), got 2"),
+        (["policy=risk", "risk.loss=mse"], "risk.loss must be one of"),
+        (["policy=risk", "risk.epsilon=0.05", "budget.fraction=0.4"], "no candidate certified at risk.epsilon=0.05 is within the budget"),
     ],
 )
 def test_fit_app_bad_config(overrides: list[str], match: str, run_dir: Path, tmp_path: Path) -> None:
