@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install demo test test-all test-slow lint bench clean
+.PHONY: help install demo test test-all test-slow test-slurm lint bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -24,7 +24,7 @@ demo: $(STAMP) ## the main job on the bundled digits: train, fit every policy ov
 test: $(STAMP) ## run the test suite (slow and browser tests deselected)
 	$(BIN)/python -m pytest
 
-test-all: $(STAMP) ## run every test, slow and browser ones included
+test-all: $(STAMP) ## run every test, slow, slurm and browser ones included
 	$(BIN)/python -m pytest -m ''
 
 lint: $(STAMP) ## ruff
@@ -35,6 +35,9 @@ clean: ## remove outputs and caches (keeps .venv)
 
 test-slow: $(STAMP) ## only the tests marked slow (subprocess CLI runs, DDP, submitit sweeps)
 	$(BIN)/python -m pytest -m slow
+
+test-slurm: $(STAMP) ## the cluster tests: sweeps, requeue and 2-task DDP on a one-node Slurm that scripts/local_slurm.sh starts (root: it apt-installs Slurm)
+	$(BIN)/python -m pytest -m slurm
 
 bench: $(STAMP) ## run every benchmark the README quotes, as it quotes it (about 12 h on 2 CPU cores; results in benchmarks/results/)
 	$(BIN)/python benchmarks/train_speed.py

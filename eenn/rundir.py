@@ -29,6 +29,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import traceback
 from collections.abc import Iterator
@@ -56,7 +57,7 @@ LOCK_FILE = ".eenn.lock"  # held (flock) by the job writing into the dir; it hol
 #: a dir holding nothing else holds no job's results
 HYDRA_FILES = (HYDRA_DIR, "multirun.yaml", LOCK_FILE)
 #: config values that are paths: saved absolute, so that a run dir works from any working directory
-PATH_KEYS = ("data.root", "data.path", "run_dir")
+PATH_KEYS = ("data.root", "data.path", "run_dir", "resume")
 
 # the run dirs this process holds: resolved path -> [lock file descriptor, claims, created by the claim]
 _HELD: dict[Path, list[int]] = {}
@@ -310,7 +311,27 @@ class Stage1Run(RunDir):
         return ckpt == "last" or (bool(ckpt) and Path(str(ckpt)).resolve().parent == self.checkpoint_dir.resolve())
 
     def resume_hint(self) -> str:
-        return " but to resume it (ckpt_path=last)"
+        return " but to resume it (resume=<run dir>)"
+
+    #: what a resumed run may set otherwise than the run did: how and where it trains on, not what
+    RESUME_MAY_CHANGE = ("resume", "force", "ckpt_path", "trainer", "callbacks", "logger", "wandb", "paths", "data.root",
+                         "data.num_workers", "cost")
+
+    def check_resume(self, cfg: DictConfig) -> None:
+        """``resume=<this dir>``: the job must run in this dir with the config the run was made
+        with, up to :attr:`RESUME_MAY_CHANGE`; another config is refused, naming the keys."""
+        if Path(str(cfg.paths.output_dir)).resolve() != self.path.resolve():
+            raise EENNError(f"resume={str(self.path)!r} runs in that dir, but paths.output_dir is "
+                            f"{str(cfg.paths.output_dir)!r}.")
+        if not self.has_config():
+            raise EENNError(f"resume={str(self.path)!r} holds no saved config ({HYDRA_DIR}/config.yaml): it is not a "
+                            "stage-1 run that started training.")
+        differ = config_differences(OmegaConf.to_container(OmegaConf.load(self.config_file)),
+                                    resolved_config(cfg, self.path), self.RESUME_MAY_CHANGE)
+        if differ:
+            raise EENNError(f"resume={str(self.path)!r}: today's configs compose differently from the run's saved "
+                            f"config ({differ}); resume with the eenn the run was made with, or set those keys "
+                            "back on the command line.")
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -331,13 +352,19 @@ class Stage1Run(RunDir):
         return path
 
     def resume_checkpoint(self, ckpt_path: str | None) -> Path | None:
-        """The checkpoint a training resumes from: ``last`` is this run dir's last checkpoint if it
-        has one, else a fresh start (what a requeued SLURM job wants); a path must exist and be a
-        readable checkpoint."""
+        """The checkpoint a training resumes from: ``last`` is this run dir's last checkpoint; a
+        path must exist and be a readable checkpoint. ``last`` in a dir without one starts afresh
+        only inside a SLURM job, whose first start and every requeue run the same command in the
+        same dir; anywhere else it is refused, since the user meant to continue something."""
         if not ckpt_path:
             return None
         if ckpt_path == "last" and not (self.checkpoint_dir / "last.ckpt").is_file():
-            log.info("ckpt_path=last: no last checkpoint in %s yet, starting from scratch", self.checkpoint_dir)
+            if "SLURM_JOB_ID" not in os.environ:
+                raise EENNError(f"ckpt_path=last: {str(self.checkpoint_dir / 'last.ckpt')!r} does not exist, so there is "
+                                "nothing to resume; to continue a crashed run pass resume=<its run dir>, to start a "
+                                "new one leave ckpt_path out.")
+            log.info("ckpt_path=last: no last checkpoint in %s yet (the job's first start), training from scratch",
+                     self.checkpoint_dir)
             return None
         path = self.checkpoint(ckpt_path, key="ckpt_path")
         checkpoint_state(path, "ckpt_path")
@@ -397,9 +424,15 @@ class Stage1Run(RunDir):
     # --------------------------------------------------------------- what it is
     @property
     def name(self) -> str:
-        """The model's name in comparisons and wandb groups: the run dir's name, or for a
-        pipeline's stage-1 run (``<pipeline>/train``) the pipeline's name, which says more."""
-        return self.path.parent.name if self.path.name == PipelineRun.TRAIN else self.path.name
+        """The model's name in comparisons and wandb groups: the run dir's name; for a job of a
+        sweep, ``<sweep dir>/<job dir>``, since two sweeps with the same override name their jobs
+        alike (``0_backbone=resnet20``); for a pipeline's stage-1 run (``<pipeline>/train``) the
+        pipeline's name, which says more."""
+        if self.path.name == PipelineRun.TRAIN:
+            return self.path.parent.name
+        if (self.path.parent / "multirun.yaml").is_file():
+            return f"{self.path.parent.name}/{self.path.name}"
+        return self.path.name
 
     def training(self) -> str:
         """``joint``, ``bilevel``...: from metrics.json (older runs: their config's training target)."""
@@ -510,7 +543,8 @@ class CompareRun(RunDir):
         return self.path / "report.html"
 
     def figure_file(self, name: str) -> Path:
-        return self.path / f"{name}.png"
+        """Where figure ``name`` goes; a model's name may hold a '/' (a sweep job's), never a path."""
+        return self.path / f"{re.sub(r'[^A-Za-z0-9_.,=+-]', '_', name)}.png"
 
     def results(self) -> list[dict[str, Any]]:
         """The rows of results.csv as dicts, numbers parsed (for notebooks)."""
@@ -549,17 +583,10 @@ class PipelineRun(RunDir):
         saved = self.train if self.train.has_config() else self
         if not saved.has_config():
             return False
-        before = flatten(OmegaConf.to_container(OmegaConf.load(saved.config_file)))  # as saved: no renames
-        now = flatten(resolved_config(self.stage1_config(cfg), self.train.path))
-        # paths inside the run dir (its checkpoints...) follow the dir when it is moved or copied
-        before, now = ({k: v.replace(str(flat.get("paths.output_dir")), "<run dir>") if isinstance(v, str) else v
-                        for k, v in flat.items() if k != "task_name"} for flat in (before, now))
-        differ = [k for k in sorted(set(before) | set(now)) if before.get(k, "<unset>") != now.get(k, "<unset>")
-                  and not any(k == p or k.startswith(p + ".") for p in self.RERUN_MAY_CHANGE)]
+        differ = config_differences(OmegaConf.to_container(OmegaConf.load(saved.config_file)),  # as saved: no renames
+                                    resolved_config(self.stage1_config(cfg), self.train.path), self.RERUN_MAY_CHANGE)
         if differ:
-            shown = "; ".join(f"{k}: {before.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in differ[:4])
-            more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
-            raise EENNError(f"pipeline dir {str(self.path)!r} was made with another config ({shown}{more}): choose "
+            raise EENNError(f"pipeline dir {str(self.path)!r} was made with another config ({differ}): choose "
                             "another pipeline.name, or add force=true to redo it all with this one.")
         return True
 
@@ -609,6 +636,18 @@ def resolved_config(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         if isinstance(node, dict) and isinstance(node.get(leaf), str):
             node[leaf] = os.path.abspath(node[leaf])
     return out
+
+
+def config_differences(saved: Any, now: dict[str, Any], may_change: tuple[str, ...]) -> str:
+    """The keys (and both values, up to four) where two resolved configs of one run differ, beyond
+    ``may_change`` and the task's name; "" when none. Paths inside the run dir (its checkpoints...)
+    follow the dir when it is moved or copied."""
+    before, after = ({k: v.replace(str(flat.get("paths.output_dir")), "<run dir>") if isinstance(v, str) else v
+                      for k, v in flat.items() if k != "task_name"} for flat in (flatten(saved), flatten(now)))
+    differ = [k for k in sorted(set(before) | set(after)) if before.get(k, "<unset>") != after.get(k, "<unset>")
+              and not any(k == p or k.startswith(p + ".") for p in may_change)]
+    shown = "; ".join(f"{k}: {before.get(k, '<unset>')!r} -> {after.get(k, '<unset>')!r}" for k in differ[:4])
+    return shown + (f" (and {len(differ) - 4} more)" if len(differ) > 4 else "")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -25,6 +25,13 @@ def test_a_stage1_run_names_its_model_as_comparisons_do(tmp_path):
     assert Stage1Run(tmp_path / "runs" / "r1").name == "r1"
     pipe = PipelineRun(tmp_path / "demo")
     assert pipe.train.name == "demo" and pipe.fit("maxprob_0.5").path == tmp_path / "demo" / "fit" / "maxprob_0.5"
+    # two sweeps with the same override name their jobs alike: the sweep dir tells the models apart
+    names = []
+    for sweep in ("2026-11-28_10-00-00_a1b2c3", "2026-11-28_10-00-00_d4e5f6"):
+        (tmp_path / sweep / "0_backbone=resnet20").mkdir(parents=True)
+        (tmp_path / sweep / "multirun.yaml").write_text("{}")
+        names.append(Stage1Run(tmp_path / sweep / "0_backbone=resnet20").name)
+    assert names == ["2026-11-28_10-00-00_a1b2c3/0_backbone=resnet20", "2026-11-28_10-00-00_d4e5f6/0_backbone=resnet20"]
 
 
 def test_predictions_round_trip_and_the_run_holding_a_file(tmp_path):

@@ -68,10 +68,11 @@ BAD_INPUT, INTERRUPTED = 2, 130
 _jobs_started = False  # whether Hydra got as far as running a job: errors before that are config errors
 
 
-def cli(app: Callable[[], Any]) -> Callable[[], None]:
+def cli(app: Callable[[], Any], rewrite_args: Callable[[list[str]], list[str]] | None = None) -> Callable[[], None]:
     """The console script of the Hydra app ``app``: Hydra's own errors before any job started (an
     unknown key, a misspelled group option, an override it cannot parse) and a refused run dir
-    end like every bad input, in one line and exit code 2; Ctrl-C ends in one line and 130."""
+    end like every bad input, in one line and exit code 2; Ctrl-C ends in one line and 130.
+    ``rewrite_args`` turns the command line into the one Hydra parses (``eenn-train resume=``)."""
 
     @functools.wraps(app)
     def main() -> None:
@@ -80,6 +81,8 @@ def cli(app: Callable[[], Any]) -> Callable[[], None]:
         before = os.environ.get("HYDRA_FULL_ERROR")
         os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them and exiting 1
         try:
+            if rewrite_args is not None:
+                sys.argv[1:] = rewrite_args(sys.argv[1:])
             app()
         except KeyboardInterrupt:
             print("error: interrupted; jobs that finished keep their run dirs, the one that was running is "

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
-from omegaconf import DictConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
 
 from eenn.cli.common import cli, conf_dir, quiet_environment, report_errors
+from eenn.errors import EENNError
+
+#: what ``resume=`` sets itself, so a resumed run's saved overrides give these up
+RESUME_SETS = ("resume", "ckpt_path", "force")
 
 
 @hydra.main(config_path=conf_dir(), config_name="train", version_base="1.3")
@@ -17,7 +24,36 @@ def app(cfg: DictConfig) -> None:
     train(cfg)
 
 
-main = cli(app)
+def expand_resume(args: list[str]) -> list[str]:
+    """``resume=<run dir>``: that stage-1 run again, in its own dir, from its ``last.ckpt``. The
+    command line becomes the run's own overrides (Hydra saved them in ``.hydra/overrides.yaml``),
+    then ``hydra.run.dir=<dir> ckpt_path=last``, then the rest of this command line (which wins
+    where it sets the same key, e.g. ``trainer.max_epochs`` to train on). The job checks that the
+    config composes as the run's saved one (:func:`eenn.tasks.train.check_resume`)."""
+    given = [a for a in args if a.startswith("resume=")]
+    if not given:
+        return args
+    if any(a in ("-m", "--multirun") for a in args):
+        raise EENNError("resume=<run dir> continues one run; it cannot be part of a sweep (-m).")
+    run_dir = Path(given[-1].split("=", 1)[1]).expanduser().resolve()
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    if not overrides.is_file():
+        raise EENNError(f"resume={str(run_dir)!r} is not an eenn-train run dir (no .hydra/overrides.yaml in it).")
+    rest = [a for a in args if not a.startswith("resume=")]
+    if any(a.startswith("hydra.run.dir=") for a in rest):
+        raise EENNError("resume=<run dir> runs in that dir: leave hydra.run.dir out.")
+    parser = OverridesParser.create()
+
+    def keys(items: list[str]) -> set[str]:
+        return {o.key_or_group for o in parser.parse_overrides([i for i in items if not i.startswith("-")])}
+
+    given_keys = keys(rest) | set(RESUME_SETS)
+    saved = [str(o) for o in OmegaConf.load(overrides) if next(iter(keys([str(o)]))) not in given_keys]
+    quoted = "'" + str(run_dir).replace("\\", "\\\\").replace("'", "\\'") + "'"  # Hydra's quoted-string grammar
+    return [*saved, f"resume={quoted}", f"hydra.run.dir={quoted}", "ckpt_path=last", *rest]
+
+
+main = cli(app, rewrite_args=expand_resume)
 
 if __name__ == "__main__":
     main()

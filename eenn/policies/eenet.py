@@ -154,6 +154,7 @@ class EENetPolicy(ThresholdPolicy):
         # Lightning takes seconds to import: only when an EENet policy trains (its package docstring)
         import lightning as L
         from lightning.pytorch.callbacks import EarlyStopping
+        from lightning.pytorch.plugins.environments import LightningEnvironment
 
         from eenn.policies.eenet_scheduler import Batches, EENetScheduler
 
@@ -181,9 +182,14 @@ class EENetPolicy(ThresholdPolicy):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
                 warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")  # lightning vs newer torch
+                # a step inside whichever job fits the policy, never a cluster job of its own: no
+                # SLURM detection (under srun it would take the job's tasks as its own), and none
+                # of the srun warnings Lightning's fit() gives wherever Slurm is installed
+                warnings.filterwarnings("ignore", message=".*`srun` command is available on your system.*")
                 trainer = L.Trainer(
                     accelerator="cpu",
                     devices=1,
+                    plugins=[LightningEnvironment()],
                     max_epochs=self.max_epochs,
                     logger=False,
                     enable_checkpointing=False,

@@ -4,9 +4,13 @@ metrics); stage 2 takes the run dir as its input."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,6 +32,7 @@ from eenn.utils.config import build_network, instantiate
 from eenn.utils.loggers import finish_wandb
 
 log = logging.getLogger("eenn.train")
+SRUN_WARNING = "The `srun` command is available on your system but is not used"
 
 
 def build_module(cfg: DictConfig, network: MultiExitNetwork, num_classes: int, costs: CostProfile) -> MultiExitModule:
@@ -53,6 +58,18 @@ def log_cost_table(loggers: list[Logger], costs: CostProfile) -> None:
             lg.log_table(key="costs", columns=CostProfile.table_columns, data=costs.table())
 
 
+@contextlib.contextmanager
+def quiet_outside_slurm() -> Iterator[None]:
+    """Lightning looks for SLURM when a trainer is built and again in ``fit``, and wherever the
+    `srun` command exists warns each time that it "is not used". Outside a SLURM job that is every
+    run on a machine with Slurm installed (a cluster's login node); inside one it may point at a
+    real mistake, and stays."""
+    with warnings.catch_warnings():
+        if "SLURM_JOB_ID" not in os.environ:
+            warnings.filterwarnings("ignore", message=SRUN_WARNING)
+        yield
+
+
 def check_config(cfg: DictConfig) -> None:
     """Refuse the stage-1 settings Lightning would take in silence (``max_epochs=-1`` trains
     forever, ``0`` saves an untrained network) or fail on with a traceback."""
@@ -73,6 +90,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Everything that can be refused is checked before the first file is written.
     check_config(cfg)
     run = Stage1Run(cfg.paths.output_dir)
+    if cfg.get("resume"):
+        Stage1Run(cfg.resume).check_resume(cfg)
     with run.claimed(force=bool(cfg.get("force")), resume=run.resumes(cfg)):
         return _train(cfg, run)
 
@@ -96,17 +115,18 @@ def _train(cfg: DictConfig, run: Stage1Run) -> dict[str, Any]:
         check_fits(module, ckpt_path, "ckpt_path")
     loggers = instantiate_group(cfg.get("logger"))
     callbacks = instantiate_group(cfg.get("callbacks"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    with quiet_outside_slurm():
+        trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
 
-    if trainer.is_global_zero:
-        run.write_config(cfg)
-        run.write_costs(costs)
-        for lg in loggers:
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-        log_cost_table(loggers, costs)
+        if trainer.is_global_zero:
+            run.write_config(cfg)
+            run.write_costs(costs)
+            for lg in loggers:
+                lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+            log_cost_table(loggers, costs)
 
-    # weights_only: loading a checkpoint runs no pickled code
-    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+        # weights_only: loading a checkpoint runs no pickled code
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
 
     ckpt_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
     best = ckpt_cb.best_model_path if ckpt_cb is not None else ""

@@ -12,6 +12,7 @@ pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 @pytest.mark.parametrize(("app", "preset", "launcher", "gpus"), [
     ("train", "slurm_gpu", "SlurmLauncher", 1),
     ("fit", "slurm_cpu", "SlurmLauncher", 0),
+    ("train", "slurm_cpu_train", "SlurmLauncher", 0),
     ("train", "slurm", "SlurmLauncher", None),
     ("fit", "local", "LocalLauncher", None),
 ])

@@ -17,11 +17,22 @@ class CrashAt(pl.Callback):
 
 
 class KillAt(CrashAt):
-    """SIGKILL of the training process itself: no exception handler, no teardown, no last save."""
+    """SIGKILL of the training process itself: no exception handler, no teardown, no last save.
+    With ``once`` (a file path) it strikes once, as a node failure would: the resumed run, which
+    replays the run's overrides and so builds this callback again, trains on."""
+
+    def __init__(self, epoch: int, batch: int, once: str | None = None) -> None:
+        super().__init__(epoch, batch)
+        self.once = once
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             import os
             import signal
+            from pathlib import Path
 
+            if self.once is not None:
+                if Path(self.once).exists():
+                    return
+                Path(self.once).touch()
             os.kill(os.getpid(), signal.SIGKILL)

@@ -151,7 +151,7 @@ INFER = ["run_dir={R}", "hydra.run.dir={N}", "backbone_baseline=false", "batch_s
 # stage-1 run, {S} a sweep of fits of it, {F} one fit, {P} a finished pipeline, {N} a new dir
 CASES: list[tuple[str, str, list[str], list[str], Callable[[Path], Any] | None]] = [
     ("1 train into a finished run", "train", ["debug=fast", "hydra.run.dir={R}"],
-     ["run dir '{R}' holds a finished eenn-train run", "ckpt_path=last", "force=true"], None),
+     ["run dir '{R}' holds a finished eenn-train run", "resume=<run dir>", "force=true"], None),
     ("2 fit into a stage-1 run", "fit", ["run_dir={R}", "hydra.run.dir={R}"],
      ["run dir '{R}' holds an eenn-train run", "never writes into it"], None),
     ("2 fit into a finished fit", "fit", ["run_dir={R}", "policy=entropy", "hydra.run.dir={F}"],

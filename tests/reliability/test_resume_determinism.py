@@ -84,9 +84,16 @@ def test_resumed_run_equals_uninterrupted_run(compose_cfg, tmp_path, training):
         assert torch.equal(_preds(tmp_path / "whole", split).logits, _preds(tmp_path / "resumed", split).logits)
 
 
-def test_last_without_a_checkpoint_starts_fresh_and_bad_checkpoints_are_refused(compose_cfg, tmp_path):
+def test_last_without_a_checkpoint_is_refused_but_in_a_slurm_job_and_bad_checkpoints_are_refused(
+        compose_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     cfg = compose_cfg("train", [*SMALL, "trainer.max_epochs=1", "ckpt_path=last"])
-    train(cfg)  # nothing to resume: a fresh run
+    with pytest.raises(EENNError, match=r"ckpt_path=last: .*last.ckpt' does not exist, so there is nothing to "
+                                        r"resume; to continue a crashed run pass resume=<its run dir>"):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+    monkeypatch.setenv("SLURM_JOB_ID", "17")  # a cluster job's first start: its requeues find last.ckpt
+    train(cfg)
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     bad = tmp_path / "cut.ckpt"
     bad.write_bytes(last.read_bytes()[:1000])
@@ -99,8 +106,9 @@ def test_last_without_a_checkpoint_starts_fresh_and_bad_checkpoints_are_refused(
 @pytest.mark.slow
 @pytest.mark.parametrize("training", list(TRAININGS))
 def test_sigkill_mid_epoch_then_ckpt_path_last_equals_the_uninterrupted_run(compose_cfg, tmp_path, training):
-    """The real thing, as a preempted job sees it: eenn-train is SIGKILLed mid-epoch, then the same
-    command with ckpt_path=last in the same run dir finishes with the uninterrupted run's predictions."""
+    """The real thing, as a crash looks: eenn-train is SIGKILLed mid-epoch, then the README's command,
+    ``eenn-train resume=<run dir>`` and nothing else, finishes with the uninterrupted run's weights,
+    optimiser state and predictions."""
     small = TRAININGS[training]
     whole = compose_cfg("train", small)
     whole.paths.output_dir = str(tmp_path / "whole")
@@ -110,11 +118,13 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_equals_the_uninterrupted_run(comp
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(repo)}
     cmd = [str(Path(sys.executable).parent / "eenn-train"), *small, f"hydra.run.dir={run_dir}", f"paths.root_dir={tmp_path}"]
-    kill = ["+callbacks.kill._target_=tests.reliability.crash.KillAt", "+callbacks.kill.epoch=2", "+callbacks.kill.batch=2"]
+    kill = ["+callbacks.kill._target_=tests.reliability.crash.KillAt", "+callbacks.kill.epoch=2", "+callbacks.kill.batch=2",
+            f"+callbacks.kill.once={tmp_path / 'killed'}"]
     killed = subprocess.run([*cmd, *kill], env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (run_dir / "predictions").exists()
-    resumed = subprocess.run([*cmd, "ckpt_path=last"], env=env, capture_output=True, text=True, timeout=300)
+    resume = [str(Path(sys.executable).parent / "eenn-train"), f"resume={run_dir}"]
+    resumed = subprocess.run(resume, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt")
     for split in ("val", "test"):
