@@ -104,6 +104,17 @@ class RunDir:
         _rename_registry_keys(cfg)
         return cfg
 
+    @property
+    def overrides_file(self) -> Path:
+        return self.path / HYDRA_DIR / "overrides.yaml"
+
+    def overrides(self, key: str = "run_dir") -> list[str]:
+        """The command-line overrides the job was started with, as Hydra saved them; a dir without
+        them is an EENNError naming ``key``."""
+        if not self.overrides_file.is_file():
+            raise EENNError(f"{key}={str(self.path)!r} is not an eenn-{self.APP} run dir (no {HYDRA_DIR}/overrides.yaml in it).")
+        return [str(o) for o in OmegaConf.load(self.overrides_file)]
+
     def write_config(self, cfg: DictConfig) -> None:
         """Save the job's config as this run's: resolved, with absolute paths (Hydra saves it
         unresolved, and its relative paths would then follow the working directory of whoever

@@ -47,13 +47,17 @@ def test_predictions_round_trip_and_the_run_holding_a_file(tmp_path):
         Stage1Run(tmp_path / "empty").predictions("val")
 
 
-def test_missing_files_are_named(tmp_path):
+def test_missing_files_are_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     run = Stage1Run(tmp_path)
     with pytest.raises(EENNError, match=r"checkpoint='best': .* does not exist"):
         run.checkpoint("best")
     with pytest.raises(EENNError, match=r"ckpt_path='/no/such.ckpt' does not exist"):
         run.resume_checkpoint("/no/such.ckpt")
-    assert run.resume_checkpoint("last") is None  # nothing to resume yet: a fresh start
+    with pytest.raises(EENNError, match=r"ckpt_path=last: .* does not exist, so there is nothing to resume"):
+        run.resume_checkpoint("last")
+    monkeypatch.setenv("SLURM_JOB_ID", "3")
+    assert run.resume_checkpoint("last") is None  # a cluster job's first start: nothing to resume yet
     with pytest.raises(EENNError, match="has no costs"):
         run.costs()
     with pytest.raises(EENNError, match="is not the run dir of an eenn app"):

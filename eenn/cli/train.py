@@ -6,7 +6,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from eenn.cli.common import cli, conf_dir, quiet_environment, report_errors
 from eenn.errors import EENNError
@@ -25,8 +25,8 @@ def app(cfg: DictConfig) -> None:
 
 
 def expand_resume(args: list[str]) -> list[str]:
-    """``resume=<run dir>``: that stage-1 run again, in its own dir, from its ``last.ckpt``. The
-    command line becomes the run's own overrides (Hydra saved them in ``.hydra/overrides.yaml``),
+    """``resume=<run dir>``: that stage-1 run again, in its own dir, from its last checkpoint. The
+    command line becomes the run's own overrides (as Hydra saved them: :meth:`RunDir.overrides`),
     then ``hydra.run.dir=<dir> ckpt_path=last``, then the rest of this command line (which wins
     where it sets the same key, e.g. ``trainer.max_epochs`` to train on). The job checks that the
     config composes as the run's saved one (:func:`eenn.tasks.train.check_resume`)."""
@@ -35,10 +35,10 @@ def expand_resume(args: list[str]) -> list[str]:
         return args
     if any(a in ("-m", "--multirun") for a in args):
         raise EENNError("resume=<run dir> continues one run; it cannot be part of a sweep (-m).")
+    from eenn.rundir import Stage1Run  # only here: torch comes with it (see eenn.cli.common)
+
     run_dir = Path(given[-1].split("=", 1)[1]).expanduser().resolve()
-    overrides = run_dir / ".hydra" / "overrides.yaml"
-    if not overrides.is_file():
-        raise EENNError(f"resume={str(run_dir)!r} is not an eenn-train run dir (no .hydra/overrides.yaml in it).")
+    saved_overrides = Stage1Run(run_dir).overrides(key="resume")
     rest = [a for a in args if not a.startswith("resume=")]
     if any(a.startswith("hydra.run.dir=") for a in rest):
         raise EENNError("resume=<run dir> runs in that dir: leave hydra.run.dir out.")
@@ -48,7 +48,7 @@ def expand_resume(args: list[str]) -> list[str]:
         return {o.key_or_group for o in parser.parse_overrides([i for i in items if not i.startswith("-")])}
 
     given_keys = keys(rest) | set(RESUME_SETS)
-    saved = [str(o) for o in OmegaConf.load(overrides) if next(iter(keys([str(o)]))) not in given_keys]
+    saved = [o for o in saved_overrides if next(iter(keys([o]))) not in given_keys]
     quoted = "'" + str(run_dir).replace("\\", "\\\\").replace("'", "\\'") + "'"  # Hydra's quoted-string grammar
     return [*saved, f"resume={quoted}", f"hydra.run.dir={quoted}", "ckpt_path=last", *rest]
 
