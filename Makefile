@@ -51,6 +51,6 @@ bench: $(STAMP) ## run every benchmark the README quotes, as it quotes it (about
 	$(BIN)/python benchmarks/inference_speed.py --threads 1
 	$(BIN)/python benchmarks/policy_quality.py --epochs 12
 	$(BIN)/python benchmarks/reliability.py
-	$(BIN)/python benchmarks/fit_memory.py --samples 20000 --eenet-epochs 1
+	$(BIN)/python benchmarks/fit_memory.py
 	$(BIN)/python benchmarks/eenet_resnet56_short.py --epochs 10 --cost flops --run-dir outputs/bench_eenet_resnet56_b \
 		--override 'training.scheduler.milestones=[6,8]' --override training.warmup_epochs=0

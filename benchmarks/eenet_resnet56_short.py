@@ -73,7 +73,9 @@ def stage2(run_dir: Path, experiment_stage2: dict, unit: str) -> list[dict]:
             result = evaluate(policy.fit(val, budget, unit), test, unit)
             rows.append({"budget_fraction": fraction, "clamped_to": budget / full if budget > fraction * full else None,
                          "method": method, "test_accuracy": result["accuracy"],
-                         "test_cost_fraction": result["avg_cost_fraction"]})
+                         "test_cost_fraction": result["avg_cost_fraction"],
+                         # what deciding costs beside the network (EENet's g_k), which budgets exclude
+                         "scheduler_cost_fraction": policy.info.get("scheduler_cost_fraction")})
     return rows
 
 

@@ -3,7 +3,7 @@
 at most 2.5x: the predictions are memory-mapped and every pass over them goes in row chunks.
 Writes benchmarks/results/fit_memory.json.
 
-    python benchmarks/fit_memory.py                    # 100,000 x 5 x 1,000: two 1.86 GiB files (~10 min)
+    python benchmarks/fit_memory.py                    # 100,000 x 5 x 1,000: two 1.86 GiB files (~3 min quiet)
     python benchmarks/fit_memory.py --samples 20000    # a smaller file, the same ratio's story
     python benchmarks/fit_memory.py --quick            # 2,000 x 5 x 10: a smoke run
 
