@@ -47,6 +47,7 @@ bench: $(STAMP) ## run every benchmark the README quotes, as it quotes it (about
 		--method 'bilevel_normalized=training=bilevel training.normalize_loss=true' \
 		--method 'bilevel_through_a=training=bilevel training.grad_through_gater=true' \
 		--workdir outputs/bench_budget_aware_ablation30 --out benchmarks/results/budget_aware_ablation30.json
+	$(BIN)/python benchmarks/risk_control.py --run-dir outputs/bench_budget_aware/joint_s0 --splits 1000
 	$(BIN)/python benchmarks/fit_speed.py
 	$(BIN)/python benchmarks/inference_speed.py --threads 1
 	$(BIN)/python benchmarks/policy_quality.py --epochs 12
