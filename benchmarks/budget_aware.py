@@ -67,9 +67,10 @@ POLICIES = ("maxprob", "eenet")
 
 
 def train_command(overrides: list[str], run_dir: Path) -> list[str]:
-    # ckpt_path=last: an interrupted training continues from its last checkpoint (a fresh start if none)
+    # an interrupted training continues from its last checkpoint (ckpt_path=last needs one)
+    resume = ["ckpt_path=last"] if (Stage1Run(run_dir).checkpoint_dir / "last.ckpt").is_file() else []
     return [sys.executable, "-m", "eenn.cli.train", *overrides, "logger=csv", "cost.latency=false",
-            "trainer.enable_progress_bar=false", "ckpt_path=last", f"hydra.run.dir={run_dir}"]
+            "trainer.enable_progress_bar=false", *resume, f"hydra.run.dir={run_dir}"]
 
 
 def run_training(name: str, overrides: list[str], run_dir: Path, threads: int) -> None:

@@ -24,7 +24,7 @@ import torch
 from common import add_output_args, output_path
 
 from eenn.evaluation.offline import evaluate
-from eenn.policies import POLICIES, ExitPolicy, build_policy
+from eenn.policies import POLICIES, ExitPolicy, build_policy, policy_class
 from eenn.policies.synthetic import synthetic_predictions
 from eenn.predictions import Predictions
 from eenn.utils.io import write_json
@@ -69,7 +69,7 @@ def main() -> None:
 
     rows = []
     for name in POLICIES.names():
-        for fraction in FRACTIONS if name not in ("static", "oracle") else [None]:
+        for fraction in FRACTIONS if policy_class(name).budgeted else [None]:
             probe = build_policy(name)
             budget = None if fraction is None else max(fraction * full, probe.cheapest_cost(val, "flops"))
             repeats = args.eenet_repeats if name == "eenet" else args.repeats

@@ -119,7 +119,7 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_equals_the_uninterrupted_run(comp
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(repo)}
     cmd = [str(Path(sys.executable).parent / "eenn-train"), *small, f"hydra.run.dir={run_dir}", f"paths.root_dir={tmp_path}"]
     kill = ["+callbacks.kill._target_=tests.reliability.crash.KillAt", "+callbacks.kill.epoch=2", "+callbacks.kill.batch=2",
-            f"+callbacks.kill.once={tmp_path / 'killed'}"]
+            f"+callbacks.kill.once={tmp_path / 'crashed_once'}"]
     killed = subprocess.run([*cmd, *kill], env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (run_dir / "predictions").exists()
