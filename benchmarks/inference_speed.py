@@ -1,7 +1,8 @@
 """Does real early exit pay what the cost model predicts?
 
 For each backbone (CIFAR ResNet-56 with an exit after each group; timm resnet18 at 64x64 with
-exits after layer1 and layer2), batch size (128, 1) and exit mix (40/30/30, 60/20/20 of the
+exits after layer1 and layer2; DeiT-tiny at 32x32 with 4-px patches, as in
+experiment=vit_cifar10_small, with token exits after blocks 4 and 8), batch size (128, 1) and exit mix (40/30/30, 60/20/20 of the
 samples at exits 0/1/2, exact over the stream), this times on the CPU, interleaved and over
 ``--repeats`` repeats:
 
@@ -54,6 +55,8 @@ BACKBONES: dict[str, dict[str, Any]] = {
                        "exits": {"at": "stages", "head": {"name": "conv_pool"}}, "shape": (3, 32, 32)},
     "timm_resnet18_64px": {"backbone": {"name": "timm", "model": "resnet18"},
                            "exits": {"at": ["layer1", "layer2"], "head": {"name": "conv_pool"}}, "shape": (3, 64, 64)},
+    "deit_tiny_32px": {"backbone": {"name": "deit_tiny_patch16_224", "img_size": 32, "patch_size": 4},
+                       "exits": {"at": [4, 8], "head": {"name": "token"}}, "shape": (3, 32, 32)},
 }
 MIXES = {"40/30/30": (0.4, 0.3, 0.3), "60/20/20": (0.6, 0.2, 0.2)}
 

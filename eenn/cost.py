@@ -3,7 +3,8 @@
 Exit k's cost is the backbone up to stage k plus every exit head up to k (the sample evaluated the
 earlier heads too: MSDNet's and Distiller's accounting), so costs strictly increase with k and the
 last exit costs the plain backbone plus the early heads' overhead. FLOPs come from
-``torch.utils.flop_counter`` (2 FLOPs per multiply-accumulate of convolutions and matmuls);
+``torch.utils.flop_counter`` (2 FLOPs per multiply-accumulate of convolutions and matmuls, and of
+attention's two matmuls);
 latency is measured on the current device, since FLOPs are a poor proxy for CPU time.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from eenn.models.multi_exit import Features, MultiExitNetwork
 
@@ -80,8 +81,17 @@ class CostProfile:
         return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(r, widths)) for r in rows)
 
 
+# torch's counter knows the CUDA kernels of scaled_dot_product_attention but not the CPU one, which
+# it would count as 0: count it as torch counts the others (QK^T and AV).
+def _cpu_attention_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
 def _flops(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
         y = module(x)
     return int(counter.get_total_flops()), y
 

@@ -21,6 +21,7 @@ class Registry(Generic[T]):
         self.config_key = config_key
         self._factories: dict[str, Callable[..., T]] = {}
         self._examples: dict[str, dict[str, Any]] = {}
+        self._namespaces: list[tuple[str, str, Callable[[str], bool], str]] = []
 
     def register(self, *names: str, example: dict[str, Any] | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Make the factory buildable by ``names`` (default: its own name). ``example``: small
@@ -36,6 +37,27 @@ class Registry(Generic[T]):
 
         return deco
 
+    def add_namespace(self, family: str, argument: str, contains: Callable[[str], bool], what: str) -> None:
+        """Let every key that ``contains`` accepts name ``family`` with that key as its ``argument``
+        (any timm model name is a ``backbone.name``); ``what`` names the namespace in messages."""
+        self._namespaces.append((family, argument, contains, what))
+
+    def resolve(self, key: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The registered name ``key`` stands for and its arguments: ``key`` itself, or the family
+        of the namespace that holds it, given ``key`` as its argument (which ``kwargs`` may repeat,
+        or leave null, but not contradict)."""
+        if key not in self._factories:
+            for family, argument, contains, _ in self._namespaces:
+                if contains(key):
+                    given = kwargs.get(argument)
+                    if given is not None and given != key:
+                        group = self.config_key.rsplit(".", 1)[0]
+                        raise EENNError(f"{self.config_key}={key!r} names one model and {group}.{argument}={given!r} "
+                                        "another; give one of them.")
+                    return family, {**kwargs, argument: key}
+        self.get(key)  # an unknown name is refused here
+        return key, kwargs
+
     def names(self) -> list[str]:
         return sorted(self._factories)
 
@@ -44,7 +66,8 @@ class Registry(Generic[T]):
 
     def get(self, key: str) -> Callable[..., T]:
         if key not in self._factories:
-            raise EENNError(f"{self.config_key}={key!r} is not a known {self.kind}; valid: {', '.join(self.names())}.")
+            spaces = "".join(f", or {what}" for *_, what in self._namespaces)
+            raise EENNError(f"{self.config_key}={key!r} is not a known {self.kind}; valid: {', '.join(self.names())}{spaces}.")
         return self._factories[key]
 
     def example(self, key: str) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
 
-from eenn.cost import CostProfile, profile_costs
+from eenn.cost import ATTENTION_FLOPS, CostProfile, profile_costs
 from eenn.models import build_multi_exit
 from tests.contracts import checks
 
@@ -52,3 +54,29 @@ def test_profiling_leaves_the_network_mode_and_weights_alone():
     assert net.training
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, before[k])
+
+
+def test_attention_flops_are_counted_on_cpu():
+    # torch's counter registers only the CUDA kernels of scaled_dot_product_attention; on CPU it runs
+    # _scaled_dot_product_flash_attention_for_cpu, which eenn counts as its two matmuls, QK^T and AV
+    q, k, v = torch.randn(2, 3, 65, 64), torch.randn(2, 3, 65, 64), torch.randn(2, 3, 65, 64)
+    with FlopCounterMode(display=False) as matmuls:
+        (q @ k.transpose(-2, -1)).softmax(-1) @ v
+    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as sdpa:
+        F.scaled_dot_product_attention(q, k, v)
+    assert sdpa.get_total_flops() == matmuls.get_total_flops() == 2 * 2 * (2 * 3 * 65 * 65 * 64)
+
+
+def test_a_vit_costs_its_blocks_attention_included_and_has_a_latency_per_block():
+    # DeiT-tiny's blocks at 32 px with 4-px patches: N = 65 tokens of width D = 192; a block's
+    # multiply-adds are 12 N D^2 (qkv, projection, MLP) + 2 N^2 D (QK^T and AV)
+    net = build_multi_exit({"name": "deit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "depth": 4},
+                           {"at": "stages"}, num_classes=10, input_shape=(3, 32, 32))
+    costs = profile_costs(net, (3, 32, 32), latency=True, repeats=2, warmup=1)
+    assert [e.name for e in costs.exits] == ["blocks.0", "blocks.1", "blocks.2", "final"]
+    n, d = 65, 192
+    for k in (1, 2):
+        block = costs.exits[k].macs - costs.exits[k - 1].macs - costs.exits[k].head_macs
+        assert block == 12 * n * d * d + 2 * n * n * d
+    latencies = costs.per_exit("latency_ms")  # one per block: an exit after every block
+    assert all(b > a for a, b in zip(latencies, latencies[1:]))

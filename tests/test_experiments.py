@@ -5,6 +5,7 @@ those settings add (svhn, random)."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -26,14 +27,16 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "conf" / "experiment"
 # ImageNet-sized MSDNet-35 (62 M parameters): building and profiling it takes ~30 s, training its
 # smoke run ~90 s on two cores
 SLOW = {"eenet_msdnet35_imagenet", "bilevel_msdnet_imagenet"}
-SLOW_SMOKE = SLOW | {"distiller_resnet50_imagenet"}
+SLOW_SMOKE = SLOW | {"distiller_resnet50_imagenet", "vit_cifar10_small"}  # the ViT's smoke twin runs by default
 # the paper's image shape and class count per dataset config (what the smoke runs must imitate)
-PAPER_DATA = {"cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "imagefolder": ((3, 224, 224), 1000)}
+PAPER_DATA = {"cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "imagefolder": ((3, 224, 224), 1000),
+              "npz": ((3, 32, 32), 10), "random": ((3, 32, 32), 10)}  # cifar10_small and its random stand-in
 # exits per paper setting (K)
 NUM_EXITS = {"branchynet_alexnet_cifar10": 3, "distiller_resnet32_cifar10": 2, "distiller_resnet50_imagenet": 3,
              "deex_alexnet_cifar10_binary": 3, "deex_alexnet_cifar10": 3, "eenet_resnet56_cifar10": 3,
              "eenet_densenet121_cifar100": 4, "eenet_msdnet35_imagenet": 5, "bilevel_msdnet_cifar10": 7,
-             "bilevel_msdnet_cifar100": 7, "bilevel_msdnet_imagenet": 5}
+             "bilevel_msdnet_cifar100": 7, "bilevel_msdnet_imagenet": 5, "vit_cifar10_small": 6,
+             "vit_cifar10_small_smoke": 3}
 
 
 def _params(names: set[str], slow: set[str]) -> list:
@@ -138,3 +141,24 @@ def test_random_source_is_seeded_balanced_and_shaped():
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
     with pytest.raises(EENNError, match="image_shape"):
         SOURCES.build("random", image_shape=[8, 8])
+
+
+# ------------------------------------------------------------------ ViT
+def test_the_vit_settings_smoke_twin_is_its_recipe_on_a_small_vit_and_trains(compose_cfg, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    full = compose_cfg("train", ["experiment=vit_cifar10_small"])
+    cfg = compose_cfg("train", ["experiment=vit_cifar10_small_smoke", "trainer.enable_progress_bar=false"])
+    # the same recipe: only the model's size, the data and the length of the run differ
+    assert {k: v for k, v in cfg.training.items() if k != "scheduler"} == \
+        {k: v for k, v in full.training.items() if k != "scheduler"}
+    assert cfg.training.scheduler._target_ == full.training.scheduler._target_ == "eenn.training.schedules.warmup_cosine"
+    assert full.training.optimizer._target_ == "torch.optim.AdamW" and full.training.mixup_alpha > 0
+    assert full.training.cutmix_alpha > 0 and full.training.label_smoothing > 0
+    assert (full.backbone.name, full.backbone.img_size, full.backbone.patch_size) == ("deit_tiny_patch16_224", 32, 4)
+    assert cfg.exits.head == full.exits.head
+    metrics = train(cfg)
+    run = Stage1Run(cfg.paths.output_dir)
+    assert metrics["exit_names"] == ["blocks.1", "blocks.3", "final"] and run.metrics()["epochs"] == 2
+    assert run.predictions("test").logits.shape == (64, 3, 10)
+    lrs = [float(r["lr-AdamW"]) for r in csv.DictReader((run.path / "csv" / "metrics.csv").open()) if r.get("lr-AdamW")]
+    assert lrs[0] == pytest.approx(1e-6) and lrs[-1] == pytest.approx(1e-3)  # epoch 0 warms up, epoch 1 at the peak

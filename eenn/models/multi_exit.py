@@ -13,7 +13,7 @@ from torch import nn
 
 from eenn.errors import EENNError, is_number
 from eenn.models.backbones import BACKBONES, BackboneParts
-from eenn.models.heads import HEADS
+from eenn.models.heads import HEADS, build_head
 
 # What a stage hands on: one feature map, or (MSDNet) a list of maps from finest to coarsest scale.
 Features = torch.Tensor | list[torch.Tensor]
@@ -127,7 +127,7 @@ def resolve_exit_blocks(
 def _feature_shapes(
     units: Sequence[tuple[str, nn.Module]], input_shape: Sequence[int]
 ) -> tuple[dict[str, tuple[int, ...]], set[str]]:
-    """Shape (C, H, W) of the map an exit head reads after every unit (the coarsest scale of a
+    """Shape (without the batch) of the features an exit head reads after every unit (the coarsest scale of a
     multi-scale unit), and the names of the multi-scale units, from one dry run in eval mode (so
     batch norm statistics are untouched)."""
     x: Features = torch.zeros(1, *input_shape)
@@ -154,17 +154,18 @@ def build_multi_exit(
     """Build the network from the ``backbone`` (``name`` of a registered family + its arguments) and
     ``exits`` config groups.
 
-    ``exits.head.name: native`` uses the backbone family's own exit heads (MSDNet, B-AlexNet, B-LeNet).
+    ``exits.head.name: native`` uses the backbone family's own exit heads (MSDNet, B-AlexNet, B-LeNet);
+    ``auto`` (or no head) the default head for the features the backbone hands on (maps or tokens).
+    A backbone split from a whole model (timm) is checked to reproduce it before anything else is built.
     """
-    backbone = dict(backbone)
-    family = backbone.pop("name")
+    family, backbone = BACKBONES.resolve(backbone["name"], {k: v for k, v in backbone.items() if k != "name"})
     # every backbone takes pretrained=false (debug=smoke sets it): a family without weights of its own
     # has no such argument and refuses true
     if "pretrained" not in inspect.signature(BACKBONES.get(family)).parameters and backbone.pop("pretrained", False):
         raise EENNError(f"backbone.pretrained=true: backbone.name={family!r} has no pretrained weights.")
     parts = BACKBONES.build(family, num_classes=num_classes, in_chans=int(input_shape[0]), **backbone)
     exits = dict(exits)
-    head_cfg = dict(exits.pop("head", None) or {"name": "linear"})
+    head_cfg = dict(exits.pop("head", None) or {"name": "auto"})
     head_type = head_cfg.pop("name")
     unknown = set(exits) - {"at", "spacing", "first", "count"}
     if unknown:
@@ -173,6 +174,8 @@ def build_multi_exit(
         raise EENNError(f"exits.head.name=native: backbone.name={family!r} has no exit heads of its own; "
                         f"use one of {', '.join(HEADS.names())}.")
     exit_blocks = resolve_exit_blocks(parts, **exits)
+    if parts.check is not None:
+        parts.check(input_shape)
     shapes, multiscale = _feature_shapes(parts.units, input_shape)
     stages, heads, current = [], [], []
     cuts = set(exit_blocks)
@@ -183,7 +186,7 @@ def build_multi_exit(
             if head_type == "native":
                 head = parts.exit_head(block=name, in_shape=shapes[name], num_classes=num_classes, **head_cfg)
             else:
-                head = HEADS.build(head_type, in_channels=shapes[name][0], num_classes=num_classes, **head_cfg)
+                head = build_head(head_type, shapes[name], num_classes, parts.tokens, **head_cfg)
                 if name in multiscale:
                     head = nn.Sequential(Coarsest(), head)
             heads.append(head)

@@ -9,10 +9,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from eenn.cost import CostProfile
+from eenn.errors import EENNError
 from eenn.models.multi_exit import MultiExitNetwork
 from eenn.training.losses import exit_loss_weights, self_distillation_kl
 
@@ -111,11 +113,16 @@ class JointTraining(MultiExitModule):
         kl_detach_teacher: bool = True,
         warmup_epochs: int = 0,
         label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
         cost_profile: CostProfile | None = None,
         channels_last: bool = True,
     ) -> None:
         super().__init__(network, num_classes, optimizer, scheduler, scheduler_interval, cost_profile, channels_last)
         self.save_hyperparameters(ignore=["network", "optimizer", "scheduler", "cost_profile"])
+        # timm's Mixup/CutMix (the ViT recipe): soft targets, label smoothing folded into them
+        self.mixup = (Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing,
+                            num_classes=num_classes) if mixup_alpha > 0 or cutmix_alpha > 0 else None)
         self.register_buffer("loss_weights", exit_loss_weights(loss_weights, network.num_exits), persistent=False)
         self.kl_alpha, self.kl_tau, self.kl_start, self.kl_detach_teacher = kl_alpha, kl_tau, kl_start, kl_detach_teacher
         self.warmup_epochs, self.label_smoothing = warmup_epochs, label_smoothing
@@ -133,10 +140,12 @@ class JointTraining(MultiExitModule):
         return self.kl_alpha > 0 and self.current_epoch >= self.kl_start * max_epochs
 
     def joint_loss(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(total, per-exit CE (K,), KL term) for logits (B, K, C)."""
+        """(total, per-exit CE (K,), KL term) for logits (B, K, C) and class indices (B,) or, with
+        Mixup/CutMix, soft targets (B, C)."""
         b, k, c = logits.shape
+        smoothing = self.label_smoothing if y.ndim == 1 else 0.0  # timm's Mixup smoothed them already
         ce = F.cross_entropy(
-            logits.reshape(b * k, c), y.repeat_interleave(k), reduction="none", label_smoothing=self.label_smoothing
+            logits.reshape(b * k, c), y.repeat_interleave(k, dim=0), reduction="none", label_smoothing=smoothing
         ).view(b, k).mean(0)
         total = (self.current_weights() * ce).sum()
         kl = logits.new_zeros(())
@@ -147,8 +156,14 @@ class JointTraining(MultiExitModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
+        targets = y
+        if self.mixup is not None:
+            if len(x) % 2:
+                raise EENNError(f"training.mixup_alpha/cutmix_alpha need an even data.batch_size, got a batch of {len(x)}.")
+            x, targets = self.mixup(x, y)
+            y = targets.argmax(-1)
         logits = self(x)
-        loss, ce, kl = self.joint_loss(logits, y)
+        loss, ce, kl = self.joint_loss(logits, targets)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y), sync_dist=True)
         self.log_dict({f"train/ce/{metric_key(n)}": ce[i] for i, n in enumerate(self.network.exit_names)},
                       on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)

@@ -90,6 +90,15 @@ def test_alexnet_imagenet_is_torchvisions():
     assert costs.backbone["macs"] == pytest.approx(0.71e9, rel=0.03)
 
 
+@pytest.mark.parametrize("model, published_gmacs", [("deit_tiny_patch16_224", 1.26), ("vit_small_patch16_224", 4.6)])
+def test_vit_and_deit_macs_match_published_counts(model, published_gmacs):
+    # timm's model cards and benchmark tables (fvcore counts, attention's matmuls included): DeiT-Ti
+    # 1.26 GMACs (1.3 on the card), ViT-S/16 4.6 GMACs, at 224 px
+    net = build("timm", "stages", 1000, (3, 224, 224), f"backbone.name={model}", "exits.at=[]")
+    costs = profile_costs(net, (3, 224, 224), latency=False)
+    assert costs.backbone["macs"] == pytest.approx(published_gmacs * 1e9, rel=0.03)
+
+
 @pytest.mark.slow
 def test_msdnet35_matches_eenet_table3():
     # EENet Table 3, MSDNet35 on ImageNet: 8.76 / 20.15 / 31.73 / 41.86 / 62.31 M parameters up to

@@ -26,7 +26,7 @@ SHAPE, C = (1, 8, 8), 10
 
 def make_network(seed: int = 0):
     torch.manual_seed(seed)
-    return build_multi_exit({"name": "cifar_resnet", "depth": 20}, {"at": "stages"}, num_classes=C, input_shape=SHAPE)
+    return build_multi_exit({"name": "cifar_resnet", "depth": 20}, {"at": "stages", "head": {"name": "linear"}}, num_classes=C, input_shape=SHAPE)
 
 
 def make_module(seed: int = 0, **kw) -> BilevelTraining:

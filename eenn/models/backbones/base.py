@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from eenn.registry import Registry
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Units that hand on channels-last tokens, (B, N, D) (ViT) or (B, H, W, D) (Swin), instead
+    of (B, C, H, W) feature maps; exit heads pool them as the model's own head does (timm's
+    ``global_pool``): ``pool="token"`` reads the class token, ``avg``/``max``/``avgmax`` reduce
+    the tokens after the ``prefix_tokens`` class/register/distillation tokens (all of them with
+    ``include_prefix``)."""
+
+    pool: str = "avg"
+    prefix_tokens: int = 0
+    include_prefix: bool = False
 
 
 @dataclass
@@ -24,6 +37,10 @@ class BackboneParts:
     BranchyNet's branches), builds the exit after a block: ``exit_head(block=name,
     in_shape=(C, H, W), num_classes=n, **exits.head)``; ``exits.head.name: native`` selects it.
     A unit may output a list of multi-scale tensors (MSDNet); exit heads read its last (coarsest).
+
+    ``tokens`` says that the units hand on tokens (see :class:`Tokens`), ``None`` feature maps.
+    ``check(input_shape)``, for families split from a model that also runs whole (timm), refuses
+    by name a split whose units and head composed do not give what the whole model gives.
     """
 
     units: list[tuple[str, nn.Module]]
@@ -31,6 +48,8 @@ class BackboneParts:
     blocks: list[str]
     stages: dict[str, str] = field(default_factory=dict)
     exit_head: Callable[..., nn.Module] | None = None
+    tokens: Tokens | None = None
+    check: Callable[[Sequence[int]], None] | None = None
 
 
 BACKBONES: Registry[BackboneParts] = Registry("backbone family", "backbone.name")
