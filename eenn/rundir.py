@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from eenn.cost import CostProfile
@@ -337,8 +338,15 @@ class Stage1Run(RunDir):
         if not self.has_config():
             raise EENNError(f"resume={str(self.path)!r} holds no saved config ({HYDRA_DIR}/config.yaml): it is not a "
                             "stage-1 run that started training.")
-        differ = config_differences(OmegaConf.to_container(OmegaConf.load(self.config_file)),
-                                    resolved_config(cfg, self.path), self.RESUME_MAY_CHANGE)
+        saved, unresolved = OmegaConf.load(self.config_file), set()
+        try:  # saved resolved once training started; a run that crashed before holds Hydra's own
+            before = flatten(OmegaConf.to_container(saved, resolve=True))
+        except OmegaConfBaseException:  # with interpolations only Hydra resolves (${hydra:...}): those not compared
+            before = flatten(OmegaConf.to_container(saved))
+            unresolved = {k for k, v in before.items() if isinstance(v, str) and "${" in v}
+        before, now = ({k: v for k, v in flat.items() if k not in unresolved}
+                       for flat in (before, flatten(resolved_config(cfg, self.path))))
+        differ = config_differences(before, now, self.RESUME_MAY_CHANGE)
         if differ:
             raise EENNError(f"resume={str(self.path)!r}: today's configs compose differently from the run's saved "
                             f"config ({differ}); resume with the eenn the run was made with, or set those keys "

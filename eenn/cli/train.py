@@ -50,7 +50,9 @@ def expand_resume(args: list[str]) -> list[str]:
     given_keys = keys(rest) | set(RESUME_SETS)
     saved = [o for o in saved_overrides if next(iter(keys([o]))) not in given_keys]
     quoted = "'" + str(run_dir).replace("\\", "\\\\").replace("'", "\\'") + "'"  # Hydra's quoted-string grammar
-    return [*saved, f"resume={quoted}", f"hydra.run.dir={quoted}", "ckpt_path=last", *rest]
+    # no .hydra/ from Hydra for this job: the run's saved config is what the job checks itself
+    # against (then saves its own), and its overrides.yaml stays the run's
+    return [*saved, f"resume={quoted}", f"hydra.run.dir={quoted}", "hydra.output_subdir=null", "ckpt_path=last", *rest]
 
 
 main = cli(app, rewrite_args=expand_resume)

@@ -25,7 +25,8 @@ def test_resume_replays_the_runs_overrides_in_its_dir_from_last(tmp_path):
     args = expand_resume([f"resume={run}", "trainer.max_epochs=8"])
     q = f"'{run.resolve()}'"
     # its own resume/ckpt_path give way to the new ones; a key given again takes the new value
-    assert args == ["data=digits", "seed=3", f"resume={q}", f"hydra.run.dir={q}", "ckpt_path=last", "trainer.max_epochs=8"]
+    assert args == ["data=digits", "seed=3", f"resume={q}", f"hydra.run.dir={q}", "hydra.output_subdir=null", "ckpt_path=last",
+                    "trainer.max_epochs=8"]
     assert expand_resume(["data=digits"]) == ["data=digits"]
 
 
