@@ -130,6 +130,14 @@ start() {
 }
 
 stop() {
+  # jobs first: a job step's slurmstepd outlives a stopped slurmd and would be left behind
+  if running slurmctld; then
+    SLURM_CONF=$CONF scancel --user="$(id -un)" 2>/dev/null || true
+    local end=$((SECONDS + 30))
+    while [ $SECONDS -lt $end ] && { [ -n "$(SLURM_CONF=$CONF squeue -h 2>/dev/null)" ] || pgrep -x slurmstepd >/dev/null; }; do
+      sleep 0.5
+    done
+  fi
   for d in "${DAEMONS[@]}"; do
     if running "$d"; then
       kill "$(cat "$DIR/$d.pid")"
