@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from timm.data import Mixup
 from timm.utils import ModelEmaV3
 
 from eenn.cost import CostProfile
@@ -157,8 +156,7 @@ class BilevelTraining(MultiExitModule):
         self.budget_penalty = budget_penalty
         self.joint_warmup_epochs, self.normalize_loss = joint_warmup_epochs, normalize_loss
         self.freeze_backbone, self.clip_grad_norm, self.label_smoothing = freeze_backbone, clip_grad_norm, label_smoothing
-        self.mixup = (Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing,
-                            num_classes=num_classes) if mixup_alpha > 0 or cutmix_alpha > 0 else None)
+        self.set_mixup(mixup_alpha, cutmix_alpha, label_smoothing, num_classes)
         self.ema = ModelEmaV3(network, decay=ema_decay, use_warmup=ema_warmup) if ema_decay else None
         if self.ema is not None:
             self.ema.module.requires_grad_(False)
@@ -206,13 +204,7 @@ class BilevelTraining(MultiExitModule):
 
     # ---------------------------------------------------------------------------- training
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        targets = y
-        if self.mixup is not None:
-            if len(x) % 2:
-                raise EENNError(f"training.mixup_alpha/cutmix_alpha need an even data.batch_size, got a batch of {len(x)}.")
-            x, targets = self.mixup(x, y)
-            y = targets.argmax(-1)
+        x, targets, y = self.mix_batch(*batch)
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
         bs = len(x)

@@ -64,7 +64,23 @@ class MultiExitModule(pl.LightningModule):
         self.train_acc = per_exit_accuracy(names, num_classes, "train/acc/")
         self.val_acc = per_exit_accuracy(names, num_classes, "val/acc/")
         self.test_acc = per_exit_accuracy(names, num_classes, "test/acc/")
+        self.mixup: Mixup | None = None  # set_mixup
 
+    def set_mixup(self, mixup_alpha: float, cutmix_alpha: float, label_smoothing: float, num_classes: int) -> None:
+        """timm's Mixup/CutMix (the ViT recipe) when either alpha is set: soft targets, with the
+        label smoothing folded into them."""
+        self.mixup = (Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing,
+                            num_classes=num_classes) if mixup_alpha > 0 or cutmix_alpha > 0 else None)
+
+    def mix_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images, targets, labels) of a training batch: with Mixup/CutMix the mixed images, soft
+        targets (B, C) and their argmax as the labels; without, the batch as it came."""
+        if self.mixup is None:
+            return x, y, y
+        if len(x) % 2:
+            raise EENNError(f"training.mixup_alpha/cutmix_alpha need an even data.batch_size, got a batch of {len(x)}.")
+        x, targets = self.mixup(x, y)
+        return x, targets, targets.argmax(-1)
     def as_input(self, x: torch.Tensor) -> torch.Tensor:
         """Images in the network's memory format (a no-op when they already are)."""
         return x.contiguous(memory_format=self.memory_format) if x.ndim == 4 else x
@@ -120,9 +136,7 @@ class JointTraining(MultiExitModule):
     ) -> None:
         super().__init__(network, num_classes, optimizer, scheduler, scheduler_interval, cost_profile, channels_last)
         self.save_hyperparameters(ignore=["network", "optimizer", "scheduler", "cost_profile"])
-        # timm's Mixup/CutMix (the ViT recipe): soft targets, label smoothing folded into them
-        self.mixup = (Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing,
-                            num_classes=num_classes) if mixup_alpha > 0 or cutmix_alpha > 0 else None)
+        self.set_mixup(mixup_alpha, cutmix_alpha, label_smoothing, num_classes)
         self.register_buffer("loss_weights", exit_loss_weights(loss_weights, network.num_exits), persistent=False)
         self.kl_alpha, self.kl_tau, self.kl_start, self.kl_detach_teacher = kl_alpha, kl_tau, kl_start, kl_detach_teacher
         self.warmup_epochs, self.label_smoothing = warmup_epochs, label_smoothing
@@ -155,13 +169,7 @@ class JointTraining(MultiExitModule):
         return total, ce, kl
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        targets = y
-        if self.mixup is not None:
-            if len(x) % 2:
-                raise EENNError(f"training.mixup_alpha/cutmix_alpha need an even data.batch_size, got a batch of {len(x)}.")
-            x, targets = self.mixup(x, y)
-            y = targets.argmax(-1)
+        x, targets, y = self.mix_batch(*batch)
         logits = self(x)
         loss, ce, kl = self.joint_loss(logits, targets)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y), sync_dist=True)
