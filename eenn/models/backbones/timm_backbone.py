@@ -111,6 +111,11 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def _unsplittable(model: str, net: nn.Module, why: str) -> EENNError:
+    return EENNError(f"backbone.name={model!r} ({type(net).__name__}) cannot be split into stages: {why}; see the "
+                     "README for the timm families that split.")
+
+
 def _checker(net: nn.Module, units: list[tuple[str, nn.Module]], head: nn.Module, model: str) -> Callable[[Sequence[int]], None]:
     """The check that the split reproduces ``net`` in eval mode, on two seeded random images of
     the data's shape (``net``'s modes and weights are left as they were)."""
@@ -132,20 +137,16 @@ def _checker(net: nn.Module, units: list[tuple[str, nn.Module]], head: nn.Module
                     got = unit(got)
                 got = head(got)
             except Exception as exc:  # noqa: BLE001
-                raise EENNError(f"backbone.name={model!r} ({type(net).__name__}) cannot be split into stages: its "
-                                f"units run one after another fail ({_first_line(exc)}); see the README for the "
-                                "timm families that split.") from None
+                raise _unsplittable(model, net, f"its units run one after another fail ({_first_line(exc)})") from None
         finally:
             for m, mode in zip(net.modules(), modes):
                 m.training = mode
         if not isinstance(want, torch.Tensor) or got.shape != want.shape:
-            raise EENNError(f"backbone.name={model!r} ({type(net).__name__}) cannot be split into stages: its units give "
-                            f"an output of another form than the model's; see the README for the timm families that split.")
+            raise _unsplittable(model, net, "its units give an output of another form than the model's")
         diff = float((got - want).abs().max())
         if not diff <= ATOL:
-            raise EENNError(f"backbone.name={model!r} ({type(net).__name__}) cannot be split into stages: its units run "
-                            f"one after another differ from the model's own forward by {diff:.2g} (its forward does work "
-                            "outside its children); see the README for the timm families that split.")
+            raise _unsplittable(model, net, f"its units run one after another differ from the model's own forward by "
+                                            f"{diff:.2g} (its forward does work outside its children)")
 
     return check
 
@@ -189,14 +190,12 @@ def timm_backbone(
     except TypeError as exc:  # an argument this model's class does not take
         raise EENNError(f"backbone: {model} does not take these arguments ({_first_line(exc)}).") from None
     if not getattr(net, "feature_info", None):
-        raise EENNError(f"backbone.name={model!r} ({type(net).__name__}) cannot be split into stages: timm gives "
-                        "it no feature_info to cut along; see the README for the timm families that split.")
+        raise _unsplittable(model, net, "timm gives it no feature_info to cut along")
     units, head, stage_modules, tokens = _split(net)
     names = [n for n, _ in units]
     missing = [m for m in stage_modules if m not in names]
     if missing:
-        raise EENNError(f"backbone.name={model!r} ({type(net).__name__}) cannot be split into stages: its feature "
-                        f"stages {missing} are not top-level units; see the README for the timm families that split.")
+        raise _unsplittable(model, net, f"its feature stages {missing} are not top-level units")
     first_stage = names.index(stage_modules[0])
     return BackboneParts(
         units=units,
