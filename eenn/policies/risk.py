@@ -154,7 +154,7 @@ class RiskPolicy(MaxProbPolicy):
             self.info.update({"threshold": float(grid[j]), "candidate": j, "calibration_risk": float(losses[j]) / n,
                               "certified": self.certify, "risk_bound": self.epsilon if self.certify else None})
             if self.certify:
-                self.info["p_value"] = float(binomial_pvalues(losses[j:j + 1], n, self.epsilon)[0])
+                self.info["p_value"] = float(pvalues[j])
         check_realised_budget(self, val, costs, heads, budget)
 
     def _refuse(self, n: int, costs: torch.Tensor, budget: float | None) -> None:
