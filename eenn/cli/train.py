@@ -29,7 +29,7 @@ def expand_resume(args: list[str]) -> list[str]:
     command line becomes the run's own overrides (as Hydra saved them: :meth:`RunDir.overrides`),
     then ``hydra.run.dir=<dir> ckpt_path=last``, then the rest of this command line (which wins
     where it sets the same key, e.g. ``trainer.max_epochs`` to train on). The job checks that the
-    config composes as the run's saved one (:func:`eenn.tasks.train.check_resume`)."""
+    config composes as the run's saved one (:meth:`eenn.rundir.Stage1Run.check_resume`)."""
     given = [a for a in args if a.startswith("resume=")]
     if not given:
         return args
