@@ -8,6 +8,7 @@ as its input. The objects here know the files; every other module asks them:
   finished, ``metrics.json``;
 - :class:`FitRun` (eenn-fit): ``policy.safetensors`` and ``metrics.json``;
 - :class:`InferRun` (eenn-infer): ``infer.json``;
+- :class:`ExportRun` (eenn-export): the deployment bundle in ``bundle/``;
 - :class:`CompareRun` (eenn-compare): ``results.csv``, the plots (PNG) and ``report.html``;
 - :class:`PipelineRun` (eenn-pipeline): a Stage1Run in ``train/``, a FitRun per job in ``fit/``
   and a CompareRun in ``compare/``;
@@ -545,6 +546,19 @@ class InferRun(RunDir):
         write_json(self.result_file, result)
 
 
+class ExportRun(RunDir):
+    """An eenn-export run dir: the deployment bundle in ``bundle/`` (:mod:`eenn.deploy.bundle`)."""
+
+    APP = "export"
+
+    def finished(self) -> bool:
+        return (self.bundle_dir / "manifest.json").is_file()
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.path / "bundle"
+
+
 class CompareRun(RunDir):
     """An eenn-compare run dir: results.csv, the plots and report.html."""
 
@@ -637,7 +651,7 @@ class PipelineRun(RunDir):
 
 
 #: the run dir of each app, by its config's task_name
-RUN_TYPES: dict[str, type[RunDir]] = {t.APP: t for t in (Stage1Run, FitRun, InferRun, CompareRun, PipelineRun)}
+RUN_TYPES: dict[str, type[RunDir]] = {t.APP: t for t in (Stage1Run, FitRun, InferRun, ExportRun, CompareRun, PipelineRun)}
 
 
 def resolved_config(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:

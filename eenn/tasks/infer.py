@@ -12,6 +12,7 @@ policy that has one, DEEx's).
 from __future__ import annotations
 
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,17 @@ from eenn.predictions import SPLITS
 from eenn.rundir import FitRun, InferRun, Stage1Run
 
 MODES = ("batched", "rebatch", "single")
+#: torch: eenn's engine on the run's network; onnxruntime: an eenn-export bundle (eenn.deploy)
+RUNTIMES = ("torch", "onnxruntime")
 
 
-def resolve_policy_file(cfg: DictConfig) -> Path:
+def resolve_policy_file(cfg: DictConfig, default: str | None = None) -> Path:
+    """``policy_file``, else ``policy_dir``'s policy, else ``default`` (a bundle's source policy)."""
+    if not cfg.get("policy_file") and not cfg.get("policy_dir") and default:
+        if not Path(default).is_file():
+            raise EENNError(f"the bundle's source policy file {default!r} does not exist here; set policy_dir or "
+                            "policy_file to the policy it was exported with.")
+        return Path(default)
     if cfg.get("policy_file"):
         path = Path(cfg.policy_file)
         if not path.is_file():
@@ -48,6 +57,18 @@ def check_config(cfg: DictConfig) -> None:
     """Refuse bad settings before loading anything, each with one sentence naming its key."""
     if cfg.mode not in MODES:
         raise EENNError(f"mode must be one of {MODES}, got {cfg.mode!r}.")
+    runtime = cfg.get("runtime", "torch")
+    if runtime not in RUNTIMES:
+        raise EENNError(f"runtime must be one of {RUNTIMES}, got {runtime!r}.")
+    if runtime == "onnxruntime":
+        if not cfg.get("bundle"):
+            raise EENNError("runtime=onnxruntime needs bundle=<an eenn-export run dir or its bundle/>.")
+        if cfg.mode == "rebatch":
+            raise EENNError("mode=rebatch is the torch engine's; runtime=onnxruntime runs mode=batched or mode=single.")
+        if str(cfg.device) != "cpu":
+            raise EENNError(f"device={cfg.device!r}: runtime=onnxruntime runs on the CPU here (device=cpu).")
+    elif cfg.get("bundle"):
+        raise EENNError("bundle= is read by runtime=onnxruntime only; add runtime=onnxruntime.")
     check_number(cfg.batch_size, "batch_size", 1, integer=True)
     check_number(cfg.timing_repeats, "timing_repeats", 1, integer=True)
     if cfg.get("threads") is not None:
@@ -78,10 +99,11 @@ def check_config(cfg: DictConfig) -> None:
             raise EENNError(f"edge_cloud.p_d_sweep entries must be probabilities in [0, 1], got {p_d!r}.")
 
 
-def resolve_run(cfg: DictConfig) -> Stage1Run:
-    """``run_dir``, or else the stage-1 run the policy dir was fitted on."""
-    if cfg.get("run_dir"):
-        run = Stage1Run(cfg.run_dir)
+def resolve_run(cfg: DictConfig, default: str | None = None) -> Stage1Run:
+    """``run_dir``, or else the stage-1 run the policy dir was fitted on, or else ``default`` (a
+    bundle's source run)."""
+    if cfg.get("run_dir") or (default and not cfg.get("policy_dir")):
+        run = Stage1Run(cfg.get("run_dir") or default)
     else:
         run = FitRun(cfg.policy_dir).source_run() if cfg.get("policy_dir") else None
         if run is None:
@@ -113,12 +135,21 @@ def infer(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
 
 def _infer(cfg: DictConfig, out_run: InferRun) -> dict[str, Any]:
-    policy_file = resolve_policy_file(cfg)
+    bundle = None
+    if cfg.get("runtime", "torch") == "onnxruntime":
+        from eenn.deploy.bundle import Bundle, sha256  # onnxruntime: only for this runtime
+
+        bundle = Bundle(cfg.bundle)
+    source = bundle.manifest["source"] if bundle is not None else {}
+    policy_file = resolve_policy_file(cfg, source.get("policy_file"))
     policy = ExitPolicy.load(policy_file)
-    run = resolve_run(cfg)
+    run = resolve_run(cfg, source.get("run_dir"))
     dm = run.datamodule(cfg.get("data"))
     dm.setup("test")
-    network = run.load_network(str(cfg.checkpoint), dm)
+    if bundle is not None and source.get("policy_sha256") not in (None, sha256(policy_file)):
+        raise EENNError(f"policy file {str(policy_file)!r} is not the one bundle {str(bundle.path)!r} was exported with "
+                        "(its sha256 differs from the manifest's source.policy_sha256): give that policy.")
+    network = run.load_network(str(cfg.checkpoint), dm) if bundle is None else None
     profile = run.costs()
     unit = str(cfg.report_unit)
     if profile.backbone.get(unit) is None:
@@ -135,13 +166,21 @@ def _infer(cfg: DictConfig, out_run: InferRun) -> dict[str, Any]:
         raise EENNError(f"policy file {str(policy_file)!r} was fitted on {policy.num_exits} exits and {policy.num_classes} "
                         f"classes; run_dir's network has {preds.num_exits} and {preds.num_classes}.")
 
+    bs = 1 if cfg.mode == "single" else int(cfg.batch_size)
+    if bundle is not None:
+        if (bundle.num_exits, bundle.num_classes) != (preds.num_exits, preds.num_classes) or \
+                bundle.input_shape != tuple(x.shape[1:]):
+            raise EENNError(f"bundle {str(bundle.path)!r} takes input {list(bundle.input_shape)} with {bundle.num_exits} "
+                            f"exits and {bundle.num_classes} classes; run_dir's data and network have "
+                            f"{list(x.shape[1:])}, {preds.num_exits} and {preds.num_classes}.")
+        return _infer_bundle(cfg, out_run, bundle, policy, policy_file, run, preds, profile, x, y, bs)
+
     ec = cfg.edge_cloud
     split = network.num_exits - 2 if ec.split is None else int(ec.split)
     if ec.enabled and not -1 <= split < network.num_exits:
         raise EENNError(f"edge_cloud.split={split} must lie in -1..{network.num_exits - 1} (the stage after which to cut).")
 
     engine = EarlyExitEngine(network, policy, device=cfg.device)
-    bs = 1 if cfg.mode == "single" else int(cfg.batch_size)
     runner = Rebatcher(engine, bs).run if cfg.mode == "rebatch" else engine.run
     runner(batches_of(x[:bs], bs))  # warm-up: first calls allocate and pick kernels
     results: list[ExitResult] = []
@@ -158,6 +197,7 @@ def _infer(cfg: DictConfig, out_run: InferRun) -> dict[str, Any]:
     result = results[0]  # every pass takes the same exits; only the times differ
 
     out: dict[str, Any] = {
+        "runtime": "torch",
         "run_dir": str(run.path),
         "policy_file": str(policy_file),
         "policy": {"name": policy.name, "cost_unit": policy.cost_unit, "budget": policy.budget, "info": policy.info},
@@ -183,6 +223,64 @@ def _infer(cfg: DictConfig, out_run: InferRun) -> dict[str, Any]:
         if policy.has_p_d_curve and ec.p_d_sweep:
             out["edge_cloud"]["p_d_curve"] = p_d_time_curve(partition, preds, list(ec.p_d_sweep), policy)
 
+    out_run.write_config(cfg)
+    out_run.write_result(out)
+    print(summary_text(out))
+    return out
+
+
+def _infer_bundle(cfg: DictConfig, out_run: InferRun, bundle: Any, policy: ExitPolicy, policy_file: Path, run: Stage1Run,
+                  preds: Any, profile: Any, x: torch.Tensor, y: torch.Tensor, bs: int) -> dict[str, Any]:
+    """runtime=onnxruntime: the bundle in ONNX Runtime, next to offline simulation of the policy it
+    was exported with, timed against the plain network in ONNX Runtime (its backbone.onnx)."""
+    from eenn.deploy import Runtime
+    from eenn.deploy.bundle import BACKBONE
+
+    rt = Runtime(bundle, threads=cfg.get("threads"))
+    xn = x.numpy()
+    rt.predict(xn[:bs], bs)  # warm-up
+    results: list[ExitResult] = []
+    backbone_s: list[float] = []
+
+    def bundle_pass() -> None:
+        p = rt.predict(xn, bs)
+        results.append(ExitResult(
+            predictions=torch.from_numpy(p.classes), exit_index=torch.from_numpy(p.exits),
+            heads_evaluated=torch.from_numpy(p.heads), logits=torch.from_numpy(p.logits),
+            latency_ms=torch.from_numpy(p.latency_ms), wall_s=p.wall_s, policy_s=p.router_s, labels=y,
+            stage_batch_sizes=p.stage_batch_sizes,
+        ))
+
+    def backbone_pass() -> None:
+        t = time.perf_counter()
+        rt.predict_backbone(xn, bs)
+        backbone_s.append(time.perf_counter() - t)
+
+    passes = [bundle_pass]
+    if cfg.backbone_baseline and BACKBONE in bundle.manifest["files"]:
+        rt.predict_backbone(xn[:bs], bs)  # its warm-up
+        passes.append(backbone_pass)
+    for r in range(int(cfg.timing_repeats)):
+        for run_pass in passes if r % 2 == 0 else passes[::-1]:
+            run_pass()
+    result = results[0]
+    out: dict[str, Any] = {
+        "runtime": "onnxruntime",
+        "bundle": str(bundle.path),
+        "run_dir": str(run.path),
+        "policy_file": str(policy_file),
+        "policy": {"name": policy.name, "cost_unit": policy.cost_unit, "budget": policy.budget, "info": policy.info},
+        "split": cfg.split,
+        "num_samples": result.num_samples,
+        "mode": cfg.mode,
+        "batch_size": bs,
+        "device": "cpu (onnxruntime)",
+        "threads": rt.options.intra_op_num_threads or "onnxruntime's default",
+        "host": platform.node(),
+        **expected_vs_realised(policy, preds, result, profile, str(cfg.report_unit)),
+        "timing": timing_summary(results, backbone_s or None),
+        "edge_cloud": None,  # the partition is measured on the torch network: runtime=torch
+    }
     out_run.write_config(cfg)
     out_run.write_result(out)
     print(summary_text(out))

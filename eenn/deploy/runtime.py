@@ -1,0 +1,212 @@
+"""Real early exit in ONNX Runtime, with numpy alone beside it: no PyTorch.
+
+A batch runs segment by segment, as :class:`eenn.inference.engine.EarlyExitEngine` runs it in
+PyTorch. After segment k (stage k and its exit head) the router decides for the samples whose
+next exit is k; those that exit leave with their answer, and only the others are gathered
+(compaction) and go on into segment k+1 with their activations and router state. A sample sent
+past exits (DEEx) runs the stages in between without their heads (the bundle then holds the
+middle stages and heads apart). Nothing runs for a sample after it left.
+
+    rt = Runtime("outputs/export/runs/<run>/bundle")        # or the eenn-export run dir
+    out = rt.predict(rt.bundle.normalise(uint8_images))     # or already normalised float32 input
+    out.classes, out.exits, out.logits
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eenn.deploy.bundle import BACKBONE, Bundle, exit_file, segment_file, stage_file
+from eenn.deploy.router import State
+from eenn.errors import EENNError
+
+
+def _onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise EENNError("the eenn.deploy runtime needs onnxruntime: pip install onnxruntime "
+                        "(or pip install 'eenn[deploy]').") from None
+    return onnxruntime
+
+
+@dataclass
+class Prediction:
+    """Per-sample outcome, in input order."""
+
+    classes: np.ndarray  # (N,) int64: the predicted class
+    exits: np.ndarray  # (N,) int64: the exit that answered
+    logits: np.ndarray  # (N, C) float32: that exit's logits
+    heads: np.ndarray  # (N, K) bool: the heads each sample evaluated
+    latency_ms: np.ndarray  # (N,) float64: from its batch's start to its answer
+    wall_s: float  # the whole call
+    router_s: float  # time in the router's decisions
+    stage_batch_sizes: list[list[int]] = field(default_factory=list)  # per stage, the batches it ran
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.exits.shape[0])
+
+
+@dataclass
+class _Group:
+    h: list[np.ndarray]  # the next stage's inputs (one array, or several for multi-scale features)
+    ids: np.ndarray
+    next_exit: np.ndarray
+    state: State
+    heads: np.ndarray
+
+    def take(self, idx: np.ndarray) -> _Group:
+        return _Group([a[idx] for a in self.h], self.ids[idx], self.next_exit[idx],
+                      {k: v[idx] for k, v in self.state.items()}, self.heads[idx])
+
+
+class Runtime:
+    """A bundle's segments in ONNX Runtime sessions and its policy's router.
+
+    ``providers``: ONNX Runtime execution providers (default: the CPU's); ``threads``: intra-op
+    threads per session (default: ONNX Runtime's choice)."""
+
+    def __init__(self, bundle: str | Path | Bundle, providers: list[str] | None = None, threads: int | None = None,
+                 verify: bool = True) -> None:
+        ort = _onnxruntime()
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, verify=verify)
+        self.router = self.bundle.policy()
+        self.options = ort.SessionOptions()
+        if threads is not None:
+            self.options.intra_op_num_threads = int(threads)
+            self.options.inter_op_num_threads = 1
+        self.providers = providers or ["CPUExecutionProvider"]
+        K = self.bundle.num_exits
+        self.segments = [self._session(segment_file(k)) for k in range(K)]
+        # the middle stages and heads apart, for groups where some samples skip the head
+        middle = range(1, K - 1) if self.bundle.jumps else range(0)
+        self.stages = {k: self._session(stage_file(k)) for k in middle}
+        self.heads = {k: self._session(exit_file(k)) for k in middle}
+        self._backbone: Any = None
+        self.input_name = self.segments[0].get_inputs()[0].name
+
+    def _session(self, name: str) -> Any:
+        ort = _onnxruntime()
+        path = self.bundle.file(name)
+        try:
+            return ort.InferenceSession(str(path), sess_options=self.options, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EENNError(f"{str(path)!r} is not an ONNX graph ONNX Runtime can load ({reason}).") from None
+
+    @property
+    def num_exits(self) -> int:
+        return self.bundle.num_exits
+
+    # ------------------------------------------------------------------ checks
+    def check_input(self, x: Any) -> np.ndarray:
+        """``x`` as the float32 (N, *input.shape) array the bundle takes, else an EENNError."""
+        if not isinstance(x, np.ndarray):
+            raise EENNError(f"the runtime takes a numpy array of shape (N, {', '.join(map(str, self.bundle.input_shape))}), "
+                            f"got {type(x).__name__}.")
+        shape = self.bundle.input_shape
+        if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+            raise EENNError(f"input of shape {tuple(x.shape)} does not match the manifest's input.shape {list(shape)} "
+                            "(with a leading batch axis).")
+        if x.shape[0] == 0:
+            raise EENNError("the input holds no samples.")
+        if x.dtype != np.float32:
+            if x.dtype == np.uint8:
+                raise EENNError("the input is uint8 images: normalise them first (Runtime.bundle.normalise) into the "
+                                "manifest's input.dtype float32.")
+            x = x.astype(np.float32)
+        return np.ascontiguousarray(x)
+
+    # --------------------------------------------------------------- running
+    def predict(self, x: np.ndarray, batch_size: int | None = None) -> Prediction:
+        """Classes, exits and logits for ``x`` (N, *input.shape) float32, run in batches of
+        ``batch_size`` (default: one batch)."""
+        x = self.check_input(x)
+        n, K, C = x.shape[0], self.num_exits, self.bundle.num_classes
+        bs = n if batch_size is None else int(batch_size)
+        if bs < 1:
+            raise EENNError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+        classes = np.empty(n, dtype=np.int64)
+        exits = np.empty(n, dtype=np.int64)
+        logits = np.empty((n, C), dtype=np.float32)
+        heads = np.zeros((n, K), dtype=bool)
+        done = np.empty(n, dtype=np.float64)
+        arrival = np.empty(n, dtype=np.float64)
+        sizes: list[list[int]] = [[] for _ in range(K)]
+        self.router_s = 0.0
+        t0 = time.perf_counter()
+        for a in range(0, n, bs):
+            b = min(n, a + bs) - a
+            arrival[a:a + b] = time.perf_counter()
+            g = _Group([x[a:a + b]], np.arange(a, a + b), np.zeros(b, dtype=np.int64), self.router.init_state(b),
+                       np.zeros((b, K), dtype=bool))
+            for k in range(K):
+                sizes[k].append(len(g.ids))
+                g = self._advance(k, g, classes, exits, logits, heads, done)
+                if g is None:
+                    break
+        wall = time.perf_counter() - t0
+        return Prediction(classes, exits, logits, heads, (done - arrival) * 1e3, wall, self.router_s, sizes)
+
+    def _advance(self, k: int, g: _Group, classes: np.ndarray, exits: np.ndarray, logits: np.ndarray,
+                 heads: np.ndarray, done: np.ndarray) -> _Group | None:
+        """Stage k (with exit k's head for the samples bound to it), the router's decision, the
+        exited samples written out; the continuing samples' group, or None."""
+        here = g.next_exit == k
+        n_here = int(here.sum())
+        if n_here == len(g.ids):
+            *h, lk = self._run(self.segments[k], g.h)
+            sel = None
+        else:
+            h = self._run(self.stages[k], g.h)
+            if n_here == 0:  # all sent past this exit: no head runs
+                g.h = h
+                return g
+            sel = np.flatnonzero(here)
+            (lk,) = self._run(self.heads[k], [a[sel] for a in h])
+        sub_state = g.state if sel is None else {name: v[sel] for name, v in g.state.items()}
+        t = time.perf_counter()
+        d = self.router.decide(k, lk, sub_state)
+        self.router_s += time.perf_counter() - t
+        rows = np.arange(len(g.ids)) if sel is None else sel
+        g.heads[rows, k] = True
+        g.next_exit[rows] = d.next_exit
+        for name, v in d.state.items():
+            g.state[name][rows] = v
+        out = rows[d.exit]
+        if out.size:
+            ids = g.ids[out]
+            exits[ids] = k
+            logits[ids] = lk[d.exit]
+            classes[ids] = lk[d.exit].argmax(-1)
+            heads[ids] = g.heads[out]
+            done[ids] = time.perf_counter()
+        if out.size == len(g.ids):
+            return None
+        g.h = h
+        if out.size == 0:
+            return g
+        keep = np.ones(len(g.ids), dtype=bool)
+        keep[out] = False
+        return g.take(np.flatnonzero(keep))
+
+    def _run(self, session: Any, h: list[np.ndarray]) -> list[np.ndarray]:
+        feeds = {i.name: a for i, a in zip(session.get_inputs(), h)}
+        return session.run(None, feeds)
+
+    # ------------------------------------------------------------- baseline
+    def predict_backbone(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """The plain backbone's logits (``backbone.onnx``, every layer for every sample): the
+        baseline the early-exit speedup is measured against."""
+        if self._backbone is None:
+            self._backbone = self._session(BACKBONE)
+        x = self.check_input(x)
+        bs = x.shape[0] if batch_size is None else int(batch_size)
+        name = self._backbone.get_inputs()[0].name
+        return np.concatenate([self._backbone.run(None, {name: x[a:a + bs]})[0] for a in range(0, x.shape[0], bs)])
