@@ -78,6 +78,12 @@ class Runtime:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, verify=verify)
         self.router = self.bundle.policy()
         self.options = ort.SessionOptions()
+        # every segment is a session with its own thread pool, whose threads spin for a while after
+        # each run: the next segment's pool then shares the cores with them. Measured on 2 cores, a
+        # bundle whose samples nearly all left at the first exit ran at the plain network's speed
+        # (0.47 vs 0.46 ms/sample) instead of the 0.19 its first segment costs. Spinning stays on
+        # within a run, where it saves the wake-up of every operator.
+        self.options.add_session_config_entry("session.force_spinning_stop", "1")
         if threads is not None:
             self.options.intra_op_num_threads = int(threads)
             self.options.inter_op_num_threads = 1

@@ -1,0 +1,224 @@
+"""Does the exported bundle pay off against the model a deployer would otherwise ship?
+
+On a trained stage-1 run (default: ResNet-20 with an exit after each group, trained here on
+cifar10_small; ``--run-dir`` takes a finished run instead), maxprob and eenet are fitted at
+``--fractions`` of the full cost and exported (``eenn-export``'s code path). For each policy,
+budget and batch size (128, 1) this times on the CPU, interleaved, ``--repeats`` times over the
+test split (``--single-samples`` of it at batch 1):
+
+- ``plain``: the plain backbone exported whole (the bundle's ``backbone.onnx``) in ONNX Runtime;
+- ``bundle``: the bundle with routing (:class:`eenn.deploy.Runtime`);
+- ``eager``: eenn's engine in PyTorch on the same network and policy.
+
+Reported per case (medians of the repeats): the bundle's realised speedup over ``plain``, the
+speedup predicted from per-segment latency (each segment timed alone on full batches of that
+size: plain per-sample time / sum over k of the share of samples reaching segment k times
+segment k's per-sample time), their ratio, the router's share of the bundle's time, the eager
+engine's speedup over ``plain``, the exit fractions, and the acceptance checks: realised >= 0.9x
+predicted at batch 128, router <= 1 % at batch 1, never slower than ``plain`` when >= 40 % of
+samples exit at the first exit. ONNX Runtime and torch get the same number of threads.
+
+    python benchmarks/deploy_speed.py                        # trains ResNet-20 on cifar10_small (--epochs 15)
+    python benchmarks/deploy_speed.py --run-dir <stage-1 run dir>
+    python benchmarks/deploy_speed.py --quick                # digits, one epoch, 2 repeats: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")  # a benchmark: no wandb runs
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from common import add_output_args, output_path  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+from eenn.cli.common import conf_dir  # noqa: E402
+from eenn.deploy import Runtime  # noqa: E402
+from eenn.inference.engine import EarlyExitEngine, batches_of  # noqa: E402
+from eenn.rundir import FitRun, Stage1Run  # noqa: E402
+from eenn.tasks.export import export  # noqa: E402
+from eenn.tasks.fit import fit_run  # noqa: E402
+from eenn.tasks.infer import load_split  # noqa: E402
+from eenn.tasks.train import train  # noqa: E402
+from eenn.utils.io import write_json  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "benchmarks" / "results" / "deploy_speed.json"
+CIFAR10_SMALL = Path(os.environ.get("EENN_SHARED", REPO.parent / "shared")) / "datasets" / "cifar10_small.npz"
+POLICIES = ("maxprob", "eenet")
+#: the acceptance of the deployment issue
+MIN_RATIO, MAX_ROUTER_PCT, FIRST_EXIT_SHARE = 0.9, 1.0, 0.4
+
+
+def compose_cfg(name: str, overrides: list[str], out: Path) -> DictConfig:
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        cfg.paths.root_dir = str(REPO)
+    return cfg
+
+
+def train_run(work: Path, quick: bool, epochs: int) -> tuple[Path, list[str]]:
+    data = ["data=digits"] if quick or not CIFAR10_SMALL.is_file() else ["data=cifar10_small", f"data.path={CIFAR10_SMALL}"]
+    overrides = [*data, "backbone=resnet20", "exits=stages", "training=joint", "logger=csv", "cost.latency=false",
+                 f"trainer.max_epochs={1 if quick else epochs}", "trainer.enable_progress_bar=false", "seed=0"]
+    run = work / "train"
+    if not Stage1Run(run).finished():
+        train(compose_cfg("train", overrides, run))
+    return run, overrides
+
+
+
+def segment_latency_ms(rt: Runtime, x: np.ndarray, bs: int, repeats: int) -> list[float]:
+    """Each segment alone on full batches of ``bs`` (its input: the previous segment's output),
+    per-sample milliseconds, the median over ``repeats`` passes over ``x``."""
+    per: list[list[float]] = [[] for _ in range(rt.num_exits)]
+    for _ in range(repeats):
+        for a in range(0, len(x) - bs + 1, bs):
+            h = [x[a:a + bs]]
+            for k, seg in enumerate(rt.segments):
+                feeds = {i.name: v for i, v in zip(seg.get_inputs(), h)}
+                t = time.perf_counter()
+                *h, _ = seg.run(None, feeds)
+                per[k].append((time.perf_counter() - t) * 1e3 / bs)
+    return [statistics.median(p) for p in per]
+
+
+def measure(rt: Runtime, engine: EarlyExitEngine, x: torch.Tensor, bs: int, repeats: int) -> dict[str, Any]:
+    xn = x.numpy()
+    n = len(xn)
+    rt.predict(xn[:bs], bs)  # warm-ups
+    rt.predict_backbone(xn[:bs], bs)
+    engine.run(batches_of(x[:bs], bs))
+    times: dict[str, list[float]] = {"plain": [], "bundle": [], "eager": []}
+    router: list[float] = []
+    out = None
+
+    def plain() -> None:
+        t = time.perf_counter()
+        rt.predict_backbone(xn, bs)
+        times["plain"].append(time.perf_counter() - t)
+
+    def bundle() -> None:
+        nonlocal out
+        t = time.perf_counter()
+        out = rt.predict(xn, bs)
+        times["bundle"].append(time.perf_counter() - t)
+        router.append(out.router_s)
+
+    def eager() -> None:
+        t = time.perf_counter()
+        engine.run(batches_of(x, bs))
+        times["eager"].append(time.perf_counter() - t)
+
+    passes = [plain, bundle, eager]
+    for r in range(repeats):  # interleaved, the order turning each repeat: drifting load hits all three
+        for p in passes[r % 3:] + passes[:r % 3]:
+            p()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    fractions = np.bincount(out.exits, minlength=rt.num_exits) / n
+    reach = 1.0 - np.concatenate([[0.0], np.cumsum(fractions)[:-1]])  # share of samples running segment k
+    seg_ms = segment_latency_ms(rt, xn, bs, max(1, repeats // 3))
+    predicted_ms = float(np.dot(reach, seg_ms))
+    plain_ms = 1e3 * med["plain"] / n
+    realised = med["plain"] / med["bundle"]
+    predicted = plain_ms / predicted_ms
+    router_pct = 100 * statistics.median(router) / med["bundle"]
+    return {
+        "batch_size": bs, "num_samples": n, "exit_fractions": fractions.tolist(),
+        "seconds": med, "seconds_passes": times, "ms_per_sample": {k: 1e3 * v / n for k, v in med.items()},
+        "segment_ms_per_sample": seg_ms, "predicted_ms_per_sample": predicted_ms,
+        "realised_speedup": realised, "predicted_speedup": predicted, "realised_over_predicted": realised / predicted,
+        "router_pct": router_pct, "eager_speedup_over_plain_onnx": med["plain"] / med["eager"],
+        "bundle_over_eager_speedup": med["eager"] / med["bundle"],
+    }
+
+
+def acceptance(row: dict[str, Any]) -> dict[str, Any]:
+    checks: dict[str, Any] = {}
+    if row["batch_size"] >= 128:
+        checks["realised_at_least_0.9x_predicted"] = row["realised_over_predicted"] >= MIN_RATIO
+    if row["batch_size"] == 1:
+        checks["router_at_most_1pct"] = row["router_pct"] <= MAX_ROUTER_PCT
+    if row["exit_fractions"][0] >= FIRST_EXIT_SHARE:
+        checks["not_slower_than_plain_onnx"] = row["realised_speedup"] >= 1.0
+    return checks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, default=None, help="a finished stage-1 run (default: train one)")
+    parser.add_argument("--work", type=Path, default=Path("outputs/bench_deploy"), help="where runs, fits and bundles go")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.6, 0.8])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--single-samples", type=int, default=1000, help="test samples timed at batch 1")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime and torch threads (default: torch's)")
+    add_output_args(parser)
+    args = parser.parse_args()
+    out_path = output_path(args, OUT)
+    if args.quick:
+        args.work = out_path.parent / "work"
+        args.repeats, args.fractions, args.single_samples = 2, [0.8], 40
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.run_dir is None:
+        run_dir, overrides = train_run(args.work, args.quick, args.epochs)
+    else:
+        run_dir, overrides = args.run_dir.resolve(), None
+    run = Stage1Run(run_dir)
+    dm = run.datamodule()
+    dm.setup("test")
+    x, y = load_split(dm, "test")
+    network = run.load_network("best", dm)
+    result: dict[str, Any] = {
+        "run_dir": str(run_dir), "train_overrides": overrides, "test_accuracy": run.metrics().get("test_accuracy"),
+        "threads": threads, "host": platform.node(), "torch": torch.__version__, "repeats": args.repeats, "cases": [],
+    }
+    import onnxruntime
+
+    result["onnxruntime"] = onnxruntime.__version__
+    for policy in POLICIES:
+        for fraction in args.fractions:
+            tag = f"{policy}_{fraction:g}"
+            fit_dir, export_dir = args.work / f"fit_{tag}", args.work / f"export_{tag}"
+            if not FitRun(fit_dir).finished():
+                fit_run(compose_cfg("fit", [f"run_dir={run_dir}", f"policy={policy}", f"budget.fraction={fraction}",
+                                            "wandb.enabled=false"], fit_dir), fit_dir)
+            if not (export_dir / "bundle" / "manifest.json").is_file():
+                export(compose_cfg("export", [f"policy_dir={fit_dir}"], export_dir), export_dir)
+            rt = Runtime(export_dir, threads=threads)
+            engine = EarlyExitEngine(network, FitRun(fit_dir).policy())
+            for bs in args.batch_sizes:
+                xs = x if bs > 1 else x[:args.single_samples]
+                row = {"policy": policy, "budget_fraction": fraction, **measure(rt, engine, xs, bs, args.repeats)}
+                row["acceptance"] = acceptance(row)
+                result["cases"].append(row)
+                print(f"{tag:14s} batch {bs:3d}: exits {np.round(row['exit_fractions'], 3).tolist()}  realised "
+                      f"{row['realised_speedup']:.3f}x  predicted {row['predicted_speedup']:.3f}x  ratio "
+                      f"{row['realised_over_predicted']:.3f}  router {row['router_pct']:.2f}%  eager "
+                      f"{row['eager_speedup_over_plain_onnx']:.3f}x  {row['acceptance']}", flush=True)
+    result["acceptance"] = {
+        name: all(c["acceptance"][name] for c in result["cases"] if name in c["acceptance"])
+        for name in ("realised_at_least_0.9x_predicted", "router_at_most_1pct", "not_slower_than_plain_onnx")
+    }
+    write_json(out_path, result)
+    print(result["acceptance"], f"-> {out_path}")
+
+
+if __name__ == "__main__":
+    main()
