@@ -50,6 +50,7 @@ bench: $(STAMP) ## run every benchmark the README quotes, as it quotes it (about
 	$(BIN)/python benchmarks/risk_control.py --run-dir outputs/bench_budget_aware/joint_s0 --splits 1000
 	$(BIN)/python benchmarks/fit_speed.py
 	$(BIN)/python benchmarks/inference_speed.py --threads 1
+	$(BIN)/python benchmarks/deploy_speed.py
 	$(BIN)/python benchmarks/policy_quality.py --epochs 12
 	$(BIN)/python benchmarks/reliability.py
 	$(BIN)/python benchmarks/fit_memory.py

@@ -29,7 +29,16 @@ from torch import nn
 import eenn
 from eenn.cost import CostProfile
 from eenn.deploy.bundle import (
-    BACKBONE, FORMAT, MANIFEST, POLICY_ARRAYS, POLICY_JSON, Bundle, exit_file, segment_file, sha256, stage_file,
+    BACKBONE,
+    FORMAT,
+    MANIFEST,
+    POLICY_ARRAYS,
+    POLICY_JSON,
+    Bundle,
+    exit_file,
+    segment_file,
+    sha256,
+    stage_file,
 )
 from eenn.deploy.router import ROUTERS
 from eenn.errors import EENNError

@@ -9,7 +9,7 @@ batches and checks that its router takes the same decision for every sample; a p
 router fails that test, and so cannot ship without one.
 
 A router is built from what :meth:`Router.export` took from a fitted policy: JSON parameters and
-named arrays (``policy.json`` and ``policy.safetensors`` in a bundle).
+named arrays (the policy files of a bundle, :mod:`eenn.deploy.bundle`).
 """
 
 from __future__ import annotations

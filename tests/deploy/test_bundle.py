@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from eenn.deploy import Bundle, Runtime
 from eenn.deploy.bundle import sha256
@@ -184,19 +183,6 @@ def test_a_bad_policy_file_in_the_bundle_is_refused(exported, tmp_path):
         Runtime(b)
 
 
-def test_export_refuses_an_oracle_by_name_and_never_overwrites_a_bundle(exported, tmp_path):
-    fit = tmp_path / "fit_oracle"
-    fit_run(_compose("fit", [f"run_dir={exported['run']}", "policy=oracle", "wandb.enabled=false"], tmp_path, fit), fit)
-    with pytest.raises(EENNError, match=r"policy 'oracle' reads the labels \(an oracle\), so it cannot be deployed"):
-        export(_compose("export", [f"policy_dir={fit}"], tmp_path, tmp_path / "x"), tmp_path / "x")
-    assert not (tmp_path / "x" / "bundle").exists()
-    before = sha256(exported["export_maxprob"] / "bundle" / "manifest.json")
-    with pytest.raises(EENNError, match="finished"):
-        export(_compose("export", [f"policy_dir={exported['deex']}"], tmp_path, exported["export_maxprob"]),
-               exported["export_maxprob"])
-    assert sha256(exported["export_maxprob"] / "bundle" / "manifest.json") == before
-
-
 #: what the runtime may import beyond the standard library: numpy, onnxruntime and what
 #: onnxruntime itself depends on (pip installs those with it)
 ALLOWED = ("numpy", "onnxruntime")
@@ -244,3 +230,57 @@ def test_the_runtime_runs_with_numpy_and_onnxruntime_alone(exported, tmp_path):
     probe = subprocess.run([sys.executable, "-S", "-c", code.replace("from eenn.deploy import Runtime", "import torch")],
                            capture_output=True, text=True, env=env, timeout=60)
     assert "No module named 'torch'" in probe.stderr
+
+
+def _tamper_checksum(exported, ws: Path) -> str:
+    b = tampered(exported, ws)
+    (b / "policy.json").write_text((b / "policy.json").read_text().replace('"maxprob"', '"maxprob" '))
+    return str(b)
+
+
+# (case, app, args, fragments of the one-sentence error, prepare(exported, ws) -> {X}); {M} the
+# finished maxprob export, {F} its fit, {O} an oracle's fit, {N} a new dir
+CLI_CASES = [
+    ("export into a finished export", "export", ["policy_dir={F}", "hydra.run.dir={M}"],
+     ["holds a finished eenn-export run", "force=true"], None),
+    ("export an oracle", "export", ["policy_dir={O}", "hydra.run.dir={N}"],
+     ["policy 'oracle' reads the labels (an oracle), so it cannot be deployed"], None),
+    ("export to another format", "export", ["policy_dir={F}", "format=tflite", "hydra.run.dir={N}"],
+     ["format must be one of ('onnx',), got 'tflite'"], None),
+    ("export at opset 12", "export", ["policy_dir={F}", "opset=12", "hydra.run.dir={N}"],
+     ["opset must be an integer >= 18, got 12"], None),
+    ("infer on onnxruntime without a bundle", "infer", ["runtime=onnxruntime", "hydra.run.dir={N}"],
+     ["runtime=onnxruntime needs bundle="], None),
+    ("infer a bundle on the torch runtime", "infer", ["bundle={M}", "hydra.run.dir={N}"],
+     ["bundle= is read by runtime=onnxruntime only"], None),
+    ("infer a bundle with rebatching", "infer", ["runtime=onnxruntime", "bundle={M}", "mode=rebatch", "hydra.run.dir={N}"],
+     ["mode=rebatch is the torch engine's"], None),
+    ("infer a bundle changed after export", "infer", ["runtime=onnxruntime", "bundle={X}", "hydra.run.dir={N}"],
+     ["policy.json' does not match the sha256 its manifest records"], _tamper_checksum),
+    ("infer a bundle with another policy", "infer", ["runtime=onnxruntime", "bundle={M}", "policy_dir={D}",
+                                                     "hydra.run.dir={N}"],
+     ["is not the one bundle", "was exported with"], None),
+]
+
+
+@pytest.fixture(scope="module")
+def oracle_fit(exported, tmp_path_factory) -> Path:
+    fit = tmp_path_factory.mktemp("oracle") / "fit"
+    fit_run(_compose("fit", [f"run_dir={exported['run']}", "policy=oracle", "wandb.enabled=false"], fit.parent, fit), fit)
+    return fit
+
+
+@pytest.mark.parametrize(("case", "app", "args", "fragments", "prepare"), CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_bad_input_to_export_and_the_bundle_runtime_is_one_sentence(case, app, args, fragments, prepare, exported,
+                                                                    oracle_fit, tmp_path, capsys):
+    from tests.reliability.test_bad_inputs import assert_one_sentence, run_app, snapshot
+
+    places = {"M": str(exported["export_maxprob"]), "F": str(exported["maxprob"]), "O": str(oracle_fit),
+              "D": str(exported["deex"]), "N": str(tmp_path / "new")}
+    if prepare is not None:
+        places["X"] = prepare(exported, tmp_path)
+    before = snapshot(exported["export_maxprob"])
+    code, out, err = run_app(app, [a.format(**places) for a in args], capsys)
+    assert_one_sentence(code, out, err, 2, *[f.format(**places) for f in fragments])
+    assert snapshot(exported["export_maxprob"]) == before
+    assert not (tmp_path / "new").exists()
