@@ -4,14 +4,17 @@
    short schedule on cifar10_small, or digits without it): trains, writes predictions.
 2. ``eenn-fit`` (maxprob at 0.7 of the full cost) on that run.
 3. ``eenn-infer device=cuda`` with the fitted policy: its speed table, and the engine taking the
-   same exit as the offline simulation for every sample (on CUDA).
+   same exit as the offline simulation for every sample (on CUDA), or else only for near ties: the
+   engine runs later stages on the compacted survivors, whose logits differ slightly from those of
+   the offline pass's full batches (TF32), and a sample whose score lies within ``TIE`` of a
+   threshold may exit elsewhere.
 4. ``benchmarks/train_speed.py --device cuda --precision bf16-mixed``: eenn against plain loops.
 
 Writes ``benchmarks/results/gpu_check.json``. On a machine without CUDA the full run stops with
 one line; ``--quick`` there records that nothing could be checked and exits 0 (the slow test tier
 runs every benchmark's ``--quick``, and CI has no GPU).
 
-    python benchmarks/gpu_check.py            # ~5 min on one GPU
+    python benchmarks/gpu_check.py            # ~2.5 min on one H200
     python benchmarks/gpu_check.py --quick    # 2 epochs of 4 batches, no speed benchmark
 """
 
@@ -29,22 +32,45 @@ from typing import Any
 import torch
 from common import add_output_args, output_path
 
+from eenn.policies.base import ExitPolicy
+from eenn.rundir import FitRun, Stage1Run
 from eenn.utils.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "gpu_check.json"
-BIN = Path(sys.executable).parent
 CIFAR10_SMALL = Path(os.environ.get("EENN_SHARED", REPO.parent / "shared")) / "datasets" / "cifar10_small.npz"
+#: a score this close to its threshold is a tie the engine may break either way: on an H200 with
+#: TF32 convolutions (PyTorch's default) maxprob scores moved by up to 1.5e-3 between batch sizes
+#: of the same network (1.6e-6 with TF32 off)
+TIE = 3e-3
+
+
+def app(name: str) -> list[str]:
+    """``eenn-<name>`` as ``python -m``: works where eenn is on PYTHONPATH but not installed (no console scripts)."""
+    return [sys.executable, "-m", f"eenn.cli.{name}"]
 
 
 def run(cmd: list[str], log: Path) -> float:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": path}
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:2])} failed (exit {proc.returncode}); see {log}")
+        raise SystemExit(f"{' '.join(cmd[:3])} failed (exit {proc.returncode}); see {log}")
     return time.perf_counter() - t0
+
+
+def near_ties(policy: ExitPolicy, logits: torch.Tensor, tolerance: float) -> int:
+    """Samples whose offline score (of a threshold policy: maxprob, entropy, ...) lies within
+    ``tolerance`` of the threshold of an exit they reach: the only ones that float differences of
+    the logits can send elsewhere. ``logits`` (N, K, C) are the saved predictions'."""
+    if policy.temperature is not None:  # as decide() scales them
+        logits = logits / policy.temperature.view(1, -1, 1)
+    scores = policy.score_matrix(logits)  # (N, K)
+    exit_idx = (scores >= policy.thresholds).int().argmax(1)  # the first exit whose score clears its threshold
+    reached = torch.arange(scores.shape[1]) <= exit_idx[:, None]
+    return int((((scores - policy.thresholds).abs() < tolerance) & reached).any(1).sum())
 
 
 def main() -> None:
@@ -62,28 +88,46 @@ def main() -> None:
         print(result["skipped"], f"-> {out}")
         return
     result["gpu"] = torch.cuda.get_device_name()
+    try:
+        check(args, out, result)
+    except SystemExit as failed:  # a step failed: keep what the steps before it found
+        result["failed"] = str(failed)
+        write_json(out, result)
+        raise
+    write_json(out, result)
+    keys = ("gpu", "engine_equals_offline", "exit_disagreements", "near_ties", "engine_equals_offline_up_to_ties",
+            "train_seconds")
+    print(json.dumps({k: result[k] for k in keys}), f"-> {out}")
+
+
+def check(args: argparse.Namespace, out: Path, result: dict[str, Any]) -> None:
+    """The four steps, each adding its findings to ``result``."""
     work = out.parent / "gpu_check_runs"
     work.mkdir(parents=True, exist_ok=True)
     data = ["data=cifar10_small", f"data.path={CIFAR10_SMALL}"] if CIFAR10_SMALL.is_file() else ["data=digits"]
     epochs = ["trainer.max_epochs=2", "trainer.limit_train_batches=4"] if args.quick else [f"trainer.max_epochs={args.epochs}"]
     train_dir, fit_dir, infer_dir = work / "train", work / "fit", work / "infer"
-    result["train_seconds"] = run([str(BIN / "eenn-train"), *data, "backbone=resnet20", "exits=stages", "trainer=gpu",
+    result["train_seconds"] = run([*app("train"), *data, "backbone=resnet20", "exits=stages", "trainer=gpu",
                                    "trainer.precision=bf16-mixed", "logger=csv", "trainer.enable_progress_bar=false",
                                    *epochs, f"hydra.run.dir={train_dir}"], work / "train.log")
     result["train_metrics"] = json.loads((train_dir / "metrics.json").read_text())
-    run([str(BIN / "eenn-fit"), f"run_dir={train_dir}", "policy=maxprob", "budget.fraction=0.7", "wandb.enabled=false",
+    run([*app("fit"), f"run_dir={train_dir}", "policy=maxprob", "budget.fraction=0.7", "wandb.enabled=false",
          f"hydra.run.dir={fit_dir}"], work / "fit.log")
-    run([str(BIN / "eenn-infer"), f"policy_dir={fit_dir}", "device=cuda", f"hydra.run.dir={infer_dir}"], work / "infer.log")
+    run([*app("infer"), f"policy_dir={fit_dir}", "device=cuda", f"hydra.run.dir={infer_dir}"], work / "infer.log")
     infer = json.loads((infer_dir / "infer.json").read_text())
     result["infer"] = {k: infer[k] for k in ("device", "accuracy", "agreement", "timing", "exit_fractions")}
     result["engine_equals_offline"] = infer["agreement"]["exit_index"] == 1.0
+    result["exit_disagreements"] = round((1 - infer["agreement"]["exit_index"]) * infer["num_samples"])
+    result["near_ties"] = near_ties(FitRun(fit_dir).policy(), Stage1Run(train_dir).predictions("test").logits, TIE)
+    result["near_tie_tolerance"] = TIE
+    # on CUDA (TF32 convolutions, kernels chosen per batch size) the logits of the engine's smaller
+    # batches differ slightly from the offline pass's: more disagreements than ties is a real mismatch
+    result["engine_equals_offline_up_to_ties"] = result["exit_disagreements"] <= result["near_ties"]
     if not args.quick:
         speed = out.parent / "train_speed_cuda.json"
         run([sys.executable, str(REPO / "benchmarks" / "train_speed.py"), "--device", "cuda", "--precision", "bf16-mixed",
              "--out", str(speed)], work / "train_speed.log")
         result["train_speed"] = json.loads(speed.read_text())
-    write_json(out, result)
-    print(json.dumps({k: result[k] for k in ("gpu", "engine_equals_offline", "train_seconds")}), f"-> {out}")
 
 
 if __name__ == "__main__":
