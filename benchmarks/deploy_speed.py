@@ -139,12 +139,14 @@ def measure(rt: Runtime, engine: EarlyExitEngine, x: torch.Tensor, bs: int, repe
     realised = med["plain"] / med["bundle"]
     predicted = plain_ms / predicted_ms
     router_pct = 100 * statistics.median(router) / med["bundle"]
+    decisions = int(out.heads.sum())  # one router decision per head a sample evaluated
     return {
         "batch_size": bs, "num_samples": n, "exit_fractions": fractions.tolist(),
         "seconds": med, "seconds_passes": times, "ms_per_sample": {k: 1e3 * v / n for k, v in med.items()},
         "segment_ms_per_sample": seg_ms, "predicted_ms_per_sample": predicted_ms,
         "realised_speedup": realised, "predicted_speedup": predicted, "realised_over_predicted": realised / predicted,
-        "router_pct": router_pct, "eager_speedup_over_plain_onnx": med["plain"] / med["eager"],
+        "router_pct": router_pct, "router_us_per_decision": 1e6 * statistics.median(router) / decisions,
+        "decisions_per_sample": decisions / n, "eager_speedup_over_plain_onnx": med["plain"] / med["eager"],
         "bundle_over_eager_speedup": med["eager"] / med["bundle"],
     }
 
@@ -215,7 +217,8 @@ def main() -> None:
                 result["cases"].append(row)
                 print(f"{tag:14s} batch {bs:3d}: exits {np.round(row['exit_fractions'], 3).tolist()}  realised "
                       f"{row['realised_speedup']:.3f}x  predicted {row['predicted_speedup']:.3f}x  ratio "
-                      f"{row['realised_over_predicted']:.3f}  router {row['router_pct']:.2f}%  eager "
+                      f"{row['realised_over_predicted']:.3f}  router {row['router_pct']:.2f}% "
+                      f"({row['router_us_per_decision']:.1f} us/decision)  eager "
                       f"{row['eager_speedup_over_plain_onnx']:.3f}x  {row['acceptance']}", flush=True)
     result["acceptance"] = {
         name: all(c["acceptance"][name] for c in result["cases"] if name in c["acceptance"])
