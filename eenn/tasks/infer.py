@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,30 +190,10 @@ def _infer(cfg: DictConfig, out_run: InferRun) -> dict[str, Any]:
     if cfg.backbone_baseline:
         time_backbone(engine.network, batches_of(x[:bs], bs))  # its warm-up
         passes.append(lambda: backbone_s.append(time_backbone(engine.network, batches_of(x, bs))))
-    for r in range(int(cfg.timing_repeats)):
-        # interleaved, the order flipping each repeat, as benchmarks/inference_speed.py times:
-        # load that drifts during the run hits the engine and the backbone alike
-        for run_pass in passes if r % 2 == 0 else passes[::-1]:
-            run_pass()
+    interleaved(passes, int(cfg.timing_repeats))
     result = results[0]  # every pass takes the same exits; only the times differ
-
-    out: dict[str, Any] = {
-        "runtime": "torch",
-        "run_dir": str(run.path),
-        "policy_file": str(policy_file),
-        "policy": {"name": policy.name, "cost_unit": policy.cost_unit, "budget": policy.budget, "info": policy.info},
-        "split": cfg.split,
-        "num_samples": result.num_samples,
-        "mode": cfg.mode,
-        "batch_size": bs,
-        "device": str(engine.device),
-        "threads": torch.get_num_threads(),
-        "host": platform.node(),
-        **expected_vs_realised(policy, preds, result, profile, unit),
-        "timing": timing_summary(results, backbone_s or None),
-        "edge_cloud": None,
-    }
-
+    out = record(cfg, run, policy_file, policy, preds, profile, results, backbone_s, bs,
+                 {"runtime": "torch", "device": str(engine.device), "threads": torch.get_num_threads()})
     if ec.enabled:
         partition = measure_partition(
             engine.network, dm.input_shape, split,
@@ -223,6 +204,39 @@ def _infer(cfg: DictConfig, out_run: InferRun) -> dict[str, Any]:
         if policy.has_p_d_curve and ec.p_d_sweep:
             out["edge_cloud"]["p_d_curve"] = p_d_time_curve(partition, preds, list(ec.p_d_sweep), policy)
 
+    return finish(cfg, out_run, out)
+
+
+def interleaved(passes: list[Callable[[], None]], repeats: int) -> None:
+    """Run every pass ``repeats`` times, interleaved, the order flipping each repeat, as
+    benchmarks/inference_speed.py times: load that drifts during the run hits them alike."""
+    for r in range(repeats):
+        for run_pass in passes if r % 2 == 0 else passes[::-1]:
+            run_pass()
+
+
+def record(cfg: DictConfig, run: Stage1Run, policy_file: Path, policy: ExitPolicy, preds: Any, profile: Any,
+           results: list[ExitResult], backbone_s: list[float], bs: int, where: dict[str, Any]) -> dict[str, Any]:
+    """infer.json's content: the run, the policy, ``where`` it ran (runtime, device, threads...),
+    expected next to realised, and the timing (every pass takes the same exits; only times differ)."""
+    result = results[0]
+    return {
+        **where,
+        "run_dir": str(run.path),
+        "policy_file": str(policy_file),
+        "policy": {"name": policy.name, "cost_unit": policy.cost_unit, "budget": policy.budget, "info": policy.info},
+        "split": cfg.split,
+        "num_samples": result.num_samples,
+        "mode": cfg.mode,
+        "batch_size": bs,
+        "host": platform.node(),
+        **expected_vs_realised(policy, preds, result, profile, str(cfg.report_unit)),
+        "timing": timing_summary(results, backbone_s or None),
+        "edge_cloud": None,
+    }
+
+
+def finish(cfg: DictConfig, out_run: InferRun, out: dict[str, Any]) -> dict[str, Any]:
     out_run.write_config(cfg)
     out_run.write_result(out)
     print(summary_text(out))
@@ -260,31 +274,11 @@ def _infer_bundle(cfg: DictConfig, out_run: InferRun, bundle: Any, policy: ExitP
     if cfg.backbone_baseline and BACKBONE in bundle.manifest["files"]:
         rt.predict_backbone(xn[:bs], bs)  # its warm-up
         passes.append(backbone_pass)
-    for r in range(int(cfg.timing_repeats)):
-        for run_pass in passes if r % 2 == 0 else passes[::-1]:
-            run_pass()
-    result = results[0]
-    out: dict[str, Any] = {
-        "runtime": "onnxruntime",
-        "bundle": str(bundle.path),
-        "run_dir": str(run.path),
-        "policy_file": str(policy_file),
-        "policy": {"name": policy.name, "cost_unit": policy.cost_unit, "budget": policy.budget, "info": policy.info},
-        "split": cfg.split,
-        "num_samples": result.num_samples,
-        "mode": cfg.mode,
-        "batch_size": bs,
-        "device": "cpu (onnxruntime)",
-        "threads": rt.options.intra_op_num_threads or "onnxruntime's default",
-        "host": platform.node(),
-        **expected_vs_realised(policy, preds, result, profile, str(cfg.report_unit)),
-        "timing": timing_summary(results, backbone_s or None),
-        "edge_cloud": None,  # the partition is measured on the torch network: runtime=torch
-    }
-    out_run.write_config(cfg)
-    out_run.write_result(out)
-    print(summary_text(out))
-    return out
+    interleaved(passes, int(cfg.timing_repeats))
+    # no edge/cloud partition: it is measured on the torch network (runtime=torch)
+    where = {"runtime": "onnxruntime", "bundle": str(bundle.path), "device": "cpu (onnxruntime)",
+             "threads": rt.options.intra_op_num_threads or "onnxruntime's default"}
+    return finish(cfg, out_run, record(cfg, run, policy_file, policy, preds, profile, results, backbone_s, bs, where))
 
 
 def fmt(value: float | None, spec: str) -> str:
