@@ -217,7 +217,7 @@ def interleaved(passes: list[Callable[[], None]], repeats: int) -> None:
 
 def record(cfg: DictConfig, run: Stage1Run, policy_file: Path, policy: ExitPolicy, preds: Any, profile: Any,
            results: list[ExitResult], backbone_s: list[float], bs: int, where: dict[str, Any]) -> dict[str, Any]:
-    """infer.json's content: the run, the policy, ``where`` it ran (runtime, device, threads...),
+    """What an inference run records: the run, the policy, ``where`` it ran (runtime, device, threads...),
     expected next to realised, and the timing (every pass takes the same exits; only times differ)."""
     result = results[0]
     return {
