@@ -162,3 +162,10 @@ def test_the_vit_settings_smoke_twin_is_its_recipe_on_a_small_vit_and_trains(com
     assert run.predictions("test").logits.shape == (64, 3, 10)
     lrs = [float(r["lr-AdamW"]) for r in csv.DictReader((run.path / "csv" / "metrics.csv").open()) if r.get("lr-AdamW")]
     assert lrs[0] == pytest.approx(1e-6) and lrs[-1] == pytest.approx(1e-3)  # epoch 0 warms up, epoch 1 at the peak
+
+
+def test_the_pipeline_trains_for_an_experiments_epochs(compose_cfg):
+    # the pipeline's own config once set trainer.max_epochs, so every experiment trained for 15 epochs
+    train = compose_cfg("train", ["experiment=eenet_resnet56_cifar10"]).trainer.max_epochs
+    assert compose_cfg("pipeline", ["experiment=eenet_resnet56_cifar10"]).trainer.max_epochs == train == 150
+    assert compose_cfg("pipeline", []).trainer.max_epochs == compose_cfg("train", []).trainer.max_epochs
