@@ -1,5 +1,6 @@
 """A bundle in ONNX Runtime takes the eager engine's exit for every sample, with its logits, on
-ResNet-20 and ResNet-56, a timm CNN and a ViT; the tie rule of the acceptance is checked and counted."""
+ResNet-20 and ResNet-56, a timm CNN, a ViT and an MSDNet; the tie rule of the acceptance is checked
+and counted."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ NETWORKS = {
     "resnet56": ({"name": "cifar_resnet", "depth": 56}, {"at": "stages"}),
     "timm_cnn": ({"name": "resnet10t"}, {"at": "stages"}),
     "vit": ({**TINY_VIT, "img_size": 16, "patch_size": 4}, {"at": [1, 2, 3]}),
+    # multi-scale features: a segment takes and hands on a list of maps (h_in_0, h_in_1, ...)
+    "msdnet": ({"name": "msdnet", "n_blocks": 3, "channels": 4, "growth_rate": 2, "gr_factor": [1, 2], "bn_factor": [1, 2]},
+               {"at": "stages", "head": {"name": "native"}}),
 }
 SLOW = {"resnet56"}  # ResNet-20 is the same code with fewer blocks
 
