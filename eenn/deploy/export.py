@@ -79,9 +79,11 @@ def _export_graph(module: nn.Module, h: Features, path: Path, input_names: list[
                   opset: int) -> None:
     batch = torch.export.Dim("batch", min=1)
     dynamic = {"h": {0: batch} if isinstance(h, torch.Tensor) else [{0: batch}] * len(h)}
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracing chatter
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        exporter_log.setLevel(logging.ERROR)
         try:
             torch.onnx.export(module, (h,), str(path), input_names=input_names, output_names=output_names,
                               opset_version=opset, dynamo=True, dynamic_shapes=dynamic, external_data=False,
@@ -89,6 +91,8 @@ def _export_graph(module: nn.Module, h: Features, path: Path, input_names: list[
         except Exception as exc:  # the exporter raises many types; the first line says what it could not trace
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EENNError(f"exporting {path.name} to ONNX failed: {reason}") from exc
+        finally:
+            exporter_log.setLevel(level)
 
 
 class _Checker:
