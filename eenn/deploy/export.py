@@ -46,6 +46,7 @@ from eenn.models.multi_exit import Features, MultiExitNetwork
 from eenn.policies.base import ExitPolicy
 
 DEFAULT_OPSET = 18
+EXPORTER_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")
 
 
 class _Part(nn.Module):
@@ -79,11 +80,14 @@ def _export_graph(module: nn.Module, h: Features, path: Path, input_names: list[
                   opset: int) -> None:
     batch = torch.export.Dim("batch", min=1)
     dynamic = {"h": {0: batch} if isinstance(h, torch.Tensor) else [{0: batch}] * len(h)}
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
+    # the exporter and its optimiser log every rewrite at INFO (about 30 lines a graph under the
+    # apps' logging config): an export prints its summary, not theirs
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [log.level for log in loggers]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracing chatter
-        exporter_log.setLevel(logging.ERROR)
+        for log in loggers:
+            log.setLevel(logging.WARNING)
         try:
             torch.onnx.export(module, (h,), str(path), input_names=input_names, output_names=output_names,
                               opset_version=opset, dynamo=True, dynamic_shapes=dynamic, external_data=False,
@@ -92,7 +96,8 @@ def _export_graph(module: nn.Module, h: Features, path: Path, input_names: list[
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EENNError(f"exporting {path.name} to ONNX failed: {reason}") from exc
         finally:
-            exporter_log.setLevel(level)
+            for log, level in zip(loggers, levels):
+                log.setLevel(level)
 
 
 class _Checker:

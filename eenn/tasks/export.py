@@ -32,8 +32,8 @@ def check_config(cfg: DictConfig) -> None:
     check_number(cfg.check.rtol, "check.rtol", 0)
     if cfg.check.split not in SPLITS:
         raise EENNError(f"check.split must be 'val' or 'test', got {cfg.check.split!r}.")
-    if not isinstance(cfg.backbone, bool):
-        raise EENNError(f"backbone must be true or false, got {cfg.backbone!r}.")
+    if not isinstance(cfg.baseline, bool):
+        raise EENNError(f"baseline must be true or false, got {cfg.baseline!r}.")
     missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
     if missing:
         raise EENNError(f"eenn-export needs {', '.join(missing)}: pip install 'eenn[deploy]' (or pip install {' '.join(missing)}).")
@@ -74,7 +74,7 @@ def _export(cfg: DictConfig, out: ExportRun) -> dict[str, Any]:
     bundle = export_bundle(
         network, policy, run.costs(), batch, out.bundle_dir,
         class_names=dm.class_names, normalisation=getattr(dm, "normalisation", None), source=source,
-        opset=int(cfg.opset), backbone=bool(cfg.backbone), atol=float(cfg.check.atol), rtol=float(cfg.check.rtol),
+        opset=int(cfg.opset), backbone=bool(cfg.baseline), atol=float(cfg.check.atol), rtol=float(cfg.check.rtol),
         replace=bool(cfg.get("force")),
     )
     out.write_config(cfg)

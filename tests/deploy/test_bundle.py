@@ -284,3 +284,14 @@ def test_bad_input_to_export_and_the_bundle_runtime_is_one_sentence(case, app, a
     assert_one_sentence(code, out, err, 2, *[f.format(**places) for f in fragments])
     assert snapshot(exported["export_maxprob"]) == before
     assert not (tmp_path / "new").exists()
+
+
+def test_eenn_export_prints_its_summary_and_none_of_the_exporters_chatter(exported, tmp_path, capsys):
+    from tests.reliability.test_bad_inputs import run_app
+
+    code, out, err = run_app("export", [f"policy_dir={exported['maxprob']}", "baseline=false",
+                                        f"hydra.run.dir={tmp_path / 'e'}"], capsys)
+    assert code == 0, err[-2000:]
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert [line.split(":")[0] for line in lines] == ["bundle", "checked in ONNX Runtime against PyTorch on 64 val samples"]
+    assert Bundle(tmp_path / "e").manifest["backbone"] is None
