@@ -92,9 +92,9 @@ def segment_latency_ms(rt: Runtime, x: np.ndarray, bs: int, repeats: int) -> lis
         for a in range(0, len(x) - bs + 1, bs):
             h = [x[a:a + bs]]
             for k, seg in enumerate(rt.segments):
-                feeds = {i.name: v for i, v in zip(seg.get_inputs(), h)}
+                feeds = dict(zip(seg.inputs, h))
                 t = time.perf_counter()
-                *h, _ = seg.run(None, feeds)
+                *h, _ = seg.session.run(None, feeds)
                 per[k].append((time.perf_counter() - t) * 1e3 / bs)
     return [statistics.median(p) for p in per]
 

@@ -120,11 +120,10 @@ class Bundle:
         if not isinstance(files, dict):
             raise EENNError(f"{str(self.path / MANIFEST)!r}: 'files' must map file names to sha256 digests.")
         for name in self.required_files():
-            self.file(name)
+            if name not in files:
+                raise EENNError(f"{str(self.path / MANIFEST)!r} does not list {name!r} under 'files'.")
         for name, digest in files.items():
-            p = self.path / name
-            if not p.is_file():
-                raise EENNError(f"bundle {str(self.path)!r} lacks {name!r}, which its manifest lists.")
+            p = self.file(name)
             if sha256(p) != digest:
                 raise EENNError(f"{str(p)!r} does not match the sha256 its manifest records: the file was changed "
                                 "after export; export the bundle again.")

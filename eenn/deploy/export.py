@@ -109,6 +109,12 @@ class _Checker:
         self.ort, self.atol, self.rtol = ort, atol, rtol
         self.graphs: dict[str, dict[str, float]] = {}
 
+    def export(self, module: nn.Module, h: Features, path: Path, input_names: list[str], output_names: list[str],
+               opset: int, expected: Sequence[torch.Tensor]) -> None:
+        """Export ``module`` on input ``h`` to ``path`` and check it against ``expected``."""
+        _export_graph(module, h, path, input_names, output_names, opset)
+        self.check(path, _flat(h), expected)
+
     def check(self, path: Path, inputs: list[torch.Tensor], expected: Sequence[torch.Tensor]) -> None:
         session = self.ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
@@ -127,7 +133,7 @@ class _Checker:
                     raise EENNError(
                         f"{path.name}'s output {name!r} differs from PyTorch by up to {float(err.max()):.3g} on a "
                         f"validation batch, beyond the tolerance atol={self.atol:g} + rtol={self.rtol:g}·|value|; "
-                        "raise export.check.atol/rtol if that is acceptable."
+                        "raise check.atol/check.rtol if that is acceptable."
                     )
         self.graphs[path.name] = worst
 
@@ -174,9 +180,8 @@ def export_bundle(
     try:
         checker = _Checker(atol, rtol)
         exits = []
-        h: Features = batch.float().cpu()
         with torch.inference_mode():
-            eager = [h]
+            eager: list[Features] = [batch.float().cpu()]
             for k in range(K):
                 eager.append(network.forward_stage(k, eager[-1]))
         for k in range(K):
@@ -186,27 +191,21 @@ def export_bundle(
             out_names = ([] if last else _names("h_out", h_out)) + ["logits"]
             with torch.inference_mode():
                 logits = network.forward_exit(k, h_out)
-            _export_graph(_Part(network.stages[k], network.heads[k], not last), h_in, tmp / segment_file(k),
-                          in_names, out_names, opset)
-            checker.check(tmp / segment_file(k), _flat(h_in), ([] if last else _flat(h_out)) + [logits])
+            checker.export(_Part(network.stages[k], network.heads[k], not last), h_in, tmp / segment_file(k),
+                           in_names, out_names, opset, ([] if last else _flat(h_out)) + [logits])
             if router.jumps and 0 < k < K - 1:
-                _export_graph(_Part(network.stages[k], None, True), h_in, tmp / stage_file(k), in_names,
-                              _names("h_out", h_out), opset)
-                checker.check(tmp / stage_file(k), _flat(h_in), _flat(h_out))
-                _export_graph(_Part(None, network.heads[k], False), h_out, tmp / exit_file(k), _names("h_in", h_out),
-                              ["logits"], opset)
-                checker.check(tmp / exit_file(k), _flat(h_out), [logits])
+                checker.export(_Part(network.stages[k], None, True), h_in, tmp / stage_file(k), in_names,
+                               _names("h_out", h_out), opset, _flat(h_out))
+                checker.export(_Part(None, network.heads[k], False), h_out, tmp / exit_file(k), _names("h_in", h_out),
+                               ["logits"], opset, [logits])
             e = profile.exits[k]
             exits.append({
                 "name": network.exit_names[k], "segment": segment_file(k), "inputs": in_names, "outputs": out_names,
                 "cost": {u: getattr(e, u) for u in ("macs", "flops", "params", "latency_ms")},
                 "head_cost": {u: getattr(e, f"head_{u}") for u in ("macs", "flops", "params", "latency_ms")},
             })
-        if backbone:
-            whole = _Backbone(network)
-            _export_graph(whole, eager[0], tmp / BACKBONE, ["image"], ["logits"], opset)
-            with torch.inference_mode():
-                checker.check(tmp / BACKBONE, [eager[0]], [network.forward_exit(K - 1, eager[-1])])
+        if backbone:  # its logits are the last segment's
+            checker.export(_Backbone(network), eager[0], tmp / BACKBONE, ["image"], ["logits"], opset, [logits])
 
         params, arrays = router.export(policy)
         spec = {"name": policy.name, "num_exits": K, "num_classes": policy.num_classes, "params": params,

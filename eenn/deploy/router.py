@@ -102,10 +102,9 @@ class Router:
             logits = logits.astype(np.float32)
         if self.temperature is not None:
             logits = logits / self.temperature[k]
-        if k == self.num_exits - 1:  # everyone answers: only the state moves on
-            d = self._decide(k, logits, state)
-            return Decision(np.ones(len(logits), dtype=bool), np.full(len(logits), k, dtype=np.int64), d.state)
         d = self._decide(k, logits, state)
+        if k == self.num_exits - 1:  # everyone answers: only the state moves on
+            return Decision(np.ones(len(logits), dtype=bool), np.full(len(logits), k, dtype=np.int64), d.state)
         d.next_exit[d.exit] = k  # a fresh array of _decide's
         return d
 
@@ -251,8 +250,9 @@ class EENetRouter(ThresholdRouter):
         preds[:, k] = logits.argmax(-1)
         C = self.num_classes
         z = logits - logits.max(-1, keepdims=True)
-        total = np.exp(z).sum(-1, keepdims=True)
-        p = np.exp(z) * (np.float32(1.0) / total)
+        e = np.exp(z)
+        total = e.sum(-1, keepdims=True)
+        p = e * (np.float32(1.0) / total)
         logp = z - np.log(total)
         ent = np.float32(1.0) - (-(np.exp(logp) * logp).sum(-1)) / np.float32(math.log(C))
         v = vote(preds[:, : k + 1]) if k else np.ones(len(logits), dtype=np.float32)

@@ -66,6 +66,18 @@ class _Group:
                       {k: v[idx] for k, v in self.state.items()}, self.heads[idx])
 
 
+@dataclass
+class _Graph:
+    """An ONNX Runtime session and its input names, read once: a batch-1 request runs a few graphs,
+    and asking the session for them on every run costs more than the router's decision."""
+
+    session: Any
+    inputs: list[str]
+
+    def run(self, h: list[np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, dict(zip(self.inputs, h)))
+
+
 class Runtime:
     """A bundle's segments in ONNX Runtime sessions and its policy's router.
 
@@ -79,10 +91,10 @@ class Runtime:
         self.router = self.bundle.policy()
         self.options = ort.SessionOptions()
         # every segment is a session with its own thread pool, whose threads spin for a while after
-        # each run: the next segment's pool then shares the cores with them. Measured on 2 cores, a
-        # bundle whose samples nearly all left at the first exit ran at the plain network's speed
-        # (0.47 vs 0.46 ms/sample) instead of the 0.19 its first segment costs. Spinning stays on
-        # within a run, where it saves the wake-up of every operator.
+        # each run: the next segment's pool then shares the cores with them. On 2 cores a bundle
+        # whose samples nearly all left at the first exit ran about as slowly as the plain network,
+        # not at its first segment's speed. Spinning stays on within a run, where it saves the
+        # wake-up of every operator.
         self.options.add_session_config_entry("session.force_spinning_stop", "1")
         if threads is not None:
             self.options.intra_op_num_threads = int(threads)
@@ -94,17 +106,17 @@ class Runtime:
         middle = range(1, K - 1) if self.bundle.jumps else range(0)
         self.stages = {k: self._session(stage_file(k)) for k in middle}
         self.heads = {k: self._session(exit_file(k)) for k in middle}
-        self._backbone: Any = None
-        self.input_name = self.segments[0].get_inputs()[0].name
+        self._backbone: _Graph | None = None
 
-    def _session(self, name: str) -> Any:
+    def _session(self, name: str) -> _Graph:
         ort = _onnxruntime()
         path = self.bundle.file(name)
         try:
-            return ort.InferenceSession(str(path), sess_options=self.options, providers=self.providers)
+            session = ort.InferenceSession(str(path), sess_options=self.options, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EENNError(f"{str(path)!r} is not an ONNX graph ONNX Runtime can load ({reason}).") from None
+        return _Graph(session, [i.name for i in session.get_inputs()])
 
     @property
     def num_exits(self) -> int:
@@ -138,7 +150,6 @@ class Runtime:
         bs = n if batch_size is None else int(batch_size)
         if bs < 1:
             raise EENNError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
-        classes = np.empty(n, dtype=np.int64)
         exits = np.empty(n, dtype=np.int64)
         logits = np.empty((n, C), dtype=np.float32)
         heads = np.zeros((n, K), dtype=bool)
@@ -154,28 +165,28 @@ class Runtime:
                        np.zeros((b, K), dtype=bool))
             for k in range(K):
                 sizes[k].append(len(g.ids))
-                g = self._advance(k, g, classes, exits, logits, heads, done)
+                g = self._advance(k, g, exits, logits, heads, done)
                 if g is None:
                     break
         wall = time.perf_counter() - t0
-        return Prediction(classes, exits, logits, heads, (done - arrival) * 1e3, wall, self.router_s, sizes)
+        return Prediction(logits.argmax(-1), exits, logits, heads, (done - arrival) * 1e3, wall, self.router_s, sizes)
 
-    def _advance(self, k: int, g: _Group, classes: np.ndarray, exits: np.ndarray, logits: np.ndarray,
-                 heads: np.ndarray, done: np.ndarray) -> _Group | None:
+    def _advance(self, k: int, g: _Group, exits: np.ndarray, logits: np.ndarray, heads: np.ndarray,
+                 done: np.ndarray) -> _Group | None:
         """Stage k (with exit k's head for the samples bound to it), the router's decision, the
         exited samples written out; the continuing samples' group, or None."""
         here = g.next_exit == k
         n_here = int(here.sum())
         if n_here == len(g.ids):
-            *h, lk = self._run(self.segments[k], g.h)
+            *h, lk = self.segments[k].run(g.h)
             sel = None
         else:
-            h = self._run(self.stages[k], g.h)
+            h = self.stages[k].run(g.h)
             if n_here == 0:  # all sent past this exit: no head runs
                 g.h = h
                 return g
             sel = np.flatnonzero(here)
-            (lk,) = self._run(self.heads[k], [a[sel] for a in h])
+            (lk,) = self.heads[k].run([a[sel] for a in h])
         sub_state = g.state if sel is None else {name: v[sel] for name, v in g.state.items()}
         t = time.perf_counter()
         d = self.router.decide(k, lk, sub_state)
@@ -190,7 +201,6 @@ class Runtime:
             ids = g.ids[out]
             exits[ids] = k
             logits[ids] = lk[d.exit]
-            classes[ids] = lk[d.exit].argmax(-1)
             heads[ids] = g.heads[out]
             done[ids] = time.perf_counter()
         if out.size == len(g.ids):
@@ -202,10 +212,6 @@ class Runtime:
         keep[out] = False
         return g.take(np.flatnonzero(keep))
 
-    def _run(self, session: Any, h: list[np.ndarray]) -> list[np.ndarray]:
-        feeds = {i.name: a for i, a in zip(session.get_inputs(), h)}
-        return session.run(None, feeds)
-
     # ------------------------------------------------------------- baseline
     def predict_backbone(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """The plain backbone's logits (``backbone.onnx``, every layer for every sample): the
@@ -214,5 +220,4 @@ class Runtime:
             self._backbone = self._session(BACKBONE)
         x = self.check_input(x)
         bs = x.shape[0] if batch_size is None else int(batch_size)
-        name = self._backbone.get_inputs()[0].name
-        return np.concatenate([self._backbone.run(None, {name: x[a:a + bs]})[0] for a in range(0, x.shape[0], bs)])
+        return np.concatenate([self._backbone.run([x[a:a + bs]])[0] for a in range(0, x.shape[0], bs)])

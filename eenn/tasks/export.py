@@ -15,7 +15,6 @@ from eenn.policies.base import ExitPolicy
 from eenn.predictions import SPLITS
 from eenn.rundir import ExportRun
 from eenn.tasks.infer import resolve_policy_file, resolve_run
-from eenn.utils.io import write_json
 
 FORMATS = ("onnx",)
 #: what exporting needs beside eenn's own dependencies (the ``deploy`` extra)
@@ -79,8 +78,6 @@ def _export(cfg: DictConfig, out: ExportRun) -> dict[str, Any]:
     )
     out.write_config(cfg)
     m = bundle.manifest
-    write_json(out.metrics_file, {"bundle": str(bundle.path), "policy": policy.name, "files": m["files"],
-                                  "check": m["check"], "source": source})
     sizes = {name: (bundle.path / name).stat().st_size for name in m["files"]}
     print(f"bundle: {bundle.path}  ({len(sizes)} files, {sum(sizes.values()) / 1e6:.2f} MB; policy {policy.name}, "
           f"{bundle.num_exits} exits, opset {m['opset']})")
