@@ -168,7 +168,13 @@ class _Checker:
         worst: dict[str, float] = {}
         for rows in (slice(None), slice(0, 1)):  # the whole batch, and one sample alone
             feeds = {i.name: t[rows].numpy() for i, t in zip(session.get_inputs(), inputs)}
-            for name, got, want in zip(names, session.run(None, feeds), expected):
+            try:
+                outs = session.run(None, feeds)
+            except Exception as exc:  # onnxruntime's own exception types; a fixed batch axis, typically
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise EENNError(f"{path.name} does not run in ONNX Runtime on {len(inputs[0][rows])} "
+                                f"validation samples ({reason}).") from None
+            for name, got, want in zip(names, outs, expected):
                 want = want[rows].numpy()
                 if got.shape != want.shape:
                     raise EENNError(f"{path.name}'s output {name!r} has shape {got.shape} in ONNX Runtime, "

@@ -184,7 +184,7 @@ class Runtime:
                         done: np.ndarray, arrival: np.ndarray, sizes: list[list[int]]) -> None:
         """One request at a time: no groups to compact, so none of the batch path's array
         bookkeeping between graphs, which at batch 1 costs as much as a small segment's last layers."""
-        K, last = self.num_exits, self.num_exits - 1
+        last = self.num_exits - 1
         jumps = self.bundle.jumps
         for i in range(x.shape[0]):
             arrival[i] = time.perf_counter()
