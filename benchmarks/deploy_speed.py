@@ -170,7 +170,7 @@ def measure(rt: Runtime, engine: EarlyExitEngine, x: torch.Tensor, bs: int, repe
         t = time.perf_counter()
         out = rt.predict(xn, bs)
         times["bundle"].append(time.perf_counter() - t)
-        router.append(out.router_s)
+        router.append(out.decision_s)
 
     def eager() -> None:
         t = time.perf_counter()

@@ -47,7 +47,7 @@ class Prediction:
     heads: np.ndarray  # (N, K) bool: the heads each sample evaluated
     latency_ms: np.ndarray  # (N,) float64: from its batch's start to its answer
     wall_s: float  # the whole call
-    router_s: float  # time spent on the decisions' outputs outside the graphs (reading, state, next exits)
+    decision_s: float  # time spent on the decisions' outputs outside the graphs (reading, state, next exits)
     stage_batch_sizes: list[list[int]] = field(default_factory=list)  # per stage, the batches it ran
 
     @property
@@ -161,7 +161,7 @@ class Runtime:
         done = np.empty(n, dtype=np.float64)
         arrival = np.empty(n, dtype=np.float64)
         sizes: list[list[int]] = [[] for _ in range(K)]
-        self.router_s = 0.0
+        self.decision_s = 0.0
         t0 = time.perf_counter()
         if bs == 1:
             self._predict_single(x, exits, logits, heads, done, arrival, sizes)
@@ -178,7 +178,7 @@ class Runtime:
                     if g is None:
                         break
         wall = time.perf_counter() - t0
-        return Prediction(logits.argmax(-1), exits, logits, heads, (done - arrival) * 1e3, wall, self.router_s, sizes)
+        return Prediction(logits.argmax(-1), exits, logits, heads, (done - arrival) * 1e3, wall, self.decision_s, sizes)
 
     def _predict_single(self, x: np.ndarray, exits: np.ndarray, logits: np.ndarray, heads: np.ndarray,
                         done: np.ndarray, arrival: np.ndarray, sizes: list[list[int]]) -> None:
@@ -193,16 +193,16 @@ class Runtime:
             k = 0
             while True:
                 graph = self.segments[k]
-                outs = graph.run(h + state)
+                outs = graph.run(h + state if k < last else h)  # the last graph decides nothing: no state
                 sizes[k].append(1)
                 heads[i, k] = True
                 t = time.perf_counter()
                 if k == last or outs[graph.outputs["exit"]][0]:
-                    self.router_s += time.perf_counter() - t
+                    self.decision_s += time.perf_counter() - t
                     break
                 nxt = int(outs[graph.outputs["next_exit"]][0]) if jumps else k + 1
                 state = [outs[graph.outputs[f"state_out_{name}"]] for name in self.state_names]
-                self.router_s += time.perf_counter() - t
+                self.decision_s += time.perf_counter() - t
                 h = outs[:graph.outputs["logits"]]
                 for j in range(k + 1, nxt):  # sent past these exits: their stages without the heads
                     h = self.stages[j].run(h)
@@ -218,7 +218,8 @@ class Runtime:
         written out; the continuing samples' group, or None."""
         here = g.next_exit == k
         n_here = int(here.sum())
-        state = [g.state[name] for name in self.state_names] if k and g.state else []
+        # exit 0's graph builds the initial state, and the last one decides nothing
+        state = [g.state[name] for name in self.state_names] if 0 < k < self.num_exits - 1 else []
         if n_here == len(g.ids):
             graph = self.segments[k]
             outs = graph.run(g.h + state)
@@ -232,9 +233,9 @@ class Runtime:
             sel = np.flatnonzero(here)
             outs = graph.run([a[sel] for a in h] + [v[sel] for v in state])
         lk = outs[graph.outputs["logits"]]
-        t = time.perf_counter()
         rows = np.arange(len(g.ids)) if sel is None else sel
         g.heads[rows, k] = True
+        t = time.perf_counter()
         if k == self.num_exits - 1:  # the last exit answers for everyone
             out = rows
             leaving = slice(None)
@@ -248,7 +249,7 @@ class Runtime:
             else:
                 for name, v in new.items():
                     g.state[name][rows] = v
-        self.router_s += time.perf_counter() - t
+        self.decision_s += time.perf_counter() - t
         if out.size:
             ids = g.ids[out]
             exits[ids] = k

@@ -106,7 +106,7 @@ def test_the_runtime_takes_the_engines_exits_and_logits(exported, policy, batch_
     assert [sum(s) for s in out.stage_batch_sizes] == [int((out.exits >= k).sum()) for k in range(3)]
     if policy == "deex":  # offloaded samples skipped the middle head
         assert (~out.heads[:, 1] & (out.exits == 2)).any() and (rt.bundle.path / "stage_1.onnx").is_file()
-    assert out.router_s > 0 and out.latency_ms.shape == (len(y),) and (out.latency_ms > 0).all()
+    assert out.decision_s > 0 and out.latency_ms.shape == (len(y),) and (out.latency_ms > 0).all()
     np.testing.assert_array_equal(rt.predict_backbone(x[:16].numpy(), 8).argmax(-1),
                                   net.forward_backbone(x[:16]).argmax(-1).numpy())
 
