@@ -14,7 +14,9 @@ test split (``--single-samples`` of it at batch 1):
 Reported per case (medians of the repeats): the bundle's realised speedup over ``plain``, the
 speedup predicted from per-segment latency (each segment timed alone on full batches of that
 size: plain per-sample time / sum over k of the share of samples reaching segment k times
-segment k's per-sample time), their ratio, the router's share of the bundle's time, the eager
+segment k's per-sample time), their ratio, the router's share of the bundle's time (the runtime's
+handling of the decisions' outputs, plus, at batch 1, what each exit's decision adds to the graph it
+is in: the segment run beside the same stage and head exported without it), the eager
 engine's speedup over ``plain``, the exit fractions, and the acceptance checks: realised >= 0.9x
 predicted at batch 128, router <= 1 % at batch 1, never slower than ``plain`` when >= 40 % of
 samples exit at the first exit. ONNX Runtime and torch get the same number of threads.
@@ -84,22 +86,71 @@ def train_run(work: Path, quick: bool, backbone: str, epochs: int) -> tuple[Path
 
 
 
+def _segment_run(graph: Any, names: list[str], h: list[np.ndarray], state: list[np.ndarray]) -> tuple[list, list]:
+    """One segment graph of a bundle: its outputs split into the next activation and the new state."""
+    outs = graph.run(h + state)
+    return outs[:graph.outputs["logits"]], [outs[graph.outputs[f"state_out_{n}"]] for n in names if f"state_out_{n}" in graph.outputs]
+
+
 def segment_latency_ms(rt: Runtime, x: np.ndarray, bs: int, repeats: int) -> list[float]:
-    """Each segment alone on full batches of ``bs`` (its input: the previous segment's output),
+    """Each segment alone on full batches of ``bs`` (its inputs: the previous segment's outputs),
     per-sample milliseconds, the median over ``repeats`` passes over ``x``."""
     per: list[list[float]] = [[] for _ in range(rt.num_exits)]
     for _ in range(repeats):
         for a in range(0, len(x) - bs + 1, bs):
-            h = [x[a:a + bs]]
+            h, state = [x[a:a + bs]], []
             for k, seg in enumerate(rt.segments):
-                feeds = dict(zip(seg.inputs, h))
                 t = time.perf_counter()
-                *h, _ = seg.session.run(None, feeds)
+                h, state = _segment_run(seg, rt.state_names, h, state)
                 per[k].append((time.perf_counter() - t) * 1e3 / bs)
     return [statistics.median(p) for p in per]
 
 
-def measure(rt: Runtime, engine: EarlyExitEngine, x: torch.Tensor, bs: int, repeats: int) -> dict[str, Any]:
+def decision_graph_us(rt: Runtime, network: Any, x: np.ndarray, work: Path) -> list[float]:
+    """What each exit's in-graph decision adds to a batch-1 run, exits 0..K-2: segment k against
+    the same stage and head exported without the decision, run one after the other on each sample
+    (the order alternating), the median of the paired differences in microseconds. Two graph runs
+    a few microseconds apart share the machine's state; medians over many samples outlast its noise."""
+    from eenn.deploy.export import _export_graph, _Part  # the bundle's own export, less the decision
+
+    K = rt.num_exits
+    bare = []
+    with torch.inference_mode():
+        h = torch.from_numpy(x[:8])
+        for k in range(K - 1):
+            path = work / f"no_decision_{k}.onnx"
+            if not path.is_file():
+                _export_graph(_Part(network.stages[k], network.heads[k], True), (h,), path,
+                              rt.segments[k].inputs[:1], ["h_out", "logits"], 18)
+            bare.append(_session(rt, path))
+            h = network.forward_stage(k, h)
+    diffs: list[list[float]] = [[] for _ in range(K - 1)]
+    for i in range(len(x)):
+        h, state = [x[i:i + 1]], []
+        for k in range(K - 1):
+            order = (0, 1) if (i + k) % 2 else (1, 0)
+            t = [0.0, 0.0]
+            for j in order:
+                t0 = time.perf_counter()
+                if j:
+                    h_next, state_next = _segment_run(rt.segments[k], rt.state_names, h, state)
+                else:
+                    bare[k].run(h)
+                t[j] = time.perf_counter() - t0
+            diffs[k].append(1e6 * (t[1] - t[0]))
+            h, state = h_next, state_next
+    return [statistics.median(d) for d in diffs]
+
+
+def _session(rt: Runtime, path: Path) -> Any:
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(path), sess_options=rt.options, providers=rt.providers)
+    return type(rt.segments[0])(s, [i.name for i in s.get_inputs()], {o.name: j for j, o in enumerate(s.get_outputs())})
+
+
+def measure(rt: Runtime, engine: EarlyExitEngine, x: torch.Tensor, bs: int, repeats: int,
+            decision_us: list[float] | None) -> dict[str, Any]:
     xn = x.numpy()
     n = len(xn)
     rt.predict(xn[:bs], bs)  # warm-ups
@@ -119,7 +170,7 @@ def measure(rt: Runtime, engine: EarlyExitEngine, x: torch.Tensor, bs: int, repe
         t = time.perf_counter()
         out = rt.predict(xn, bs)
         times["bundle"].append(time.perf_counter() - t)
-        router.append(out.router_s)
+        router.append(out.decision_s)
 
     def eager() -> None:
         t = time.perf_counter()
@@ -131,23 +182,29 @@ def measure(rt: Runtime, engine: EarlyExitEngine, x: torch.Tensor, bs: int, repe
         for p in passes[r % 3:] + passes[:r % 3]:
             p()
     med = {k: statistics.median(v) for k, v in times.items()}
-    fractions = np.bincount(out.exits, minlength=rt.num_exits) / n
+    K = rt.num_exits
+    fractions = np.bincount(out.exits, minlength=K) / n
     reach = 1.0 - np.concatenate([[0.0], np.cumsum(fractions)[:-1]])  # share of samples running segment k
     seg_ms = segment_latency_ms(rt, xn, bs, max(1, repeats // 3))
     predicted_ms = float(np.dot(reach, seg_ms))
     plain_ms = 1e3 * med["plain"] / n
     realised = med["plain"] / med["bundle"]
     predicted = plain_ms / predicted_ms
-    router_pct = 100 * statistics.median(router) / med["bundle"]
-    decisions = int(out.heads.sum())  # one router decision per head a sample evaluated
+    decided = out.heads[:, :K - 1].mean(0)  # share of samples decided on at exit k (the last exit decides nothing)
+    # the router: the runtime's handling of the decisions (timed in it), plus, at batch 1, what the
+    # decisions add to the graphs they are in (per sample: each exit's cost times the share decided there)
+    python_us = 1e6 * statistics.median(router) / n
+    graph_us = float(np.dot(decided, decision_us)) if decision_us is not None else None
+    router_us = python_us + (graph_us or 0.0)
     return {
         "batch_size": bs, "num_samples": n, "exit_fractions": fractions.tolist(),
         "seconds": med, "seconds_passes": times, "ms_per_sample": {k: 1e3 * v / n for k, v in med.items()},
         "segment_ms_per_sample": seg_ms, "predicted_ms_per_sample": predicted_ms,
         "realised_speedup": realised, "predicted_speedup": predicted, "realised_over_predicted": realised / predicted,
-        "router_pct": router_pct, "router_us_per_decision": 1e6 * statistics.median(router) / decisions,
-        "decisions_per_sample": decisions / n, "eager_speedup_over_plain_onnx": med["plain"] / med["eager"],
-        "bundle_over_eager_speedup": med["eager"] / med["bundle"],
+        "router_pct": 100 * router_us * n / (1e6 * med["bundle"]), "router_us_per_sample": router_us,
+        "router_python_us_per_sample": python_us, "router_in_graph_us_per_sample": graph_us,
+        "decision_in_graph_us_per_exit": decision_us, "decisions_per_sample": float(decided.sum()),
+        "eager_speedup_over_plain_onnx": med["plain"] / med["eager"], "bundle_over_eager_speedup": med["eager"] / med["bundle"],
     }
 
 
@@ -212,13 +269,15 @@ def main() -> None:
             engine = EarlyExitEngine(network, FitRun(fit_dir).policy())
             for bs in args.batch_sizes:
                 xs = x if bs > 1 else x[:args.single_samples]
-                row = {"policy": policy, "budget_fraction": fraction, **measure(rt, engine, xs, bs, args.repeats)}
+                decision_us = decision_graph_us(rt, network, xs.numpy(), export_dir) if bs == 1 else None
+                row = {"policy": policy, "budget_fraction": fraction,
+                       **measure(rt, engine, xs, bs, args.repeats, decision_us)}
                 row["acceptance"] = acceptance(row)
                 result["cases"].append(row)
                 print(f"{tag:14s} batch {bs:3d}: exits {np.round(row['exit_fractions'], 3).tolist()}  realised "
                       f"{row['realised_speedup']:.3f}x  predicted {row['predicted_speedup']:.3f}x  ratio "
                       f"{row['realised_over_predicted']:.3f}  router {row['router_pct']:.2f}% "
-                      f"({row['router_us_per_decision']:.1f} us/decision)  eager "
+                      f"({row['router_us_per_sample']:.1f} us/sample)  eager "
                       f"{row['eager_speedup_over_plain_onnx']:.3f}x  {row['acceptance']}", flush=True)
     result["acceptance"] = {
         name: all(c["acceptance"][name] for c in result["cases"] if name in c["acceptance"])

@@ -2,13 +2,17 @@
 
 A bundle directory (``eenn-export`` writes it) holds:
 
-- ``segment_<k>.onnx``: stage k and its exit head; inputs: the previous stage's activation (the
-  image for k = 0), outputs: the next activation (none after the last stage) and ``logits``;
+- ``segment_<k>.onnx``: stage k, its exit head and (but for the last exit) the policy's decision
+  there; inputs: the previous stage's activation (the image for k = 0) and the samples' policy
+  state (``state_in_<name>``, from exit 1 on); outputs: the next activation (none after the last
+  stage), ``logits``, ``exit`` (bool), ``next_exit`` where the policy jumps, and the new state
+  (``state_out_<name>``);
 - for a policy that sends samples past exits (DEEx), ``stage_<k>.onnx`` and ``exit_<k>.onnx`` for
-  the middle exits too: the same stage and head, apart, so that a sample can skip a head;
+  the middle exits too: the same stage, and head with decision, apart, so that a sample can skip a head;
 - ``backbone.onnx`` (optional): the plain network exported whole, the baseline a deployer would
   otherwise ship;
-- ``policy.json`` and ``policy.safetensors``: the fitted policy's parameters and arrays;
+- ``policy.json`` and ``policy.safetensors``: the fitted policy the decisions were traced from, its
+  parameters and tensors (a record: the runtime reads the decisions from the graphs);
 - ``manifest.json``: input shape and dtype, normalisation, class and exit names, per-exit costs,
   the ONNX opset, the eenn version, the source run and fit, export's own check and a sha256 per file.
 
@@ -26,7 +30,6 @@ from typing import Any
 
 import numpy as np
 
-from eenn.deploy.router import Router, build_router
 from eenn.errors import EENNError
 
 FORMAT = "eenn.bundle/1"
@@ -165,21 +168,29 @@ class Bundle:
             names += [f(k) for k in range(1, K - 1) for f in (stage_file, exit_file)]
         return names
 
-    def policy(self) -> Router:
-        """The fitted policy's router."""
+    @property
+    def state_names(self) -> list[str]:
+        """The policy's per-sample state, handed from each segment's ``state_out_<name>`` outputs to
+        the next one's ``state_in_<name>`` inputs."""
+        names = self.manifest["policy"].get("state", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise EENNError(f"{str(self.path / MANIFEST)!r}: 'policy.state' must be a list of names, got {names!r}.")
+        return names
+
+    def policy(self) -> dict[str, Any]:
+        """The fitted policy the bundle's decisions were traced from: ``policy.json``, with its
+        tensors (``policy.safetensors``) under ``arrays``."""
         spec_path = self.file(POLICY_JSON)
         try:
             spec = json.loads(spec_path.read_text())
-            name, params = spec["name"], spec["params"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise EENNError(f"{str(spec_path)!r} is not a policy this runtime reads ({type(exc).__name__}: {exc}).") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise EENNError(f"{str(spec_path)!r} is not valid JSON ({exc}).") from None
+        if not isinstance(spec, dict) or spec.get("name") != self.manifest["policy"].get("name"):
+            got = spec.get("name") if isinstance(spec, dict) else type(spec).__name__
+            raise EENNError(f"{str(spec_path)!r} names the policy {got!r}, but the manifest's graphs were exported "
+                            f"with {self.manifest['policy'].get('name')!r}.")
         arrays = read_arrays(self.file(POLICY_ARRAYS)) if POLICY_ARRAYS in self.manifest["files"] else {}
-        try:
-            return build_router(name, self.num_exits, self.num_classes, params, arrays)
-        except KeyError as exc:
-            raise EENNError(f"{str(spec_path)!r}: policy {name!r} lacks the array {exc}.") from None
-        except ValueError as exc:
-            raise EENNError(f"{str(spec_path)!r}: {exc}.") from None
+        return {**spec, "arrays": arrays}
 
     def normalise(self, images: np.ndarray) -> np.ndarray:
         """uint8 images (N, C, H, W) in 0..255 -> the network's float32 input, with the training

@@ -1,7 +1,10 @@
 """Export a trained multi-exit network and a fitted policy as a bundle (:mod:`eenn.deploy.bundle`).
 
-Each segment (stage k with exit k's head) is exported as its own ONNX graph with PyTorch's
-``torch.export``-based exporter, with a dynamic batch axis and named inputs and outputs. The
+Each segment (stage k with exit k's head and, but for the last, the policy's decision at exit k)
+is exported as its own ONNX graph with PyTorch's ``torch.export``-based exporter, with a dynamic
+batch axis and named inputs and outputs. The decision is the policy's own ``decide``, traced: the
+runtime reads ``exit`` (and where the policy jumps, ``next_exit``) and hands the samples' state on
+to the next graph, and decides nothing itself. The
 export checks itself before the bundle appears: every graph is run in ONNX Runtime on a real
 validation batch (and on its first sample alone, the batch axis' other end) and compared with
 PyTorch; the largest differences and the tolerances go into the manifest, and a graph outside
@@ -40,7 +43,6 @@ from eenn.deploy.bundle import (
     sha256,
     stage_file,
 )
-from eenn.deploy.router import ROUTERS
 from eenn.errors import EENNError
 from eenn.models.multi_exit import Features, MultiExitNetwork
 from eenn.policies.base import ExitPolicy
@@ -49,15 +51,48 @@ DEFAULT_OPSET = 18
 EXPORTER_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")
 
 
+class _Decision(nn.Module):
+    """Exit k's decision, the fitted policy's own :meth:`~eenn.policies.base.ExitPolicy.decide`
+    traced into the graph: one definition of each rule, and a request pays ONNX Runtime's few
+    small operators after the head instead of a round of Python and numpy calls between graphs.
+
+    Inputs: the head's logits and the samples' state (none at exit 0: the policy's initial state
+    is built in the graph); outputs: ``exit`` (B,) bool, ``next_exit`` (B,) int64 where the policy
+    jumps, and the new state, each named ``state_out_<name>``."""
+
+    def __init__(self, policy: ExitPolicy, k: int) -> None:
+        super().__init__()
+        self.policy, self.k = policy, k
+        self.state_names = state_names(policy)
+
+    def forward(self, logits: torch.Tensor, state: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        st = dict(zip(self.state_names, state)) if self.k else self.policy.init_state(logits.shape[0])
+        d = self.policy.decide(self.k, logits, st)
+        return [d.exit] + ([d.next_exit] if self.policy.jumps else []) + [d.state[n] for n in self.state_names]
+
+    def output_names(self) -> list[str]:
+        return ["exit"] + (["next_exit"] if self.policy.jumps else []) + [f"state_out_{n}" for n in self.state_names]
+
+    def input_names(self) -> list[str]:
+        return [f"state_in_{n}" for n in self.state_names] if self.k else []
+
+
+def state_names(policy: ExitPolicy) -> list[str]:
+    """The names of a policy's per-sample state tensors, in the order the graphs take them."""
+    return sorted(policy.init_state(1))
+
+
 class _Part(nn.Module):
     """A stage and/or a head as one graph: stage k's input (one tensor or a multi-scale list) in,
-    the stage's output (unless ``stage_out`` is False) and the head's logits (if any) out, flat."""
+    the stage's output (unless ``stage_out`` is False), the head's logits (if any) and the
+    decision's outputs (if any) out, flat."""
 
-    def __init__(self, stage: nn.Module | None, head: nn.Module | None, stage_out: bool) -> None:
+    def __init__(self, stage: nn.Module | None, head: nn.Module | None, stage_out: bool,
+                 decision: _Decision | None = None) -> None:
         super().__init__()
-        self.stage, self.head, self.stage_out = stage, head, stage_out
+        self.stage, self.head, self.stage_out, self.decision = stage, head, stage_out, decision
 
-    def forward(self, h: Features) -> tuple[torch.Tensor, ...]:
+    def forward(self, h: Features, state: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, ...]:
         if self.stage is not None:
             h = self.stage(h)
         out: list[torch.Tensor] = []
@@ -65,6 +100,8 @@ class _Part(nn.Module):
             out += list(h) if isinstance(h, (list, tuple)) else [h]
         if self.head is not None:
             out.append(self.head(h))
+            if self.decision is not None:
+                out += self.decision(out[-1], state)
         return tuple(out)
 
 
@@ -76,10 +113,13 @@ def _flat(h: Features) -> list[torch.Tensor]:
     return [h] if isinstance(h, torch.Tensor) else list(h)
 
 
-def _export_graph(module: nn.Module, h: Features, path: Path, input_names: list[str], output_names: list[str],
-                  opset: int) -> None:
+def _export_graph(module: nn.Module, args: tuple[Any, ...], path: Path, input_names: list[str],
+                  output_names: list[str], opset: int) -> None:
     batch = torch.export.Dim("batch", min=1)
-    dynamic = {"h": {0: batch} if isinstance(h, torch.Tensor) else [{0: batch}] * len(h)}
+    h = args[0]
+    dynamic: dict[str, Any] = {"h": {0: batch} if isinstance(h, torch.Tensor) else [{0: batch}] * len(h)}
+    if len(args) > 1:  # the decision's state, batch-first
+        dynamic["state"] = tuple({0: batch} for _ in args[1])
     # the exporter and its optimiser log every rewrite at INFO (about 30 lines a graph under the
     # apps' logging config): an export prints its summary, not theirs
     loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
@@ -89,7 +129,7 @@ def _export_graph(module: nn.Module, h: Features, path: Path, input_names: list[
         for log in loggers:
             log.setLevel(logging.WARNING)
         try:
-            torch.onnx.export(module, (h,), str(path), input_names=input_names, output_names=output_names,
+            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
                               opset_version=opset, dynamo=True, dynamic_shapes=dynamic, external_data=False,
                               verbose=False, optimize=True)
         except Exception as exc:  # the exporter raises many types; the first line says what it could not trace
@@ -98,6 +138,13 @@ def _export_graph(module: nn.Module, h: Features, path: Path, input_names: list[
         finally:
             for log, level in zip(loggers, levels):
                 log.setLevel(level)
+
+
+#: how many samples of a validation batch an exported decision (a bool or integer output) may
+#: differ from PyTorch on: a score on its threshold, or two classes tied for the argmax, can tip
+#: either way under ONNX Runtime's float rounding; more than 1 % of the batch (at least one
+#: sample) is a wrong graph, not a tie
+MAX_DECISIONS_DIFFERING = 0.01
 
 
 class _Checker:
@@ -109,11 +156,11 @@ class _Checker:
         self.ort, self.atol, self.rtol = ort, atol, rtol
         self.graphs: dict[str, dict[str, float]] = {}
 
-    def export(self, module: nn.Module, h: Features, path: Path, input_names: list[str], output_names: list[str],
-               opset: int, expected: Sequence[torch.Tensor]) -> None:
-        """Export ``module`` on input ``h`` to ``path`` and check it against ``expected``."""
-        _export_graph(module, h, path, input_names, output_names, opset)
-        self.check(path, _flat(h), expected)
+    def export(self, module: nn.Module, args: tuple[Any, ...], path: Path, input_names: list[str],
+               output_names: list[str], opset: int, expected: Sequence[torch.Tensor]) -> None:
+        """Export ``module`` on ``args`` to ``path`` and check it against ``expected``."""
+        _export_graph(module, args, path, input_names, output_names, opset)
+        self.check(path, _flat(args[0]) + (list(args[1]) if len(args) > 1 else []), expected)
 
     def check(self, path: Path, inputs: list[torch.Tensor], expected: Sequence[torch.Tensor]) -> None:
         session = self.ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -121,11 +168,25 @@ class _Checker:
         worst: dict[str, float] = {}
         for rows in (slice(None), slice(0, 1)):  # the whole batch, and one sample alone
             feeds = {i.name: t[rows].numpy() for i, t in zip(session.get_inputs(), inputs)}
-            for name, got, want in zip(names, session.run(None, feeds), expected):
+            try:
+                outs = session.run(None, feeds)
+            except Exception as exc:  # onnxruntime's own exception types; a fixed batch axis, typically
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise EENNError(f"{path.name} does not run in ONNX Runtime on {len(inputs[0][rows])} "
+                                f"validation samples ({reason}).") from None
+            for name, got, want in zip(names, outs, expected):
                 want = want[rows].numpy()
                 if got.shape != want.shape:
                     raise EENNError(f"{path.name}'s output {name!r} has shape {got.shape} in ONNX Runtime, "
                                     f"PyTorch gives {want.shape}.")
+                if want.dtype.kind in "biu":  # a decision: equal, but for ties
+                    differ = int((got != want).reshape(len(want), -1).any(1).sum())
+                    worst[name] = max(worst.get(name, 0.0), differ / len(want))
+                    if differ > max(1, int(MAX_DECISIONS_DIFFERING * len(want))):
+                        raise EENNError(f"{path.name}'s output {name!r} differs from PyTorch on {differ} of "
+                                        f"{len(want)} validation samples, more than ties explain: the policy's "
+                                        "decision does not export faithfully.")
+                    continue
                 err = np.abs(got.astype(np.float64) - want)
                 bad = err > self.atol + self.rtol * np.abs(want)
                 worst[name] = max(worst.get(name, 0.0), float(err.max()))
@@ -143,10 +204,23 @@ def check_exportable(policy: ExitPolicy, network: MultiExitNetwork) -> None:
     if not policy.online:
         raise EENNError(f"policy {policy.name!r} reads the labels (an oracle), so it cannot be deployed; "
                         "export a policy fitted to run online (maxprob, eenet, ...).")
-    if policy.name not in ROUTERS:
-        raise EENNError(f"policy {policy.name!r} has no runtime router yet; exportable: {', '.join(sorted(ROUTERS))}.")
     if policy.num_exits != network.num_exits:
         raise EENNError(f"the policy was fitted on {policy.num_exits} exits but the network has {network.num_exits}.")
+
+
+def _walk_decisions(policy: ExitPolicy, logits: list[torch.Tensor]) -> list[tuple[dict[str, torch.Tensor], list[torch.Tensor]]]:
+    """For exits 0..K-2: the state every sample of the check batch holds on reaching exit k, had
+    each been sent there, and the decision's outputs from it (the graphs' inputs and expected outputs)."""
+    K = len(logits)
+    state = policy.init_state(logits[0].shape[0])
+    out = []
+    with torch.inference_mode():
+        for k in range(K - 1):
+            d = policy.decide(k, logits[k], state)
+            out.append((state, [d.exit] + ([d.next_exit] if policy.jumps else []) +
+                        [d.state[n] for n in state_names(policy)]))
+            state = d.state
+    return out
 
 
 def export_bundle(
@@ -173,8 +247,9 @@ def export_bundle(
     if out_dir.exists() and any(out_dir.iterdir()) and not replace:
         raise EENNError(f"{str(out_dir)!r} is not empty: a bundle is written into a new directory.")
     network = network.cpu().eval()
-    router = ROUTERS[policy.name]
+    policy = policy.to("cpu")
     K = network.num_exits
+    names = state_names(policy)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
@@ -184,20 +259,28 @@ def export_bundle(
             eager: list[Features] = [batch.float().cpu()]
             for k in range(K):
                 eager.append(network.forward_stage(k, eager[-1]))
+            all_logits = [network.forward_exit(k, eager[k + 1]) for k in range(K)]
+        decisions = _walk_decisions(policy, all_logits)
         for k in range(K):
             last = k == K - 1
-            h_in, h_out = eager[k], eager[k + 1]
+            h_in, h_out, logits = eager[k], eager[k + 1], all_logits[k]
+            # the last exit always answers: its segment holds no decision
+            decision = None if last else _Decision(policy, k)
+            state_in, decided = ((), []) if last else ([decisions[k][0][n] for n in names] if k else [], decisions[k][1])
+            args = (h_in, tuple(state_in)) if state_in else (h_in,)
             in_names = ["image"] if k == 0 else _names("h_in", h_in)
             out_names = ([] if last else _names("h_out", h_out)) + ["logits"]
-            with torch.inference_mode():
-                logits = network.forward_exit(k, h_out)
-            checker.export(_Part(network.stages[k], network.heads[k], not last), h_in, tmp / segment_file(k),
-                           in_names, out_names, opset, ([] if last else _flat(h_out)) + [logits])
-            if router.jumps and 0 < k < K - 1:
-                checker.export(_Part(network.stages[k], None, True), h_in, tmp / stage_file(k), in_names,
+            if decision is not None:
+                in_names, out_names = in_names + decision.input_names(), out_names + decision.output_names()
+            checker.export(_Part(network.stages[k], network.heads[k], not last, decision), args,
+                           tmp / segment_file(k), in_names, out_names, opset,
+                           ([] if last else _flat(h_out)) + [logits] + decided)
+            if policy.jumps and 0 < k < K - 1:
+                checker.export(_Part(network.stages[k], None, True), (h_in,), tmp / stage_file(k), in_names[:len(_flat(h_in))],
                                _names("h_out", h_out), opset, _flat(h_out))
-                checker.export(_Part(None, network.heads[k], False), h_out, tmp / exit_file(k), _names("h_in", h_out),
-                               ["logits"], opset, [logits])
+                checker.export(_Part(None, network.heads[k], False, decision), (h_out, tuple(state_in)) if state_in else (h_out,),
+                               tmp / exit_file(k), _names("h_in", h_out) + decision.input_names(),
+                               ["logits"] + decision.output_names(), opset, [logits] + decided)
             e = profile.exits[k]
             exits.append({
                 "name": network.exit_names[k], "segment": segment_file(k), "inputs": in_names, "outputs": out_names,
@@ -205,11 +288,14 @@ def export_bundle(
                 "head_cost": {u: getattr(e, f"head_{u}") for u in ("macs", "flops", "params", "latency_ms")},
             })
         if backbone:  # its logits are the last segment's
-            checker.export(_Backbone(network), eager[0], tmp / BACKBONE, ["image"], ["logits"], opset, [logits])
+            checker.export(_Backbone(network), (eager[0],), tmp / BACKBONE, ["image"], ["logits"], opset, [logits])
 
-        params, arrays = router.export(policy)
-        spec = {"name": policy.name, "num_exits": K, "num_classes": policy.num_classes, "params": params,
-                "hparams": policy.hparams(), "cost_unit": policy.cost_unit, "budget": policy.budget}
+        # what the decisions in the graphs were traced from: the fitted policy's parameters and tensors
+        arrays = {k: v.detach().cpu().numpy() for k, v in policy.tensors().items()}
+        if policy.temperature is not None:
+            arrays["temperature"] = policy.temperature.detach().cpu().numpy()
+        spec = {"name": policy.name, "num_exits": K, "num_classes": policy.num_classes, "hparams": policy.hparams(),
+                "cost_unit": policy.cost_unit, "budget": policy.budget, "state": names, "jumps": policy.jumps}
         (tmp / POLICY_JSON).write_text(json.dumps(spec, indent=2, allow_nan=False) + "\n")
         if arrays:
             from safetensors.numpy import save_file
@@ -230,7 +316,7 @@ def export_bundle(
             "exits": exits,
             "backbone": {"file": BACKBONE, "cost": dict(profile.backbone)} if backbone else None,
             "policy": {"name": policy.name, "file": POLICY_JSON, "arrays": POLICY_ARRAYS if arrays else None,
-                       "jumps": router.jumps, "cost_unit": policy.cost_unit, "budget": policy.budget},
+                       "jumps": policy.jumps, "state": names, "cost_unit": policy.cost_unit, "budget": policy.budget},
             "source": source or {},
             "check": {"batch_size": int(batch.shape[0]), "atol": atol, "rtol": rtol, "max_abs_error": checker.graphs},
             "files": {p.name: sha256(p) for p in sorted(tmp.iterdir())},

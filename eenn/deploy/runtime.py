@@ -1,11 +1,12 @@
 """Real early exit in ONNX Runtime, with numpy alone beside it: no PyTorch.
 
 A batch runs segment by segment, as :class:`eenn.inference.engine.EarlyExitEngine` runs it in
-PyTorch. After segment k (stage k and its exit head) the router decides for the samples whose
-next exit is k; those that exit leave with their answer, and only the others are gathered
-(compaction) and go on into segment k+1 with their activations and router state. A sample sent
-past exits (DEEx) runs the stages in between without their heads (the bundle then holds the
-middle stages and heads apart). Nothing runs for a sample after it left.
+PyTorch. Segment k (stage k, its exit head and the policy's decision there, all in one graph)
+says for the samples whose next exit is k whether they exit; those leave with their answer, and
+only the others are gathered (compaction) and go on into segment k+1 with their activations and
+policy state. A sample sent past exits (DEEx) runs the stages in between without their heads (the
+bundle then holds the middle stages and heads apart). Nothing runs for a sample after it left.
+The runtime decides nothing itself: the rules are the policy's own, traced into the graphs.
 
     rt = Runtime("outputs/export/runs/<run>/bundle")        # or the eenn-export run dir
     out = rt.predict(rt.bundle.normalise(uint8_images))     # or already normalised float32 input
@@ -22,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from eenn.deploy.bundle import BACKBONE, Bundle, exit_file, segment_file, stage_file
-from eenn.deploy.router import State
 from eenn.errors import EENNError
+
+State = dict[str, np.ndarray]
 
 
 def _onnxruntime() -> Any:
@@ -45,7 +47,7 @@ class Prediction:
     heads: np.ndarray  # (N, K) bool: the heads each sample evaluated
     latency_ms: np.ndarray  # (N,) float64: from its batch's start to its answer
     wall_s: float  # the whole call
-    router_s: float  # time in the router's decisions
+    decision_s: float  # time spent on the decisions' outputs outside the graphs (reading, state, next exits)
     stage_batch_sizes: list[list[int]] = field(default_factory=list)  # per stage, the batches it ran
 
     @property
@@ -68,18 +70,19 @@ class _Group:
 
 @dataclass
 class _Graph:
-    """An ONNX Runtime session and its input names, read once: a batch-1 request runs a few graphs,
-    and asking the session for them on every run costs more than the router's decision."""
+    """An ONNX Runtime session and its input and output names, read once: a batch-1 request runs a
+    few graphs, and asking the session for them on every run costs more than the decision."""
 
     session: Any
     inputs: list[str]
+    outputs: dict[str, int]
 
-    def run(self, h: list[np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, dict(zip(self.inputs, h)))
+    def run(self, feeds: list[np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, dict(zip(self.inputs, feeds)))
 
 
 class Runtime:
-    """A bundle's segments in ONNX Runtime sessions and its policy's router.
+    """A bundle's segments in ONNX Runtime sessions.
 
     ``providers``: ONNX Runtime execution providers (default: the CPU's); ``threads``: intra-op
     threads per session (default: ONNX Runtime's choice)."""
@@ -88,7 +91,8 @@ class Runtime:
                  verify: bool = True) -> None:
         ort = _onnxruntime()
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, verify=verify)
-        self.router = self.bundle.policy()
+        self.policy = self.bundle.policy()  # the record of what the graphs decide with, checked against the manifest
+        self.state_names = self.bundle.state_names
         self.options = ort.SessionOptions()
         # every segment is a session with its own thread pool, whose threads spin for a while after
         # each run: the next segment's pool then shares the cores with them. On 2 cores a bundle
@@ -116,7 +120,8 @@ class Runtime:
         except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EENNError(f"{str(path)!r} is not an ONNX graph ONNX Runtime can load ({reason}).") from None
-        return _Graph(session, [i.name for i in session.get_inputs()])
+        return _Graph(session, [i.name for i in session.get_inputs()],
+                      {o.name: i for i, o in enumerate(session.get_outputs())})
 
     @property
     def num_exits(self) -> int:
@@ -156,51 +161,99 @@ class Runtime:
         done = np.empty(n, dtype=np.float64)
         arrival = np.empty(n, dtype=np.float64)
         sizes: list[list[int]] = [[] for _ in range(K)]
-        self.router_s = 0.0
+        self.decision_s = 0.0
         t0 = time.perf_counter()
-        for a in range(0, n, bs):
-            b = min(n, a + bs) - a
-            arrival[a:a + b] = time.perf_counter()
-            g = _Group([x[a:a + b]], np.arange(a, a + b), np.zeros(b, dtype=np.int64), self.router.init_state(b),
-                       np.zeros((b, K), dtype=bool))
-            for k in range(K):
-                sizes[k].append(len(g.ids))
-                g = self._advance(k, g, exits, logits, heads, done)
-                if g is None:
-                    break
+        if bs == 1:
+            self._predict_single(x, exits, logits, heads, done, arrival, sizes)
+        else:
+            for a in range(0, n, bs):
+                b = min(n, a + bs) - a
+                arrival[a:a + b] = time.perf_counter()
+                # exit 0's graph builds the policy's initial state itself
+                g = _Group([x[a:a + b]], np.arange(a, a + b), np.zeros(b, dtype=np.int64), {},
+                           np.zeros((b, K), dtype=bool))
+                for k in range(K):
+                    sizes[k].append(len(g.ids))
+                    g = self._advance(k, g, exits, logits, heads, done)
+                    if g is None:
+                        break
         wall = time.perf_counter() - t0
-        return Prediction(logits.argmax(-1), exits, logits, heads, (done - arrival) * 1e3, wall, self.router_s, sizes)
+        return Prediction(logits.argmax(-1), exits, logits, heads, (done - arrival) * 1e3, wall, self.decision_s, sizes)
+
+    def _predict_single(self, x: np.ndarray, exits: np.ndarray, logits: np.ndarray, heads: np.ndarray,
+                        done: np.ndarray, arrival: np.ndarray, sizes: list[list[int]]) -> None:
+        """One request at a time: no groups to compact, so none of the batch path's array
+        bookkeeping between graphs, which at batch 1 costs as much as a small segment's last layers."""
+        last = self.num_exits - 1
+        jumps = self.bundle.jumps
+        for i in range(x.shape[0]):
+            arrival[i] = time.perf_counter()
+            h: list[np.ndarray] = [x[i:i + 1]]
+            state: list[np.ndarray] = []
+            k = 0
+            while True:
+                graph = self.segments[k]
+                outs = graph.run(h + state if k < last else h)  # the last graph decides nothing: no state
+                sizes[k].append(1)
+                heads[i, k] = True
+                t = time.perf_counter()
+                if k == last or outs[graph.outputs["exit"]][0]:
+                    self.decision_s += time.perf_counter() - t
+                    break
+                nxt = int(outs[graph.outputs["next_exit"]][0]) if jumps else k + 1
+                state = [outs[graph.outputs[f"state_out_{name}"]] for name in self.state_names]
+                self.decision_s += time.perf_counter() - t
+                h = outs[:graph.outputs["logits"]]
+                for j in range(k + 1, nxt):  # sent past these exits: their stages without the heads
+                    h = self.stages[j].run(h)
+                    sizes[j].append(1)
+                k = nxt
+            exits[i] = k
+            logits[i] = outs[graph.outputs["logits"]][0]
+            done[i] = time.perf_counter()
 
     def _advance(self, k: int, g: _Group, exits: np.ndarray, logits: np.ndarray, heads: np.ndarray,
                  done: np.ndarray) -> _Group | None:
-        """Stage k (with exit k's head for the samples bound to it), the router's decision, the
-        exited samples written out; the continuing samples' group, or None."""
+        """Stage k, with exit k's head and decision for the samples bound to it; the exited samples
+        written out; the continuing samples' group, or None."""
         here = g.next_exit == k
         n_here = int(here.sum())
+        # exit 0's graph builds the initial state, and the last one decides nothing
+        state = [g.state[name] for name in self.state_names] if 0 < k < self.num_exits - 1 else []
         if n_here == len(g.ids):
-            *h, lk = self.segments[k].run(g.h)
-            sel = None
+            graph = self.segments[k]
+            outs = graph.run(g.h + state)
+            h, sel = outs[:graph.outputs["logits"]], None
         else:
             h = self.stages[k].run(g.h)
             if n_here == 0:  # all sent past this exit: no head runs
                 g.h = h
                 return g
+            graph = self.heads[k]
             sel = np.flatnonzero(here)
-            (lk,) = self.heads[k].run([a[sel] for a in h])
-        sub_state = g.state if sel is None else {name: v[sel] for name, v in g.state.items()}
-        t = time.perf_counter()
-        d = self.router.decide(k, lk, sub_state)
-        self.router_s += time.perf_counter() - t
+            outs = graph.run([a[sel] for a in h] + [v[sel] for v in state])
+        lk = outs[graph.outputs["logits"]]
         rows = np.arange(len(g.ids)) if sel is None else sel
         g.heads[rows, k] = True
-        g.next_exit[rows] = d.next_exit
-        for name, v in d.state.items():
-            g.state[name][rows] = v
-        out = rows[d.exit]
+        t = time.perf_counter()
+        if k == self.num_exits - 1:  # the last exit answers for everyone
+            out = rows
+            leaving = slice(None)
+        else:
+            leaving = outs[graph.outputs["exit"]]
+            out = rows[leaving]
+            g.next_exit[rows] = outs[graph.outputs["next_exit"]] if self.bundle.jumps else k + 1
+            new = {name: outs[graph.outputs[f"state_out_{name}"]] for name in self.state_names}
+            if sel is None:
+                g.state = new
+            else:
+                for name, v in new.items():
+                    g.state[name][rows] = v
+        self.decision_s += time.perf_counter() - t
         if out.size:
             ids = g.ids[out]
             exits[ids] = k
-            logits[ids] = lk[d.exit]
+            logits[ids] = lk[leaving]
             heads[ids] = g.heads[out]
             done[ids] = time.perf_counter()
         if out.size == len(g.ids):

@@ -127,6 +127,9 @@ class ExitPolicy:
     #: True where it certifies a risk against the final exit (Learn then Test): eenn-compare draws
     #: its risk-cost curves beside its ``uncertified()`` twin.
     risk_controlled: ClassVar[bool] = False
+    #: True where a decision may send a sample past the next exit (DEEx offloads to the last): a
+    #: deployment bundle then also holds the middle stages and heads apart, so that a head can be skipped.
+    jumps: ClassVar[bool] = False
     #: Hyper-parameters to build it with in tests (each is ``build_policy(name, **example)``).
     examples: ClassVar[tuple[dict[str, Any], ...]] = ({},)
 

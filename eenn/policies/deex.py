@@ -40,6 +40,7 @@ def _probability(value: Any, key: str, allow_none: bool) -> float | None:
 @register("deex")
 class DEExPolicy(ExitPolicy):
     has_p_d_curve: ClassVar[bool] = True
+    jumps: ClassVar[bool] = True
     examples: ClassVar[tuple[dict[str, Any], ...]] = ({"p_tar": 0.8},)
 
     def __init__(self, p_d: float | None = None, p_tar: float = 0.9) -> None:

@@ -62,7 +62,10 @@ def exit_inputs(logits_k: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
     """The label-free part of x_k, (B, C + 3): softmax, max prob, entropy score and vote; ``preds``
     (B, k+1) are the argmax predictions of exits 0..k."""
     p = probabilities(logits_k)
-    return torch.cat([p, p.amax(-1, keepdim=True), entropy_score(logits_k)[:, None], vote(preds)[:, None]], 1)
+    # one exit agrees with itself: the vote is 1, without the comparisons (a deployed exit 0 runs
+    # them per request, in its graph)
+    v = torch.ones_like(p[:, 0]) if preds.shape[1] == 1 else vote(preds)
+    return torch.cat([p, p.amax(-1, keepdim=True), entropy_score(logits_k)[:, None], v[:, None]], 1)
 
 
 def _positive(value: Any, key: str, integer: bool = False) -> Any:

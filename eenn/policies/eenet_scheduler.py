@@ -51,7 +51,10 @@ class EENetScheduler(L.LightningModule):
         which for a large validation set would copy every exit's features once more."""
         w = self.g[k].weight[0]
         width = feats.shape[1]
-        return (feats * w[:width]).sum(-1) + (prev * w[width:]).sum(-1) + self.g[k].bias[0]
+        out = (feats * w[:width]).sum(-1)
+        if prev.shape[1]:  # exit 0 has no earlier scores (a sum over none adds 0)
+            out = out + (prev * w[width:]).sum(-1)
+        return out + self.g[k].bias[0]
 
     def scores(self, inputs: torch.Tensor) -> torch.Tensor:
         """``inputs`` (B, K, C + 3) -> exit scores q (B, K), each exit seeing the earlier ones."""

@@ -261,7 +261,7 @@ def _infer_bundle(cfg: DictConfig, out_run: InferRun, bundle: Any, policy: ExitP
         results.append(ExitResult(
             predictions=torch.from_numpy(p.classes), exit_index=torch.from_numpy(p.exits),
             heads_evaluated=torch.from_numpy(p.heads), logits=torch.from_numpy(p.logits),
-            latency_ms=torch.from_numpy(p.latency_ms), wall_s=p.wall_s, policy_s=p.router_s, labels=y,
+            latency_ms=torch.from_numpy(p.latency_ms), wall_s=p.wall_s, policy_s=p.decision_s, labels=y,
             stage_batch_sizes=p.stage_batch_sizes,
         ))
 

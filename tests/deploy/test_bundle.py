@@ -57,8 +57,10 @@ def test_the_bundle_holds_a_graph_per_segment_the_policy_and_a_checked_manifest(
     for name, digest in m["files"].items():
         assert sha256(b.path / name) == digest
     assert [e["segment"] for e in m["exits"]] == [f"segment_{k}.onnx" for k in range(K)]
-    assert m["exits"][0]["inputs"] == ["image"] and m["exits"][0]["outputs"] == ["h_out", "logits"]
-    assert m["exits"][-1]["outputs"] == ["logits"]
+    # the decision is in the graph (maxprob keeps no state); the last exit answers for everyone
+    assert m["exits"][0]["inputs"] == ["image"] and m["exits"][0]["outputs"] == ["h_out", "logits", "exit"]
+    assert m["exits"][1]["inputs"] == ["h_in"] and m["exits"][1]["outputs"] == ["h_out", "logits", "exit"]
+    assert m["exits"][-1]["outputs"] == ["logits"] and m["policy"]["state"] == []
     costs = Stage1Run(exported["run"]).costs()
     assert b.cost("macs") == costs.per_exit("macs")
     assert m["source"]["run_dir"] == str(exported["run"]) and m["source"]["policy_sha256"] == sha256(
@@ -67,7 +69,8 @@ def test_the_bundle_holds_a_graph_per_segment_the_policy_and_a_checked_manifest(
     check = m["check"]
     assert check["atol"] == check["rtol"] == 1e-4 and check["batch_size"] == 32
     assert set(check["max_abs_error"]) == {f"segment_{k}.onnx" for k in range(K)} | {"backbone.onnx"}
-    assert all(0 <= e <= 1e-3 for errs in check["max_abs_error"].values() for e in errs.values())
+    assert all(0 <= e <= 1e-3 for errs in check["max_abs_error"].values() for o, e in errs.items() if o != "exit")
+    assert all(errs.get("exit", 0) <= 1 / 32 for errs in check["max_abs_error"].values())  # a tie at most
     import onnx
 
     for k in range(K):  # every output named, the batch axis dynamic
@@ -76,6 +79,7 @@ def test_the_bundle_holds_a_graph_per_segment_the_policy_and_a_checked_manifest(
         assert g.input[0].type.tensor_type.shape.dim[0].dim_param
     policy = json.loads((b.path / "policy.json").read_text())
     assert policy["name"] == "maxprob" and policy["num_exits"] == K
+    assert b.policy()["arrays"]["thresholds"].shape == (K,)
 
 
 @pytest.mark.parametrize("policy", ["maxprob", "deex"])
@@ -102,7 +106,7 @@ def test_the_runtime_takes_the_engines_exits_and_logits(exported, policy, batch_
     assert [sum(s) for s in out.stage_batch_sizes] == [int((out.exits >= k).sum()) for k in range(3)]
     if policy == "deex":  # offloaded samples skipped the middle head
         assert (~out.heads[:, 1] & (out.exits == 2)).any() and (rt.bundle.path / "stage_1.onnx").is_file()
-    assert out.router_s > 0 and out.latency_ms.shape == (len(y),) and (out.latency_ms > 0).all()
+    assert out.decision_s > 0 and out.latency_ms.shape == (len(y),) and (out.latency_ms > 0).all()
     np.testing.assert_array_equal(rt.predict_backbone(x[:16].numpy(), 8).argmax(-1),
                                   net.forward_backbone(x[:16]).argmax(-1).numpy())
 
@@ -179,7 +183,8 @@ def test_a_bad_policy_file_in_the_bundle_is_refused(exported, tmp_path):
     m = json.loads((b / "manifest.json").read_text())
     m["files"]["policy.json"] = sha256(b / "policy.json")
     (b / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(EENNError, match=r"policy.json': no runtime router for policy 'oracle'"):
+    with pytest.raises(EENNError, match=r"policy.json' names the policy 'oracle', but the manifest's graphs were "
+                                        r"exported with 'maxprob'"):
         Runtime(b)
 
 

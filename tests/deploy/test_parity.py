@@ -11,10 +11,10 @@ import torch
 from eenn.cost import profile_costs
 from eenn.deploy import Runtime
 from eenn.deploy.export import export_bundle
-from eenn.deploy.router import max_prob
 from eenn.inference.engine import EarlyExitEngine, batches_of
 from eenn.models import build_multi_exit
 from eenn.policies import build_policy
+from eenn.policies.features import max_prob
 from tests.inference.conftest import SHAPE, briefly_trained, predictions
 from tests.inference.test_vit_engine import TINY_VIT
 
@@ -49,8 +49,8 @@ def parity(net, tmp_path, policy_name: str = "maxprob", n_test: int = 400) -> di
     for i in differ:
         k = int(min(out.exits[i], eager.exit_index[i]))
         with torch.inference_mode():
-            logits = net(xt[i:i + 1])[0, k].numpy()
-        assert abs(float(max_prob(logits[None])[0]) - thresholds[k]) < 1e-5, f"sample {i} differs at exit {k} without a tie"
+            logits = net(xt[i:i + 1])[:, k]
+        assert abs(float(max_prob(logits)[0]) - thresholds[k]) < 1e-5, f"sample {i} differs at exit {k} without a tie"
     same = out.exits == eager.exit_index.numpy()
     np.testing.assert_allclose(out.logits[same], eager.logits.numpy()[same], rtol=0, atol=1e-4)
     np.testing.assert_array_equal(out.heads[same], eager.heads_evaluated.numpy()[same])
