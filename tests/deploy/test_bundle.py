@@ -160,7 +160,11 @@ def test_a_manifest_without_a_key_or_of_another_format_is_refused(exported, tmp_
     with pytest.raises(EENNError, match=r"manifest.json' lacks the key 'input'"):
         Bundle(b)
     (b / "manifest.json").write_text(json.dumps({**m, "format": "other/2"}))
-    with pytest.raises(EENNError, match=r"has format 'other/2', expected 'eenn.bundle/1'"):
+    with pytest.raises(EENNError, match=r"has format 'other/2', expected 'eenn.bundle/2'\.$"):
+        Bundle(b)
+    (b / "manifest.json").write_text(json.dumps({**m, "format": "eenn.bundle/1"}))  # its decisions were not in the graphs
+    with pytest.raises(EENNError, match=r"has format 'eenn.bundle/1', expected 'eenn.bundle/2': an older eenn-export "
+                                        r"wrote it; export the bundle again\."):
         Bundle(b)
     (b / "manifest.json").write_text("{")
     with pytest.raises(EENNError, match=r"manifest.json' is not valid JSON"):
