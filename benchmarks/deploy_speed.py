@@ -42,11 +42,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import add_output_args, output_path  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
+from common import add_output_args, compose_cfg, output_path  # noqa: E402
 
-from eenn.cli.common import conf_dir  # noqa: E402
 from eenn.deploy import Runtime  # noqa: E402
 from eenn.inference.engine import EarlyExitEngine, batches_of  # noqa: E402
 from eenn.rundir import FitRun, Stage1Run  # noqa: E402
@@ -62,15 +59,6 @@ CIFAR10_SMALL = Path(os.environ.get("EENN_SHARED", REPO.parent / "shared")) / "d
 POLICIES = ("maxprob", "eenet")
 #: the acceptance of the deployment issue
 MIN_RATIO, MAX_ROUTER_PCT, FIRST_EXIT_SHARE = 0.9, 1.0, 0.4
-
-
-def compose_cfg(name: str, overrides: list[str], out: Path) -> DictConfig:
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.paths.root_dir = str(REPO)
-    return cfg
 
 
 def train_run(work: Path, quick: bool, backbone: str, epochs: int) -> tuple[Path, list[str]]:

@@ -26,11 +26,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from common import add_output_args, output_path  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import OmegaConf, open_dict  # noqa: E402
+from common import add_output_args, compose_cfg, output_path  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
-from eenn.cli.common import conf_dir  # noqa: E402
 from eenn.evaluation.offline import evaluate  # noqa: E402
 from eenn.policies import build_policy  # noqa: E402
 from eenn.rundir import Stage1Run  # noqa: E402
@@ -49,11 +47,7 @@ def stage1(epochs: int, run_dir: Path, extra: list[str]) -> dict:
         f"trainer.max_epochs={epochs}", f"training.scheduler.milestones=[{epochs // 3},{2 * epochs // 3}]",
         f"training.warmup_epochs={round(epochs * 20 / 150)}", "trainer.enable_progress_bar=false", *extra,
     ]
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(run_dir)
-        cfg.paths.root_dir = str(REPO)
+    cfg = compose_cfg("train", overrides, run_dir)
     start = time.perf_counter()
     metrics = train(cfg)
     return {"overrides": overrides, "seconds": time.perf_counter() - start, "metrics": metrics}
@@ -98,8 +92,7 @@ def main() -> None:
     if not CIFAR10_SMALL.is_file():
         raise SystemExit(f"{CIFAR10_SMALL} is absent: this benchmark needs the offline CIFAR-10 subset.")
     trained = None if args.skip_training else stage1(args.epochs, args.run_dir, args.override)
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        experiment = compose(config_name="train", overrides=["experiment=eenet_resnet56_cifar10"])
+    experiment = compose_cfg("train", ["experiment=eenet_resnet56_cifar10"])
     rows = stage2(args.run_dir, OmegaConf.to_container(experiment.stage2), args.cost)
     print(f"{'budget':>8} {'method':>10} {'test acc':>9} {'cost':>6}")
     for r in rows:

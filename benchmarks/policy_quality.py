@@ -35,11 +35,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")  # a benchmark: no wandb runs
 os.environ.setdefault("WANDB_SILENT", "true")
 
 import torch  # noqa: E402
-from common import add_output_args, output_path  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
+from common import add_output_args, compose_cfg, output_path  # noqa: E402
 
-from eenn.cli.common import conf_dir  # noqa: E402
 from eenn.rundir import Stage1Run  # noqa: E402
 from eenn.tasks.fit import fit_run  # noqa: E402
 from eenn.tasks.train import train  # noqa: E402
@@ -54,29 +51,18 @@ TOLERANCE_POINTS = 0.3
 TIGHTEST = 2
 
 
-def compose_cfg(name: str, overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
-
-
 def train_stage1(data: str, backbone: str, epochs: int, run_dir: Path, extra: list[str]) -> dict[str, Any]:
     overrides = [f"data={data}", f"backbone={backbone}", "exits=stages", "training=joint", "logger=csv",
                  f"trainer.max_epochs={epochs}", "trainer.accelerator=cpu", "cost.latency=false",
                  "trainer.enable_progress_bar=false", "seed=0", *extra]
-    cfg = compose_cfg("train", overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(run_dir)
-        cfg.paths.root_dir = str(REPO)
-    metrics = train(cfg)
+    metrics = train(compose_cfg("train", overrides, run_dir))
     metrics["overrides"] = overrides
     return metrics
 
 
 def fit(run_dir: Path, policy: str, fraction: float, out: Path, extra: list[str]) -> dict[str, Any]:
-    cfg = compose_cfg("fit", [f"run_dir={run_dir}", f"policy={policy}", f"budget.fraction={fraction}", *extra])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return fit_run(cfg, out)
+    return fit_run(compose_cfg("fit", [f"run_dir={run_dir}", f"policy={policy}", f"budget.fraction={fraction}", *extra],
+                               out), out)
 
 
 def acceptance(acc: dict[str, list[float]]) -> dict[str, Any]:

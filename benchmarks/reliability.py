@@ -20,26 +20,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
-from common import add_output_args, output_path  # noqa: E402
+from common import add_output_args, compose_cfg, output_path  # noqa: E402
 
 from eenn.utils.io import write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RESULTS = REPO / "benchmarks" / "results" / "reliability.json"
-
-
-def _compose(overrides: list[str], out: Path):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-
-    from eenn.cli.common import conf_dir
-
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose("train", overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
 
 
 def resume_equality(tmp: Path) -> dict[str, bool]:
@@ -52,14 +39,14 @@ def resume_equality(tmp: Path) -> dict[str, bool]:
 
     small = ["logger=csv", "trainer.max_epochs=3", "trainer.limit_train_batches=6", "cost.latency=false",
              "trainer.enable_progress_bar=false", "data.augment=cifar"]
-    train(_compose(small, tmp / "whole"))
+    train(compose_cfg("train", small, tmp / "whole"))
     crash = ["+callbacks.crash._target_=tests.reliability.crash.CrashAt", "+callbacks.crash.epoch=2", "+callbacks.crash.batch=3"]
     crashed = False
     try:
-        train(_compose([*small, *crash], tmp / "resumed"))
+        train(compose_cfg("train", [*small, *crash], tmp / "resumed"))
     except SimulatedCrash:
         crashed = True
-    train(_compose([*small, "ckpt_path=last"], tmp / "resumed"))
+    train(compose_cfg("train", [*small, "ckpt_path=last"], tmp / "resumed"))
     whole, resumed = Stage1Run(tmp / "whole"), Stage1Run(tmp / "resumed")
     same_predictions = all(torch.equal(resumed.predictions(s).logits, whole.predictions(s).logits) for s in ("val", "test"))
     last = [torch.load(r.checkpoint("last"), weights_only=True) for r in (whole, resumed)]

@@ -52,13 +52,11 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import add_output_args, output_path  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
+from common import add_output_args, compose_cfg, output_path  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from eenn.cli.common import conf_dir  # noqa: E402
 from eenn.cost import profile_costs  # noqa: E402
 from eenn.data.augment import BatchAugment  # noqa: E402
 from eenn.tasks.train import build_module, build_network, instantiate_group, train  # noqa: E402
@@ -74,11 +72,8 @@ CIFAR10_SMALL = Path(os.environ.get("EENN_SHARED", REPO.parent / "shared")) / "d
 def make_cfg(method: str, data: str, out: Path, device: str, precision: str, extra: list[str]) -> DictConfig:
     overrides = [f"training={method}", f"data={data}", "backbone=resnet20", "exits=stages", "logger=csv",
                  "cost.latency=false", f"trainer.accelerator={device}", f"trainer.precision={precision}", "seed=0", *extra]
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose_cfg("train", overrides, out)
     with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.paths.root_dir = str(REPO)
         if data == "cifar10_small":
             cfg.data.path = str(CIFAR10_SMALL)
     return cfg

@@ -32,7 +32,8 @@ import numpy as np
 
 from eenn.errors import EENNError
 
-FORMAT = "eenn.bundle/1"
+# /2: the decisions are in the graphs (exit, next_exit and state outputs); /1 bundles routed in numpy
+FORMAT = "eenn.bundle/2"
 MANIFEST = "manifest.json"
 POLICY_JSON = "policy.json"
 POLICY_ARRAYS = "policy.safetensors"
@@ -98,7 +99,9 @@ class Bundle:
             raise EENNError(f"{str(path / MANIFEST)!r} is not valid JSON ({exc}).") from None
         if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
             got = self.manifest.get("format") if isinstance(self.manifest, dict) else type(self.manifest).__name__
-            raise EENNError(f"{str(path / MANIFEST)!r} has format {got!r}, expected {FORMAT!r}.")
+            older = isinstance(got, str) and got.startswith("eenn.bundle/") and got < FORMAT
+            raise EENNError(f"{str(path / MANIFEST)!r} has format {got!r}, expected {FORMAT!r}"
+                            + (": an older eenn-export wrote it; export the bundle again." if older else "."))
         for key in ("files", "input", "exits", "num_classes", "policy"):
             if key not in self.manifest:
                 raise EENNError(f"{str(path / MANIFEST)!r} lacks the key {key!r}.")

@@ -32,12 +32,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict[str, Path]:
-    """A stage-1 run (ResNet-20 on digits, one epoch), maxprob and DEEx fits, and their bundles."""
+    """A stage-1 run (ResNet-20 on digits, one epoch), maxprob, DEEx and PABEE fits, and their bundles."""
     root = tmp_path_factory.mktemp("eenn")
-    dirs = {"run": root / "train", "maxprob": root / "fit_maxprob", "deex": root / "fit_deex"}
+    dirs = {"run": root / "train", **{name: root / f"fit_{name}" for name in ("maxprob", "deex", "patience")}}
     train(_compose("train", ["data=digits", "backbone=resnet20", "exits=stages", "logger=csv", "trainer.max_epochs=1",
                              "cost.repeats=2", "trainer.enable_progress_bar=false"], root, dirs["run"]))
-    fits = {"maxprob": ["policy=maxprob", "budget.fraction=0.7"], "deex": ["policy=deex", "policy.p_tar=0.8", "budget.fraction=0.8"]}
+    fits = {"maxprob": ["policy=maxprob", "budget.fraction=0.7"], "deex": ["policy=deex", "policy.p_tar=0.8", "budget.fraction=0.8"],
+            "patience": ["policy=patience", "policy.patience=1"]}  # PABEE keeps state: its graphs hand it on
     for name, overrides in fits.items():
         fit_run(_compose("fit", [f"run_dir={dirs['run']}", *overrides, "wandb.enabled=false"], root, dirs[name]), dirs[name])
         out = root / f"export_{name}"
@@ -159,7 +160,11 @@ def test_a_manifest_without_a_key_or_of_another_format_is_refused(exported, tmp_
     with pytest.raises(EENNError, match=r"manifest.json' lacks the key 'input'"):
         Bundle(b)
     (b / "manifest.json").write_text(json.dumps({**m, "format": "other/2"}))
-    with pytest.raises(EENNError, match=r"has format 'other/2', expected 'eenn.bundle/1'"):
+    with pytest.raises(EENNError, match=r"has format 'other/2', expected 'eenn.bundle/2'\.$"):
+        Bundle(b)
+    (b / "manifest.json").write_text(json.dumps({**m, "format": "eenn.bundle/1"}))  # its decisions were not in the graphs
+    with pytest.raises(EENNError, match=r"has format 'eenn.bundle/1', expected 'eenn.bundle/2': an older eenn-export "
+                                        r"wrote it; export the bundle again\."):
         Bundle(b)
     (b / "manifest.json").write_text("{")
     with pytest.raises(EENNError, match=r"manifest.json' is not valid JSON"):
@@ -186,6 +191,26 @@ def test_a_bad_policy_file_in_the_bundle_is_refused(exported, tmp_path):
     with pytest.raises(EENNError, match=r"policy.json' names the policy 'oracle', but the manifest's graphs were "
                                         r"exported with 'maxprob'"):
         Runtime(b)
+
+
+def test_a_bundle_runs_from_its_manifest_alone_as_the_readme_shows(exported):
+    """The README's loop: ONNX Runtime and the manifest's names, no eenn; the same exits and logits
+    as the Runtime, for a policy with state (PABEE's) and one without."""
+    import onnxruntime as ort
+
+    readme = (REPO / "README.md").read_text()
+    code = readme.split("import json, onnxruntime as ort\n", 1)[1].split("```", 1)[0]
+    dm = Stage1Run(exported["run"]).datamodule()
+    dm.setup("test")
+    x = load_split(dm, "test")[0][:60].numpy()
+    for name in ("export_maxprob", "export_patience"):
+        scope = {"json": json, "ort": ort, "bundle": str(exported[name] / "bundle")}
+        exec(code, scope)
+        got = [scope["predict_one"](x[i:i + 1]) for i in range(len(x))]
+        want = Runtime(exported[name]).predict(x, batch_size=1)
+        assert [k for k, _ in got] == want.exits.tolist() and len(set(want.exits.tolist())) >= 2, name
+        np.testing.assert_allclose(np.stack([lg for _, lg in got]), want.logits, rtol=0, atol=1e-6)
+    assert Bundle(exported["export_patience"]).state_names == ["count", "prev"]
 
 
 #: what the runtime may import beyond the standard library: numpy, onnxruntime and what
