@@ -110,7 +110,7 @@ def decision_graph_us(rt: Runtime, network: Any, x: np.ndarray, work: Path) -> l
             if not path.is_file():
                 _export_graph(_Part(network.stages[k], network.heads[k], True), (h,), path,
                               rt.segments[k].inputs[:1], ["h_out", "logits"], 18)
-            bare.append(_session(rt, path))
+            bare.append(rt._load(path))
             h = network.forward_stage(k, h)
     diffs: list[list[float]] = [[] for _ in range(K - 1)]
     for i in range(len(x)):
@@ -128,13 +128,6 @@ def decision_graph_us(rt: Runtime, network: Any, x: np.ndarray, work: Path) -> l
             diffs[k].append(1e6 * (t[1] - t[0]))
             h, state = h_next, state_next
     return [statistics.median(d) for d in diffs]
-
-
-def _session(rt: Runtime, path: Path) -> Any:
-    import onnxruntime as ort
-
-    s = ort.InferenceSession(str(path), sess_options=rt.options, providers=rt.providers)
-    return type(rt.segments[0])(s, [i.name for i in s.get_inputs()], {o.name: j for j, o in enumerate(s.get_outputs())})
 
 
 def measure(rt: Runtime, engine: EarlyExitEngine, x: torch.Tensor, bs: int, repeats: int,

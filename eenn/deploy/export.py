@@ -45,7 +45,7 @@ from eenn.deploy.bundle import (
 )
 from eenn.errors import EENNError
 from eenn.models.multi_exit import Features, MultiExitNetwork
-from eenn.policies.base import ExitPolicy
+from eenn.policies.base import Decision, ExitPolicy
 
 DEFAULT_OPSET = 18
 EXPORTER_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")
@@ -67,7 +67,10 @@ class _Decision(nn.Module):
 
     def forward(self, logits: torch.Tensor, state: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         st = dict(zip(self.state_names, state)) if self.k else self.policy.init_state(logits.shape[0])
-        d = self.policy.decide(self.k, logits, st)
+        return self.outputs(self.policy.decide(self.k, logits, st))
+
+    def outputs(self, d: Decision) -> list[torch.Tensor]:
+        """A decision as the graph's outputs, in :meth:`output_names`' order."""
         return [d.exit] + ([d.next_exit] if self.policy.jumps else []) + [d.state[n] for n in self.state_names]
 
     def output_names(self) -> list[str]:
@@ -217,8 +220,7 @@ def _walk_decisions(policy: ExitPolicy, logits: list[torch.Tensor]) -> list[tupl
     with torch.inference_mode():
         for k in range(K - 1):
             d = policy.decide(k, logits[k], state)
-            out.append((state, [d.exit] + ([d.next_exit] if policy.jumps else []) +
-                        [d.state[n] for n in state_names(policy)]))
+            out.append((state, _Decision(policy, k).outputs(d)))
             state = d.state
     return out
 
@@ -264,9 +266,10 @@ def export_bundle(
         for k in range(K):
             last = k == K - 1
             h_in, h_out, logits = eager[k], eager[k + 1], all_logits[k]
-            # the last exit always answers: its segment holds no decision
+            # the last exit always answers: its segment holds no decision; exit 0 builds the state
             decision = None if last else _Decision(policy, k)
-            state_in, decided = ((), []) if last else ([decisions[k][0][n] for n in names] if k else [], decisions[k][1])
+            state_in = [decisions[k][0][n] for n in names] if decision is not None and k else []
+            decided = decisions[k][1] if decision is not None else []
             args = (h_in, tuple(state_in)) if state_in else (h_in,)
             in_names = ["image"] if k == 0 else _names("h_in", h_in)
             out_names = ([] if last else _names("h_out", h_out)) + ["logits"]

@@ -113,8 +113,11 @@ class Runtime:
         self._backbone: _Graph | None = None
 
     def _session(self, name: str) -> _Graph:
+        return self._load(self.bundle.file(name))
+
+    def _load(self, path: Path) -> _Graph:
+        """An ONNX graph in a session with this runtime's options and providers."""
         ort = _onnxruntime()
-        path = self.bundle.file(name)
         try:
             session = ort.InferenceSession(str(path), sess_options=self.options, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
