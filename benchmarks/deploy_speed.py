@@ -13,11 +13,12 @@ test split (``--single-samples`` of it at batch 1):
 
 Reported per case (medians of the repeats): the bundle's realised speedup over ``plain``, the
 speedup predicted from per-segment latency (each segment timed alone on full batches of that
-size: plain per-sample time / sum over k of the share of samples reaching segment k times
-segment k's per-sample time), their ratio, the router's share of the bundle's time (the runtime's
+size, the plain model beside it on the same batches: plain per-sample time / sum over k of the
+share of samples reaching segment k times segment k's per-sample time), their ratio, the router's share of the bundle's time (the runtime's
 handling of the decisions' outputs, plus, at batch 1, what each exit's decision adds to the graph it
-is in: the segment run beside the same stage and head exported without it, ABBA; beside it the
-method's null, the same measurement between two sessions of the decision-free graph), the eager
+is in: the segments against the same stages and heads exported without the decisions, in
+request-like chains, mirrored; beside it the method's null, the same measurement between two
+sessions of the decision-free graphs), the eager
 engine's speedup over ``plain``, the exit fractions, and the acceptance checks: realised >= 0.9x
 predicted at batch 128, router <= 1 % at batch 1, never slower than ``plain`` when >= 40 % of
 samples exit at the first exit. ONNX Runtime and torch get the same number of threads.
@@ -83,18 +84,24 @@ def _segment_run(graph: Any, h: list[np.ndarray], state: list[np.ndarray]) -> tu
     return outs[:graph.logits], [outs[j] for j in graph.state_out]
 
 
-def segment_latency_ms(rt: Runtime, x: np.ndarray, bs: int, repeats: int) -> list[float]:
-    """Each segment alone on full batches of ``bs`` (its inputs: the previous segment's outputs),
-    per-sample milliseconds, the median over ``repeats`` passes over ``x``."""
+def segment_latency_ms(rt: Runtime, x: np.ndarray, bs: int, repeats: int) -> tuple[list[float], float]:
+    """Each segment alone on full batches of ``bs`` (its inputs: the previous segment's outputs)
+    and, before each batch's segments, the plain model on that batch: per-sample milliseconds,
+    medians over ``repeats`` passes over ``x``. The prediction divides the one by the other, so
+    both are timed side by side: a slow spell of the machine moves both."""
     per: list[list[float]] = [[] for _ in range(rt.num_exits)]
+    plain: list[float] = []
     for _ in range(repeats):
         for a in range(0, len(x) - bs + 1, bs):
+            t = time.perf_counter()
+            rt.predict_backbone(x[a:a + bs])
+            plain.append((time.perf_counter() - t) * 1e3 / bs)
             h, state = [x[a:a + bs]], []
             for k, seg in enumerate(rt.segments):
                 t = time.perf_counter()
                 h, state = _segment_run(seg, h, state)
                 per[k].append((time.perf_counter() - t) * 1e3 / bs)
-    return [statistics.median(p) for p in per]
+    return [statistics.median(p) for p in per], statistics.median(plain)
 
 
 def decision_graph_us(rt: Runtime, network: Any, x: np.ndarray, work: Path) -> tuple[list[float], list[float]]:
@@ -181,11 +188,10 @@ def measure(rt: Runtime, engine: EarlyExitEngine, x: torch.Tensor, bs: int, repe
     K = rt.num_exits
     fractions = np.bincount(out.exits, minlength=K) / n
     reach = 1.0 - np.concatenate([[0.0], np.cumsum(fractions)[:-1]])  # share of samples running segment k
-    seg_ms = segment_latency_ms(rt, xn, bs, max(1, repeats // 3))
+    seg_ms, plain_beside_ms = segment_latency_ms(rt, xn, bs, max(1, repeats // 3))
     predicted_ms = float(np.dot(reach, seg_ms))
-    plain_ms = 1e3 * med["plain"] / n
     realised = med["plain"] / med["bundle"]
-    predicted = plain_ms / predicted_ms
+    predicted = plain_beside_ms / predicted_ms
     decided = out.heads[:, :K - 1].mean(0)  # share of samples decided on at exit k (the last exit decides nothing)
     # the router: the runtime's handling of the decisions (timed in it), plus, at batch 1, what the
     # decisions add to the graphs they are in (per sample: each exit's cost times the share decided there)
@@ -196,7 +202,8 @@ def measure(rt: Runtime, engine: EarlyExitEngine, x: torch.Tensor, bs: int, repe
     return {
         "batch_size": bs, "num_samples": n, "exit_fractions": fractions.tolist(),
         "seconds": med, "seconds_passes": times, "ms_per_sample": {k: 1e3 * v / n for k, v in med.items()},
-        "segment_ms_per_sample": seg_ms, "predicted_ms_per_sample": predicted_ms,
+        "segment_ms_per_sample": seg_ms, "plain_ms_per_sample_beside_segments": plain_beside_ms,
+        "predicted_ms_per_sample": predicted_ms,
         "realised_speedup": realised, "predicted_speedup": predicted, "realised_over_predicted": realised / predicted,
         "router_pct": 100 * router_us * n / (1e6 * med["bundle"]), "router_us_per_sample": router_us,
         "router_python_us_per_sample": python_us, "router_in_graph_us_per_sample": graph_us,
