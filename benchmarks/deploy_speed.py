@@ -112,14 +112,15 @@ def decision_graph_us(rt: Runtime, network: Any, x: np.ndarray, work: Path) -> t
     session of those. Each session keeps its own weights, so how recently it ran moves its time by
     tens of microseconds; every chain therefore runs twice per sample in mirrored order (ABCCBA,
     the order turning every sample). Per exit, the median over samples of the segment's time less
-    the decision-free graph's is the decision's cost; the second session less the first is the
-    null, what the method reads when there is nothing to find. Both in microseconds."""
+    the mean of the two decision-free sessions' is the decision's cost, and the second session
+    less the first is the null: what the method reads when there is nothing to find. Both in
+    microseconds."""
     from eenn.deploy.export import _export_graph, _Part  # the bundle's own export, less the decision
 
     K = rt.num_exits
     bare, twin = [], []
     with torch.inference_mode():
-        h = torch.from_numpy(x[:8])
+        h = torch.from_numpy(np.ascontiguousarray(x[:8]))  # as the bundle was traced: see export_bundle
         for k in range(K - 1):
             path = work / f"no_decision_{k}.onnx"
             if not path.is_file():
@@ -147,7 +148,8 @@ def decision_graph_us(rt: Runtime, network: Any, x: np.ndarray, work: Path) -> t
         order = orders[i % len(orders)]
         for arm in order + order[::-1]:
             total[arm] += chain(arm, x[i:i + 1])
-        diffs.append(0.5e6 * (total[0] - total[1]))
+        # against both decision-free sessions, whose difference is the null
+        diffs.append(0.5e6 * (total[0] - 0.5 * (total[1] + total[2])))
         nulls.append(0.5e6 * (total[2] - total[1]))
     return np.median(diffs, 0).tolist(), np.median(nulls, 0).tolist()
 
