@@ -13,10 +13,12 @@ test split (``--single-samples`` of it at batch 1):
 
 Reported per case (medians of the repeats): the bundle's realised speedup over ``plain``, the
 speedup predicted from per-segment latency (each segment timed alone on full batches of that
-size: plain per-sample time / sum over k of the share of samples reaching segment k times
-segment k's per-sample time), their ratio, the router's share of the bundle's time (the runtime's
+size, the plain model beside it on the same batches: plain per-sample time / sum over k of the
+share of samples reaching segment k times segment k's per-sample time), their ratio, the router's share of the bundle's time (the runtime's
 handling of the decisions' outputs, plus, at batch 1, what each exit's decision adds to the graph it
-is in: the segment run beside the same stage and head exported without it), the eager
+is in: the segments against the same stages and heads exported without the decisions, in
+request-like chains, mirrored; beside it the method's null, the same measurement between two
+sessions of the decision-free graphs), the eager
 engine's speedup over ``plain``, the exit fractions, and the acceptance checks: realised >= 0.9x
 predicted at batch 128, router <= 1 % at batch 1, never slower than ``plain`` when >= 40 % of
 samples exit at the first exit. ONNX Runtime and torch get the same number of threads.
@@ -29,6 +31,7 @@ samples exit at the first exit. ONNX Runtime and torch get the same number of th
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -74,64 +77,85 @@ def train_run(work: Path, quick: bool, backbone: str, epochs: int) -> tuple[Path
 
 
 
-def _segment_run(graph: Any, names: list[str], h: list[np.ndarray], state: list[np.ndarray]) -> tuple[list, list]:
-    """One segment graph of a bundle: its outputs split into the next activation and the new state."""
-    outs = graph.run(h + state)
-    return outs[:graph.outputs["logits"]], [outs[graph.outputs[f"state_out_{n}"]] for n in names if f"state_out_{n}" in graph.outputs]
+def _segment_run(graph: Any, h: list[np.ndarray], state: list[np.ndarray]) -> tuple[list, list]:
+    """One segment graph of a bundle (fed the state where it decides): its outputs split into the
+    next activation and the new state."""
+    outs = graph.run(h + state if graph.exit is not None else h)
+    return outs[:graph.logits], [outs[j] for j in graph.state_out]
 
 
-def segment_latency_ms(rt: Runtime, x: np.ndarray, bs: int, repeats: int) -> list[float]:
-    """Each segment alone on full batches of ``bs`` (its inputs: the previous segment's outputs),
-    per-sample milliseconds, the median over ``repeats`` passes over ``x``."""
+def segment_latency_ms(rt: Runtime, x: np.ndarray, bs: int, repeats: int) -> tuple[list[float], float]:
+    """Each segment alone on full batches of ``bs`` (its inputs: the previous segment's outputs)
+    and, before each batch's segments, the plain model on that batch: per-sample milliseconds,
+    medians over ``repeats`` passes over ``x``. The prediction divides the one by the other, so
+    both are timed side by side: a slow spell of the machine moves both."""
     per: list[list[float]] = [[] for _ in range(rt.num_exits)]
+    plain: list[float] = []
     for _ in range(repeats):
         for a in range(0, len(x) - bs + 1, bs):
+            t = time.perf_counter()
+            rt.predict_backbone(x[a:a + bs])
+            plain.append((time.perf_counter() - t) * 1e3 / bs)
             h, state = [x[a:a + bs]], []
             for k, seg in enumerate(rt.segments):
                 t = time.perf_counter()
-                h, state = _segment_run(seg, rt.state_names, h, state)
+                h, state = _segment_run(seg, h, state)
                 per[k].append((time.perf_counter() - t) * 1e3 / bs)
-    return [statistics.median(p) for p in per]
+    return [statistics.median(p) for p in per], statistics.median(plain)
 
 
-def decision_graph_us(rt: Runtime, network: Any, x: np.ndarray, work: Path) -> list[float]:
-    """What each exit's in-graph decision adds to a batch-1 run, exits 0..K-2: segment k against
-    the same stage and head exported without the decision, run one after the other on each sample
-    (the order alternating), the median of the paired differences in microseconds. Two graph runs
-    a few microseconds apart share the machine's state; medians over many samples outlast its noise."""
+def decision_graph_us(rt: Runtime, network: Any, x: np.ndarray, work: Path) -> tuple[list[float], list[float]]:
+    """What each exit's in-graph decision adds to a batch-1 run, exits 0..K-2, and the method's null.
+
+    Three chains of graphs over exits 0..K-2 run each sample, one graph per exit as in a request:
+    the bundle's segments, the same stages and heads exported without the decisions, and a second
+    session of those. Each session keeps its own weights, so how recently it ran moves its time by
+    tens of microseconds; every chain therefore runs twice per sample in mirrored order (ABCCBA,
+    the order turning every sample). Per exit, the median over samples of the segment's time less
+    the mean of the two decision-free sessions' is the decision's cost, and the second session
+    less the first is the null: what the method reads when there is nothing to find. Both in
+    microseconds."""
     from eenn.deploy.export import _export_graph, _Part  # the bundle's own export, less the decision
 
     K = rt.num_exits
-    bare = []
+    bare, twin = [], []
     with torch.inference_mode():
-        h = torch.from_numpy(x[:8])
+        h = torch.from_numpy(np.ascontiguousarray(x[:8]))  # as the bundle was traced: see export_bundle
         for k in range(K - 1):
             path = work / f"no_decision_{k}.onnx"
             if not path.is_file():
                 _export_graph(_Part(network.stages[k], network.heads[k], True), (h,), path,
                               rt.segments[k].inputs[:1], ["h_out", "logits"], 18)
             bare.append(rt._load(path))
+            twin.append(rt._load(path))
             h = network.forward_stage(k, h)
-    diffs: list[list[float]] = [[] for _ in range(K - 1)]
-    for i in range(len(x)):
-        h, state = [x[i:i + 1]], []
+
+    def chain(arm: int, sample: np.ndarray) -> np.ndarray:
+        h, state, t = [sample], [], np.empty(K - 1)
         for k in range(K - 1):
-            order = (0, 1) if (i + k) % 2 else (1, 0)
-            t = [0.0, 0.0]
-            for j in order:
-                t0 = time.perf_counter()
-                if j:
-                    h_next, state_next = _segment_run(rt.segments[k], rt.state_names, h, state)
-                else:
-                    bare[k].run(h)
-                t[j] = time.perf_counter() - t0
-            diffs[k].append(1e6 * (t[1] - t[0]))
-            h, state = h_next, state_next
-    return [statistics.median(d) for d in diffs]
+            t0 = time.perf_counter()
+            if arm == 0:
+                h, state = _segment_run(rt.segments[k], h, state)
+            else:
+                h = (bare if arm == 1 else twin)[k].run(h)[:-1]
+            t[k] = time.perf_counter() - t0
+        return t
+
+    orders = list(itertools.permutations(range(3)))
+    diffs, nulls = [], []
+    for i in range(len(x)):
+        total = np.zeros((3, K - 1))
+        order = orders[i % len(orders)]
+        for arm in order + order[::-1]:
+            total[arm] += chain(arm, x[i:i + 1])
+        # against both decision-free sessions, whose difference is the null
+        diffs.append(0.5e6 * (total[0] - 0.5 * (total[1] + total[2])))
+        nulls.append(0.5e6 * (total[2] - total[1]))
+    return np.median(diffs, 0).tolist(), np.median(nulls, 0).tolist()
 
 
 def measure(rt: Runtime, engine: EarlyExitEngine, x: torch.Tensor, bs: int, repeats: int,
-            decision_us: list[float] | None) -> dict[str, Any]:
+            decision: tuple[list[float], list[float]] | None) -> dict[str, Any]:
     xn = x.numpy()
     n = len(xn)
     rt.predict(xn[:bs], bs)  # warm-ups
@@ -166,25 +190,27 @@ def measure(rt: Runtime, engine: EarlyExitEngine, x: torch.Tensor, bs: int, repe
     K = rt.num_exits
     fractions = np.bincount(out.exits, minlength=K) / n
     reach = 1.0 - np.concatenate([[0.0], np.cumsum(fractions)[:-1]])  # share of samples running segment k
-    seg_ms = segment_latency_ms(rt, xn, bs, max(1, repeats // 3))
+    seg_ms, plain_beside_ms = segment_latency_ms(rt, xn, bs, max(1, repeats // 3))
     predicted_ms = float(np.dot(reach, seg_ms))
-    plain_ms = 1e3 * med["plain"] / n
     realised = med["plain"] / med["bundle"]
-    predicted = plain_ms / predicted_ms
+    predicted = plain_beside_ms / predicted_ms
     decided = out.heads[:, :K - 1].mean(0)  # share of samples decided on at exit k (the last exit decides nothing)
     # the router: the runtime's handling of the decisions (timed in it), plus, at batch 1, what the
     # decisions add to the graphs they are in (per sample: each exit's cost times the share decided there)
     python_us = 1e6 * statistics.median(router) / n
+    decision_us, null_us = decision if decision is not None else (None, None)
     graph_us = float(np.dot(decided, decision_us)) if decision_us is not None else None
     router_us = python_us + (graph_us or 0.0)
     return {
         "batch_size": bs, "num_samples": n, "exit_fractions": fractions.tolist(),
         "seconds": med, "seconds_passes": times, "ms_per_sample": {k: 1e3 * v / n for k, v in med.items()},
-        "segment_ms_per_sample": seg_ms, "predicted_ms_per_sample": predicted_ms,
+        "segment_ms_per_sample": seg_ms, "plain_ms_per_sample_beside_segments": plain_beside_ms,
+        "predicted_ms_per_sample": predicted_ms,
         "realised_speedup": realised, "predicted_speedup": predicted, "realised_over_predicted": realised / predicted,
         "router_pct": 100 * router_us * n / (1e6 * med["bundle"]), "router_us_per_sample": router_us,
         "router_python_us_per_sample": python_us, "router_in_graph_us_per_sample": graph_us,
-        "decision_in_graph_us_per_exit": decision_us, "decisions_per_sample": float(decided.sum()),
+        "decision_in_graph_us_per_exit": decision_us, "decision_in_graph_null_us_per_exit": null_us,
+        "decisions_per_sample": float(decided.sum()),
         "eager_speedup_over_plain_onnx": med["plain"] / med["eager"], "bundle_over_eager_speedup": med["eager"] / med["bundle"],
     }
 
@@ -250,9 +276,9 @@ def main() -> None:
             engine = EarlyExitEngine(network, FitRun(fit_dir).policy())
             for bs in args.batch_sizes:
                 xs = x if bs > 1 else x[:args.single_samples]
-                decision_us = decision_graph_us(rt, network, xs.numpy(), export_dir) if bs == 1 else None
+                decision = decision_graph_us(rt, network, xs.numpy(), export_dir) if bs == 1 else None
                 row = {"policy": policy, "budget_fraction": fraction,
-                       **measure(rt, engine, xs, bs, args.repeats, decision_us)}
+                       **measure(rt, engine, xs, bs, args.repeats, decision)}
                 row["acceptance"] = acceptance(row)
                 result["cases"].append(row)
                 print(f"{tag:14s} batch {bs:3d}: exits {np.round(row['exit_fractions'], 3).tolist()}  realised "

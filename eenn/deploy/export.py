@@ -258,7 +258,9 @@ def export_bundle(
         checker = _Checker(atol, rtol)
         exits = []
         with torch.inference_mode():
-            eager: list[Features] = [batch.float().cpu()]
+            # contiguous: a channels-last batch (as image loaders give) is traced with its strides,
+            # and every head's flatten then exports as index arithmetic and a gather (8 operators)
+            eager: list[Features] = [batch.float().cpu().contiguous()]
             for k in range(K):
                 eager.append(network.forward_stage(k, eager[-1]))
             all_logits = [network.forward_exit(k, eager[k + 1]) for k in range(K)]

@@ -70,12 +70,20 @@ class _Group:
 
 @dataclass
 class _Graph:
-    """An ONNX Runtime session and its input and output names, read once: a batch-1 request runs a
-    few graphs, and asking the session for them on every run costs more than the decision."""
+    """An ONNX Runtime session and where its outputs are, read once: a batch-1 request runs a few
+    graphs, and asking the session for its names on every run costs more than the decision."""
 
     session: Any
     inputs: list[str]
     outputs: dict[str, int]
+    state_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        o = self.outputs
+        self.logits: int | None = o.get("logits")
+        self.exit: int | None = o.get("exit")  # a graph that decides; the last segment and stages do not
+        self.next_exit: int | None = o.get("next_exit")
+        self.state_out = [o[f"state_out_{name}"] for name in self.state_names] if self.exit is not None else []
 
     def run(self, feeds: list[np.ndarray]) -> list[np.ndarray]:
         return self.session.run(None, dict(zip(self.inputs, feeds)))
@@ -124,7 +132,7 @@ class Runtime:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EENNError(f"{str(path)!r} is not an ONNX graph ONNX Runtime can load ({reason}).") from None
         return _Graph(session, [i.name for i in session.get_inputs()],
-                      {o.name: i for i, o in enumerate(session.get_outputs())})
+                      {o.name: i for i, o in enumerate(session.get_outputs())}, self.state_names)
 
     @property
     def num_exits(self) -> int:
@@ -200,19 +208,19 @@ class Runtime:
                 sizes[k].append(1)
                 heads[i, k] = True
                 t = time.perf_counter()
-                if k == last or outs[graph.outputs["exit"]][0]:
+                if k == last or outs[graph.exit][0]:
                     self.decision_s += time.perf_counter() - t
                     break
-                nxt = int(outs[graph.outputs["next_exit"]][0]) if jumps else k + 1
-                state = [outs[graph.outputs[f"state_out_{name}"]] for name in self.state_names]
+                nxt = int(outs[graph.next_exit][0]) if jumps else k + 1
+                state = [outs[j] for j in graph.state_out]
                 self.decision_s += time.perf_counter() - t
-                h = outs[:graph.outputs["logits"]]
+                h = outs[:graph.logits]
                 for j in range(k + 1, nxt):  # sent past these exits: their stages without the heads
                     h = self.stages[j].run(h)
                     sizes[j].append(1)
                 k = nxt
             exits[i] = k
-            logits[i] = outs[graph.outputs["logits"]][0]
+            logits[i] = outs[graph.logits][0]
             done[i] = time.perf_counter()
 
     def _advance(self, k: int, g: _Group, exits: np.ndarray, logits: np.ndarray, heads: np.ndarray,
@@ -226,7 +234,7 @@ class Runtime:
         if n_here == len(g.ids):
             graph = self.segments[k]
             outs = graph.run(g.h + state)
-            h, sel = outs[:graph.outputs["logits"]], None
+            h, sel = outs[:graph.logits], None
         else:
             h = self.stages[k].run(g.h)
             if n_here == 0:  # all sent past this exit: no head runs
@@ -235,7 +243,7 @@ class Runtime:
             graph = self.heads[k]
             sel = np.flatnonzero(here)
             outs = graph.run([a[sel] for a in h] + [v[sel] for v in state])
-        lk = outs[graph.outputs["logits"]]
+        lk = outs[graph.logits]
         rows = np.arange(len(g.ids)) if sel is None else sel
         g.heads[rows, k] = True
         t = time.perf_counter()
@@ -243,10 +251,10 @@ class Runtime:
             out = rows
             leaving = slice(None)
         else:
-            leaving = outs[graph.outputs["exit"]]
+            leaving = outs[graph.exit]
             out = rows[leaving]
-            g.next_exit[rows] = outs[graph.outputs["next_exit"]] if self.bundle.jumps else k + 1
-            new = {name: outs[graph.outputs[f"state_out_{name}"]] for name in self.state_names}
+            g.next_exit[rows] = outs[graph.next_exit] if self.bundle.jumps else k + 1
+            new = {name: outs[j] for name, j in zip(self.state_names, graph.state_out)}
             if sel is None:
                 g.state = new
             else:

@@ -122,12 +122,14 @@ class EENetPolicy(ThresholdPolicy):
         clamped q_k does but does not tie every sample beyond 1 (many, after training), which
         would leave the budget search only all-or-none choices among them. Later exits see the
         clamped q_k, as in the paper."""
-        preds, scores = state["preds"].clone(), state["scores"].clone()
-        preds[:, k] = logits_k.argmax(-1)
+        preds, scores = state["preds"], state["scores"]
+        seen = torch.cat([preds[:, :k], logits_k.argmax(-1, keepdim=True)], 1)  # exits 0..k's predictions
         with torch.no_grad():
-            raw = self.scheduler.linear_score(k, exit_inputs(logits_k, preds[:, : k + 1]), scores[:, :k])
-        scores[:, k] = raw.clamp(0.0, 1.0)
-        return raw, {"preds": preds, "scores": scores}
+            raw = self.scheduler.linear_score(k, exit_inputs(logits_k, seen), scores[:, :k])
+        # column k written by concatenation, not into a copy: the same values, and in an exported
+        # graph a few slices instead of index arithmetic and a scatter per state tensor
+        return raw, {"preds": torch.cat([seen, preds[:, k + 1:]], 1),
+                     "scores": torch.cat([scores[:, :k], raw.clamp(0.0, 1.0)[:, None], scores[:, k + 1:]], 1)}
 
     def _fit(self, val: Predictions, costs: torch.Tensor, heads: torch.Tensor, budget: float | None) -> None:
         if budget is None:
