@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from eenn.predictions import Predictions
 from eenn.utils.io import atomic_path
 
 CSV_COLUMNS = [
-    "model", "training", "policy", "requested_fraction", "budget_fraction", "budget", "cost_unit", "val_accuracy", "test_accuracy",
+    "model", "training", "policy", "settings", "requested_fraction", "budget_fraction", "budget", "cost_unit", "val_accuracy", "test_accuracy",
     "val_avg_cost", "test_avg_cost", "test_exit_fractions", "fit_seconds", "run",
 ]
 
@@ -72,12 +73,40 @@ def per_exit(row: dict[str, Any]) -> bool:
     return policy_class(row["policy"]).per_exit_only
 
 
+def distinguish(comp: Comparison) -> None:
+    """Fill each row's ``settings``: where the fits of one policy on one model and cost unit differ
+    (risk's ``epsilon`` swept at one budget, a calibrated and a raw fit, ...), the differing
+    settings, ``key=value`` joined by spaces; empty where they agree. A table keyed by policy and
+    budget then gives each such fit a row of its own, where it would otherwise show one of them."""
+    fits = {f["run"]: f for f in comp.fits}
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in comp.rows:
+        groups[(r["model"], r["policy"], r["cost_unit"])].append(r)
+    for rows in groups.values():
+        settings = [{**fits[r["run"]].get("hparams", {}), "calibrate": bool(fits[r["run"]].get("calibration"))}
+                    for r in rows]
+        keys = sorted({k for s in settings for k in s})
+        varying = [k for k in keys if len({_text(s.get(k)) for s in settings}) > 1]
+        for r, s in zip(rows, settings):
+            r["settings"] = " ".join(f"{k}={_text(s.get(k))}" for k in varying)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def policy_label(row: dict[str, Any]) -> str:
+    """The policy's name, with the settings that tell its fits apart (:func:`distinguish`)."""
+    return f"{row['policy']} ({row['settings']})" if row.get("settings") else row["policy"]
+
+
 def fit_row(metrics: dict[str, Any], run: Path, model: str, training: str) -> dict[str, Any]:
     """A fit's row of the results table, from its metrics."""
     return {
         "model": model,
         "training": training,
         "policy": metrics["policy"],
+        "settings": "",  # filled in by distinguish() once every fit is read
         # the sweep's value (budgets below a policy's cheapest schedule are clamped up)
         "requested_fraction": (metrics.get("budget_request") or {}).get("fraction") or metrics["budget_fraction"],
         "budget_fraction": metrics["budget_fraction"],

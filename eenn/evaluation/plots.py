@@ -18,7 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from eenn.evaluation.calibration import expected_calibration_error, reliability
-from eenn.evaluation.compare import Comparison, Model, per_exit, temperatures
+from eenn.evaluation.compare import Comparison, Model, per_exit, policy_label, temperatures
 from eenn.policies import budget_ceiling, policy_class
 from eenn.utils.io import atomic_path
 
@@ -44,13 +44,13 @@ def accuracy_vs_cost(comp: Comparison, model: Model, unit: str, ax: Axes) -> Non
     rows = [r for r in comp.rows if r["model"] == model.name and r["cost_unit"] == unit and not per_exit(r)]
     by_policy: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        by_policy[r["policy"]].append(r)
+        by_policy[policy_label(r)].append(r)
     all_costs = [r["test_avg_cost"] for r in rows] + [p["avg_cost"] for p in model.static_points(unit)]
     _, label = _scale(unit, all_costs)
     div = 1e6 if "millions" in label else 1.0
     for policy, pts in sorted(by_policy.items()):
         pts = sorted(pts, key=lambda r: r["test_avg_cost"])
-        ceiling = not policy_class(policy).online  # it reads the labels: a ceiling, not a policy
+        ceiling = not policy_class(pts[0]["policy"]).online  # it reads the labels: a ceiling, not a policy
         style = {"linestyle": "--", "color": "black", "marker": None} if ceiling else {"marker": "o"}
         ax.plot([p["test_avg_cost"] / div for p in pts], [100 * p["test_accuracy"] for p in pts], label=policy, **style)
     static = model.static_points(unit)
@@ -88,13 +88,13 @@ def plot_exit_distributions(comp: Comparison) -> list[tuple[str, Figure]]:
     rows = [r for r in comp.rows if not per_exit(r)]
     if not rows:
         return []
-    keys = sorted({(r["model"], r["policy"], r["cost_unit"]) for r in rows})
+    keys = sorted({(r["model"], policy_label(r), r["cost_unit"]) for r in rows})
     cols = min(3, len(keys))
     nrows = (len(keys) + cols - 1) // cols
     fig = Figure(figsize=(5 * cols, 3.2 * nrows))
     axes = fig.subplots(nrows, cols, squeeze=False)
     for ax, (model, policy, unit) in zip(axes.flat, keys):
-        pts = sorted((r for r in rows if (r["model"], r["policy"], r["cost_unit"]) == (model, policy, unit)),
+        pts = sorted((r for r in rows if (r["model"], policy_label(r), r["cost_unit"]) == (model, policy, unit)),
                      key=lambda r: r["budget_fraction"])
         fractions = [json.loads(r["test_exit_fractions"]) for r in pts]
         x = range(len(pts))  # one bar per budget, labelled by it (numeric positions: no category axis)

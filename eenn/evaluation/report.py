@@ -8,7 +8,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from eenn.evaluation.compare import Comparison, per_exit
+from eenn.evaluation.compare import Comparison, per_exit, policy_label
 from eenn.utils.io import atomic_path
 
 STYLE = """
@@ -37,12 +37,13 @@ def _table(header: list[str], rows: list[list[object]], left: int = 1) -> str:
 
 def accuracy_table(comp: Comparison) -> tuple[list[str], list[list[object]]]:
     """Test accuracy (%) per (model, policy, unit) row and requested budget-fraction column
-    (runs of a policy compared per exit, static's, are in the per-exit tables instead)."""
+    (runs of a policy compared per exit, static's, are in the per-exit tables instead); fits of a
+    policy that differ in their settings each get a row (:func:`~eenn.evaluation.compare.distinguish`)."""
     rows = [r for r in comp.rows if not per_exit(r)]
     fractions = sorted({round(r["requested_fraction"], 3) for r in rows})
     cells: dict[tuple[str, str, str], dict[float, str]] = defaultdict(dict)
     for r in rows:
-        cells[(r["model"], r["policy"], r["cost_unit"])][round(r["requested_fraction"], 3)] = f"{100 * r['test_accuracy']:.2f}"
+        cells[(r["model"], policy_label(r), r["cost_unit"])][round(r["requested_fraction"], 3)] = f"{100 * r['test_accuracy']:.2f}"
     header = ["model", "policy", "unit", *[f"{f:.2f}" for f in fractions]]
     rows = [[m, p, u, *[c.get(f, "") for f in fractions]] for (m, p, u), c in sorted(cells.items())]
     return header, rows
@@ -94,7 +95,7 @@ def write_report(comp: Comparison, images: list[Path], out_path: Path, risk: lis
                                       f["calibration"]["test"]["ece_before"], f["calibration"]["test"]["ece_after"])]
         parts.append(_table(["model", "exit", "T", "ECE before", "ECE after"], rows, left=2))
     parts.append("<h2>All runs</h2>")
-    run_rows = [[r["model"], r["policy"], r["cost_unit"], f"{r['budget_fraction']:.3f}", f"{100 * r['val_accuracy']:.2f}",
+    run_rows = [[r["model"], policy_label(r), r["cost_unit"], f"{r['budget_fraction']:.3f}", f"{100 * r['val_accuracy']:.2f}",
                  f"{100 * r['test_accuracy']:.2f}", f"{r['test_avg_cost']:.4g}",
                  ", ".join(f"{f:.2f}" for f in json.loads(r["test_exit_fractions"]))] for r in comp.rows]
     parts.append(_table(["model", "policy", "unit", "budget", "val acc %", "test acc %", "test avg cost", "test exit fractions"],

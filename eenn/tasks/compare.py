@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from eenn.errors import EENNError
-from eenn.evaluation.compare import Comparison, Model, fit_row, risk_points, write_csv
+from eenn.evaluation.compare import Comparison, Model, distinguish, fit_row, policy_label, risk_points, write_csv
 from eenn.evaluation.plots import (
     plot_accuracy_vs_cost,
     plot_confusions,
@@ -48,7 +48,8 @@ def collect(sweeps: Sequence[str | Path], runs: Sequence[str | Path] = ()) -> Co
                 add_fit(comp, job)
             except EENNError as exc:  # one broken job is listed; the others' results stand
                 comp.failures.append({"run": str(job.path), "reason": str(exc)})
-    comp.rows.sort(key=lambda r: (r["model"], r["policy"], r["cost_unit"], r["budget"]))
+    distinguish(comp)
+    comp.rows.sort(key=lambda r: (r["model"], r["policy"], r["settings"], r["cost_unit"], r["budget"]))
     if not comp.rows:
         why = f" ({comp.failures[0]['run']}: {comp.failures[0]['reason']})" if comp.failures else ""
         raise EENNError(f"sweeps={[str(s) for s in sweeps]} hold no finished eenn-fit run{why}.")
@@ -67,7 +68,8 @@ def add_fit(comp: Comparison, job: FitRun) -> None:
         model = comp.models.get(key)
     row = fit_row(metrics, job.path, model.name if model else (source.path.name if source else "unknown"),
                   model.training if model else "unknown")
-    comp.fits.append({**metrics, "run": str(job.path), "model": row["model"], "policy_file": str(job.policy_file)})
+    comp.fits.append({**metrics, "run": str(job.path), "model": row["model"], "policy_file": str(job.policy_file),
+                      "hparams": job.policy().hparams()})
     comp.rows.append(row)
 
 
@@ -113,10 +115,10 @@ def log_to_wandb(run: Any, comp: Comparison, images: list[Path]) -> None:
         columns = list(comp.rows[0]) if comp.rows else []
         run.log({"results": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in comp.rows])})
         for model in comp.models.values():
-            series = sorted({(r["policy"], r["cost_unit"]) for r in comp.rows if r["model"] == model.name})
+            series = sorted({(policy_label(r), r["cost_unit"]) for r in comp.rows if r["model"] == model.name})
             xs, ys, keys = [], [], []
             for policy, unit in series:
-                pts = sorted((r for r in comp.rows if (r["model"], r["policy"], r["cost_unit"]) == (model.name, policy, unit)),
+                pts = sorted((r for r in comp.rows if (r["model"], policy_label(r), r["cost_unit"]) == (model.name, policy, unit)),
                              key=lambda r: r["test_avg_cost"])
                 xs.append([r["test_avg_cost"] for r in pts])
                 ys.append([r["test_accuracy"] for r in pts])

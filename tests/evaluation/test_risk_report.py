@@ -3,12 +3,14 @@ baseline, reliability diagrams and their tables in the report (synthetic predict
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
 
 from eenn.evaluation.compare import risk_points
 from eenn.evaluation.offline import evaluate
+from eenn.evaluation.report import accuracy_table
 from eenn.policies import ExitPolicy, build_policy
 from eenn.rundir import Stage1Run
 from eenn.tasks.compare import compare
@@ -55,3 +57,18 @@ def test_the_report_has_risk_cost_curves_reliability_diagrams_and_their_tables(c
     assert "Risk control: realised test risk and cost saved at each ε" in html
     assert "Calibration: test ECE per exit before / after temperature scaling" in html
     assert 'alt="risk_cost_train_run_drop_calibrated"' in html and 'alt="reliability_train_run"' in html
+
+
+def test_fits_of_one_policy_at_one_budget_each_keep_their_row(compared) -> None:
+    # the three risk fits share budget 1.0 and differ in epsilon: each is a row of the by-budget
+    # table, the results CSV and the report, named by it (not one cell that the last fit wins)
+    comp, out, _ = compared
+    header, rows = accuracy_table(comp)
+    risk = [r for r in rows if r[1].startswith("risk")]
+    assert [r[1] for r in risk] == [f"risk (epsilon={e})" for e in EPSILONS]
+    acc = {r["settings"]: f"{100 * r['test_accuracy']:.2f}" for r in comp.rows if r["policy"] == "risk"}
+    assert [r[header.index("1.00")] for r in risk] == [acc[f"epsilon={e}"] for e in EPSILONS]
+    assert [r["settings"] for r in comp.rows if r["policy"] == "maxprob"] == [""]  # one fit: nothing to tell apart
+    with open(out / "results.csv") as fh:
+        assert sorted(r["settings"] for r in csv.DictReader(fh) if r["policy"] == "risk") == [f"epsilon={e}" for e in EPSILONS]
+    assert "risk (epsilon=0.05)" in (out / "report.html").read_text()
