@@ -14,11 +14,11 @@ test split (``--single-samples`` of it at batch 1):
 Reported per case (medians of the repeats): the bundle's realised speedup over ``plain``, the
 speedup predicted from per-segment latency (each segment timed alone on full batches of that
 size, the plain model beside it on the same batches: plain per-sample time / sum over k of the
-share of samples reaching segment k times segment k's per-sample time), their ratio, the router's share of the bundle's time (the runtime's
-handling of the decisions' outputs, plus, at batch 1, what each exit's decision adds to the graph it
-is in: the segments against the same stages and heads exported without the decisions, in
-request-like chains, mirrored; beside it the method's null, the same measurement between two
-sessions of the decision-free graphs), the eager
+share of samples reaching segment k times segment k's per-sample time), their ratio, the
+router's share of the bundle's time (the runtime's handling of the decisions' outputs, plus, at
+batch 1, what each exit's decision adds to the graph it is in: the segments against the same
+stages and heads exported without the decisions, in request-like chains, mirrored; beside it the
+method's null, the same measurement between two sessions of the decision-free graphs), the eager
 engine's speedup over ``plain``, the exit fractions, and the acceptance checks: realised >= 0.9x
 predicted at batch 128, router <= 1 % at batch 1, never slower than ``plain`` when >= 40 % of
 samples exit at the first exit. ONNX Runtime and torch get the same number of threads.
