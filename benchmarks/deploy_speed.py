@@ -125,7 +125,7 @@ def decision_graph_us(rt: Runtime, network: Any, x: np.ndarray, work: Path) -> t
             path = work / f"no_decision_{k}.onnx"
             if not path.is_file():
                 _export_graph(_Part(network.stages[k], network.heads[k], True), (h,), path,
-                              rt.segments[k].inputs[:1], ["h_out", "logits"], 18)
+                              rt.segments[k].inputs[:1], ["h_out", "logits"], int(rt.bundle.manifest["opset"]))
             bare.append(rt._load(path))
             twin.append(rt._load(path))
             h = network.forward_stage(k, h)

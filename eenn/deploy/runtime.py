@@ -16,7 +16,7 @@ The runtime decides nothing itself: the rules are the policy's own, traced into 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +76,14 @@ class _Graph:
     session: Any
     inputs: list[str]
     outputs: dict[str, int]
-    state_names: list[str] = field(default_factory=list)
+    state_names: InitVar[list[str]]  # the bundle's, in the order the graphs hand the state on
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, state_names: list[str]) -> None:
         o = self.outputs
         self.logits: int | None = o.get("logits")
         self.exit: int | None = o.get("exit")  # a graph that decides; the last segment and stages do not
         self.next_exit: int | None = o.get("next_exit")
-        self.state_out = [o[f"state_out_{name}"] for name in self.state_names] if self.exit is not None else []
+        self.state_out = [o[f"state_out_{name}"] for name in state_names] if self.exit is not None else []
 
     def run(self, feeds: list[np.ndarray]) -> list[np.ndarray]:
         return self.session.run(None, dict(zip(self.inputs, feeds)))
