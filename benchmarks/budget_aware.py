@@ -54,6 +54,7 @@ from eenn.predictions import Predictions  # noqa: E402
 from eenn.rundir import Stage1Run  # noqa: E402
 from eenn.tasks.fit import sweep_fractions  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
+from eenn.utils.overrides import override  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "budget_aware.json"
@@ -70,7 +71,7 @@ def train_command(overrides: list[str], run_dir: Path) -> list[str]:
     # an interrupted training continues from its last checkpoint (ckpt_path=last needs one)
     resume = ["ckpt_path=last"] if (Stage1Run(run_dir).checkpoint_dir / "last.ckpt").is_file() else []
     return [sys.executable, "-m", "eenn.cli.train", *overrides, "logger=csv", "cost.latency=false",
-            "trainer.enable_progress_bar=false", *resume, f"hydra.run.dir={run_dir}"]
+            "trainer.enable_progress_bar=false", *resume, override("hydra.run.dir", run_dir)]
 
 
 def run_training(name: str, overrides: list[str], run_dir: Path, threads: int) -> None:
@@ -255,12 +256,12 @@ def main() -> None:
         args.budgets = 2
         methods = {m: o for m, o in methods.items() if m != "bilevel_paper"}
     if data == "cifar10_small":
-        extra.append(f"data.path={CIFAR10_SMALL}")
+        extra.append(override("data.path", CIFAR10_SMALL))
     t0 = time.perf_counter()
 
     def overrides(method: str, seed: int) -> list[str]:
-        return [*shlex.split(methods[method]), f"data={data}", "backbone=resnet20", "exits=stages",
-                f"trainer.max_epochs={epochs}", f"seed={seed}", *extra]
+        return [*shlex.split(methods[method]), override("data", data), "backbone=resnet20", "exits=stages",
+                override("trainer.max_epochs", epochs), override("seed", seed), *extra]
 
     if args.run:
         run_dirs, seeds, epochs, data = given_runs(args.run)

@@ -55,6 +55,7 @@ from eenn.tasks.fit import fit_run  # noqa: E402
 from eenn.tasks.infer import load_split  # noqa: E402
 from eenn.tasks.train import train  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
+from eenn.utils.overrides import override  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "deploy_speed.json"
@@ -65,10 +66,10 @@ MIN_RATIO, MAX_ROUTER_PCT, FIRST_EXIT_SHARE = 0.9, 1.0, 0.4
 
 
 def train_run(work: Path, quick: bool, backbone: str, epochs: int) -> tuple[Path, list[str]]:
-    data = ["data=digits"] if quick or not CIFAR10_SMALL.is_file() else ["data=cifar10_small", f"data.path={CIFAR10_SMALL}"]
+    data = ["data=digits"] if quick or not CIFAR10_SMALL.is_file() else ["data=cifar10_small", override("data.path", CIFAR10_SMALL)]
     device = ["trainer=gpu", "trainer.precision=32"] if torch.cuda.is_available() else []
-    overrides = [*data, f"backbone={'resnet20' if quick else backbone}", "exits=stages", "training=joint", "logger=csv",
-                 "cost.latency=false", *device, f"trainer.max_epochs={1 if quick else epochs}",
+    overrides = [*data, override("backbone", 'resnet20' if quick else backbone), "exits=stages", "training=joint", "logger=csv",
+                 "cost.latency=false", *device, override("trainer.max_epochs", 1 if quick else epochs),
                  "trainer.enable_progress_bar=false", "seed=0"]
     run = work / "train"
     if not Stage1Run(run).finished():
@@ -268,10 +269,10 @@ def main() -> None:
             tag = f"{policy}_{fraction:g}"
             fit_dir, export_dir = args.work / f"fit_{tag}", args.work / f"export_{tag}"
             if not FitRun(fit_dir).finished():
-                fit_run(compose_cfg("fit", [f"run_dir={run_dir}", f"policy={policy}", f"budget.fraction={fraction}",
+                fit_run(compose_cfg("fit", [override("run_dir", run_dir), override("policy", policy), override("budget.fraction", fraction),
                                             "wandb.enabled=false"], fit_dir), fit_dir)
             if not (export_dir / "bundle" / "manifest.json").is_file():
-                export(compose_cfg("export", [f"policy_dir={fit_dir}"], export_dir), export_dir)
+                export(compose_cfg("export", [override("policy_dir", fit_dir)], export_dir), export_dir)
             rt = Runtime(export_dir, threads=threads)
             engine = EarlyExitEngine(network, FitRun(fit_dir).policy())
             for bs in args.batch_sizes:

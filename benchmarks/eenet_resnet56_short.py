@@ -34,6 +34,7 @@ from eenn.policies import build_policy  # noqa: E402
 from eenn.rundir import Stage1Run  # noqa: E402
 from eenn.tasks.train import train  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
+from eenn.utils.overrides import override  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "eenet_resnet56_short.json"
@@ -44,8 +45,8 @@ BASELINES = {"BranchyNet": {"name": "entropy"}, "MSDNet": {"name": "maxprob"}, "
 def stage1(epochs: int, run_dir: Path, extra: list[str]) -> dict:
     overrides = [
         "experiment=eenet_resnet56_cifar10", "data=cifar10_small", "data.val_size=2000", "logger=csv",
-        f"trainer.max_epochs={epochs}", f"training.scheduler.milestones=[{epochs // 3},{2 * epochs // 3}]",
-        f"training.warmup_epochs={round(epochs * 20 / 150)}", "trainer.enable_progress_bar=false", *extra,
+        override("trainer.max_epochs", epochs), override("training.scheduler.milestones", [epochs // 3, 2 * epochs // 3]),
+        override("training.warmup_epochs", round(epochs * 20 / 150)), "trainer.enable_progress_bar=false", *extra,
     ]
     cfg = compose_cfg("train", overrides, run_dir)
     start = time.perf_counter()

@@ -35,6 +35,7 @@ from common import add_output_args, output_path  # noqa: E402
 from eenn.predictions import Predictions  # noqa: E402
 from eenn.rundir import FitRun  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
+from eenn.utils.overrides import override  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "fit_memory.json"
@@ -73,9 +74,9 @@ runpy.run_module("eenn.cli.fit", run_name="__main__")
 def fit_peak(folder: Path, policy: str, overrides: list[str]) -> dict:
     """Run eenn-fit on the two files in ``folder`` in a child process; its peak resident memory."""
     out, peak = folder / f"fit_{policy}", folder / f"{policy}.peak"
-    cmd = [sys.executable, "-c", RUN_FIT, str(peak), f"predictions.val={folder / 'val.safetensors'}",
-           f"predictions.test={folder / 'test.safetensors'}", f"policy={policy}", "budget.fraction=0.5",
-           f"hydra.run.dir={out}", *overrides]
+    cmd = [sys.executable, "-c", RUN_FIT, str(peak), override("predictions.val", folder / 'val.safetensors'),
+           override("predictions.test", folder / 'test.safetensors'), override("policy", policy), "budget.fraction=0.5",
+           override("hydra.run.dir", out), *overrides]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
     with open(folder / f"{policy}.log", "w") as log:
@@ -107,7 +108,7 @@ def main() -> None:
         write_predictions(small, 100, args.exits, args.classes)
         fits = []
         for policy in args.policies:
-            overrides = [f"policy.max_epochs={args.eenet_epochs}"] if policy == "eenet" else []
+            overrides = [override("policy.max_epochs", args.eenet_epochs)] if policy == "eenet" else []
             fit = fit_peak(large, policy, overrides)
             base = fit_peak(small, policy, overrides)["peak_rss_bytes"]
             fit["base_rss_bytes"] = base

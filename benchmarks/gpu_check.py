@@ -35,6 +35,7 @@ from common import add_output_args, output_path
 from eenn.policies.base import ExitPolicy
 from eenn.rundir import FitRun, Stage1Run
 from eenn.utils.io import write_json
+from eenn.utils.overrides import override
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "gpu_check.json"
@@ -104,16 +105,16 @@ def check(args: argparse.Namespace, out: Path, result: dict[str, Any]) -> None:
     """The four steps, each adding its findings to ``result``."""
     work = out.parent / "gpu_check_runs"
     work.mkdir(parents=True, exist_ok=True)
-    data = ["data=cifar10_small", f"data.path={CIFAR10_SMALL}"] if CIFAR10_SMALL.is_file() else ["data=digits"]
-    epochs = ["trainer.max_epochs=2", "trainer.limit_train_batches=4"] if args.quick else [f"trainer.max_epochs={args.epochs}"]
+    data = ["data=cifar10_small", override("data.path", CIFAR10_SMALL)] if CIFAR10_SMALL.is_file() else ["data=digits"]
+    epochs = ["trainer.max_epochs=2", "trainer.limit_train_batches=4"] if args.quick else [override("trainer.max_epochs", args.epochs)]
     train_dir, fit_dir, infer_dir = work / "train", work / "fit", work / "infer"
     result["train_seconds"] = run([*app("train"), *data, "backbone=resnet20", "exits=stages", "trainer=gpu",
                                    "trainer.precision=bf16-mixed", "logger=csv", "trainer.enable_progress_bar=false",
-                                   *epochs, f"hydra.run.dir={train_dir}"], work / "train.log")
+                                   *epochs, override("hydra.run.dir", train_dir)], work / "train.log")
     result["train_metrics"] = json.loads((train_dir / "metrics.json").read_text())
-    run([*app("fit"), f"run_dir={train_dir}", "policy=maxprob", "budget.fraction=0.7", "wandb.enabled=false",
-         f"hydra.run.dir={fit_dir}"], work / "fit.log")
-    run([*app("infer"), f"policy_dir={fit_dir}", "device=cuda", f"hydra.run.dir={infer_dir}"], work / "infer.log")
+    run([*app("fit"), override("run_dir", train_dir), "policy=maxprob", "budget.fraction=0.7", "wandb.enabled=false",
+         override("hydra.run.dir", fit_dir)], work / "fit.log")
+    run([*app("infer"), override("policy_dir", fit_dir), "device=cuda", override("hydra.run.dir", infer_dir)], work / "infer.log")
     infer = json.loads((infer_dir / "infer.json").read_text())
     result["infer"] = {k: infer[k] for k in ("device", "accuracy", "agreement", "timing", "exit_fractions")}
     result["engine_equals_offline"] = infer["agreement"]["exit_index"] == 1.0

@@ -41,6 +41,7 @@ from eenn.rundir import Stage1Run  # noqa: E402
 from eenn.tasks.fit import fit_run  # noqa: E402
 from eenn.tasks.train import train  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
+from eenn.utils.overrides import override  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "policy_quality.json"
@@ -52,8 +53,8 @@ TIGHTEST = 2
 
 
 def train_stage1(data: str, backbone: str, epochs: int, run_dir: Path, extra: list[str]) -> dict[str, Any]:
-    overrides = [f"data={data}", f"backbone={backbone}", "exits=stages", "training=joint", "logger=csv",
-                 f"trainer.max_epochs={epochs}", "trainer.accelerator=cpu", "cost.latency=false",
+    overrides = [override("data", data), override("backbone", backbone), "exits=stages", "training=joint", "logger=csv",
+                 override("trainer.max_epochs", epochs), "trainer.accelerator=cpu", "cost.latency=false",
                  "trainer.enable_progress_bar=false", "seed=0", *extra]
     metrics = train(compose_cfg("train", overrides, run_dir))
     metrics["overrides"] = overrides
@@ -61,7 +62,7 @@ def train_stage1(data: str, backbone: str, epochs: int, run_dir: Path, extra: li
 
 
 def fit(run_dir: Path, policy: str, fraction: float, out: Path, extra: list[str]) -> dict[str, Any]:
-    return fit_run(compose_cfg("fit", [f"run_dir={run_dir}", f"policy={policy}", f"budget.fraction={fraction}", *extra],
+    return fit_run(compose_cfg("fit", [override("run_dir", run_dir), override("policy", policy), override("budget.fraction", fraction), *extra],
                                out), out)
 
 

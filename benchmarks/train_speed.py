@@ -63,6 +63,7 @@ from eenn.tasks.train import build_module, build_network, instantiate_group, tra
 from eenn.training.gater import Gater  # noqa: E402
 from eenn.utils.config import instantiate  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
+from eenn.utils.overrides import override  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "train_speed.json"
@@ -70,8 +71,8 @@ CIFAR10_SMALL = Path(os.environ.get("EENN_SHARED", REPO.parent / "shared")) / "d
 
 
 def make_cfg(method: str, data: str, out: Path, device: str, precision: str, extra: list[str]) -> DictConfig:
-    overrides = [f"training={method}", f"data={data}", "backbone=resnet20", "exits=stages", "logger=csv",
-                 "cost.latency=false", f"trainer.accelerator={device}", f"trainer.precision={precision}", "seed=0", *extra]
+    overrides = [override("training", method), override("data", data), "backbone=resnet20", "exits=stages", "logger=csv",
+                 "cost.latency=false", override("trainer.accelerator", device), override("trainer.precision", precision), "seed=0", *extra]
     cfg = compose_cfg("train", overrides, out)
     with open_dict(cfg):
         if data == "cifar10_small":

@@ -505,11 +505,21 @@ class FitRun(RunDir):
 
 
 def fit_runs(path: str | Path) -> list[FitRun]:
-    """A fit run dir itself, or the jobs of a sweep dir (finished, failed or unfinished ones)."""
+    """The fit jobs (finished, failed or unfinished) of a fit run dir itself, a sweep dir of fits,
+    a pipeline dir (its ``fit/`` jobs), or a sweep dir of pipelines (each job's fits)."""
+    path = Path(path)
+    if RunDir(path).saved_app() == PipelineRun.APP:
+        return fit_runs(PipelineRun(path).fit_dir) if PipelineRun(path).fit_dir.is_dir() else []
     run = FitRun(path)
     if run.finished() or run.failed():
         return [run]
-    return sorted((FitRun(d) for d in run.path.iterdir() if d.is_dir() and FitRun(d).is_job()), key=lambda r: r.path)
+    jobs: list[FitRun] = []
+    for d in sorted(p for p in path.iterdir() if p.is_dir()):
+        if RunDir(d).saved_app() == PipelineRun.APP:
+            jobs += fit_runs(d)
+        elif FitRun(d).is_job():
+            jobs.append(FitRun(d))
+    return jobs
 
 
 def failed_jobs(sweep_dir: str | Path) -> list[str]:

@@ -103,3 +103,38 @@ def test_the_name_check_finder_finds_the_checks_it_is_for() -> None:
     code = ('a = p.name == "deex"\nb = r["policy"] != "static"\nc = policy.startswith("oracle")\n'
             'd = policy in ("vote",)\ne = unit == "flops"\nf = "margin" in features')
     assert _name_checks(ast.parse(code), set(POLICIES.names())) == [1, 2, 3, 4]
+
+
+BENCHMARKS = EENN.parent / "benchmarks"
+OVERRIDE_KEY = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.\-/@]*=$")
+
+
+def _built_overrides(tree: ast.AST) -> list[int]:
+    """Lines that build a Hydra override ``key=<value>`` from a value by hand: an f-string that is
+    exactly ``key={...}``, ``"key=" + ...``, or ``"key={}".format(...)``."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr) and len(node.values) == 2:
+            head, tail = node.values
+            if isinstance(head, ast.Constant) and OVERRIDE_KEY.match(str(head.value)) and isinstance(tail, ast.FormattedValue):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add) and isinstance(node.left, ast.Constant) \
+                and OVERRIDE_KEY.match(str(node.left.value)):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "format" \
+                and isinstance(node.func.value, ast.Constant) and re.match(r"^[\w.+~]+=\{\}$", str(node.func.value.value)):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_overrides_built_from_values_go_through_the_quoting_helper() -> None:
+    # a path's own = and , (a sweep job's dir) would be read as override syntax unquoted
+    files = [*_modules(), *sorted(BENCHMARKS.rglob("*.py"))]
+    found = {str(f): lines for f in files if f.name != "overrides.py" if (lines := _built_overrides(ast.parse(f.read_text())))}
+    assert found == {}
+
+
+def test_the_override_finder_finds_hand_built_overrides() -> None:
+    code = ('a = f"run_dir={path}"\nb = "data.path=" + str(p)\nc = "policy_dir={}".format(d)\n'
+            'd = f"run_dir={p!r} is not a directory"\ne = override("run_dir", p)\nf = f"+policy.x={v:.3f}"')
+    assert _built_overrides(ast.parse(code)) == [1, 2, 3, 6]

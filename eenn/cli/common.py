@@ -21,7 +21,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -117,7 +117,11 @@ def hydra_error_text(exc: BaseException) -> str:
             break
         lines.append(line.strip())
     options = getattr(exc, "options", None) if isinstance(exc, MissingConfigException) else None
-    return " ".join(lines) + (f"; options: {', '.join(options)}." if options else "")
+    text = " ".join(lines) + (f"; options: {', '.join(options)}." if options else "")
+    if isinstance(exc, OverrideParseException):
+        text += (" A value holding = , [ ] ' or spaces (a sweep job's dir) must be quoted for Hydra: "
+                 "in the shell, \"run_dir='<dir>'\".")
+    return text
 
 
 def report_errors(task: Callable[..., Any]) -> Callable[..., Any]:

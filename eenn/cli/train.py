@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from eenn.cli.common import cli, conf_dir, quiet_environment, report_errors
 from eenn.errors import EENNError
+from eenn.utils.overrides import override
 
 #: what ``resume=`` sets itself, so a resumed run's saved overrides give these up
 RESUME_SETS = ("resume", "ckpt_path", "force")
@@ -37,22 +38,33 @@ def expand_resume(args: list[str]) -> list[str]:
         raise EENNError("resume=<run dir> continues one run; it cannot be part of a sweep (-m).")
     from eenn.rundir import Stage1Run  # only here: torch comes with it (see eenn.cli.common)
 
-    run_dir = Path(given[-1].split("=", 1)[1]).expanduser().resolve()
+    parser = OverridesParser.create()
+    run_dir = Path(given_value(parser, given[-1])).expanduser().resolve()
     saved_overrides = Stage1Run(run_dir).overrides(key="resume")
     rest = [a for a in args if not a.startswith("resume=")]
     if any(a.startswith("hydra.run.dir=") for a in rest):
         raise EENNError("resume=<run dir> runs in that dir: leave hydra.run.dir out.")
-    parser = OverridesParser.create()
 
     def keys(items: list[str]) -> set[str]:
         return {o.key_or_group for o in parser.parse_overrides([i for i in items if not i.startswith("-")])}
 
     given_keys = keys(rest) | set(RESUME_SETS)
     saved = [o for o in saved_overrides if next(iter(keys([o]))) not in given_keys]
-    quoted = "'" + str(run_dir).replace("\\", "\\\\").replace("'", "\\'") + "'"  # Hydra's quoted-string grammar
     # no .hydra/ from Hydra for this job: the run's saved config is what the job checks itself
     # against (then saves its own), and its overrides.yaml stays the run's
-    return [*saved, f"resume={quoted}", f"hydra.run.dir={quoted}", "hydra.output_subdir=null", "ckpt_path=last", *rest]
+    return [*saved, override("resume", run_dir), override("hydra.run.dir", run_dir), "hydra.output_subdir=null",
+            "ckpt_path=last", *rest]
+
+
+def given_value(parser: OverridesParser, arg: str) -> str:
+    """The value of ``key=value`` as typed: Hydra-quoted (``resume='<dir>'``) or a bare path, whose
+    ``=`` and ``,`` (a sweep job's dir) Hydra would misread."""
+    raw = arg.split("=", 1)[1]
+    try:
+        value = parser.parse_override(arg).value()
+    except Exception:  # noqa: BLE001  (not Hydra syntax: the path as typed)
+        return raw
+    return value if isinstance(value, str) else raw
 
 
 main = cli(app, rewrite_args=expand_resume)

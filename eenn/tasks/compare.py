@@ -3,6 +3,7 @@ self-contained report out (:class:`eenn.rundir.CompareRun`), and the same to wan
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -107,6 +108,17 @@ def _write(comp: Comparison, out: CompareRun, wandb_cfg: Mapping[str, Any] | Non
     log.info("compared %d runs (%d missing/failed): %s", len(comp.rows), len(comp.failures), out.report_file)
 
 
+def wandb_key(prefix: str, name: str, limit: int = 96) -> str:
+    """``prefix/name`` short enough for wandb, which names a plot's table artifact after its key and
+    refuses names over 128 characters (a sweep job's model name holds all its overrides): a long
+    name keeps its start and a hash of the whole, so two models never share a key."""
+    key = f"{prefix}/{name}"
+    if len(key) <= limit:
+        return key
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{key[:limit - 9]}~{digest}"
+
+
 def log_to_wandb(run: Any, comp: Comparison, images: list[Path]) -> None:
     """The results as a wandb.Table, the curves as wandb.plot.line_series, the plots as images."""
     import wandb  # only here: importing wandb takes seconds, and most comparisons log nowhere
@@ -124,7 +136,7 @@ def log_to_wandb(run: Any, comp: Comparison, images: list[Path]) -> None:
                 ys.append([r["test_accuracy"] for r in pts])
                 keys.append(f"{policy} [{unit}]")
             if keys:
-                run.log({f"accuracy_vs_cost/{model.name}": wandb.plot.line_series(
+                run.log({wandb_key("accuracy_vs_cost", model.name): wandb.plot.line_series(
                     xs=xs, ys=ys, keys=keys, title=f"{model.name}: test accuracy vs average cost", xname="average cost")})
         header, rows = accuracy_table(comp)
         run.log({"accuracy_by_budget": wandb.Table(columns=header, data=rows)})

@@ -7,13 +7,12 @@ checked before stage 1 trains, and a re-run with another config is refused, nami
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-from typing import Any
 
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -27,6 +26,7 @@ from eenn.rundir import ERROR_FILE, PipelineRun
 from eenn.tasks.compare import compare
 from eenn.tasks.fit import fit_run, sweep_fractions
 from eenn.tasks.train import train
+from eenn.utils.overrides import override
 
 log = logging.getLogger("eenn.pipeline")
 
@@ -63,7 +63,7 @@ def check_config(cfg: DictConfig) -> None:
             if name not in POLICIES:
                 raise EENNError(f"pipeline: {name!r} is not a known exit policy; valid: {', '.join(POLICIES.names())}.")
         jobs = [(f"pipeline.policy_overrides.{name}" if name in p.policy_overrides else f"pipeline.policies: {name}",
-                 [f"policy={name}", *policy_overrides(cfg, name)]) for name in p.policies]
+                 [override("policy", name), *policy_overrides(cfg, name)]) for name in p.policies]
     have = ["flops", "macs", "params", *(["latency_ms"] if cfg.cost.latency else [])]
     if units[0] not in have:
         raise EENNError(f"pipeline.cost={units[0]!r}: stage 1 will save the costs {have} (latency only with cost.latency=true).")
@@ -75,11 +75,6 @@ def check_config(cfg: DictConfig) -> None:
             check_budget(budget, "budget.value" if fit_cfg.budget.value is not None else "budget.fraction")
         except EENNError as exc:
             raise EENNError(f"{where}: {exc}") from None
-
-
-def override(key: str, value: Any) -> str:
-    """A Hydra command-line override setting ``key`` to ``value`` (JSON is Hydra's syntax for values)."""
-    return f"{key}={json.dumps(value)}"
 
 
 def policy_overrides(cfg: DictConfig, policy: str) -> list[str]:
@@ -95,10 +90,10 @@ def fit_jobs(cfg: DictConfig, fractions: list[float], num_exits: int) -> list[tu
     for policy in cfg.pipeline.policies:
         extra = policy_overrides(cfg, policy)
         if policy_class(policy).per_exit_only:
-            jobs += [(f"{policy}_exit{k}", [f"policy={policy}", f"policy.exit={k}", "budget.fraction=1.0", *extra])
+            jobs += [(f"{policy}_exit{k}", [override("policy", policy), override("policy.exit", k), "budget.fraction=1.0", *extra])
                      for k in range(num_exits)]
         else:
-            jobs += [(f"{policy}_{b:.4f}", [f"policy={policy}", f"budget.fraction={b}", *extra]) for b in fractions]
+            jobs += [(f"{policy}_{b:.4f}", [override("policy", policy), override("budget.fraction", b), *extra]) for b in fractions]
     return jobs
 
 
@@ -109,7 +104,7 @@ def experiment_jobs(stage2: DictConfig) -> list[tuple[str, list[str]]]:
     s = OmegaConf.to_container(stage2, resolve=True)
     params = dict(s["policy"])  # type: ignore[index]
     name = params.pop("name")
-    base = [f"policy={name}", *(override(f"policy.{k}", v) for k, v in params.items())]
+    base = [override("policy", name), *(override(f"policy.{k}", v) for k, v in params.items())]
     axes = [(f"{group}.{key}", values) for group, keys in s["sweep"].items() for key, values in keys.items()]  # type: ignore[index, union-attr]
     jobs = []
     for combo in itertools.product(*(values for _, values in axes)):
@@ -138,7 +133,7 @@ def _run_pipeline(cfg: DictConfig, pipe: PipelineRun) -> Comparison:
         console.rule("[bold]stage 1: train")
         train(pipe.stage1_config(cfg))
     else:
-        console.print(f"stage 1: {pipe.train.path} is complete, skipped (force=true redoes it)")
+        console.print(f"stage 1: {escape(str(pipe.train.path))} is complete, skipped (force=true redoes it)")
 
     # --- stage 2: an experiment's own, or every policy over the budget sweep --------------------
     val = pipe.train.predictions("val")
@@ -155,9 +150,10 @@ def _run_pipeline(cfg: DictConfig, pipe: PipelineRun) -> Comparison:
                   console=console) as progress:
         task = progress.add_task("fitting", total=len(todo))
         for name, overrides in todo:
-            progress.update(task, description=f"fitting {name:<24}")
+            progress.update(task, description=f"fitting {escape(name):<24}")
             fit = pipe.fit(name)
-            fit_cfg = compose("fit", overrides=[*overrides, f"run_dir={pipe.train.path}", f"cost={cost}"])
+            fit_cfg = compose("fit", overrides=[*overrides, override("run_dir", pipe.train.path),
+                                                   override("cost", cost)])
             with open_dict(fit_cfg):
                 fit_cfg.paths.output_dir = str(fit.path)
                 fit_cfg.wandb = cfg.wandb  # the pipeline's wandb settings reach every fit
@@ -175,9 +171,9 @@ def _run_pipeline(cfg: DictConfig, pipe: PipelineRun) -> Comparison:
     console.rule("[bold]compare")
     comp = compare([pipe.fit_dir], [pipe.train.path], pipe.compare.path, cfg.wandb, group=pipe.name, force=True)
     print_results(comp, console)
-    console.print(f"\nreport: [bold]{pipe.compare.report_file.resolve()}[/bold]")
+    console.print(f"\nreport: [bold]{escape(str(pipe.compare.report_file.resolve()))}[/bold]")  # a path may hold [...]
     if failed:
-        console.print(f"[red]{len(failed)} fit(s) failed: {', '.join(failed)} (see their {ERROR_FILE})")
+        console.print(f"[red]{len(failed)} fit(s) failed: {escape(', '.join(failed))} (see their {ERROR_FILE})")
     return comp
 
 
@@ -186,9 +182,9 @@ def print_results(comp: Comparison, console: Console) -> None:
     table = Table(title="test accuracy (%) by budget (fraction of the full model's cost)")
     for h in header:
         left = h in ("model", "policy", "unit")
-        table.add_column(h, justify="left" if left else "right", no_wrap=True)
+        table.add_column(escape(h), justify="left" if left else "right", no_wrap=True)
     for r in rows:
-        table.add_row(*map(str, r))
+        table.add_row(*(escape(str(v)) for v in r))
     if not console.is_terminal:  # a log file or pipe: rich would squeeze the table into 80 columns
         console.width = max(console.width, 10 * len(header) + 20)
     console.print(table)
