@@ -1,43 +1,61 @@
-"""Budget-aware (bi-level) vs joint training on a converged schedule, several seeds.
+"""Budget-aware training against a tuned joint baseline: every arm tuned alike, five seeds, the
+full CIFAR-10 test set, confidence intervals.
 
-Every method trains the same network (ResNet-20 with an exit after each group) on the same data,
-schedule and augmentation, once per seed, through ``eenn-train`` (one process per run, ``--jobs``
-at a time, each on ``--threads`` threads). A finished run is reused when the benchmark is started
-again with the same work dir, so a long benchmark can be stopped and resumed.
+Arms (ResNet-20 with an exit after each group, one schedule, one augmentation, one dataset):
 
-On each run's saved predictions, the paper's protocol (budgeted batch classification): MSDNet's
-maxprob thresholds and EENet's scheduler are fitted on the validation split at ``--budgets``
-budgets spread evenly between the first exit's cost and the full cost (both excluded), then
-evaluated on the test split; the test split is only reported, never used to choose anything.
-Besides: anytime accuracy per exit (test), the learning curve (validation accuracy per exit and
-epoch) and, for bi-level runs, the gater's diagnostics per epoch (mean A^k, the expected cost
-under A, the share of samples whose largest A^k is each exit, lambda).
+- ``joint``: uniform exit weights (the baseline every other arm is paired with);
+- ``bilevel_norm``: bi-level training at joint's loss scale (``training.normalize_loss=true``);
+- ``permuted``: the same with A shuffled across each batch's samples (the control: scale, exit
+  averages and lambda's dynamics kept, the per-sample allocation removed);
+- ``mixed``: Kubaty et al.'s mixed regime (the backbone with its final exit first, then all exits);
+- ``bilevel_paper``: the bi-level paper's own setting;
+- ``soft_threshold``: eq. 4 with A the deployed max-probability rule made soft, at a budget drawn
+  per batch (``eenn/training/soft_threshold.py``).
 
-Writes ``benchmarks/results/budget_aware.json`` (per seed, and mean / std over seeds, and the paired
-difference of every method to joint) and ``budget_aware.png``.
+Protocol (the JSON's ``protocol`` says it too):
 
-    python benchmarks/budget_aware.py                  # 3 seeds x joint, bilevel, bilevel_paper, 60 epochs (hours)
-    python benchmarks/budget_aware.py --methods joint bilevel --seeds 0 1 2 --jobs 2
-    python benchmarks/budget_aware.py --quick          # seconds: digits, 1 seed, 2 epochs (the slow tests' smoke run)
+1. Tuning, on seeds not reported (``--tune-seeds``), four runs per arm: the learning rate from
+   ``--lrs`` at the arm's default knob, then one more run: the best learning rate with the knob's
+   other value (arms with a knob), or for joint (no knob) one more learning rate beside the best.
+   The setting with the best validation score wins; the score is maxprob's validation accuracy
+   (thresholds fitted on validation) averaged over the budgets.
+2. Final runs: the chosen setting on ``--seeds``. maxprob and eenet are fitted on validation at
+   ``--budgets`` budgets spread evenly between the first exit's cost and the full cost (both
+   excluded) and reported on the whole test split, with per-exit (anytime) test accuracy. The test
+   split chooses nothing.
+3. Per arm, policy and budget: mean, std, n and a 95 % t interval over seeds; every arm's paired
+   difference to joint (by seed): mean, 95 % t interval, t-test and exact sign-flip p-values,
+   and the smallest effect the study could have detected (:mod:`eenn.evaluation.stats`).
 
-``--method NAME=OVERRIDES`` adds a variant (e.g. ``--method 'lam05=training=bilevel training.cost_weight=0.5'``).
+Runs are reused only when their resolved config (as the run saved it) equals the one this
+benchmark would train now; an interrupted training resumes from its ``last.ckpt``. Each run's
+resolved config and the commit it trained on (its metrics.json) go into the JSON.
+
+    python benchmarks/budget_aware.py --stage tune        # 24 runs (hours): the tuning
+    python benchmarks/budget_aware.py --stage final       # 30 runs: the chosen settings x 5 seeds
+    python benchmarks/budget_aware.py                     # both, then the JSON and the plot
+    python benchmarks/budget_aware.py --stage curve       # the learning-curve check: the chosen settings at 2x epochs
+    python benchmarks/budget_aware.py --quick             # seconds: digits, tiny grids (the slow tests' smoke run)
+
 ``--run NAME=RUN_DIR`` (repeatable) trains nothing: it evaluates finished ``eenn-train`` runs made
-elsewhere (a cluster, an earlier sweep) under the same protocol, each a seed of method NAME.
-An interrupted training resumes from its ``last.ckpt`` when the benchmark is started again.
+elsewhere under the same protocol, each a seed of arm NAME.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import json
+import math
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,89 +63,138 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
-from common import add_output_args, output_path  # noqa: E402
+from common import REPO, add_output_args, compose_cfg, output_path  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from eenn.evaluation.offline import evaluate  # noqa: E402
+from eenn.evaluation.stats import paired_difference, summarise  # noqa: E402
 from eenn.policies import build_policy  # noqa: E402
 from eenn.predictions import Predictions  # noqa: E402
-from eenn.rundir import Stage1Run  # noqa: E402
+from eenn.rundir import Stage1Run, config_differences, resolved_config  # noqa: E402
 from eenn.tasks.fit import sweep_fractions  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
 from eenn.utils.overrides import override  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "budget_aware.json"
-CIFAR10_SMALL = Path(os.environ.get("EENN_SHARED", REPO.parent / "shared")) / "datasets" / "cifar10_small.npz"
-METHODS = {
-    "joint": "training=joint",
-    "bilevel": "training=bilevel",
-    "bilevel_paper": "training=bilevel_paper",
-}
 POLICIES = ("maxprob", "eenet")
+LR_KEY = "training.optimizer.lr"
+#: what may differ between a run's saved config and this benchmark's without making it another run
+MAY_CHANGE = ("paths", "logger", "ckpt_path", "force", "resume", "trainer.enable_progress_bar", "hydra")
+#: the parts of a run's resolved config that define what it trained (recorded per run)
+TRAINED = ("training", "data", "backbone", "exits", "trainer", "seed")
 
 
-def train_command(overrides: list[str], run_dir: Path) -> list[str]:
-    # an interrupted training continues from its last checkpoint (ckpt_path=last needs one)
-    resume = ["ckpt_path=last"] if (Stage1Run(run_dir).checkpoint_dir / "last.ckpt").is_file() else []
-    return [sys.executable, "-m", "eenn.cli.train", *overrides, "logger=csv", "cost.latency=false",
-            "trainer.enable_progress_bar=false", *resume, override("hydra.run.dir", run_dir)]
+@dataclass(frozen=True)
+class Arm:
+    overrides: str
+    knob: str | None = None  # a config key, tuned over its default and one other value
+    knob_values: tuple[Any, ...] = ()  # (default, alternative)
 
 
-def run_training(name: str, overrides: list[str], run_dir: Path, threads: int) -> None:
-    """Train one run in its own process (skipped when ``run_dir`` holds this finished run)."""
-    if Stage1Run(run_dir).finished():
-        if set(overrides) <= set(read_overrides(run_dir)):
+ARMS: dict[str, Arm] = {
+    "joint": Arm("training=joint"),
+    "bilevel_norm": Arm("training=bilevel training.normalize_loss=true", "training.budget", (0.55, 0.75)),
+    "permuted": Arm("training=bilevel training.normalize_loss=true training.permute_allocation=true",
+                    "training.budget", (0.55, 0.75)),
+    "mixed": Arm("training=mixed", "training.warmup_epochs", ("half", "quarter")),
+    "bilevel_paper": Arm("training=bilevel_paper", "training.cost_weight", (2.0, 0.5)),
+    "soft_threshold": Arm("training=soft_threshold", "training.softness", (0.25, 1.0)),
+}
+
+
+def knob_override(arm: Arm, value: Any, epochs: int) -> list[str]:
+    if arm.knob is None:
+        return []
+    if arm.knob == "training.warmup_epochs":  # the mixed regime's first phase, a share of the epochs
+        value = max(1, round(epochs * {"half": 0.5, "quarter": 0.25}[value]))
+    return [override(arm.knob, value)]
+
+
+def setting_name(arm: str, lr: float, knob: Any) -> str:
+    return f"{arm}_lr{lr:g}" + (f"_{str(knob).replace('.', 'p')}" if knob is not None else "")
+
+
+# ------------------------------------------------------------------------------------ training
+class Study:
+    """Where the runs go and how they are trained: one process per run, ``jobs`` at a time."""
+
+    def __init__(self, args: argparse.Namespace, data: list[str], epochs: int) -> None:
+        self.workdir, self.jobs, self.threads, self.data, self.epochs = args.workdir, args.jobs, args.threads, data, epochs
+        self.extra = list(args.override)
+        self.report_only = args.stage == "report"  # trains nothing: every run must be there
+
+    def overrides(self, arm: str, lr: float, knob: Any, seed: int, epochs: int | None = None) -> list[str]:
+        e = epochs or self.epochs
+        return [*shlex.split(ARMS[arm].overrides), *knob_override(ARMS[arm], knob, e), override(LR_KEY, lr), *self.data,
+                "backbone=resnet20", "exits=stages", override("trainer.max_epochs", e), override("seed", seed),
+                "logger=csv", "cost.latency=false", "trainer.enable_progress_bar=false", *self.extra]
+
+    def expected_config(self, overrides: list[str], run_dir: Path) -> dict[str, Any]:
+        cfg = compose_cfg("train", overrides, run_dir)
+        return resolved_config(cfg, run_dir)
+
+    def check_same(self, overrides: list[str], run_dir: Path) -> None:
+        """A run dir holding another config than the one this benchmark trains is refused (its
+        results would be read as this setting's)."""
+        run = Stage1Run(run_dir)
+        if not run.has_config():
             return
-        raise SystemExit(f"{run_dir} holds a finished run of other settings; give another --workdir.")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "WANDB_MODE": "disabled"}
-    log = run_dir.parent / f"{run_dir.name}.log"
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as fh:
-        proc = subprocess.run(train_command(overrides, run_dir), cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"training {name} failed (exit {proc.returncode}); see {log}")
+        saved = OmegaConf.to_container(OmegaConf.load(run.config_file))
+        differ = config_differences(saved, self.expected_config(overrides, run_dir), MAY_CHANGE)
+        if differ:
+            raise SystemExit(f"{run_dir} holds a run of another config ({differ}); remove it or give another --workdir.")
+
+    def train(self, name: str, overrides: list[str], run_dir: Path) -> None:
+        """Train (or resume) one run; :meth:`train_all` checked its dir (composing a config is not
+        thread-safe: every check runs before the pool starts)."""
+        run = Stage1Run(run_dir)
+        if run.finished():
+            return
+        resume = ["ckpt_path=last"] if (run.checkpoint_dir / "last.ckpt").is_file() else []
+        force = ["force=true"] if run_dir.exists() and not resume else []  # an attempt that never saved a checkpoint
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
+               "WANDB_MODE": "disabled"}
+        log = run_dir.parent / f"{run_dir.name}.log"
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "eenn.cli.train", *overrides, *resume, *force, override("hydra.run.dir", run_dir)]
+        with open(log, "a") as fh:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            raise SystemExit(f"training {name} failed (exit {proc.returncode}); see {log}")
+
+    def train_all(self, todo: list[tuple[str, list[str], Path]]) -> None:
+        for _, overrides, run_dir in todo:  # every refusal before the first training starts
+            self.check_same(overrides, run_dir)
+        if self.report_only:
+            missing = [str(d) for _, _, d in todo if not Stage1Run(d).finished()]
+            if missing:
+                raise SystemExit(f"--stage report trains nothing, and {len(missing)} run(s) are missing: {missing[:3]}")
+            return
+        with ThreadPoolExecutor(self.jobs) as pool:  # list(): a failed training stops the benchmark here
+            list(pool.map(lambda t: self.train(*t), todo))
 
 
-def read_overrides(run_dir: Path) -> list[str]:
-    path = run_dir / ".hydra" / "overrides.yaml"
-    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
-
-
-def given_runs(specs: list[str]) -> tuple[dict[tuple[str, int], Path], list[int], int, str]:
-    """``--run NAME=RUN_DIR`` values: the finished runs by (method, seed), the seeds (every method
-    must have each), the epochs and the data they were trained for (the first run's)."""
-    runs: dict[tuple[str, int], Path] = {}
-    epochs, data = 0, ""
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        run = Stage1Run(path)
-        if not sep or not run.finished():
-            raise SystemExit(f"--run {spec!r}: expected NAME=RUN_DIR with a finished eenn-train run in RUN_DIR.")
-        cfg = run.config()
-        runs[name, int(cfg.seed)] = run.path
-        source = Path(str(cfg.data.path)).stem if cfg.data.get("path") else str(cfg.data.name)  # npz: its file
-        epochs, data = epochs or int(cfg.trainer.max_epochs), data or source
-    seeds = sorted({sd for _, sd in runs})
-    for name in dict.fromkeys(m for m, _ in runs):
-        missing = [sd for sd in seeds if (name, sd) not in runs]
-        if missing:
-            raise SystemExit(f"--run: method {name!r} has no run for seed(s) {missing}; every method needs every seed.")
-    return runs, seeds, epochs, data
-
-
+# ---------------------------------------------------------------------------------- evaluation
 def budget_fractions(preds: Predictions, n: int) -> list[float]:
     """``n`` budgets evenly spaced strictly between the first exit's cost and the full cost."""
     return sweep_fractions(preds.costs_in("flops"), n + 2)[1:-1]
 
 
-def budget_curves(run_dir: Path, fractions: list[float]) -> dict[str, Any]:
-    """Per policy: accuracy on test (and on val, where it was fitted) and realised test cost."""
-    val, test = Stage1Run(run_dir).predictions("val"), Stage1Run(run_dir).predictions("test")
+def budget_curves(run_dir: Path, fractions: list[float], policies: tuple[str, ...], cache_dir: Path) -> dict[str, Any]:
+    """Per policy: accuracy on test and on val (where it was fitted) and realised test cost; the
+    anytime accuracy per exit. Cached beside the runs by the predictions' bytes and the budgets."""
+    run = Stage1Run(run_dir)
+    key = hashlib.sha1(json.dumps([fractions, list(policies)]).encode()
+                       + run.predictions_file("val").read_bytes()[:1 << 20]
+                       + run.predictions_file("test").read_bytes()[:1 << 20]).hexdigest()[:16]
+    cache = cache_dir / f"{run_dir.name}.{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    val, test = run.predictions("val"), run.predictions("test")
     full = float(val.costs_in("flops")[-1])
     out: dict[str, Any] = {}
-    for name in POLICIES:
-        rows = {"test": [], "val": [], "test_cost": []}
+    for name in policies:
+        rows: dict[str, list[float]] = {"test": [], "val": [], "test_cost": []}
         for f in fractions:
             policy = build_policy(name).fit(val, f * full, "flops")
             t, v = evaluate(policy, test, "flops"), evaluate(policy, val, "flops")
@@ -137,6 +204,8 @@ def budget_curves(run_dir: Path, fractions: list[float]) -> dict[str, Any]:
         out[name] = rows
     out["anytime_test"] = test.accuracy_per_exit().tolist()
     out["anytime_val"] = val.accuracy_per_exit().tolist()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    write_json(cache, out)
     return out
 
 
@@ -145,50 +214,130 @@ def epoch_log(run_dir: Path, exit_keys: list[str]) -> dict[str, Any]:
     rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
     by_epoch: dict[int, dict[str, float]] = {}
     for r in rows:
-        if not r.get("epoch"):  # the test metrics, logged once after training
+        if not r.get("epoch"):
             continue
         e = by_epoch.setdefault(int(r["epoch"]), {})
         e.update({k: float(v) for k, v in r.items() if v not in ("", None) and k not in ("epoch", "step")})
-    # an epoch without validation metrics is a test pass's row (runs of eenn before it logged test
-    # metrics from the predictions)
     epochs = sorted(e for e in by_epoch if f"val/acc/{exit_keys[-1]}" in by_epoch[e])
     out: dict[str, Any] = {"epoch": epochs,
                            "val_acc": [[by_epoch[e].get(f"val/acc/{k}") for k in exit_keys] for e in epochs]}
     if any("train/exit_prob/" + exit_keys[0] in by_epoch[e] for e in epochs):
-        out["gater"] = {
+        out["allocation"] = {
             "mean_a": [[by_epoch[e].get(f"train/exit_prob/{k}") for k in exit_keys] for e in epochs],
-            "top_exit_share": [[by_epoch[e].get(f"train/top_exit/{k}") for k in exit_keys] for e in epochs],
             "expected_cost": [by_epoch[e].get("train/expected_cost") for e in epochs],
             "cost_weight": [by_epoch[e].get("train/cost_weight") for e in epochs],
         }
     return out
 
 
-def mean_std(values: list[list[float]]) -> dict[str, list[float]]:
-    cols = list(zip(*values))
-    return {"mean": [statistics.fmean(c) for c in cols],
-            "std": [statistics.stdev(c) if len(c) > 1 else 0.0 for c in cols]}
+def run_record(run_dir: Path, fractions: list[float], policies: tuple[str, ...], cache_dir: Path) -> dict[str, Any]:
+    """What the JSON keeps of one run: where, which code, what it trained (resolved), its numbers."""
+    run = Stage1Run(run_dir)
+    metrics, saved = run.metrics(), OmegaConf.to_container(OmegaConf.load(run.config_file))
+    code = metrics.get("code") or {}
+    exit_keys = [n.replace(".", "_") for n in metrics["exit_names"]]
+    return {"run_dir": str(run_dir), "commit": code.get("commit"), "dirty": code.get("dirty"),
+            "train_seconds": metrics["train_seconds"], "config": {k: saved.get(k) for k in TRAINED},
+            "curves": budget_curves(run_dir, fractions, policies, cache_dir), "epochs": epoch_log(run_dir, exit_keys)}
 
 
-def summarise(per_run: dict[str, dict[int, dict[str, Any]]], seeds: list[int]) -> dict[str, Any]:
-    summary: dict[str, Any] = {}
-    for method, runs in per_run.items():
-        s: dict[str, Any] = {}
-        for p in POLICIES:
-            for split in ("test", "val"):
-                s[f"{p}_{split}"] = mean_std([runs[sd]["curves"][p][split] for sd in seeds])
-        s["anytime_test"] = mean_std([runs[sd]["curves"]["anytime_test"] for sd in seeds])
-        if method != "joint" and "joint" in per_run:
-            for p in POLICIES:
-                for split in ("test", "val"):
-                    diffs = [[a - b for a, b in zip(runs[sd]["curves"][p][split], per_run["joint"][sd]["curves"][p][split])]
-                             for sd in seeds]
-                    s[f"{p}_{split}_minus_joint"] = mean_std(diffs)
-            s["anytime_test_minus_joint"] = mean_std(
-                [[a - b for a, b in zip(runs[sd]["curves"]["anytime_test"], per_run["joint"][sd]["curves"]["anytime_test"])]
-                 for sd in seeds])
-        summary[method] = s
-    return summary
+def val_score(curves: dict[str, Any]) -> float:
+    """The tuning score: maxprob's validation accuracy averaged over the budgets."""
+    v = curves["maxprob"]["val"]
+    return sum(v) / len(v)
+
+
+# ------------------------------------------------------------------------------------- tuning
+def next_lr(lrs: list[float], scores: dict[float, float]) -> float:
+    """Joint's fourth tuning run: one learning-rate step past the best when it is at an edge of the
+    grid, else the geometric midpoint between the best and its better neighbour."""
+    grid = sorted(lrs)
+    best = max(grid, key=lambda lr: scores[lr])
+    i = grid.index(best)
+    step = grid[1] / grid[0] if len(grid) > 1 else 2.0
+    if i == 0:
+        return best / step
+    if i == len(grid) - 1:
+        return best * step
+    nb = max((grid[i - 1], grid[i + 1]), key=lambda lr: scores[lr])
+    return math.sqrt(best * nb)
+
+
+def tune(study: Study, arms: list[str], lrs: list[float], seeds: list[int], n_budgets: int) -> dict[str, Any]:
+    """Four runs per arm (see the module docstring); returns the grid, every score and the choice."""
+    work = study.workdir / "tune"
+
+    def settings_runs(arm: str, settings: list[tuple[float, Any]]) -> list[tuple[str, list[str], Path]]:
+        return [(f"tune {arm} lr={lr} knob={k} seed {sd}", study.overrides(arm, lr, k, sd),
+                 work / f"{setting_name(arm, lr, k)}_s{sd}") for lr, k in settings for sd in seeds]
+
+    first = {arm: [(lr, ARMS[arm].knob_values[0] if ARMS[arm].knob else None) for lr in lrs] for arm in arms}
+    study.train_all([r for arm in arms for r in settings_runs(arm, first[arm])])
+    fractions = None
+    scores: dict[str, dict[tuple[float, Any], dict[str, Any]]] = {}
+
+    def score(arm: str, lr: float, k: Any) -> dict[str, Any]:
+        nonlocal fractions
+        dirs = [work / f"{setting_name(arm, lr, k)}_s{sd}" for sd in seeds]
+        if fractions is None:
+            fractions = budget_fractions(Stage1Run(dirs[0]).predictions("val"), n_budgets)
+        recs = [run_record(d, fractions, ("maxprob",), study.workdir / "evals") for d in dirs]
+        return {"lr": lr, "knob": k, "val_score": sum(val_score(r["curves"]) for r in recs) / len(recs),
+                "runs": [{"run_dir": r["run_dir"], "commit": r["commit"], "dirty": r["dirty"], "config": r["config"],
+                          "val_score": val_score(r["curves"])} for r in recs]}
+
+    for arm in arms:
+        scores[arm] = {(lr, k): score(arm, lr, k) for lr, k in first[arm]}
+    second = {}
+    for arm in arms:
+        best_lr, best_k = max(scores[arm], key=lambda s: scores[arm][s]["val_score"])
+        if ARMS[arm].knob:
+            second[arm] = (best_lr, ARMS[arm].knob_values[1])
+        else:
+            second[arm] = (next_lr(lrs, {lr: scores[arm][lr, k]["val_score"] for lr, k in first[arm]}), None)
+    study.train_all([r for arm in arms for r in settings_runs(arm, [second[arm]])])
+    for arm in arms:
+        scores[arm][second[arm]] = score(arm, *second[arm])
+    chosen = {arm: max(scores[arm].values(), key=lambda s: s["val_score"]) for arm in arms}
+    return {
+        "seeds": seeds, "lr_grid": lrs, "lr_key": LR_KEY,
+        "knobs": {arm: {"key": ARMS[arm].knob, "values": list(ARMS[arm].knob_values)} for arm in arms},
+        "runs_per_arm": 1 + len(lrs) if seeds else 0,
+        "score": "maxprob's validation accuracy (thresholds fitted on validation), mean over the budgets",
+        "results": {arm: list(scores[arm].values()) for arm in arms},
+        "chosen": {arm: {"lr": c["lr"], "knob": c["knob"], "val_score": c["val_score"]} for arm, c in chosen.items()},
+    }
+
+
+# ---------------------------------------------------------------------------------- summaries
+def summarise_study(runs: dict[str, dict[int, dict[str, Any]]], baseline: str = "joint") -> dict[str, Any]:
+    """Per arm: per policy and budget a Summary of test (and val) accuracy over seeds, and the
+    paired difference to ``baseline`` over the seeds both have; the same for anytime accuracy."""
+    out: dict[str, Any] = {}
+    for arm, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        s: dict[str, Any] = {"seeds": seeds}
+        for key in [*(f"{p}_{split}" for p in POLICIES for split in ("test", "val")), "anytime_test"]:
+            series = [_series(by_seed[sd]["curves"], key) for sd in seeds]
+            if any(x is None for x in series):
+                continue
+            s[key] = [summarise([x[b] for x in series]).as_dict() for b in range(len(series[0]))]
+            if arm != baseline and baseline in runs:
+                shared = [sd for sd in seeds if sd in runs[baseline]]
+                base = [_series(runs[baseline][sd]["curves"], key) for sd in shared]
+                mine = [_series(by_seed[sd]["curves"], key) for sd in shared]
+                if shared and all(x is not None for x in base):
+                    s[f"{key}_minus_{baseline}"] = [
+                        paired_difference([x[b] for x in mine], [x[b] for x in base]).as_dict() for b in range(len(series[0]))]
+        out[arm] = s
+    return out
+
+
+def _series(curves: dict[str, Any], key: str) -> list[float] | None:
+    if key == "anytime_test":
+        return curves["anytime_test"]
+    policy, split = key.rsplit("_", 1)
+    return curves.get(policy, {}).get(split)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -197,115 +346,172 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     x = result["budget_fractions"]
-    for method, s in result["summary"].items():
-        for p, style in zip(POLICIES, ("-", "--")):
-            m, sd = s[f"{p}_test"]["mean"], s[f"{p}_test"]["std"]
-            line, = axes[0].plot(x, [100 * v for v in m], style, marker="o", label=f"{method} · {p}")
-            axes[0].fill_between(x, [100 * (a - b) for a, b in zip(m, sd)], [100 * (a + b) for a, b in zip(m, sd)],
-                                 color=line.get_color(), alpha=0.12)
+    for arm, s in result["summary"].items():
+        if "maxprob_test" not in s:
+            continue
+        m = [100 * v["mean"] for v in s["maxprob_test"]]
+        line, = axes[0].plot(x, m, marker="o", label=f"{arm} (n={s['maxprob_test'][0]['n']})")
+        if s["maxprob_test"][0]["ci_low"] is not None:
+            axes[0].fill_between(x, [100 * v["ci_low"] for v in s["maxprob_test"]],
+                                 [100 * v["ci_high"] for v in s["maxprob_test"]], color=line.get_color(), alpha=0.12)
+        d = s.get("maxprob_test_minus_joint")
+        if d:
+            line, = axes[1].plot(x, [100 * v["mean"] for v in d], marker="o", label=arm)
+            if d[0]["ci_low"] is not None:
+                axes[1].fill_between(x, [100 * v["ci_low"] for v in d], [100 * v["ci_high"] for v in d],
+                                     color=line.get_color(), alpha=0.12)
     axes[0].set(xlabel="budget (fraction of the full model's FLOPs)", ylabel="test accuracy (%)",
-                title=f"budgeted batch classification, mean ± std of {len(result['seeds'])} seeds")
-    axes[0].legend(fontsize=7)
-    for method, runs in result["runs"].items():
-        curves = [r["epochs"]["val_acc"] for r in runs.values()]
-        epochs = next(iter(runs.values()))["epochs"]["epoch"]
-        final = [statistics.fmean(c[i][-1] for c in curves) for i in range(len(epochs))]
-        axes[1].plot([e + 1 for e in epochs], [100 * v for v in final], label=method)
-        gaters = [r["epochs"].get("gater") for r in runs.values() if r["epochs"].get("gater")]
-        if gaters:
-            cost = [statistics.fmean(g["expected_cost"][i] for g in gaters) for i in range(len(epochs))]
-            axes[2].plot([e + 1 for e in epochs], cost, label=method)
-    axes[1].set(xlabel="epoch", ylabel="final exit, validation accuracy (%)", title="learning curve (mean over seeds)")
-    axes[1].legend(fontsize=7)
-    axes[2].set(xlabel="epoch", ylabel="E_A[Cost] (fraction of the full cost)", title="gater: expected cost under A")
-    if axes[2].lines:
-        axes[2].legend(fontsize=7)
+                title="maxprob, mean and 95 % CI over seeds")
+    axes[1].axhline(0, color="k", lw=0.8)
+    axes[1].set(xlabel="budget (fraction of the full model's FLOPs)", ylabel="test accuracy - joint (points)",
+                title="paired difference to joint, 95 % CI")
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def given_runs(specs: list[str]) -> dict[str, dict[int, Path]]:
+    """``--run NAME=RUN_DIR`` values: the finished runs by arm and seed."""
+    runs: dict[str, dict[int, Path]] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        run = Stage1Run(path)
+        if not sep or not run.finished():
+            raise SystemExit(f"--run {spec!r}: expected NAME=RUN_DIR with a finished eenn-train run in RUN_DIR.")
+        runs.setdefault(name, {})[int(run.config().seed)] = run.path
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--method", action="append", default=[], metavar="NAME=OVERRIDES",
-                        help="an extra method: its name and its eenn-train overrides")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=60, help="60: where the final exit's val accuracy stops rising")
+    parser.add_argument("--stage", choices=("all", "tune", "final", "curve", "report"), default="all",
+                        help="tune: the tuning runs; final: the chosen settings x --seeds (tunes first if needed); "
+                             "curve: the chosen settings at --curve-epochs on the tuning seeds; report: the JSON "
+                             "from the runs there are (trains nothing)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--tune-seeds", nargs="+", type=int, default=[100])
+    parser.add_argument("--lrs", nargs="+", type=float, default=[0.05, 0.1, 0.2])
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--curve-epochs", type=int, default=24)
     parser.add_argument("--budgets", type=int, default=6)
-    parser.add_argument("--data", default=None, help="a conf/data preset (default: cifar10_small if present, else digits)")
+    parser.add_argument("--train-subset", type=int, default=10000, help="data.train_subset (class-balanced)")
     parser.add_argument("--override", action="append", default=[], help="an eenn-train override for every run")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
-    parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_budget_aware")
+    parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_budget_aware_v2")
     parser.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR",
-                        help="evaluate this finished run as a seed of method NAME instead of training")
+                        help="evaluate this finished run as a seed of arm NAME instead of training")
     add_output_args(parser)
     args = parser.parse_args()
-    methods = {m: METHODS[m] for m in args.methods}
-    methods.update(dict(m.split("=", 1) for m in args.method))
-    data = args.data or ("cifar10_small" if CIFAR10_SMALL.is_file() else "digits")
-    seeds, epochs, workdir = args.seeds, args.epochs, args.workdir
-    extra = list(args.override)
     out_path = output_path(args, OUT)
-    if args.quick:  # digits, seed 0, 2 epochs of 4 batches, 2 budgets, runs beside the JSON
-        data, seeds, epochs, workdir = "digits", [0], 2, out_path.parent / "runs"
-        extra += ["trainer.limit_train_batches=4"]
-        args.budgets = 2
-        methods = {m: o for m, o in methods.items() if m != "bilevel_paper"}
-    if data == "cifar10_small":
-        extra.append(override("data.path", CIFAR10_SMALL))
+    data = ["data=cifar10_full", override("data.train_subset", args.train_subset)]
+    epochs = args.epochs
+    if args.quick:  # digits, 1 tuning seed, 2 lrs, 2 final seeds, 2 epochs of 4 batches, 2 budgets
+        data, epochs, args.budgets = ["data=digits"], 2, 2
+        args.seeds, args.tune_seeds, args.lrs = [0, 1], [100], [0.05, 0.1]
+        args.arms = ["joint", "permuted", "soft_threshold"]
+        args.workdir = out_path.parent / "runs"
+        args.override = [*args.override, "trainer.limit_train_batches=4"]
+    study = Study(args, data, epochs)
     t0 = time.perf_counter()
-
-    def overrides(method: str, seed: int) -> list[str]:
-        return [*shlex.split(methods[method]), override("data", data), "backbone=resnet20", "exits=stages",
-                override("trainer.max_epochs", epochs), override("seed", seed), *extra]
+    torch.set_num_threads(max(1, args.jobs * args.threads))
 
     if args.run:
-        run_dirs, seeds, epochs, data = given_runs(args.run)
-        jobs = list(run_dirs)
-        methods = {m: "" for m, _ in jobs}
+        given = given_runs(args.run)
+        tuning, seeds = None, sorted({sd for r in given.values() for sd in r})
+        final_dirs = {arm: dict(r) for arm, r in given.items()}
     else:
-        jobs = [(m, sd) for sd in seeds for m in methods]  # seed-major: every method's seed 0 finishes first
-        run_dirs = {(m, sd): workdir / f"{m}_s{sd}" for m, sd in jobs}
-        with ThreadPoolExecutor(args.jobs) as pool:  # list(): a failed training stops the benchmark here
-            list(pool.map(lambda j: run_training(f"{j[0]} seed {j[1]}", overrides(*j), run_dirs[j], args.threads), jobs))
+        tuning = tune(study, args.arms, args.lrs, args.tune_seeds, args.budgets)
+        if args.stage == "tune":
+            print(json.dumps(tuning["chosen"], indent=1))
+            return
+        chosen = tuning["chosen"]
+        if args.stage == "curve":
+            curve_runs = [(f"curve {arm} seed {sd}", study.overrides(arm, c["lr"], c["knob"], sd, args.curve_epochs),
+                           study.workdir / "curve" / f"{setting_name(arm, c['lr'], c['knob'])}_e{args.curve_epochs}_s{sd}")
+                          for arm, c in chosen.items() for sd in args.tune_seeds]
+            study.train_all(curve_runs)
+        seeds = args.seeds
+        final_dirs = {arm: {sd: study.workdir / "final" / f"{setting_name(arm, c['lr'], c['knob'])}_s{sd}" for sd in seeds}
+                      for arm, c in chosen.items()}
+        if args.stage in ("all", "final"):
+            study.train_all([(f"final {arm} seed {sd}", study.overrides(arm, chosen[arm]["lr"], chosen[arm]["knob"], sd), d)
+                             for sd in seeds for arm, by_seed in final_dirs.items() for d in [by_seed[sd]]])
+        # the seeds that have finished (all of them after --stage all or final)
+        final_dirs = {arm: {sd: d for sd, d in r.items() if Stage1Run(d).finished()} for arm, r in final_dirs.items()}
+        final_dirs = {arm: r for arm, r in final_dirs.items() if r}
+        if not final_dirs:
+            raise SystemExit("no final run has finished yet: run --stage final first.")
 
-    first = Stage1Run(run_dirs[jobs[0]]).predictions("val")
+    first = Stage1Run(next(d for r in final_dirs.values() for d in r.values())).predictions("val")
     fractions = budget_fractions(first, args.budgets)
-    exit_keys = [n.replace(".", "_") for n in first.exit_names]
-    per_run: dict[str, dict[int, dict[str, Any]]] = {}
-    for method, seed in jobs:
-        run_dir = run_dirs[method, seed]
-        metrics = Stage1Run(run_dir).metrics()
-        per_run.setdefault(method, {})[seed] = {
-            "run_dir": str(run_dir), "overrides": read_overrides(run_dir), "train_seconds": metrics["train_seconds"],
-            "curves": budget_curves(run_dir, fractions), "epochs": epoch_log(run_dir, exit_keys)}
+    runs = {arm: {sd: run_record(d, fractions, POLICIES, study.workdir / "evals") for sd, d in sorted(by_seed.items())}
+            for arm, by_seed in final_dirs.items()}
+    curve = None
+    if tuning and (study.workdir / "curve").is_dir():
+        curve = learning_curve_check(study, tuning, args, fractions)
+    commits = sorted({str(r["commit"]) for by_seed in runs.values() for r in by_seed.values()})
     result = {
         "dataset": data, "backbone": "resnet20", "exits": first.exit_names, "epochs": epochs, "seeds": seeds,
-        "methods": methods, "budget_fractions": fractions,
+        "arms": {arm: ARMS[arm].overrides if arm in ARMS else "given" for arm in runs},
+        "budget_fractions": fractions,
         "exit_cost_fractions": (first.costs_in("flops") / first.costs_in("flops")[-1]).tolist(),
-        "protocol": "thresholds (maxprob: MSDNet's rule; eenet: EENet's scheduler) fitted on validation at each budget, "
-                    "accuracy reported on test; nothing is chosen on test",
-        "summary": summarise(per_run, seeds),
-        "runs": per_run,
+        "val_size": first.num_samples, "test_size": Stage1Run(next(d for r in final_dirs.values() for d in r.values()))
+        .predictions("test").num_samples,
+        "protocol": ("tuning on seeds not reported (tuning.seeds), 4 runs per arm, chosen on validation; thresholds "
+                     "(maxprob: MSDNet's rule; eenet: EENet's scheduler) fitted on validation at each budget, accuracy "
+                     "reported on the whole test split; paired differences to joint by seed with 95 % t intervals, "
+                     "t-test and exact sign-flip p-values; nothing is chosen on test"),
+        "tuning": tuning,
+        "summary": summarise_study(runs),
+        "learning_curve_check": curve,
+        "runs": runs,
+        "commits": commits,
+        "any_dirty": any(r["dirty"] for by_seed in runs.values() for r in by_seed.values()),
         "total_seconds": time.perf_counter() - t0,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "jobs": args.jobs, "threads_per_job": args.threads},
     }
     write_json(out_path, result)
     plot(result, out_path.with_suffix(".png"))
-    print(f"budgets (fraction of full FLOPs): {[round(f, 3) for f in fractions]}")
-    for method, s in result["summary"].items():
-        for p in POLICIES:
-            line = " ".join(f"{100 * m:5.2f}±{100 * d:4.2f}" for m, d in zip(s[f"{p}_test"]["mean"], s[f"{p}_test"]["std"]))
-            print(f"{method:14s} {p:8s} test {line}")
-            if f"{p}_test_minus_joint" in s:
-                d = s[f"{p}_test_minus_joint"]
-                print(f"{'':14s} {'':8s} -joint {' '.join(f'{100 * m:+5.2f}±{100 * e:4.2f}' for m, e in zip(d['mean'], d['std']))}")
+    print_summary(result)
     print(f"-> {out_path}")
+
+
+def learning_curve_check(study: Study, tuning: dict[str, Any], args: argparse.Namespace,
+                         fractions: list[float]) -> dict[str, Any]:
+    """The chosen settings' validation scores at --epochs (the tuning runs) and at --curve-epochs
+    on the tuning seeds, and whether the arms' ranking is the same at both."""
+    short, long = {}, {}
+    for arm, c in tuning["chosen"].items():
+        name = setting_name(arm, c["lr"], c["knob"])
+        dirs = [study.workdir / "curve" / f"{name}_e{args.curve_epochs}_s{sd}" for sd in tuning["seeds"]]
+        if not all(Stage1Run(d).finished() for d in dirs):
+            continue
+        short[arm] = c["val_score"]
+        long[arm] = sum(val_score(run_record(d, fractions, ("maxprob",), study.workdir / "evals")["curves"])
+                        for d in dirs) / len(dirs)
+    rank = lambda s: sorted(s, key=lambda a: -s[a])  # noqa: E731
+    return {"epochs": [args.epochs, args.curve_epochs], "val_score": {"short": short, "long": long},
+            "ranking": {"short": rank(short), "long": rank(long)}, "same_ranking": rank(short) == rank(long)}
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    print(f"budgets (fraction of full FLOPs): {[round(f, 3) for f in result['budget_fractions']]}")
+    for arm, s in result["summary"].items():
+        for p in POLICIES:
+            if f"{p}_test" not in s:
+                continue
+            print(f"{arm:15s} {p:8s} test " + " ".join(f"{100 * v['mean']:5.2f}" for v in s[f"{p}_test"]))
+            d = s.get(f"{p}_test_minus_joint")
+            if d:
+                print(f"{'':15s} {'':8s} -joint " + " ".join(
+                    f"{100 * v['mean']:+5.2f}[{100 * (v['ci_low'] or 0):+.2f},{100 * (v['ci_high'] or 0):+.2f}]" for v in d))
 
 
 if __name__ == "__main__":

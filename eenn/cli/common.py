@@ -58,6 +58,15 @@ if not OmegaConf.has_resolver("eenn.launch_id"):
     OmegaConf.register_new_resolver("eenn.launch_id", _launch_id, use_cache=True)
 
 
+def _share(total: int, fraction: float) -> int:
+    """``${eenn.share:${trainer.max_epochs},0.5}``: a share of a whole number, rounded (epochs of a phase)."""
+    return int(round(int(total) * float(fraction)))
+
+
+if not OmegaConf.has_resolver("eenn.share"):
+    OmegaConf.register_new_resolver("eenn.share", _share)
+
+
 def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 

@@ -108,6 +108,7 @@ class EENNDataModule(pl.LightningDataModule):
         download: bool = False,
         path: str | None = None,
         val_size: float | int = 0.2,
+        train_subset: int | None = None,
         classes: Sequence[int | str] | None = None,
         augment: str = "none",
         randaugment: str | None = None,
@@ -132,6 +133,9 @@ class EENNDataModule(pl.LightningDataModule):
         check_number(batch_size, "data.batch_size", 1, integer=True)
         check_number(eval_batch_size, "data.eval_batch_size", 1, integer=True)
         check_number(num_workers, "data.num_workers", 0, integer=True)
+        if train_subset is not None:
+            check_number(train_subset, "data.train_subset", 1, integer=True)
+        self.train_subset = train_subset
         self.randaugment, self.random_erasing = randaugment, random_erasing
         self.name, self.root, self.download, self.path = name, root, download, path
         self.val_size, self.classes, self.augment, self.image_size = val_size, classes, augment, image_size
@@ -187,6 +191,27 @@ class EENNDataModule(pl.LightningDataModule):
         if not 0 < count < n:
             raise EENNError(f"data.val_size={v} leaves no training or no validation samples out of {n}.")
         return count
+
+    def _subset(self, train_pos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``data.train_subset`` training samples, class-balanced: each class gets N // C of them
+        (the first N mod C classes one more), the first ones of the seeded permutation."""
+        n = self.train_subset
+        if n is None:
+            return train_pos
+        classes = labels.unique()
+        quota = {int(c): n // len(classes) + (k < n % len(classes)) for k, c in enumerate(classes)}
+        have = {int(c): int((labels[train_pos] == c).sum()) for c in classes}
+        short = {c: have[c] for c in quota if have[c] < quota[c]}
+        if short:
+            raise EENNError(f"data.train_subset={n} asks for {max(quota.values())} training images per class, but the "
+                            f"training split (after data.val_size) has fewer of classes {sorted(short)} ({short}).")
+        taken, keep = dict.fromkeys(quota, 0), []
+        for pos in train_pos.tolist():
+            c = int(labels[pos])
+            if taken[c] < quota[c]:
+                taken[c] += 1
+                keep.append(pos)
+        return torch.tensor(keep, dtype=torch.int64)
 
     def _normalisation(self, src: Source, train_index: torch.Tensor) -> tuple[list[float], list[float]]:
         if self.mean is not None and self.std is not None:
@@ -255,7 +280,7 @@ class EENNDataModule(pl.LightningDataModule):
         n = len(index)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         n_val = self._val_count(n)
-        val_pos, train_pos = perm[:n_val].sort().values, perm[n_val:]
+        val_pos, train_pos = perm[:n_val].sort().values, self._subset(perm[n_val:], labels)
         mean, std = self._normalisation(src, index[train_pos])
         self.normalisation = (mean, std)  # per-channel, of pixels in [0, 1]
         if self._batched(src):

@@ -211,6 +211,65 @@ def npz(path: str, **_: object) -> ArraySource:
     )
 
 
+JPEG_ARRAYS = ("classes", "train_jpeg", "train_offsets", "train_labels", "test_jpeg", "test_offsets", "test_labels")
+
+
+def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Images (N, H, W, 3) uint8 from JPEG files' bytes concatenated in ``blob``, image i at
+    ``blob[offsets[i]:offsets[i + 1]]``."""
+    import io
+
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(io.BytesIO(blob[a:b].tobytes())).convert("RGB"))
+                     for a, b in zip(offsets[:-1], offsets[1:])])
+
+
+@SOURCES.register("cifar10_jpeg")
+def cifar10_jpeg(path: str, root: str = "data", **_: object) -> ArraySource:
+    """The full CIFAR-10 stored as its JPEG files' bytes (``../shared/datasets/cifar10_jpeg.npz``,
+    see its PROVENANCE.md). Decoding its 60,000 images takes ~15 s, so the pixels are cached once
+    in ``data.root`` (``cifar10_jpeg-<md5 of the file>.npz``, written atomically); a root that
+    cannot be written to only costs the decoding each time."""
+    import hashlib
+    import logging
+    import os
+    import tempfile
+
+    if not path or not Path(path).is_file():
+        raise EENNError(f"data.path={path!r} is not a file; data=cifar10_full reads the full CIFAR-10 as JPEG bytes "
+                        "(../shared/datasets/cifar10_jpeg.npz); point data.path at it, or use data=cifar10 "
+                        "data.download=true where there is network.")
+    digest = hashlib.md5(Path(path).read_bytes()).hexdigest()[:12]
+    cache = Path(root) / f"cifar10_jpeg-{digest}.npz"
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as f:
+            arrays, names = {k: f[k] for k in keys}, [str(c) for c in f["classes"]]
+    else:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in JPEG_ARRAYS if k not in f.files]
+            if missing:
+                raise EENNError(f"data.path={path!r} lacks the arrays {missing}; it is not cifar10_jpeg.npz.")
+            arrays = {"x_train": _decode_jpegs(f["train_jpeg"], f["train_offsets"]), "y_train": f["train_labels"],
+                      "x_test": _decode_jpegs(f["test_jpeg"], f["test_offsets"]), "y_test": f["test_labels"]}
+            names = [str(c) for c in f["classes"]]
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz.tmp")
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, classes=np.array(names), **arrays)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, cache)
+        except OSError as exc:
+            logging.getLogger("eenn.data").warning("data.root=%r: could not cache the decoded CIFAR-10 (%s); "
+                                                   "it is decoded again next time.", root, exc)
+    return ArraySource(
+        _nchw(arrays["x_train"], path), torch.as_tensor(arrays["y_train"], dtype=torch.int64),
+        _nchw(arrays["x_test"], path), torch.as_tensor(arrays["y_test"], dtype=torch.int64), names,
+    )
+
+
 @SOURCES.register("imagefolder")
 def imagefolder(root: str, test_dir: str = "val", **_: object) -> FolderSource:
     """ImageNet-style folders; ``data.root`` holds ``train/`` and ``test_dir`` (``val/`` for ImageNet)."""

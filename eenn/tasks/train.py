@@ -30,6 +30,7 @@ from eenn.training.joint import MultiExitModule, metric_key
 from eenn.training.predict import make_predictions
 from eenn.utils.config import build_network, instantiate
 from eenn.utils.loggers import finish_wandb
+from eenn.utils.provenance import code_version
 
 log = logging.getLogger("eenn.train")
 SRUN_WARNING = "The `srun` command is available on your system but is not used"
@@ -100,6 +101,7 @@ def _train(cfg: DictConfig, run: Stage1Run) -> dict[str, Any]:
     ckpt_path = run.resume_checkpoint(cfg.get("ckpt_path"))
     pl.seed_everything(cfg.seed, workers=True)
     t0 = time.perf_counter()
+    code = code_version()  # the code this stretch of training ran (a resumed run: the last stretch's)
 
     dm: EENNDataModule = instantiate(cfg.data, _convert_="all")
     dm.prepare_data()
@@ -157,6 +159,8 @@ def _train(cfg: DictConfig, run: Stage1Run) -> dict[str, Any]:
             "best_checkpoint": best or None,
             "epochs": trainer.current_epoch,
             "train_seconds": time.perf_counter() - t0,
+            "code": code,
+            "resumed_from": str(ckpt_path) if ckpt_path else None,
         })
         run.write_metrics(metrics)
         print_summary(metrics)

@@ -112,6 +112,7 @@ class BilevelTraining(MultiExitModule):
         budget_penalty: float = 10.0,
         joint_warmup_epochs: int = 0,
         normalize_loss: bool = False,
+        permute_allocation: bool = False,
     ) -> None:
         if init_checkpoint:
             load_weights(network, init_checkpoint, "training.init_checkpoint", prefix="network.")
@@ -155,6 +156,7 @@ class BilevelTraining(MultiExitModule):
         self.grad_through_gater, self.budget, self.budget_lr = grad_through_gater, budget, budget_lr
         self.budget_penalty = budget_penalty
         self.joint_warmup_epochs, self.normalize_loss = joint_warmup_epochs, normalize_loss
+        self.permute_allocation = permute_allocation
         self.freeze_backbone, self.clip_grad_norm, self.label_smoothing = freeze_backbone, clip_grad_norm, label_smoothing
         self.set_mixup(mixup_alpha, cutmix_alpha, label_smoothing, num_classes)
         self.ema = ModelEmaV3(network, decay=ema_decay, use_warmup=ema_warmup) if ema_decay else None
@@ -183,9 +185,14 @@ class BilevelTraining(MultiExitModule):
         During the joint warm-up A is left out: theta trains on the plain sum of the exits' CE.
         ``normalize_loss`` divides each sample's weights (A^k + 1) by their sum (K + 1), so that the
         loss has joint training's scale and only A's reallocation between exits tells them apart
-        (with SGD, weight decay and batch norm a loss K + 1 times larger is a larger step size)."""
+        (with SGD, weight decay and batch norm a loss K + 1 times larger is a larger step size).
+        ``permute_allocation`` shuffles A across the batch's samples before it weights them (the
+        control for whether the per-sample allocation matters); the returned A is the gater's own."""
         a = self.exit_distribution(logits if self.grad_through_gater else logits.detach())
-        weight = a + 1 if self.current_epoch >= self.joint_warmup_epochs else torch.ones_like(a)
+        # the control arm: each sample gets another sample's A (same batch), which keeps the loss
+        # scale, the exits' average weights and lambda's dynamics, and drops only who gets which
+        given = a[torch.randperm(len(a), device=a.device)] if self.permute_allocation else a
+        weight = given + 1 if self.current_epoch >= self.joint_warmup_epochs else torch.ones_like(a)
         if self.normalize_loss:  # per sample the exits' weights sum to 1, as joint training's uniform 1/K
             weight = weight / weight.sum(1, keepdim=True).detach()
         return (weight * (ce + self.cost_weight * self.exit_costs)).sum(1).mean(), a

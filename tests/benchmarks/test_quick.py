@@ -50,6 +50,9 @@ def test_budget_aware_evaluates_finished_runs_given_to_it(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     second = json.loads(given.read_text())
-    assert list(second["methods"]) == list(first["methods"]) and second["seeds"] == first["seeds"] == [0]
-    for method, seeds in first["runs"].items():
-        assert second["runs"][method]["0"]["curves"] == seeds["0"]["curves"]
+    assert list(second["arms"]) == list(first["arms"]) and second["seeds"] == first["seeds"] == [0, 1]
+    for arm, seeds in first["runs"].items():
+        for seed, run in seeds.items():
+            assert second["runs"][arm][seed]["curves"] == run["curves"]
+    # the paired differences to joint are the protocol's, whoever trained the runs
+    assert second["summary"]["permuted"]["maxprob_test_minus_joint"] == first["summary"]["permuted"]["maxprob_test_minus_joint"]
