@@ -582,6 +582,11 @@ class CompareRun(RunDir):
         return self.path / "results.csv"
 
     @property
+    def group_results_file(self) -> Path:
+        """Per seed group, policy and budget: the statistics over seeds."""
+        return self.path / "results_by_group.csv"
+
+    @property
     def report_file(self) -> Path:
         return self.path / "report.html"
 
@@ -610,7 +615,7 @@ class PipelineRun(RunDir):
     #: what a re-run may change: it adds fits (new names) and logs elsewhere; anything else would
     #: mix results of two configs under one name
     RERUN_MAY_CHANGE = ("force", "ckpt_path", "pipeline.policies", "pipeline.budgets", "pipeline.num_budgets",
-                        "wandb", "logger", "paths", "data.root", "trainer.enable_progress_bar")
+                        "wandb", "logger", "paths", "data.root", "trainer.enable_progress_bar", "compare")
 
     def stage1_config(self, cfg: DictConfig) -> DictConfig:
         """The pipeline's config as its stage-1 run (``train/``) takes it."""

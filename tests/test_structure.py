@@ -51,7 +51,7 @@ def test_importing_the_domain_packages_loads_no_hydra_or_omegaconf() -> None:
 
 # file names of run dirs, as code spells them: in strings and joined paths
 RUN_DIR_NAMES = re.compile(
-    r"metrics\.json|costs\.json|policy\.safetensors|error\.json|infer\.json|results\.csv|report\.html|\.ckpt\b"
+    r"metrics\.json|costs\.json|policy\.safetensors|error\.json|infer\.json|results\.csv|results_by_group\.csv|report\.html|\.ckpt\b"
     r"|[\"'/]\.hydra\b|/ \"(predictions|checkpoints)\"|\"(predictions|checkpoints)/"
 )
 

@@ -82,6 +82,54 @@ def plot_accuracy_vs_cost(comp: Comparison) -> list[tuple[str, Figure]]:
     return figures
 
 
+def plot_seed_groups(comp: Comparison) -> list[tuple[str, Figure]]:
+    """Where a comparison has groups of seeds: per cost unit, each group's mean test accuracy over
+    its seeds against its mean realised cost, one line per policy, the 95 % CI as a band (a group
+    of one seed is drawn without one and says so in the legend); with a baseline, a second panel
+    of the paired differences to it with their CIs."""
+    figures = []
+    for unit in sorted({g.cost_unit for g in comp.group_stats}):
+        stats = [g for g in comp.group_stats if g.cost_unit == unit]
+        if not any(g.accuracy.n > 1 for g in stats):
+            continue  # no seeds to speak of: the per-model plot says it all
+        diffs = [g for g in stats if g.difference is not None]
+        fig = Figure(figsize=(13 if diffs else 7, 4.8))
+        axes = fig.subplots(1, 2 if diffs else 1, squeeze=False)[0]
+        _, label = _scale(unit, [g.mean_test_avg_cost for g in stats])
+        div = 1e6 if "millions" in label else 1.0
+        curves: dict[tuple[str, str], list[Any]] = defaultdict(list)
+        for g in stats:
+            curves[(g.group, g.policy)].append(g)
+        for (group, policy), pts in sorted(curves.items()):
+            pts.sort(key=lambda g: g.requested_fraction)
+            n = sorted({g.accuracy.n for g in pts})
+            tag = "1 seed: no spread" if n == [1] else f"n={'/'.join(map(str, n))}"
+            x = [g.mean_test_avg_cost / div for g in pts]
+            line, = axes[0].plot(x, [100 * g.accuracy.mean for g in pts], marker="o", label=f"{group} · {policy} ({tag})")
+            band = [(g.accuracy.ci_low, g.accuracy.ci_high) for g in pts]
+            if all(lo is not None for lo, _ in band):
+                axes[0].fill_between(x, [100 * lo for lo, _ in band], [100 * hi for _, hi in band],
+                                     color=line.get_color(), alpha=0.15)
+            dpts = [g for g in pts if g.difference is not None]
+            if diffs and dpts:
+                dx = [g.requested_fraction for g in dpts]
+                line, = axes[1].plot(dx, [100 * g.difference.mean for g in dpts], marker="o", label=f"{group} · {policy}")
+                if all(g.difference.ci_low is not None for g in dpts):
+                    axes[1].fill_between(dx, [100 * g.difference.ci_low for g in dpts],
+                                         [100 * g.difference.ci_high for g in dpts], color=line.get_color(), alpha=0.15)
+        axes[0].set(xlabel=label, ylabel="test accuracy (%)", title="seed groups: mean and 95 % CI over seeds")
+        if diffs:
+            axes[1].axhline(0, color="black", lw=0.8)
+            axes[1].set(xlabel="budget (fraction of the full cost)", ylabel=f"test accuracy - {comp.baseline} (points)",
+                        title="paired difference to the baseline (by seed), 95 % CI")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        figures.append((f"seed_groups_{unit}", fig))
+    return figures
+
+
 def plot_exit_distributions(comp: Comparison) -> list[tuple[str, Figure]]:
     """Per policy, the share of test samples leaving at each exit, at each budget (stacked bars);
     none when no policy ran at a budget."""

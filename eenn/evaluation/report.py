@@ -8,7 +8,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from eenn.evaluation.compare import Comparison, per_exit, policy_label
+from eenn.evaluation.compare import Comparison, GroupStat, per_exit, policy_label
+from eenn.evaluation.stats import NO_DIFFERENCE, NO_SPREAD
 from eenn.utils.io import atomic_path
 
 STYLE = """
@@ -49,6 +50,49 @@ def accuracy_table(comp: Comparison) -> tuple[list[str], list[list[object]]]:
     return header, rows
 
 
+def _accuracy_cell(g: GroupStat) -> str:
+    a = g.accuracy
+    if a.ci_low is None or a.ci_high is None:
+        return f"{100 * a.mean:.2f} ({NO_SPREAD})"
+    return f"{100 * a.mean:.2f} [{100 * a.ci_low:.2f}, {100 * a.ci_high:.2f}] n={a.n}"
+
+
+def _difference_cell(g: GroupStat) -> str:
+    d = g.difference
+    if d is None:
+        return ""
+    if d.ci_low is None or d.ci_high is None:
+        return f"{100 * d.mean:+.2f} ({NO_SPREAD})"
+    text = f"{100 * d.mean:+.2f} [{100 * d.ci_low:+.2f}, {100 * d.ci_high:+.2f}] p={d.p_t:.3g}"
+    if d.p_sign_flip is not None:
+        text += f" (sign-flip {d.p_sign_flip:.3g})"
+    if d.verdict == NO_DIFFERENCE:
+        text += f": {NO_DIFFERENCE}"
+        if d.detectable is not None:
+            text += f" (could have seen ±{100 * d.detectable:.2f})"
+    return text
+
+
+def seed_table(comp: Comparison) -> tuple[list[str], list[list[object]]]:
+    """Per seed group, policy and unit, and per budget: the test accuracy's mean and 95 % CI over
+    the group's seeds (in %), and, with a baseline, the paired difference to it in points with its
+    CI and p-values, "no detectable difference" where the CI holds 0 (with the effect the study
+    could have seen), "1 seed: no spread" where there is one seed."""
+    fractions = sorted({g.requested_fraction for g in comp.group_stats})
+    cells: dict[tuple[str, str, str], dict[float, GroupStat]] = defaultdict(dict)
+    for g in comp.group_stats:
+        cells[(g.group, g.policy, g.cost_unit)][g.requested_fraction] = g
+    header = ["group", "policy", "unit", "seeds", *[f"{f:.2f}" for f in fractions]]
+    rows: list[list[object]] = []
+    for (group, policy, unit), by_f in sorted(cells.items()):
+        seeds = sorted({str(sd) for g in by_f.values() for sd in g.seeds})
+        rows.append([group, policy, unit, " ".join(seeds), *[_accuracy_cell(by_f[f]) if f in by_f else "" for f in fractions]])
+        if any(g.difference is not None for g in by_f.values()):
+            rows.append([group, policy, unit, f"- {comp.baseline}",
+                         *[_difference_cell(by_f[f]) if f in by_f else "" for f in fractions]])
+    return header, rows
+
+
 def risk_table(points: list[dict[str, object]]) -> tuple[list[str], list[list[object]]]:
     """The risk-controlled fits (:func:`eenn.evaluation.compare.risk_points`), one row per ε."""
     header = ["model", "loss", "calibrated", "ε %", "δ", "n cal", "certified", "threshold", "test risk %", "cost saved %",
@@ -81,6 +125,16 @@ def write_report(comp: Comparison, images: list[Path], out_path: Path, risk: lis
     header, rows = accuracy_table(comp)
     parts.append("<h2>Test accuracy (%) by budget (fraction of the full cost)</h2>")
     parts.append(_table(header, rows, left=3))
+    if comp.group_stats:
+        parts.append("<h2>Seeds: test accuracy (%) over each group's seeds, mean [95 % CI]</h2>")
+        parts.append("<p>Runs whose configs differ only in their seed form a group. "
+                     + (f"Rows marked “- {html.escape(comp.baseline)}” give each group's paired difference to that "
+                        "baseline, by seed, in points: mean [95 % t interval], the t-test's p and the exact sign-flip "
+                        f"test's; where the interval holds 0 the study shows {NO_DIFFERENCE}, and says how large an "
+                        "effect it could have seen (80 % power)." if comp.baseline else
+                        "Name a baseline (compare.baseline=&lt;group&gt;) for paired differences to it.")
+                     + f" A group of one seed has “{NO_SPREAD}”: it says nothing about the spread.</p>")
+        parts.append(_table(*seed_table(comp), left=4))
     if risk:
         parts.append("<h2>Risk control: realised test risk and cost saved at each ε</h2>")
         parts.append("<p>Learn then Test certifies that the loss against the final exit is at most ε with probability "

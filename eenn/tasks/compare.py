@@ -12,16 +12,29 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from eenn.errors import EENNError
-from eenn.evaluation.compare import Comparison, Model, distinguish, fit_row, policy_label, risk_points, write_csv
+from eenn.evaluation.compare import (
+    Comparison,
+    Model,
+    distinguish,
+    fit_row,
+    flatten,
+    group_seeds,
+    policy_label,
+    risk_points,
+    seed_statistics,
+    write_csv,
+    write_group_csv,
+)
 from eenn.evaluation.plots import (
     plot_accuracy_vs_cost,
     plot_confusions,
     plot_exit_distributions,
     plot_reliability,
     plot_risk_curves,
+    plot_seed_groups,
     save_png,
 )
-from eenn.evaluation.report import accuracy_table, write_report
+from eenn.evaluation.report import accuracy_table, seed_table, write_report
 from eenn.rundir import CompareRun, FitRun, Stage1Run, fit_runs
 from eenn.utils.loggers import start_wandb_run
 
@@ -29,12 +42,15 @@ log = logging.getLogger("eenn.compare")
 
 
 def load_model(run: Stage1Run) -> Model:
-    """A stage-1 run's model: its name, training and saved predictions."""
-    return Model(run.name, run.path, run.training(), run.predictions("test"), run.predictions("val"))
+    """A stage-1 run's model: its name, training, saved predictions and resolved config (which
+    groups it with the runs that differ from it only in their seed)."""
+    config = flatten(OmegaConf.to_container(run.config())) if run.has_config() else {}
+    return Model(run.name, run.path, run.training(), run.predictions("test"), run.predictions("val"), config)
 
 
-def collect(sweeps: Sequence[str | Path], runs: Sequence[str | Path] = ()) -> Comparison:
-    """Read stage-2 run/sweep dirs and the stage-1 runs they came from (plus any ``runs`` given)."""
+def collect(sweeps: Sequence[str | Path], runs: Sequence[str | Path] = (), baseline: str | None = None) -> Comparison:
+    """Read stage-2 run/sweep dirs and the stage-1 runs they came from (plus any ``runs`` given);
+    group the models by seed, with ``baseline`` the group the others are paired with."""
     comp = Comparison()
     for r in runs:
         m = load_model(Stage1Run(r))
@@ -54,6 +70,8 @@ def collect(sweeps: Sequence[str | Path], runs: Sequence[str | Path] = ()) -> Co
     if not comp.rows:
         why = f" ({comp.failures[0]['run']}: {comp.failures[0]['reason']})" if comp.failures else ""
         raise EENNError(f"sweeps={[str(s) for s in sweeps]} hold no finished eenn-fit run{why}.")
+    group_seeds(comp)
+    seed_statistics(comp, baseline)
     return comp
 
 
@@ -77,12 +95,14 @@ def add_fit(comp: Comparison, job: FitRun) -> None:
 def compare(
     sweeps: Sequence[str | Path], runs: Sequence[str | Path], out_dir: str | Path,
     wandb_cfg: Mapping[str, Any] | None = None, group: str | None = None, force: bool = False,
+    baseline: str | None = None,
 ) -> Comparison:
     """Compare the fits of ``sweeps`` into ``out_dir``; ``wandb_cfg`` is the ``wandb:`` config every
     app shares (None: no wandb run), ``group`` the wandb group when it names none; ``force``
-    overwrites an earlier comparison there."""
+    overwrites an earlier comparison there; ``baseline`` (``compare.baseline``) names the seed
+    group every other one gets a paired difference to."""
     out = CompareRun(out_dir)
-    comp = collect(sweeps, runs)
+    comp = collect(sweeps, runs, baseline)
     with out.claimed(force=force):
         if not out.has_config():  # made in-process (eenn-pipeline's): the dir still says whose it is
             out.write_config(OmegaConf.create({"task_name": CompareRun.APP, "sweeps": [str(s) for s in sweeps],
@@ -95,9 +115,10 @@ def _write(comp: Comparison, out: CompareRun, wandb_cfg: Mapping[str, Any] | Non
     for f in comp.failures:
         log.warning("missing or failed run %s: %s", f["run"], f["reason"])
     write_csv(comp, out.results_file)
+    write_group_csv(comp, out.group_results_file)
     risk = risk_points(comp)
-    figures = [*plot_accuracy_vs_cost(comp), *plot_exit_distributions(comp), *plot_confusions(comp),
-               *plot_reliability(comp), *plot_risk_curves(risk)]
+    figures = [*plot_accuracy_vs_cost(comp), *plot_seed_groups(comp), *plot_exit_distributions(comp),
+               *plot_confusions(comp), *plot_reliability(comp), *plot_risk_curves(risk)]
     images = [save_png(fig, out.figure_file(name)) for name, fig in figures]
     write_report(comp, images, out.report_file, risk)
     if isinstance(wandb_cfg, DictConfig):
@@ -140,6 +161,8 @@ def log_to_wandb(run: Any, comp: Comparison, images: list[Path]) -> None:
                     xs=xs, ys=ys, keys=keys, title=f"{model.name}: test accuracy vs average cost", xname="average cost")})
         header, rows = accuracy_table(comp)
         run.log({"accuracy_by_budget": wandb.Table(columns=header, data=rows)})
+        header, rows = seed_table(comp)
+        run.log({"seed_groups": wandb.Table(columns=header, data=rows)})
         run.log({p.stem: wandb.Image(str(p)) for p in images})
     finally:
         run.finish()

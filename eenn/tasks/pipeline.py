@@ -169,7 +169,8 @@ def _run_pipeline(cfg: DictConfig, pipe: PipelineRun) -> Comparison:
 
     # --- compare -------------------------------------------------------------------------------
     console.rule("[bold]compare")
-    comp = compare([pipe.fit_dir], [pipe.train.path], pipe.compare.path, cfg.wandb, group=pipe.name, force=True)
+    comp = compare([pipe.fit_dir], [pipe.train.path], pipe.compare.path, cfg.wandb, group=pipe.name, force=True,
+                   baseline=cfg.compare.baseline)
     print_results(comp, console)
     console.print(f"\nreport: [bold]{escape(str(pipe.compare.report_file.resolve()))}[/bold]")  # a path may hold [...]
     if failed:

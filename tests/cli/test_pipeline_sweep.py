@@ -40,3 +40,21 @@ def test_a_sweep_of_pipelines_fits_and_compares_every_job(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "cmp" / "results.csv")))
     assert len(rows) == 6 and {r["model"].split(",seed=")[1][0] for r in rows} == {"0", "1"}
+
+
+@pytest.mark.slow
+def test_the_readme_seeded_comparison_two_trainings_three_seeds_one_compare(tmp_path):
+    res = _run("pipeline", ["-m", "data=digits", "training=joint,bilevel", "seed=0,1,2", "trainer.max_epochs=2",
+                            "pipeline.policies=[maxprob]", "pipeline.num_budgets=3", "logger=csv", "wandb.mode=disabled"],
+               tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "pipeline" / "multirun").iterdir()
+    res = _run("compare", [override("sweeps", [sweep]), "compare.baseline=joint", override("hydra.run.dir", tmp_path / "cmp"),
+                           "wandb.mode=disabled"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    groups = list(csv.DictReader(open(tmp_path / "cmp" / "results_by_group.csv")))
+    assert {g["group"] for g in groups} == {"joint", "bilevel"} and {g["n"] for g in groups} == {"3"}
+    bilevel = [g for g in groups if g["group"] == "bilevel"]
+    assert len(bilevel) == 3 and all(g["baseline"] == "joint" and g["diff_n"] == "3" and g["verdict"] for g in bilevel)
+    assert (tmp_path / "cmp" / "seed_groups_flops.png").is_file()
+    assert "paired difference" in (tmp_path / "cmp" / "report.html").read_text()
