@@ -103,7 +103,7 @@ def plot_seed_groups(comp: Comparison) -> list[tuple[str, Figure]]:
         for (group, policy), pts in sorted(curves.items()):
             pts.sort(key=lambda g: g.requested_fraction)
             n = sorted({g.accuracy.n for g in pts})
-            tag = "1 seed: no spread" if n == [1] else f"n={'/'.join(map(str, n))}"
+            tag = "1 seed: no spread" if n == [1] else f"{'/'.join(map(str, n))} seeds"
             x = [g.mean_test_avg_cost / div for g in pts]
             line, = axes[0].plot(x, [100 * g.accuracy.mean for g in pts], marker="o", label=f"{group} · {policy} ({tag})")
             band = [(g.accuracy.ci_low, g.accuracy.ci_high) for g in pts]

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from eenn.errors import EENNError
 from eenn.evaluation.compare import (
+    CSV_COLUMNS,
     Comparison,
     Model,
     distinguish,
@@ -145,8 +146,9 @@ def log_to_wandb(run: Any, comp: Comparison, images: list[Path]) -> None:
     import wandb  # only here: importing wandb takes seconds, and most comparisons log nowhere
 
     try:
-        columns = list(comp.rows[0]) if comp.rows else []
-        run.log({"results": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in comp.rows])})
+        # wandb types a column by its first value: a blank is None, never ""
+        data = [[None if r.get(c, "") == "" else r[c] for c in CSV_COLUMNS] for r in comp.rows]
+        run.log({"results": wandb.Table(columns=CSV_COLUMNS, data=data)})
         for model in comp.models.values():
             series = sorted({(policy_label(r), r["cost_unit"]) for r in comp.rows if r["model"] == model.name})
             xs, ys, keys = [], [], []

@@ -1,5 +1,5 @@
 """Which code made a result: eenn's version and, for a git checkout, its commit and whether the
-working tree had uncommitted changes (recorded in every training run's metrics.json, so that a
+working tree had uncommitted changes (recorded in every training run's metrics, so that a
 benchmark can say which commit each of its runs trained on)."""
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def test_shared_cifar10_small_with_deex_binary_subset():
         ({"name": "digits", "classes": []}, "data.classes is an empty list"),
         ({"name": "digits", "classes": [3, 11]}, "data.classes: 11 is not a class"),
         ({"name": "digits", "val_size": 5000}, "data.val_size=5000"),
-        ({"name": "mnist"}, "data.name='mnist' is not a known dataset; valid: cifar10, cifar100, digits"),
+        ({"name": "mnist"}, "data.name='mnist' is not a known dataset; valid: cifar10, cifar100, cifar10_jpeg, digits"),
         ({"name": "imagefolder", "root": "/nonexistent"}, "must hold train/"),
     ],
 )
