@@ -4,6 +4,11 @@ and the expected calibration error and reliability diagram that measure it.
 Temperature scaling divides exit k's logits by one scalar T_k > 0 fitted to minimise the
 negative log-likelihood on validation; it never changes a prediction (argmax), only the
 confidence the policies read.
+
+Fitted on the data a policy is then calibrated on, the temperatures make the policy's candidate
+rules depend on that data. A policy that certifies a risk (Learn then Test) needs rules fixed
+before its calibration data is seen, so :func:`temperature_split` gives the temperatures a part
+of validation of their own.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 
 import torch
 
+from eenn.errors import EENNError
 from eenn.predictions import Predictions
 
 #: the search range of log T: T from 1/400 to 400, far beyond what any trained exit needs
@@ -36,6 +42,22 @@ def fit_temperatures(preds: Predictions) -> torch.Tensor:
                               method="bounded", options={"xatol": 1e-4})
         temps.append(math.exp(float(res.x)))
     return torch.tensor(temps, dtype=torch.float32)
+
+
+def temperature_split(preds: Predictions, fraction: float, seed: int) -> tuple[Predictions, Predictions, dict[str, Any]]:
+    """A random ``fraction`` of ``preds``'s rows for fitting the temperatures and the disjoint rest
+    for calibrating the policy, drawn from ``seed`` (the same rows for the same N, fraction and
+    seed), with a record of the split for metrics.json."""
+    n = preds.num_samples
+    n_temp = round(fraction * n)
+    if not 0 < n_temp < n:
+        raise EENNError(f"calibrate_split={fraction} leaves one part of the {n} validation samples empty; "
+                        f"it must keep at least one sample for the temperatures and one for the policy.")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    # rows kept in file order within each part: the policy then sees its samples as the file holds them
+    temp_rows, cal_rows = perm[:n_temp].sort().values, perm[n_temp:].sort().values
+    info = {"temperature_fraction": fraction, "seed": seed, "temperature_samples": n_temp, "calibration_samples": n - n_temp}
+    return preds.select(temp_rows), preds.select(cal_rows), info
 
 
 def reliability(logits: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> dict[str, list[float]]:
