@@ -44,19 +44,25 @@ def fit_temperatures(preds: Predictions) -> torch.Tensor:
     return torch.tensor(temps, dtype=torch.float32)
 
 
-def temperature_split(preds: Predictions, fraction: float, seed: int) -> tuple[Predictions, Predictions, dict[str, Any]]:
-    """A random ``fraction`` of ``preds``'s rows for fitting the temperatures and the disjoint rest
-    for calibrating the policy, drawn from ``seed`` (the same rows for the same N, fraction and
-    seed), with a record of the split for metrics.json."""
-    n = preds.num_samples
+def temperature_rows(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint random rows of ``n`` samples: ``round(fraction n)`` for fitting the temperatures,
+    the rest for calibrating the policy, drawn from ``seed`` (the same rows for the same n, fraction
+    and seed), each part in ascending order."""
     n_temp = round(fraction * n)
     if not 0 < n_temp < n:
         raise EENNError(f"calibrate_split={fraction} leaves one part of the {n} validation samples empty; "
                         f"it must keep at least one sample for the temperatures and one for the policy.")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    # rows kept in file order within each part: the policy then sees its samples as the file holds them
-    temp_rows, cal_rows = perm[:n_temp].sort().values, perm[n_temp:].sort().values
-    info = {"temperature_fraction": fraction, "seed": seed, "temperature_samples": n_temp, "calibration_samples": n - n_temp}
+    # file order within each part: the policy then sees its samples as the file holds them
+    return perm[:n_temp].sort().values, perm[n_temp:].sort().values
+
+
+def temperature_split(preds: Predictions, fraction: float, seed: int) -> tuple[Predictions, Predictions, dict[str, Any]]:
+    """``preds`` split by :func:`temperature_rows` into the temperatures' part and the policy's,
+    with a record of the split for metrics.json."""
+    temp_rows, cal_rows = temperature_rows(preds.num_samples, fraction, seed)
+    info = {"temperature_fraction": fraction, "seed": seed, "temperature_samples": len(temp_rows),
+            "calibration_samples": len(cal_rows)}
     return preds.select(temp_rows), preds.select(cal_rows), info
 
 
