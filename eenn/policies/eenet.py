@@ -92,6 +92,7 @@ class EENetPolicy(ThresholdPolicy):
         seed: int = 0,
         enable_progress_bar: bool = False,
         num_threads: int | None = 1,
+        detach_scores: bool = True,
     ) -> None:
         super().__init__(thresholds=None)
         self.hidden_ratio = _positive(hidden_ratio, "hidden_ratio")
@@ -107,6 +108,9 @@ class EENetPolicy(ThresholdPolicy):
         self.seed = check_number(seed, "policy.seed", 0, integer=True)
         self.enable_progress_bar = bool(enable_progress_bar)
         self.num_threads = None if num_threads is None else _positive(num_threads, "num_threads", integer=True)
+        if not isinstance(detach_scores, bool):
+            raise EENNError(f"policy.detach_scores must be true or false, got {detach_scores!r}.")
+        self.detach_scores = detach_scores
         self.scheduler: EENetScheduler | None = None
         self.exit_distribution: torch.Tensor | None = None  # h's p_k on validation, before the budget tilt
 
@@ -174,7 +178,8 @@ class EENetPolicy(ThresholdPolicy):
         correct = (preds == val.labels[:, None]).float()
         with torch.random.fork_rng(devices=[]):  # h's init is seeded without touching the global RNG
             torch.manual_seed(self.seed)
-            self.scheduler = EENetScheduler(K, C, self.hidden_ratio, self.beta_h, self.alpha_cost, self.lr)
+            self.scheduler = EENetScheduler(K, C, self.hidden_ratio, self.beta_h, self.alpha_cost, self.lr,
+                                            self.detach_scores)
         self.scheduler.costs, self.scheduler.budget = costs.double(), budget
         batches = Batches(inputs, correct, self.batch_size, self.seed)
         loader = torch.utils.data.DataLoader(batches, batch_size=None)
@@ -238,6 +243,7 @@ class EENetPolicy(ThresholdPolicy):
             "seed": self.seed,
             "enable_progress_bar": self.enable_progress_bar,
             "num_threads": self.num_threads,
+            "detach_scores": self.detach_scores,
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
