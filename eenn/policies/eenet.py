@@ -15,6 +15,15 @@ Training (Algorithm 1, lines 4-6) alternates, one Adam step each per batch:
 
 until the loss has not improved by ``min_delta`` for ``patience`` epochs (or ``max_epochs``).
 
+**The earlier scores enter x_k as constants** (``detach_scores=true``, the default): when g is
+trained, q_0..q_{k-1} reach g_k without their gradient, so exit k's BCE trains g_k alone, as in
+the authors' code (git-disl/EENet, utils/predict_helpers.py: ``score[k_].detach()``); the paper
+does not say. ``detach_scores=false`` (eenn before issue 27) lets the gradient through: exit k's
+BCE then also moves g_0..g_{k-1}, whose own job is exit 0..k-1's correctness. Measured with
+``benchmarks/policy_quality.py --eenet-detach`` (3 scheduler seeds, 5 budgets, paired true - false):
+on digits (ResNet-20, 15 epochs, 360 test images; exits near 99 %) no difference, at most
+-0.09 [-0.49, +0.31] points, all others 0.00.
+
 Departures from the paper, each for a stated reason:
 
 - g starts as the max probability (psi = 1 on that feature, 0 elsewhere): with a default random

@@ -192,6 +192,24 @@ def test_budget_and_lambda_are_checked():
         make_module(joint_warmup_epochs=-2)
 
 
+@pytest.mark.parametrize("unit, base", [("gflops", "flops"), ("gmacs", "macs")])
+def test_an_absolute_cost_unit_weighs_the_losses_in_1e9_units_and_keeps_the_budget_a_fraction(unit, base):
+    relative, absolute = make_module(), make_module(cost_unit=unit, budget=0.6)
+    per_exit = torch.tensor(profile_costs(absolute.network, SHAPE, latency=False).per_exit(base), dtype=torch.float64)
+    torch.testing.assert_close(absolute.exit_costs, (per_exit / 1e9).float())
+    torch.testing.assert_close(absolute.exit_cost_fractions, relative.exit_costs)  # the budget's unit: fractions
+    torch.testing.assert_close(relative.exit_cost_fractions, relative.exit_costs)
+    x, y = torch.randn(8, *SHAPE), torch.randint(0, C, (8,))
+    logits = absolute.network(x)
+    ce = absolute.exit_ce(logits, y)
+    loss, a = absolute.inner_loss(logits, ce)
+    torch.testing.assert_close(loss, ((a + 1) * (ce + absolute.cost_weight * per_exit.float() / 1e9)).sum(1).mean())
+    torch.testing.assert_close(absolute.expected_cost(a), (a * relative.exit_costs).sum(1).mean())
+    with pytest.raises(EENNError, match=r"training.cost_unit='gjoules' is not in the cost profile; measured units: "
+                                        r".* and \['gflops', 'gmacs'\]"):
+        make_module(cost_unit="gjoules")
+
+
 def test_inner_step_moves_only_theta_and_outer_step_only_phi(monkeypatch):
     module = make_module(gater_every=2)
     seen = []
