@@ -104,7 +104,10 @@ def test_a_calibrated_risk_policy_runs_in_the_engine_as_fitted(fitted, tmp_path)
     fit_cfg = _compose("fit", [f"run_dir={run}", "policy=risk", "risk.epsilon=0.2", "risk.loss=disagreement",
                                "calibrate=true", "budget.fraction=1.0"], tmp_path, fit_dir)
     metrics = fit_run(fit_cfg, fit_dir)
-    assert metrics["calibration"]["temperatures"] and metrics["fitted"]["calibration_size"] == metrics["val"]["num_samples"]
+    # the temperatures fitted on a fifth of validation, the rule calibrated on the rest
+    n_val, split = metrics["val"]["num_samples"], metrics["calibration"]["split"]
+    assert metrics["calibration"]["temperatures"] and split["temperature_samples"] == round(0.2 * n_val)
+    assert metrics["fitted"]["calibration_size"] == split["calibration_samples"] == n_val - split["temperature_samples"]
     cfg = _compose("infer", [f"policy_dir={fit_dir}", "batch_size=64", "edge_cloud.enabled=false", "threads=1",
                              "backbone_baseline=false", "timing_repeats=1"], tmp_path, tmp_path / "infer")
     out = infer(cfg, tmp_path / "infer")
