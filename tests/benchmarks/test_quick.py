@@ -15,7 +15,9 @@ import pytest
 from tests.conftest import CIFAR10_SMALL
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "common.py")
+#: scripts whose --quick run a test of their own makes and checks further (tests/benchmarks/test_gpu_check.py)
+CHECKED_ELSEWHERE = {"gpu_check.py"}
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "common.py" and p.name not in CHECKED_ELSEWHERE)
 NEEDS_CIFAR10_SMALL = {"eenet_resnet56_short.py"}
 
 
