@@ -107,9 +107,15 @@ def detach_ablation(run_dir: Path, fractions: list[float], seeds: int, fit_root:
                 print(f"eenet detach_scores={detach:5s} budget {f:.3f} seed {seed}: test acc {100 * acc[-1][-1]:.2f}% "
                       f"at cost {cost[-1][-1]:.3f}", flush=True)
         runs[detach] = {"test_accuracy": acc, "test_cost_fraction": cost}
-    return {**runs, "detached_minus_not_points": [
-        paired_difference([100 * a for a in t], [100 * a for a in f]).as_dict()
-        for t, f in zip(runs["true"]["test_accuracy"], runs["false"]["test_accuracy"])]}
+    return {**runs, "detached_minus_not_points": detach_differences(runs["true"]["test_accuracy"],
+                                                                    runs["false"]["test_accuracy"])}
+
+
+def detach_differences(detached: list[list[float]], not_detached: list[list[float]]) -> list[dict[str, Any]]:
+    """Per budget, the paired difference detached - not detached of the test accuracies (budget x
+    seed, fractions) in points over the seeds, with its t interval."""
+    return [paired_difference([100 * a for a in t], [100 * a for a in f]).as_dict()
+            for t, f in zip(detached, not_detached)]
 
 
 def detach_table(result: dict[str, Any]) -> str:
