@@ -22,7 +22,8 @@ NEEDS_CIFAR10_SMALL = {"eenet_resnet56_short.py"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.data) if s in NEEDS_CIFAR10_SMALL else s
+                                    for s in SCRIPTS])
 def test_benchmark_quick_run_writes_its_json(script, tmp_path):
     if script in NEEDS_CIFAR10_SMALL and not CIFAR10_SMALL.is_file():
         pytest.skip(f"{CIFAR10_SMALL} is absent")
