@@ -94,19 +94,19 @@ def detach_ablation(run_dir: Path, fractions: list[float], seeds: int, fit_root:
     accuracy and cost fraction per setting (budget x seed), and per budget the paired difference
     true - false in accuracy points over the seeds."""
     runs: dict[str, dict[str, list[list[float]]]] = {}
-    for detach in ("true", "false"):
+    for detach in (True, False):
         acc, cost = [], []
         for i, f in enumerate(fractions):
             acc.append([])
             cost.append([])
             for seed in range(seeds):
-                m = fit(run_dir, "eenet", f, fit_root / f"eenet_detach_{detach}_{i}_s{seed}",
-                        [*extra, f"policy.detach_scores={detach}", f"policy.seed={seed}"])
+                m = fit(run_dir, "eenet", f, fit_root / f"eenet_detach_{str(detach).lower()}_{i}_s{seed}",
+                        [*extra, override("policy.detach_scores", detach), override("policy.seed", seed)])
                 acc[-1].append(m["test"]["accuracy"])
                 cost[-1].append(m["test"]["avg_cost"] / full_cost)
-                print(f"eenet detach_scores={detach:5s} budget {f:.3f} seed {seed}: test acc {100 * acc[-1][-1]:.2f}% "
+                print(f"eenet detach_scores={str(detach).lower():5s} budget {f:.3f} seed {seed}: test acc {100 * acc[-1][-1]:.2f}% "
                       f"at cost {cost[-1][-1]:.3f}", flush=True)
-        runs[detach] = {"test_accuracy": acc, "test_cost_fraction": cost}
+        runs[str(detach).lower()] = {"test_accuracy": acc, "test_cost_fraction": cost}
     return {**runs, "detached_minus_not_points": detach_differences(runs["true"]["test_accuracy"],
                                                                     runs["false"]["test_accuracy"])}
 

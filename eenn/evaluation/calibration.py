@@ -59,7 +59,7 @@ def temperature_rows(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, 
 
 def temperature_split(preds: Predictions, fraction: float, seed: int) -> tuple[Predictions, Predictions, dict[str, Any]]:
     """``preds`` split by :func:`temperature_rows` into the temperatures' part and the policy's,
-    with a record of the split for metrics.json."""
+    with a record of the split for the fit's metrics."""
     temp_rows, cal_rows = temperature_rows(preds.num_samples, fraction, seed)
     info = {"temperature_fraction": fraction, "seed": seed, "temperature_samples": len(temp_rows),
             "calibration_samples": len(cal_rows)}
