@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install demo test test-all test-slow test-slurm lint bench clean
+.PHONY: help install demo test test-all test-slow test-slurm test-browser lint bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ clean: ## remove outputs and caches (keeps .venv)
 test-slow: $(STAMP) ## only the tests marked slow (subprocess CLI runs, DDP, submitit sweeps)
 	$(BIN)/python -m pytest -m slow
 
+test-browser: $(STAMP) ## the browser test: report.html screenshotted by a headless chromium, which must be installed (it fails, not skips, without one)
+	EENN_REQUIRE_CHROMIUM=1 $(BIN)/python -m pytest -m browser -rs
+
 test-slurm: $(STAMP) ## the cluster tests: sweeps, requeue and 2-task DDP on a one-node Slurm that scripts/local_slurm.sh starts (root: it apt-installs Slurm)
 	$(BIN)/python -m pytest -m slurm
 
@@ -47,7 +50,7 @@ bench: $(STAMP) ## run every benchmark the README quotes, as it quotes it (about
 		--method 'bilevel_normalized=training=bilevel training.normalize_loss=true' \
 		--method 'bilevel_through_a=training=bilevel training.grad_through_gater=true' \
 		--workdir outputs/bench_budget_aware_ablation30 --out benchmarks/results/budget_aware_ablation30.json
-	$(BIN)/python benchmarks/risk_control.py --run-dir outputs/bench_budget_aware/joint_s0 --splits 1000
+	$(BIN)/python benchmarks/risk_control.py --run-dir outputs/bench_budget_aware/joint_s0 --draws 1000
 	$(BIN)/python benchmarks/fit_speed.py
 	$(BIN)/python benchmarks/inference_speed.py --threads 1
 	$(BIN)/python benchmarks/deploy_speed.py

@@ -15,9 +15,17 @@ better than ``maxprob`` at the tightest two.
 
 Writes ``benchmarks/results/policy_quality.json``.
 
+``--eenet-detach`` measures one choice of the EENet scheduler instead (issue 27): the earlier
+exits' scores passed on to g_k as constants (``policy.detach_scores=true``, the authors' code and
+eenn's default) or with their gradient (``false``, eenn before). Both are fitted at the same 5
+budgets with ``--seeds`` scheduler seeds each (``policy.seed``); per budget, the test accuracy and
+cost of each and the paired difference true - false over the seeds, with its t interval. Writes
+``benchmarks/results/eenet_detach.json``.
+
     .venv/bin/python benchmarks/policy_quality.py [--epochs 12] [--backbone resnet20]
     .venv/bin/python benchmarks/policy_quality.py --run-dir <stage-1 run dir>   (skips training)
-    .venv/bin/python benchmarks/policy_quality.py --quick   (digits, 4 batches: a smoke run)
+    .venv/bin/python benchmarks/policy_quality.py --run-dir <stage-1 run dir> --eenet-detach [--seeds 3]
+    .venv/bin/python benchmarks/policy_quality.py --quick [--eenet-detach]   (digits, 4 batches: a smoke run)
 """
 
 from __future__ import annotations
@@ -37,14 +45,17 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import torch  # noqa: E402
 from common import add_output_args, compose_cfg, output_path  # noqa: E402
 
+from eenn.evaluation.stats import paired_difference  # noqa: E402
 from eenn.rundir import Stage1Run  # noqa: E402
 from eenn.tasks.fit import fit_run  # noqa: E402
 from eenn.tasks.train import train  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
 from eenn.utils.overrides import override  # noqa: E402
+from eenn.utils.provenance import code_version  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "policy_quality.json"
+OUT_DETACH = REPO / "benchmarks" / "results" / "eenet_detach.json"
 CIFAR10_SMALL = Path(os.environ.get("EENN_SHARED", REPO.parent / "shared")) / "datasets" / "cifar10_small.npz"
 POLICIES = ("maxprob", "entropy", "patience", "eenet", "oracle_budget")
 #: the acceptance: eenet may trail maxprob by at most this many points, and must lead at the tightest two budgets
@@ -77,6 +88,52 @@ def acceptance(acc: dict[str, list[float]]) -> dict[str, Any]:
                          f"tightest {TIGHTEST}"}
 
 
+def detach_ablation(run_dir: Path, fractions: list[float], seeds: int, fit_root: Path, extra: list[str],
+                    full_cost: float) -> dict[str, Any]:
+    """EENet fitted with detach_scores true and false at each budget and scheduler seed: test
+    accuracy and cost fraction per setting (budget x seed), and per budget the paired difference
+    true - false in accuracy points over the seeds."""
+    runs: dict[str, dict[str, list[list[float]]]] = {}
+    for detach in (True, False):
+        acc, cost = [], []
+        for i, f in enumerate(fractions):
+            acc.append([])
+            cost.append([])
+            for seed in range(seeds):
+                m = fit(run_dir, "eenet", f, fit_root / f"eenet_detach_{str(detach).lower()}_{i}_s{seed}",
+                        [*extra, override("policy.detach_scores", detach), override("policy.seed", seed)])
+                acc[-1].append(m["test"]["accuracy"])
+                cost[-1].append(m["test"]["avg_cost"] / full_cost)
+                print(f"eenet detach_scores={str(detach).lower():5s} budget {f:.3f} seed {seed}: test acc {100 * acc[-1][-1]:.2f}% "
+                      f"at cost {cost[-1][-1]:.3f}", flush=True)
+        runs[str(detach).lower()] = {"test_accuracy": acc, "test_cost_fraction": cost}
+    return {**runs, "detached_minus_not_points": detach_differences(runs["true"]["test_accuracy"],
+                                                                    runs["false"]["test_accuracy"])}
+
+
+def detach_differences(detached: list[list[float]], not_detached: list[list[float]]) -> list[dict[str, Any]]:
+    """Per budget, the paired difference detached - not detached of the test accuracies (budget x
+    seed, fractions) in points over the seeds, with its t interval."""
+    return [paired_difference([100 * a for a in t], [100 * a for a in f]).as_dict()
+            for t, f in zip(detached, not_detached)]
+
+
+def detach_table(result: dict[str, Any]) -> str:
+    """A Markdown table: per budget, the mean test accuracy (%) and cost of each setting and the
+    paired difference with its interval."""
+    lines = ["| budget | detached (authors) acc % (cost) | with gradient acc % (cost) | detached - with gradient, points [95 % CI] |",
+             "|---:|---:|---:|---|"]
+    for i, f in enumerate(result["budget_fractions"]):
+        cells = []
+        for detach in ("true", "false"):
+            a, c = result[detach]["test_accuracy"][i], result[detach]["test_cost_fraction"][i]
+            cells.append(f"{100 * sum(a) / len(a):.2f} ({sum(c) / len(c):.3f})")
+        d = result["detached_minus_not_points"][i]
+        ci = "" if d["ci_low"] is None else f" [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+        lines.append(f"| {f:.3f} | {cells[0]} | {cells[1]} | {d['mean']:+.2f}{ci} |")
+    return "\n".join(lines)
+
+
 def table(result: dict[str, Any]) -> str:
     """A Markdown table: test accuracy (%) and realised test cost (fraction of full) per budget."""
     fr = result["budget_fractions"]
@@ -101,9 +158,12 @@ def main() -> None:
     parser.add_argument("--fit-overrides", nargs="*", default=[], help="extra eenn-fit overrides for every policy")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (training and fitting)")
     parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_policy_quality")
+    parser.add_argument("--eenet-detach", action="store_true",
+                        help="compare EENet's policy.detach_scores=true and false instead of the policies")
+    parser.add_argument("--seeds", type=int, default=3, help="scheduler seeds per setting (--eenet-detach)")
     add_output_args(parser)
     args = parser.parse_args()
-    out = output_path(args, OUT)
+    out = output_path(args, OUT_DETACH if args.eenet_detach else OUT)
     if args.quick:  # digits, 4 batches of one epoch, fits in the JSON's folder
         args.data, args.epochs, args.workdir = "digits", 1, out.parent
         args.train_overrides = [*args.train_overrides, "trainer.limit_train_batches=4"]
@@ -123,6 +183,22 @@ def main() -> None:
     costs = val.costs_in("flops")
     first = float(costs[0] / costs[-1])
     fractions = [first + (1 - first) * i / 6 for i in range(1, 6)]  # strictly between the first and last exit
+
+    if args.eenet_detach:
+        seeds = 1 if args.quick else args.seeds
+        ablation = detach_ablation(run_dir, fractions, seeds, args.workdir / "fit", args.fit_overrides, float(costs[-1]))
+        result = {
+            "benchmark": "eenet_detach",
+            "command": " ".join([".venv/bin/python", "benchmarks/policy_quality.py", *sys.argv[1:]]),
+            "stage1_run_dir": str(run_dir), "dataset": stage1.get("data"), "backbone": stage1.get("backbone"),
+            "epochs": stage1.get("epochs"), "val_size": int(val.labels.numel()), "test_size": int(test.labels.numel()),
+            "exit_cost_fractions": (costs / costs[-1]).tolist(), "budget_fractions": fractions, "seeds": seeds,
+            "fit_overrides": args.fit_overrides, **ablation, "total_seconds": time.perf_counter() - t0,
+            "code": code_version(),
+        }
+        write_json(out, result)
+        print(detach_table(result), f"\n-> {out}")
+        return
 
     acc: dict[str, list[float]] = {p: [] for p in POLICIES}
     cost: dict[str, list[float]] = {p: [] for p in POLICIES}

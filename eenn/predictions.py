@@ -145,6 +145,12 @@ class Predictions:
             return self
         return dataclasses.replace(self, logits=self.logits / temperature.to(torch.float32)[None, :, None], mapping=None)
 
+    def select(self, rows: torch.Tensor) -> Predictions:
+        """These predictions restricted to ``rows`` (int64 indices, in that order; repeats allowed),
+        the logits copied out of any memory map."""
+        return dataclasses.replace(self, logits=self.logits.index_select(0, rows), labels=self.labels.index_select(0, rows),
+                                   mapping=None)
+
     def accuracy_per_exit(self) -> torch.Tensor:
         return (self.logits.argmax(-1) == self.labels[:, None]).double().mean(0)
 

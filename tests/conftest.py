@@ -39,6 +39,7 @@ def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     return _compose
 
 
+#: with ``pytest.mark.data`` on every test that reads ../shared/datasets (``-m data`` selects them)
 requires_cifar10_small = pytest.mark.skipif(
     not CIFAR10_SMALL.is_file(), reason=f"{CIFAR10_SMALL} is absent (offline datasets live in ../shared)"
 )

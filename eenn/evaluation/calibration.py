@@ -4,6 +4,11 @@ and the expected calibration error and reliability diagram that measure it.
 Temperature scaling divides exit k's logits by one scalar T_k > 0 fitted to minimise the
 negative log-likelihood on validation; it never changes a prediction (argmax), only the
 confidence the policies read.
+
+Fitted on the data a policy is then calibrated on, the temperatures make the policy's candidate
+rules depend on that data. A policy that certifies a risk (Learn then Test) needs rules fixed
+before its calibration data is seen, so :func:`temperature_split` gives the temperatures a part
+of validation of their own.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 
 import torch
 
+from eenn.errors import EENNError
 from eenn.predictions import Predictions
 
 #: the search range of log T: T from 1/400 to 400, far beyond what any trained exit needs
@@ -36,6 +42,28 @@ def fit_temperatures(preds: Predictions) -> torch.Tensor:
                               method="bounded", options={"xatol": 1e-4})
         temps.append(math.exp(float(res.x)))
     return torch.tensor(temps, dtype=torch.float32)
+
+
+def temperature_rows(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint random rows of ``n`` samples: ``round(fraction n)`` for fitting the temperatures,
+    the rest for calibrating the policy, drawn from ``seed`` (the same rows for the same n, fraction
+    and seed), each part in ascending order."""
+    n_temp = round(fraction * n)
+    if not 0 < n_temp < n:
+        raise EENNError(f"calibrate_split={fraction} leaves one part of the {n} validation samples empty; "
+                        f"it must keep at least one sample for the temperatures and one for the policy.")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    # file order within each part: the policy then sees its samples as the file holds them
+    return perm[:n_temp].sort().values, perm[n_temp:].sort().values
+
+
+def temperature_split(preds: Predictions, fraction: float, seed: int) -> tuple[Predictions, Predictions, dict[str, Any]]:
+    """``preds`` split by :func:`temperature_rows` into the temperatures' part and the policy's,
+    with a record of the split for the fit's metrics."""
+    temp_rows, cal_rows = temperature_rows(preds.num_samples, fraction, seed)
+    info = {"temperature_fraction": fraction, "seed": seed, "temperature_samples": len(temp_rows),
+            "calibration_samples": len(cal_rows)}
+    return preds.select(temp_rows), preds.select(cal_rows), info
 
 
 def reliability(logits: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> dict[str, list[float]]:

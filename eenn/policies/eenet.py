@@ -15,6 +15,15 @@ Training (Algorithm 1, lines 4-6) alternates, one Adam step each per batch:
 
 until the loss has not improved by ``min_delta`` for ``patience`` epochs (or ``max_epochs``).
 
+**The earlier scores enter x_k as constants** (``detach_scores=true``, the default): when g is
+trained, q_0..q_{k-1} reach g_k without their gradient, so exit k's BCE trains g_k alone, as in
+the authors' code (git-disl/EENet, utils/predict_helpers.py: ``score[k_].detach()``); the paper
+does not say. ``detach_scores=false`` (eenn before issue 27) lets the gradient through: exit k's
+BCE then also moves g_0..g_{k-1}, whose own job is exit 0..k-1's correctness. Measured with
+``benchmarks/policy_quality.py --eenet-detach`` (3 scheduler seeds, 5 budgets, paired true - false):
+on digits (ResNet-20, 15 epochs, 360 test images; exits near 99 %) no difference, at most
+-0.09 [-0.49, +0.31] points, all others 0.00.
+
 Departures from the paper, each for a stated reason:
 
 - g starts as the max probability (psi = 1 on that feature, 0 elsewhere): with a default random
@@ -92,6 +101,7 @@ class EENetPolicy(ThresholdPolicy):
         seed: int = 0,
         enable_progress_bar: bool = False,
         num_threads: int | None = 1,
+        detach_scores: bool = True,
     ) -> None:
         super().__init__(thresholds=None)
         self.hidden_ratio = _positive(hidden_ratio, "hidden_ratio")
@@ -107,6 +117,9 @@ class EENetPolicy(ThresholdPolicy):
         self.seed = check_number(seed, "policy.seed", 0, integer=True)
         self.enable_progress_bar = bool(enable_progress_bar)
         self.num_threads = None if num_threads is None else _positive(num_threads, "num_threads", integer=True)
+        if not isinstance(detach_scores, bool):
+            raise EENNError(f"policy.detach_scores must be true or false, got {detach_scores!r}.")
+        self.detach_scores = detach_scores
         self.scheduler: EENetScheduler | None = None
         self.exit_distribution: torch.Tensor | None = None  # h's p_k on validation, before the budget tilt
 
@@ -174,7 +187,8 @@ class EENetPolicy(ThresholdPolicy):
         correct = (preds == val.labels[:, None]).float()
         with torch.random.fork_rng(devices=[]):  # h's init is seeded without touching the global RNG
             torch.manual_seed(self.seed)
-            self.scheduler = EENetScheduler(K, C, self.hidden_ratio, self.beta_h, self.alpha_cost, self.lr)
+            self.scheduler = EENetScheduler(K, C, self.hidden_ratio, self.beta_h, self.alpha_cost, self.lr,
+                                            self.detach_scores)
         self.scheduler.costs, self.scheduler.budget = costs.double(), budget
         batches = Batches(inputs, correct, self.batch_size, self.seed)
         loader = torch.utils.data.DataLoader(batches, batch_size=None)
@@ -238,6 +252,7 @@ class EENetPolicy(ThresholdPolicy):
             "seed": self.seed,
             "enable_progress_bar": self.enable_progress_bar,
             "num_threads": self.num_threads,
+            "detach_scores": self.detach_scores,
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -26,10 +26,12 @@ class EENetScheduler(L.LightningModule):
         beta_h: float = 1.0,
         alpha_cost: float = 10.0,
         lr: float = 1e-2,
+        detach_scores: bool = True,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False  # g and h are optimised alternately
         self.num_exits, self.beta_h, self.alpha_cost, self.lr = num_exits, beta_h, alpha_cost, lr
+        self.detach_scores = detach_scores
         dims = [num_classes + 3 + k for k in range(num_exits)]
         self.g = nn.ModuleList(nn.Linear(d, 1) for d in dims)
         self.h = nn.ModuleList(
@@ -57,10 +59,13 @@ class EENetScheduler(L.LightningModule):
         return out + self.g[k].bias[0]
 
     def scores(self, inputs: torch.Tensor) -> torch.Tensor:
-        """``inputs`` (B, K, C + 3) -> exit scores q (B, K), each exit seeing the earlier ones."""
+        """``inputs`` (B, K, C + 3) -> exit scores q (B, K), each exit seeing the earlier ones;
+        with ``detach_scores`` (the authors' code) as constants, so exit k's BCE trains g_k alone,
+        else with their gradient, so it trains g_0..g_{k-1} too."""
         q = inputs.new_zeros(len(inputs), 0)
         for k in range(self.num_exits):
-            q = torch.cat([q, self.linear_score(k, inputs[:, k], q).clamp(0.0, 1.0)[:, None]], 1)
+            prev = q.detach() if self.detach_scores else q
+            q = torch.cat([q, self.linear_score(k, inputs[:, k], prev).clamp(0.0, 1.0)[:, None]], 1)
         return q
 
     def assignment_logits(self, inputs: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from eenn.errors import EENNError, is_number
-from eenn.evaluation.calibration import calibration_report, fit_temperatures
+from eenn.evaluation.calibration import calibration_report, fit_temperatures, temperature_split
 from eenn.evaluation.offline import evaluate
 from eenn.policies.base import ExitPolicy, build_policy, check_budget
 from eenn.policies.budget import within_budget
@@ -161,11 +161,39 @@ def fit_run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     policy = build_policy(**policy_cfg)
     if not isinstance(cfg.get("calibrate"), bool):
         raise EENNError(f"calibrate must be true or false, got {cfg.get('calibrate')!r}.")
+    split = cfg.get("calibrate_split")
+    if cfg.calibrate and policy.risk_controlled and not (is_number(split) and 0 < split < 1):
+        raise EENNError(f"calibrate_split must be a number in (0, 1) (the share of validation the temperatures are "
+                        f"fitted on), got {split!r}.")
+    if cfg.calibrate and policy.risk_controlled and not is_number(cfg.get("calibrate_seed"), integer=True):
+        raise EENNError(f"calibrate_seed must be an integer, got {cfg.get('calibrate_seed')!r}.")
     val, test = load_split_predictions(cfg)
     unit = cost_unit(cfg, val)
     budget, warnings = resolve_budget(cfg, policy, val, unit)
     with fit.claimed(force=bool(cfg.get("force"))):
         return _fit(cfg, fit, policy, policy_cfg, val, test, unit, budget, warnings)
+
+
+def calibrate_and_fit(
+    cfg: DictConfig, policy: ExitPolicy, val: Predictions, budget: float, unit: str
+) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
+    """Fit ``policy`` on ``val``, with ``calibrate=true`` on logits scaled by temperatures fitted
+    on validation. A risk-controlled policy gets temperatures fitted on a random
+    ``calibrate_split`` of validation and is calibrated on the rest: fitted on its own calibration
+    data, the temperatures would choose its candidate rules from that data and void the guarantee.
+    Other policies fit both on all of validation. Returns the temperatures (None without
+    calibrate) and the split's record (None without one)."""
+    if not cfg.get("calibrate"):
+        policy.fit(val, budget, unit)
+        return None, None
+    if not policy.risk_controlled:
+        temperature = fit_temperatures(val)
+        policy.fit(val, budget, unit, temperature=temperature)
+        return temperature, None
+    temp_part, cal_part, split = temperature_split(val, float(cfg.calibrate_split), int(cfg.calibrate_seed))
+    temperature = fit_temperatures(temp_part)
+    policy.fit(cal_part, budget, unit, temperature=temperature)
+    return temperature, split
 
 
 def _fit(
@@ -174,9 +202,8 @@ def _fit(
 ) -> dict[str, Any]:
     fit.write_config(cfg)  # first: a crash leaves a dir that says whose it is (force=true then clears it)
     start = time.perf_counter()
-    temperature = fit_temperatures(val) if cfg.get("calibrate") else None
     # before the wandb run: a policy that refuses its settings leaves no run dir
-    policy.fit(val, budget, unit, temperature=temperature)
+    temperature, split = calibrate_and_fit(cfg, policy, val, budget, unit)
     fit_seconds = time.perf_counter() - start
     for w in policy.info.get("warnings", []):  # what fitting found wrong (risk: nothing certified)
         log.warning("%s", w)
@@ -191,7 +218,8 @@ def _fit(
         "stage1": stage1_info(source),
     })
     try:
-        calibration = None if temperature is None else calibration_report(temperature, {"val": val, "test": test})
+        calibration = None if temperature is None else {
+            **calibration_report(temperature, {"val": val, "test": test}), "split": split}
         metrics = _evaluate_and_write(cfg, fit, policy, val, test, unit, budget, fit_seconds, warnings, calibration)
         if run is not None:
             log_fit(run, policy, metrics)

@@ -3,8 +3,21 @@ exits (theta) and the gater (phi, :mod:`eenn.training.gater`) trained together, 
 learns for the budgeted inference it will face: which samples are going to leave early.
 
 Per batch, with CE^k_i exit k's cross-entropy, A^k_i the gater's tempered exit distribution and
-Cost^k exit k's cost from the cost profile divided by the last exit's (the full model with its
-early heads: Cost^K = 1, so lambda is in units of "one full forward pass"):
+Cost^k exit k's cost from the cost profile (``cost_unit``):
+
+- ``flops``, ``macs``, ``params``, ``latency_ms``: divided by the last exit's (the full model with
+  its early heads: Cost^K = 1, so lambda is in units of "one full forward pass");
+- ``gflops``, ``gmacs``: absolute, in 10^9 FLOPs or MACs (lambda in nats per GFLOP).
+
+The paper never states Cost's unit, and the unit sets what a given lambda means: lambda Cost^k
+spreads lambda (Cost^K - Cost^1) nats between the first and the last exit, to weigh against the
+CE by which they differ. With lambda = 2: as a fraction, 1.25 nats on a CIFAR ResNet-20 (exits at
+0.375 / 0.713 / 1), more than that CE gap, so the gater sends every sample to exit 1, and 1.90 nats
+on MSDNet-CIFAR (0.05 to 1); in absolute units on MSDNet-CIFAR, 0.26 nats in GMACs (0.0068 to
+0.1365: the paper's "137M FLOPs" are multiply-adds) and 0.52 in GFLOPs, which the CE gap can
+outweigh. The paper's single lambda = 2 may mean such a unit: ``training=bilevel_paper
+training.cost_unit=gmacs`` runs it so. ``training.budget`` stays a fraction of the last exit's
+cost in every unit.
 
 - inner step on theta, every batch (eq. 4, 10, 11):
   ``L = mean_i sum_k (A^k_i + 1)(CE^k_i + lambda Cost^k)``. The gradient reaches theta through CE
@@ -48,16 +61,36 @@ from eenn.training.joint import MultiExitModule, OptimizerFactory, SchedulerFact
 INTERVALS = ("epoch", "step")
 
 
-def normalised_exit_costs(costs: CostProfile | None, unit: str) -> torch.Tensor:
-    """Cost^k (K,): exit k's cumulative cost over the last exit's, in (0, 1]."""
+#: the units Cost^k is taken in as it is, not as a fraction of the last exit's: (profile unit, scale)
+ABSOLUTE_UNITS = {"gflops": ("flops", 1e-9), "gmacs": ("macs", 1e-9)}
+
+
+def _profile_costs(costs: CostProfile | None, unit: str, key: str) -> torch.Tensor:
+    """Exit k's cumulative cost in the profile's ``unit`` (K,), float64; ``key`` is the setting
+    (``training.cost_unit=...``) that asked, for the error."""
     if costs is None:
         raise EENNError("training=bilevel needs the network's cost profile (cost_profile=...; eenn-train passes it).")
     if unit not in costs.units or any(getattr(e, unit) is None for e in costs.exits):
         measured = [u for u in costs.units if all(getattr(e, u) is not None for e in costs.exits)]
-        raise EENNError(f"training.cost_unit={unit!r} is not in the cost profile; measured units: {measured} "
-                        "(latency_ms needs cost.latency=true).")
-    c = torch.tensor(costs.per_exit(unit), dtype=torch.float32)
-    return c / c[-1]
+        raise EENNError(f"training.cost_unit={key!r} is not in the cost profile; measured units: {measured} "
+                        f"and {sorted(ABSOLUTE_UNITS)} (latency_ms needs cost.latency=true).")
+    return torch.tensor(costs.per_exit(unit), dtype=torch.float64)
+
+
+def normalised_exit_costs(costs: CostProfile | None, unit: str) -> torch.Tensor:
+    """Exit k's cumulative cost over the last exit's (K,), in (0, 1]; ``unit`` a profile unit or
+    an absolute one (:data:`ABSOLUTE_UNITS`, whose fraction is its profile unit's)."""
+    c = _profile_costs(costs, ABSOLUTE_UNITS.get(unit, (unit,))[0], unit)
+    return (c / c[-1]).float()
+
+
+def loss_exit_costs(costs: CostProfile | None, unit: str) -> torch.Tensor:
+    """Cost^k (K,) as the losses weigh it: :func:`normalised_exit_costs`, or for an absolute unit
+    (``gflops``, ``gmacs``) the cost itself in 10^9 FLOPs or MACs."""
+    if unit not in ABSOLUTE_UNITS:
+        return normalised_exit_costs(costs, unit)
+    base, scale = ABSOLUTE_UNITS[unit]
+    return (_profile_costs(costs, base, unit) * scale).float()
 
 
 def _swap_ema_entries(state_dict: dict[str, Any]) -> None:
@@ -143,10 +176,12 @@ class BilevelTraining(MultiExitModule):
             raise EENNError(f"training.budget_penalty must be >= 0, got {budget_penalty!r}.")
 
         self.gater = Gater(network.num_exits, features, gater_hidden, gater_shared)
-        self.register_buffer("exit_costs", normalised_exit_costs(cost_profile, cost_unit), persistent=False)
-        if budget is not None and not float(self.exit_costs[0]) < budget <= 1:
+        # Cost^k in the losses' unit, and as fractions of the last exit's (the budget's unit, whatever cost_unit)
+        self.register_buffer("exit_costs", loss_exit_costs(cost_profile, cost_unit), persistent=False)
+        self.register_buffer("exit_cost_fractions", normalised_exit_costs(cost_profile, cost_unit), persistent=False)
+        if budget is not None and not float(self.exit_cost_fractions[0]) < budget <= 1:
             raise EENNError(f"training.budget is a fraction of the last exit's cost above the first exit's "
-                            f"({float(self.exit_costs[0]):.3f}) and at most 1, got {budget!r} (null: a fixed lambda).")
+                            f"({float(self.exit_cost_fractions[0]):.3f}) and at most 1, got {budget!r} (null: a fixed lambda).")
         # lambda: a constant, or (with a budget) the dual variable of eq. 2's cost constraint; checkpointed
         self.register_buffer("cost_weight", torch.tensor(float(cost_weight)))
         self.gater_optimizer_factory = gater_optimizer or partial(torch.optim.Adam, lr=1e-3)
@@ -202,7 +237,16 @@ class BilevelTraining(MultiExitModule):
         training budget B the loss is the augmented Lagrangian: eq. 12 with lambda the multiplier,
         plus ``budget_penalty``/2 (E_A[Cost] - B)^2. The loss is linear in A, so at a fixed lambda
         the gater swings whole batches between exits, and lambda's dual steps chase it round a
-        cycle; the quadratic term pulls the batch's cost to B at every step and damps that."""
+        cycle; the quadratic term pulls the batch's cost to B at every step and damps that.
+
+        E_A[Cost] is the batch's mean m of the samples' expected costs c_i, so over batches the
+        term's expectation is rho/2 ((mu - B)^2 + Var_i(c_i) / n), mu the mean over the data and
+        n the batch size: besides the budget gap it penalises the spread of c_i across samples,
+        i.e. it pulls towards giving every sample the same expected cost, against the per-sample
+        allocation the gater is for. The pull is small: c_i lies in [Cost^1, 1], so
+        Var_i(c_i) <= 1/4 and the term is at most rho / (8 n) (0.02 nats at rho = 10, n = 64),
+        against CE differences between exits of tenths of a nat and more. A penalty on a running
+        mean across batches would avoid it, at the price of a slower pull to B."""
         a = self.exit_distribution(logits.detach())
         loss = ((ce.detach() + self.cost_weight * self.exit_costs) * a).sum(1).mean()
         if self.budget is not None:
@@ -241,7 +285,7 @@ class BilevelTraining(MultiExitModule):
 
     def expected_cost(self, a: torch.Tensor) -> torch.Tensor:
         """The average cost (fraction of the last exit's) if the samples left where A sends them."""
-        return (a * self.exit_costs).sum(1).mean()
+        return (a * self.exit_cost_fractions).sum(1).mean()
 
     def _dual_ascent(self, a: torch.Tensor) -> None:
         """With a training budget B: lambda <- lambda + budget_lr (E_A[Cost] - B), dual ascent on the

@@ -1,5 +1,18 @@
 """Stage 1, joint loss: L = sum_k w_k CE_k + alpha_KL sum_{k<K} tau^2 KL(softmax(z_K/tau) || softmax(z_k/tau))
-(EENet sec. 3.1; BranchyNet's and Distiller's weighted sum when alpha_KL = 0)."""
+(EENet sec. 3.1; BranchyNet's and Distiller's weighted sum when alpha_KL = 0).
+
+The distillation term's settings (``training.kl_*``): ``kl_alpha`` its weight (0: off);
+``kl_tau`` the temperature tau both distributions are softened by (the tau^2 factor keeps its
+gradients' scale as tau changes, as in Hinton et al.); ``kl_reduction``: ``batchmean`` sums the KL
+over the C classes and averages it over the batch (the KL as the paper writes it), ``mean``
+averages over the classes too, i.e. divides by C (``torch.nn.KLDivLoss()``'s default, which the
+EENet authors' train.py uses: per unit alpha, ``batchmean`` is C times stronger); ``kl_start`` the
+fraction of ``trainer.max_epochs`` after which it is on; ``kl_detach_teacher`` whether the final
+exit is a constant target (true) or is pulled towards the early exits too (false, the authors'
+code). The ``eenet_*`` experiments take the authors' code: alpha 0.01, tau 3, ``mean``, on after
+0.75 of the epochs, the teacher not detached (git-disl/EENet train.py). The defaults (tau 1,
+``batchmean``, detached) are the formula's plain KL.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from eenn.cost import CostProfile
 from eenn.errors import EENNError
 from eenn.models.multi_exit import MultiExitNetwork
-from eenn.training.losses import exit_loss_weights, self_distillation_kl
+from eenn.training.losses import KL_REDUCTIONS, exit_loss_weights, self_distillation_kl
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -127,6 +140,7 @@ class JointTraining(MultiExitModule):
         kl_tau: float = 1.0,
         kl_start: float = 0.75,
         kl_detach_teacher: bool = True,
+        kl_reduction: str = "batchmean",
         warmup_epochs: int = 0,
         label_smoothing: float = 0.0,
         mixup_alpha: float = 0.0,
@@ -139,6 +153,9 @@ class JointTraining(MultiExitModule):
         self.set_mixup(mixup_alpha, cutmix_alpha, label_smoothing, num_classes)
         self.register_buffer("loss_weights", exit_loss_weights(loss_weights, network.num_exits), persistent=False)
         self.kl_alpha, self.kl_tau, self.kl_start, self.kl_detach_teacher = kl_alpha, kl_tau, kl_start, kl_detach_teacher
+        if kl_reduction not in KL_REDUCTIONS:
+            raise EENNError(f"training.kl_reduction must be one of {KL_REDUCTIONS}, got {kl_reduction!r}.")
+        self.kl_reduction = kl_reduction
         self.warmup_epochs, self.label_smoothing = warmup_epochs, label_smoothing
 
     def current_weights(self) -> torch.Tensor:
@@ -164,7 +181,7 @@ class JointTraining(MultiExitModule):
         total = (self.current_weights() * ce).sum()
         kl = logits.new_zeros(())
         if self.kl_active():
-            kl = self_distillation_kl(logits, self.kl_tau, self.kl_detach_teacher)
+            kl = self_distillation_kl(logits, self.kl_tau, self.kl_detach_teacher, self.kl_reduction)
             total = total + self.kl_alpha * kl
         return total, ce, kl
 

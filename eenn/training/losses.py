@@ -34,16 +34,28 @@ def exit_loss_weights(spec: str | Sequence[float], num_exits: int) -> torch.Tens
     return torch.tensor(w)
 
 
-def self_distillation_kl(logits: torch.Tensor, tau: float, detach_teacher: bool = True) -> torch.Tensor:
-    """sum_{k<K} tau^2 KL(softmax(z_K/tau) || softmax(z_k/tau)), averaged over the batch.
+#: how the KL is reduced over classes and batch: ``batchmean`` sums over classes and averages over
+#: the batch (the KL itself, as EENet's sec. 3.1 writes it); ``mean`` averages over classes too (it
+#: is ``batchmean`` / C), what ``torch.nn.KLDivLoss()``'s default reduction gives and the EENet
+#: authors' train.py uses
+KL_REDUCTIONS = ("batchmean", "mean")
+
+
+def self_distillation_kl(logits: torch.Tensor, tau: float, detach_teacher: bool = True,
+                         reduction: str = "batchmean") -> torch.Tensor:
+    """sum_{k<K} tau^2 KL(softmax(z_K/tau) || softmax(z_k/tau)), averaged over the batch, and with
+    ``reduction="mean"`` over the C classes too (see :data:`KL_REDUCTIONS`).
 
     ``logits``: (B, K, C). The last exit is the teacher; detaching it (default) keeps the
     distillation from pulling the final exit towards the weaker early ones.
     """
+    if reduction not in KL_REDUCTIONS:
+        raise EENNError(f"training.kl_reduction must be one of {KL_REDUCTIONS}, got {reduction!r}.")
     teacher = logits[:, -1]
     if detach_teacher:
         teacher = teacher.detach()
     log_p_teacher = F.log_softmax(teacher / tau, dim=-1)  # (B, C)
     log_p_students = F.log_softmax(logits[:, :-1] / tau, dim=-1)  # (B, K-1, C)
     kl = (log_p_teacher.exp()[:, None] * (log_p_teacher[:, None] - log_p_students)).sum(-1)  # (B, K-1)
-    return tau**2 * kl.sum(-1).mean()
+    per_class = logits.shape[-1] if reduction == "mean" else 1
+    return tau**2 * kl.sum(-1).mean() / per_class

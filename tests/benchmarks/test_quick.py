@@ -15,12 +15,15 @@ import pytest
 from tests.conftest import CIFAR10_SMALL
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "common.py")
+#: scripts whose --quick run a test of their own makes and checks further (tests/benchmarks/test_gpu_check.py)
+CHECKED_ELSEWHERE = {"gpu_check.py"}
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "common.py" and p.name not in CHECKED_ELSEWHERE)
 NEEDS_CIFAR10_SMALL = {"eenet_resnet56_short.py"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.data) if s in NEEDS_CIFAR10_SMALL else s
+                                    for s in SCRIPTS])
 def test_benchmark_quick_run_writes_its_json(script, tmp_path):
     if script in NEEDS_CIFAR10_SMALL and not CIFAR10_SMALL.is_file():
         pytest.skip(f"{CIFAR10_SMALL} is absent")

@@ -43,6 +43,7 @@ def test_npz_source_and_class_filter(tmp_path):
     assert x.shape[1:] == (3, 16, 16)
 
 
+@pytest.mark.data
 @requires_cifar10_small
 def test_shared_cifar10_small_with_deex_binary_subset():
     dm = EENNDataModule(name="npz", path=str(CIFAR10_SMALL), classes=["cat", "dog"], val_size=2000 // 6)

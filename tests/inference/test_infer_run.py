@@ -64,8 +64,10 @@ def test_infer_runs_the_policy_and_reports_expected_next_to_realised(fitted, tmp
                 "Worst case with overhead", "Edge/cloud"):
         assert row in printed, row
     assert out["run_dir"] == str(run) and out["num_samples"] == 360 and out["policy"]["name"] == "deex"
-    assert out["agreement"]["exit_index"] >= 0.99 and out["agreement"]["predictions"] >= 0.99  # float ties aside
-    assert out["accuracy"]["realised"] == pytest.approx(out["accuracy"]["expected"], abs=0.01)
+    # on the CPU the engine takes every sample's offline exit: a sample could move only through a
+    # score within float error of a threshold, and none lies that close here
+    assert out["agreement"] == {"exit_index": 1.0, "predictions": 1.0}
+    assert out["accuracy"]["realised"] == out["accuracy"]["expected"]
     for kind in ("expected", "realised"):
         r = out["cost_report"][kind]
         assert sum(e["fraction"] for e in r["exits"]) == pytest.approx(1.0)
@@ -104,12 +106,15 @@ def test_a_calibrated_risk_policy_runs_in_the_engine_as_fitted(fitted, tmp_path)
     fit_cfg = _compose("fit", [f"run_dir={run}", "policy=risk", "risk.epsilon=0.2", "risk.loss=disagreement",
                                "calibrate=true", "budget.fraction=1.0"], tmp_path, fit_dir)
     metrics = fit_run(fit_cfg, fit_dir)
-    assert metrics["calibration"]["temperatures"] and metrics["fitted"]["calibration_size"] == metrics["val"]["num_samples"]
+    # the temperatures fitted on a fifth of validation, the rule calibrated on the rest
+    n_val, split = metrics["val"]["num_samples"], metrics["calibration"]["split"]
+    assert metrics["calibration"]["temperatures"] and split["temperature_samples"] == round(0.2 * n_val)
+    assert metrics["fitted"]["calibration_size"] == split["calibration_samples"] == n_val - split["temperature_samples"]
     cfg = _compose("infer", [f"policy_dir={fit_dir}", "batch_size=64", "edge_cloud.enabled=false", "threads=1",
                              "backbone_baseline=false", "timing_repeats=1"], tmp_path, tmp_path / "infer")
     out = infer(cfg, tmp_path / "infer")
     assert out["policy"]["name"] == "risk" and out["policy"]["info"]["threshold"] == metrics["fitted"]["threshold"]
-    assert out["agreement"]["exit_index"] >= 0.99 and out["agreement"]["predictions"] >= 0.99  # float ties aside
+    assert out["agreement"] == {"exit_index": 1.0, "predictions": 1.0}  # on the CPU, every sample (as above)
     assert out["accuracy"]["expected"] == pytest.approx(metrics["test"]["accuracy"])
 
 

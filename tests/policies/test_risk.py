@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from eenn.errors import EENNError
-from eenn.evaluation.calibration import expected_calibration_error, fit_temperatures
+from eenn.evaluation.calibration import expected_calibration_error, fit_temperatures, temperature_split
 from eenn.evaluation.offline import evaluate
 from eenn.inference.engine import EarlyExitEngine, batches_of
 from eenn.policies import ExitPolicy, build_policy
@@ -230,3 +231,86 @@ def test_fit_app_risk_refusal_is_a_warning_in_metrics(run_dir: Path, tmp_path: P
         metrics = fit_run(cfg, tmp_path / "fit")
     assert any("every sample answers at the final exit" in w for w in metrics["warnings"])
     assert metrics["val"]["exit_fractions"] == [0.0, 0.0, 1.0]
+
+
+def _equally_good_early_exits(n: int, early: int, error: float, seed: int) -> Predictions:
+    """A pool where each of ``early`` early exits is wrong on exactly ``error`` of the samples
+    (independently placed) with one same-shaped logit vector, and the final exit is always right.
+    Unscaled, every early exit has the same max probability, so the shared-threshold rules are
+    "all at the final exit" or "all at exit 0". Temperatures fitted by NLL set exit k's max
+    probability to its accuracy on the data they are fitted on, so they order the exits by it."""
+    gen = torch.Generator().manual_seed(seed)
+    classes = 10
+    wrong = torch.zeros(n, early, dtype=torch.bool)
+    for k in range(early):
+        wrong[torch.randperm(n, generator=gen)[:round(error * n)], k] = True
+    pred = torch.where(wrong, torch.randint(1, classes, (n, early), generator=gen), 0)
+    logits = torch.zeros(n, early + 1, classes)
+    logits[:, :early].scatter_(2, pred[..., None], 2.0)
+    logits[:, early, 0] = 8.0
+    return Predictions(logits=logits, labels=torch.zeros(n, dtype=torch.int64),
+                       costs=torch.arange(1.0, early + 2, dtype=torch.float64))
+
+
+def test_temperatures_fitted_on_the_calibration_data_void_the_guarantee_and_the_split_keeps_it() -> None:
+    # every early exit's true (pool) drop risk is 0.102 > ε = 0.1: certifying any of them violates.
+    # Fitted on the calibration draw, the temperatures rank the six exits by their luck on it, and
+    # Learn then Test tests the luckiest first: the best of six tries, not one. Fitted on a
+    # separate part (as eenn-fit does for policy=risk), they fix the order before the test sees
+    # its data. A violation is the chosen rule's risk on the whole pool above ε.
+    from scipy.stats import binom
+
+    pool, eps, delta, draws, n = _equally_good_early_exits(3000, 6, 0.102, seed=0), 0.1, 0.1, 150, 600
+    gen = torch.Generator().manual_seed(1)
+    violations = {"leak": 0, "split": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a refusal warns; here it is an outcome like any other
+        for d in range(draws):
+            cal = pool.select(torch.randint(0, pool.num_samples, (n,), generator=gen))
+            leaky = build_policy("risk", epsilon=eps, delta=delta).fit(cal, None, "flops", temperature=fit_temperatures(cal))
+            temp_part, cal_part, _ = temperature_split(cal, 0.5, seed=d)
+            split = build_policy("risk", epsilon=eps, delta=delta).fit(cal_part, None, "flops",
+                                                                       temperature=fit_temperatures(temp_part))
+            violations["leak"] += evaluate(leaky, pool, "flops")["risk"]["drop"] > eps
+            violations["split"] += evaluate(split, pool, "flops")["risk"]["drop"] > eps
+    # P(a rate >= the observed one | the true rate is δ): tiny for the leak, unremarkable for the split
+    assert binom.sf(violations["leak"] - 1, draws, delta) < 1e-4, violations  # measured: 42 of 150
+    assert binom.sf(violations["split"] - 1, draws, delta) > 0.05, violations  # measured: 9 of 150
+
+
+def test_fit_app_calibrated_risk_fits_its_temperatures_on_a_part_of_validation_of_their_own(
+        run_dir: Path, tmp_path: Path) -> None:
+    cfg = fit_cfg([f"run_dir={run_dir}", "policy=risk", "calibrate=true", "calibrate_split=0.25", "calibrate_seed=3",
+                   "risk.epsilon=0.1", "budget.fraction=1.0"])
+    metrics = fit_run(cfg, tmp_path / "fit")
+    split = metrics["calibration"]["split"]
+    assert split == {"temperature_fraction": 0.25, "seed": 3, "temperature_samples": 150, "calibration_samples": 450}
+    assert metrics["fitted"]["calibration_size"] == 450
+    val = Predictions.load(run_dir / "predictions" / "val.safetensors")
+    temp_part, cal_part, _ = temperature_split(val, 0.25, seed=3)
+    T = fit_temperatures(temp_part)
+    assert metrics["calibration"]["temperatures"] == T.tolist()
+    # the policy is the one calibrated on the other part alone
+    by_hand = build_policy("risk", epsilon=0.1).fit(cal_part, None, "flops", temperature=T)
+    assert metrics["fitted"]["threshold"] == by_hand.info["threshold"]
+    # the two parts are disjoint and cover validation
+    rows = torch.randperm(600, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(temp_part.labels, val.labels[rows[:150].sort().values])
+    assert torch.equal(cal_part.labels, val.labels[rows[150:].sort().values])
+
+
+def test_fit_app_calibrated_maxprob_fits_on_all_of_validation(run_dir: Path, tmp_path: Path) -> None:
+    metrics = fit_run(fit_cfg([f"run_dir={run_dir}", "policy=maxprob", "calibrate=true", "budget.fraction=0.7"]),
+                      tmp_path / "fit")
+    val = Predictions.load(run_dir / "predictions" / "val.safetensors")
+    assert metrics["calibration"]["split"] is None and metrics["calibration"]["temperatures"] == fit_temperatures(val).tolist()
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["calibrate_split=1.0"], r"calibrate_split must be a number in \(0, 1\) \(the share of validation the temperatures"),
+    (["calibrate_split=0.0001"], r"calibrate_split=0.0001 leaves one part of the 600 validation samples empty"),
+    (["calibrate_seed=x"], "calibrate_seed must be an integer, got 'x'"),
+])
+def test_fit_app_bad_calibration_split_is_named(overrides: list[str], match: str, run_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(EENNError, match=match):
+        fit_run(fit_cfg([f"run_dir={run_dir}", "policy=risk", "calibrate=true", *overrides]), tmp_path / "fit")

@@ -20,7 +20,8 @@ def test_switching_tracks_the_target_on_a_shifted_test_set(shift: float, val) ->
     fixed = evaluate(switcher.policies[switcher.closest(target)], test, "flops")
     out = switcher.run(test, target, "flops", batch_size=200)
     assert abs(out["avg_cost"] - target) < 0.5 * abs(fixed["avg_cost"] - target)
-    assert abs(out["avg_cost"] - target) / target < 0.02
+    # the stream meets its average budget (measured: 0.9996 and 0.989 of it), spending nearly all of it
+    assert 0.98 * target <= out["avg_cost"] <= target
     assert out["switches"] >= 1
     assert len(out["policy_per_batch"]) == 20
 

@@ -33,8 +33,8 @@ def make_module(seed: int = 0, **kw) -> BilevelTraining:
     net = make_network(seed)
     kw.setdefault("scheduler", partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=3))
     kw.setdefault("gater_scheduler", partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=3, eta_min=1e-5))
-    return BilevelTraining(net, C, optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
-                           cost_profile=profile_costs(net, SHAPE, latency=False), **kw)
+    kw.setdefault("optimizer", partial(torch.optim.SGD, lr=0.05, momentum=0.9))
+    return BilevelTraining(net, C, cost_profile=profile_costs(net, SHAPE, latency=False), **kw)
 
 
 def loader(batches: int, bs: int = 16) -> DataLoader:
@@ -192,6 +192,24 @@ def test_budget_and_lambda_are_checked():
         make_module(joint_warmup_epochs=-2)
 
 
+@pytest.mark.parametrize("unit, base", [("gflops", "flops"), ("gmacs", "macs")])
+def test_an_absolute_cost_unit_weighs_the_losses_in_1e9_units_and_keeps_the_budget_a_fraction(unit, base):
+    relative, absolute = make_module(), make_module(cost_unit=unit, budget=0.6)
+    per_exit = torch.tensor(profile_costs(absolute.network, SHAPE, latency=False).per_exit(base), dtype=torch.float64)
+    torch.testing.assert_close(absolute.exit_costs, (per_exit / 1e9).float())
+    torch.testing.assert_close(absolute.exit_cost_fractions, relative.exit_costs)  # the budget's unit: fractions
+    torch.testing.assert_close(relative.exit_cost_fractions, relative.exit_costs)
+    x, y = torch.randn(8, *SHAPE), torch.randint(0, C, (8,))
+    logits = absolute.network(x)
+    ce = absolute.exit_ce(logits, y)
+    loss, a = absolute.inner_loss(logits, ce)
+    torch.testing.assert_close(loss, ((a + 1) * (ce + absolute.cost_weight * per_exit.float() / 1e9)).sum(1).mean())
+    torch.testing.assert_close(absolute.expected_cost(a), (a * relative.exit_costs).sum(1).mean())
+    with pytest.raises(EENNError, match=r"training.cost_unit='gjoules' is not in the cost profile; measured units: "
+                                        r".* and \['gflops', 'gmacs'\]"):
+        make_module(cost_unit="gjoules")
+
+
 def test_inner_step_moves_only_theta_and_outer_step_only_phi(monkeypatch):
     module = make_module(gater_every=2)
     seen = []
@@ -318,12 +336,34 @@ def test_ema_weights_are_checkpointed_as_the_network_and_swapped_back_on_resume(
 
 
 # ------------------------------------------------------------------------- configuration
-def test_trainer_level_clipping_and_accumulation_are_refused_and_module_clipping_runs():
+def test_trainer_level_clipping_and_accumulation_are_refused():
     with pytest.raises(EENNError, match="trainer.gradient_clip_val=1.0 .*training.clip_grad_norm"):
         trainer(gradient_clip_val=1.0).fit(make_module(), train_dataloaders=loader(1))
     with pytest.raises(EENNError, match="trainer.accumulate_grad_batches=2"):
         trainer(accumulate_grad_batches=2).fit(make_module(), train_dataloaders=loader(1))
-    trainer().fit(make_module(clip_grad_norm=0.5), train_dataloaders=loader(1))
+
+
+class NormRecordingSGD(torch.optim.SGD):
+    """SGD that records, at each step, the L2 norm of the gradient it is about to apply."""
+
+    norms: list[float] = []
+
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        NormRecordingSGD.norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_module_clipping_bounds_the_norm_of_thetas_step(clip):
+    NormRecordingSGD.norms = []
+    module = make_module(clip_grad_norm=clip, optimizer=partial(NormRecordingSGD, lr=0.05))
+    trainer().fit(module, train_dataloaders=loader(3))
+    assert len(NormRecordingSGD.norms) == 3  # theta's step on each batch (the gater has its own Adam)
+    if clip is None:
+        assert min(NormRecordingSGD.norms) > 1e-2  # unclipped, far above the bound the other case sets
+    else:
+        assert max(NormRecordingSGD.norms) <= clip * (1 + 1e-4)
 
 
 def test_recipe_options_run_together():

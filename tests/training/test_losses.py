@@ -43,3 +43,34 @@ def test_kl_teacher_is_detached_by_default():
     logits.grad = None
     self_distillation_kl(logits, 1.0, detach_teacher=False).backward()
     assert logits.grad[:, -1].abs().sum() > 0
+
+
+def test_kl_mean_reduction_is_the_eenet_authors_kldivloss():
+    # git-disl/EENet train.py: per early exit, nn.KLDivLoss()(log_softmax(z_k / T), softmax(z_K / T)) * T^2
+    torch.manual_seed(1)
+    logits = torch.randn(6, 3, 10)
+    T = 3.0
+    authors = sum(torch.nn.KLDivLoss()(torch.log_softmax(logits[:, k] / T, -1), torch.softmax(logits[:, -1] / T, -1))
+                  * T * T for k in range(2))
+    torch.testing.assert_close(self_distillation_kl(logits, T, reduction="mean"), authors)
+    # the classes averaged too: C times weaker than the KL itself
+    torch.testing.assert_close(self_distillation_kl(logits, T, reduction="mean") * 10, self_distillation_kl(logits, T))
+    with pytest.raises(EENNError, match=r"training.kl_reduction must be one of \('batchmean', 'mean'\), got 'sum'"):
+        self_distillation_kl(logits, T, reduction="sum")
+
+
+def test_the_eenet_experiments_distil_as_the_authors_code(compose_cfg):
+    for name in ("eenet_resnet56_cifar10", "eenet_densenet121_cifar100", "eenet_msdnet35_imagenet"):
+        t = compose_cfg("train", [f"experiment={name}"]).training
+        assert (t.kl_alpha, t.kl_tau, t.kl_reduction, t.kl_start, t.kl_detach_teacher) == (0.01, 3.0, "mean", 0.75, False)
+
+
+def test_a_bad_kl_reduction_is_refused_before_training(compose_cfg):
+    # the KL is switched on late (EENet: after 75 % of the epochs): a typo must not wait for it
+    from eenn.data import EENNDataModule
+    from eenn.tasks.train import build_network
+    from eenn.training.joint import JointTraining
+
+    net = build_network(compose_cfg("train", []), EENNDataModule())
+    with pytest.raises(EENNError, match=r"training.kl_reduction must be one of \('batchmean', 'mean'\), got 'sum'"):
+        JointTraining(net, 10, optimizer=torch.optim.SGD, kl_alpha=0.01, kl_reduction="sum")
