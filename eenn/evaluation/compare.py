@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from eenn.errors import EENNError
+from eenn.evaluation.calibration import temperature_split
 from eenn.evaluation.offline import evaluate
 from eenn.evaluation.stats import NO_SPREAD, Difference, Summary, paired_difference, summarise
 from eenn.policies import ExitPolicy, budget_ceiling, build_policy, policy_class
@@ -189,7 +190,11 @@ def risk_points(comp: Comparison) -> list[dict[str, Any]]:
         if not policy_class(fit["policy"]).risk_controlled or not info.get("certify") or model is None:
             continue
         policy, unit, loss = ExitPolicy.load(fit["policy_file"]), fit["cost_unit"], info["loss"]
-        base = policy.uncertified().fit(model.val, None, unit, temperature=policy.temperature)  # type: ignore[attr-defined]
+        # the baseline sees what the certified rule was calibrated on: with calibrate=true, the part
+        # of validation the temperatures were not fitted on
+        split = (fit.get("calibration") or {}).get("split")
+        val = temperature_split(model.val, split["temperature_fraction"], split["seed"])[1] if split else model.val
+        base = policy.uncertified().fit(val, None, unit, temperature=policy.temperature)  # type: ignore[attr-defined]
         S = evaluate(base, model.test, unit)
         points.append({
             "model": model.name, "loss": loss, "epsilon": info["epsilon"], "delta": info["delta"],
