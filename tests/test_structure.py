@@ -15,7 +15,7 @@ import pytest
 from eenn.policies import POLICIES
 
 EENN = Path(__file__).resolve().parents[1] / "eenn"
-DOMAIN = ("policies", "inference", "evaluation", "models", "deploy")
+DOMAIN = ("policies", "inference", "evaluation", "models", "deploy", "training", "data")
 JOB_LIBRARIES = ("hydra", "omegaconf", "wandb")
 
 
@@ -38,6 +38,13 @@ def _imported(tree: ast.AST) -> set[str]:
 def test_domain_packages_import_no_job_library(package: str) -> None:
     offenders = {str(f.relative_to(EENN)): sorted(_imported(ast.parse(f.read_text())) & set(JOB_LIBRARIES))
                  for f in _modules(package)}
+    assert {f: libs for f, libs in offenders.items() if libs} == {}
+
+
+def test_policies_depend_on_torch_alone() -> None:
+    # a learned scheduler is a plain torch loop, not a Trainer inside a policy
+    offenders = {str(f.relative_to(EENN)): sorted(_imported(ast.parse(f.read_text())) & {"lightning", "pytorch_lightning", *JOB_LIBRARIES})
+                 for f in _modules("policies")}
     assert {f: libs for f, libs in offenders.items() if libs} == {}
 
 

@@ -1,21 +1,23 @@
-"""EENet's scheduler networks as a LightningModule: g_k, h_k and Algorithm 1's alternating
-losses (see :mod:`eenn.policies.eenet` for the formulas). Imported only when an EENet policy is
-fitted or loaded, since importing Lightning takes seconds."""
+"""EENet's scheduler networks: g_k, h_k and Algorithm 1's alternating losses (see
+:mod:`eenn.policies.eenet` for the formulas), trained by a plain torch loop with early stopping:
+a small full-batch optimisation needs no Trainer."""
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterator
 
-import lightning as L
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 BCE_EPS = 1e-4
 PSTAR_EPS = 1e-6
+log = logging.getLogger("eenn.policies.eenet")
 
 
-class EENetScheduler(L.LightningModule):
+class EENetScheduler(nn.Module):
     """g_k and h_k for K exits and C classes, trained by Algorithm 1's alternating losses."""
 
     def __init__(
@@ -29,7 +31,6 @@ class EENetScheduler(L.LightningModule):
         detach_scores: bool = True,
     ) -> None:
         super().__init__()
-        self.automatic_optimization = False  # g and h are optimised alternately
         self.num_exits, self.beta_h, self.alpha_cost, self.lr = num_exits, beta_h, alpha_cost, lr
         self.detach_scores = detach_scores
         dims = [num_classes + 3 + k for k in range(num_exits)]
@@ -103,21 +104,38 @@ class EENetScheduler(L.LightningModule):
         loss_h = kl + self.alpha_cost * (self.budget - spent).abs() / self.budget
         return loss_g, loss_h
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        inputs, correct = batch
-        opt_g, opt_h = self.optimizers()
-        loss_g, _ = self.losses(inputs, correct, "g")
-        opt_g.zero_grad()
-        self.manual_backward(loss_g)
-        opt_g.step()
-        loss_g, loss_h = self.losses(inputs, correct, "h")  # h's step sees the updated g
-        opt_h.zero_grad()
-        self.manual_backward(loss_h)
-        opt_h.step()
-        self.log("loss", (loss_g + loss_h).detach(), on_step=False, on_epoch=True, batch_size=len(inputs))
-
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [torch.optim.Adam(self.g.parameters(), lr=self.lr), torch.optim.Adam(self.h.parameters(), lr=self.lr)]
+    def fit(self, batches: Batches, max_epochs: int, patience: int, min_delta: float, progress: bool = False) -> int:
+        """Algorithm 1, lines 4-6: per batch one Adam step on g, then one on h (which sees the
+        updated g), until the epoch's loss (L_g + L_h after h's step, averaged over the samples)
+        has not fallen below its best minus ``min_delta`` for ``patience`` epochs, or
+        ``max_epochs``; returns the epochs run."""
+        opt_g = torch.optim.Adam(self.g.parameters(), lr=self.lr)
+        opt_h = torch.optim.Adam(self.h.parameters(), lr=self.lr)
+        self.train()
+        best, waited = math.inf, 0
+        for epoch in range(max_epochs):
+            total, count = 0.0, 0
+            for inputs, correct in batches:
+                loss_g, _ = self.losses(inputs, correct, "g")
+                opt_g.zero_grad()
+                loss_g.backward()
+                opt_g.step()
+                loss_g, loss_h = self.losses(inputs, correct, "h")
+                opt_h.zero_grad()
+                loss_h.backward()
+                opt_h.step()
+                total += float((loss_g + loss_h).detach()) * len(inputs)
+                count += len(inputs)
+            loss = total / count
+            if progress and (epoch + 1) % max(1, max_epochs // 10) == 0:
+                log.info("eenet scheduler: epoch %d/%d, loss %.5f", epoch + 1, max_epochs, loss)
+            if loss < best - min_delta:
+                best, waited = loss, 0
+            else:
+                waited += 1
+                if waited >= patience:
+                    return epoch + 1
+        return max_epochs
 
 
 class Batches(torch.utils.data.IterableDataset):
@@ -126,10 +144,6 @@ class Batches(torch.utils.data.IterableDataset):
     def __init__(self, inputs: torch.Tensor, correct: torch.Tensor, batch_size: int | None, seed: int) -> None:
         self.inputs, self.correct, self.batch_size = inputs, correct, batch_size
         self.gen = torch.Generator().manual_seed(seed)
-
-    def drop(self) -> None:
-        """Let go of the data (training is over)."""
-        self.inputs = self.correct = None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.inputs)
