@@ -21,11 +21,14 @@ class Registry(Generic[T]):
         self.config_key = config_key
         self._factories: dict[str, Callable[..., T]] = {}
         self._examples: dict[str, dict[str, Any]] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
         self._namespaces: list[tuple[str, str, Callable[[str], bool], str]] = []
 
-    def register(self, *names: str, example: dict[str, Any] | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(self, *names: str, example: dict[str, Any] | None = None,
+                 **meta: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Make the factory buildable by ``names`` (default: its own name). ``example``: small
-        arguments it builds with, for the contract tests (tests/contracts)."""
+        arguments it builds with, for the contract tests (tests/contracts); ``meta``: what the
+        registry's users need to know of the part before building it (:meth:`meta`)."""
 
         def deco(factory: Callable[..., T]) -> Callable[..., T]:
             for name in names or (factory.__name__,):
@@ -33,6 +36,7 @@ class Registry(Generic[T]):
                     raise RuntimeError(f"{self.kind} {name!r} registered twice")
                 self._factories[name] = factory
                 self._examples[name] = dict(example or {})
+                self._meta[name] = dict(meta)
             return factory
 
         return deco
@@ -74,6 +78,11 @@ class Registry(Generic[T]):
         """The small arguments ``key`` was registered with for tests (empty: its defaults)."""
         self.get(key)
         return dict(self._examples[key])
+
+    def meta(self, key: str) -> dict[str, Any]:
+        """What ``key`` was registered with besides its factory (an exit head: the features it reads)."""
+        self.get(key)
+        return dict(self._meta[key])
 
     def build(self, key: str, /, **kwargs: Any) -> T:
         return self.get(key)(**kwargs)

@@ -1,7 +1,8 @@
 """Exit heads: what turns a stage's features into class logits at an early exit.
 
 Two kinds of features reach an exit: feature maps (B, C, H, W) from CNNs, and channels-last
-tokens, (B, N, D) from ViTs or (B, H, W, D) from Swin. Each head reads one kind (``READS``), and
+tokens, (B, N, D) from ViTs or (B, H, W, D) from Swin. Each head reads one kind (its registry
+metadata ``reads``: ``HEADS.meta(name)["reads"]``), and
 ``exits.head.name: auto`` picks the kind's default (``DEFAULT_HEAD``).
 """
 
@@ -20,17 +21,20 @@ from eenn.models.backbones.base import Tokens
 from eenn.registry import Registry
 
 HEADS: Registry[nn.Module] = Registry("exit head type", "exits.head.name")
-READS: dict[str, str] = {}  # head name -> the features it reads: "maps" or "tokens"
 DEFAULT_HEAD = {"maps": "conv_pool", "tokens": "token"}
 FEATURES = {"maps": "feature maps (B, C, H, W)", "tokens": "tokens (B, N, D)"}
 
 
 def _head(name: str, reads: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        READS[name] = reads
-        return HEADS.register(name)(factory)
+    """Register exit head ``name``, which reads ``maps`` or ``tokens``."""
+    if reads not in FEATURES:
+        raise ValueError(f"a head reads one of {list(FEATURES)}, not {reads!r}")
+    return HEADS.register(name, reads=reads)
 
-    return deco
+
+def reads(name: str) -> str:
+    """The features head ``name`` reads: ``maps`` or ``tokens``."""
+    return str(HEADS.meta(name)["reads"])
 
 
 def _conv_bn_relu(cin: int, cout: int, bn: bool) -> list[nn.Module]:
@@ -119,8 +123,8 @@ def build_head(name: str, in_shape: tuple[int, ...], num_classes: int, tokens: T
     kind = "maps" if tokens is None else "tokens"
     name = DEFAULT_HEAD[kind] if name == "auto" else name
     factory = HEADS.get(name)
-    if READS[name] != kind:
-        fits = ", ".join(n for n in HEADS.names() if READS[n] == kind)
-        raise EENNError(f"exits.head.name={name!r} reads {FEATURES[READS[name]]}, but this backbone's exits get "
+    if reads(name) != kind:
+        fits = ", ".join(n for n in HEADS.names() if reads(n) == kind)
+        raise EENNError(f"exits.head.name={name!r} reads {FEATURES[reads(name)]}, but this backbone's exits get "
                         f"{FEATURES[kind]}; use one of {fits} (or auto).")
     return factory(in_shape=in_shape, num_classes=num_classes, **({} if tokens is None else {"tokens": tokens}), **kwargs)
