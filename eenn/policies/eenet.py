@@ -54,6 +54,7 @@ from eenn.policies.base import State, register
 from eenn.policies.features import entropy_score, probabilities, vote
 from eenn.policies.threshold import ThresholdPolicy
 from eenn.predictions import Predictions
+from eenn.utils.trainer import interruptible_fit
 
 if TYPE_CHECKING:
     from eenn.policies.eenet_scheduler import EENetScheduler
@@ -210,7 +211,7 @@ class EENetPolicy(ThresholdPolicy):
                         )
                     ],
                 )
-                trainer.fit(self.scheduler, loader)
+                interruptible_fit(trainer, self.scheduler, loader)
         finally:
             lightning_log.setLevel(level)
             torch.set_num_threads(threads)

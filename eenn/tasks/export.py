@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from eenn.errors import EENNError, check_number
+from eenn.errors import EENNError, check_flag, check_number
 from eenn.policies.base import ExitPolicy
 from eenn.predictions import SPLITS
 from eenn.rundir import ExportRun
@@ -31,8 +31,8 @@ def check_config(cfg: DictConfig) -> None:
     check_number(cfg.check.rtol, "check.rtol", 0)
     if cfg.check.split not in SPLITS:
         raise EENNError(f"check.split must be 'val' or 'test', got {cfg.check.split!r}.")
-    if not isinstance(cfg.baseline, bool):
-        raise EENNError(f"baseline must be true or false, got {cfg.baseline!r}.")
+    check_flag(cfg.baseline, "baseline")
+    check_flag(cfg.get("force", False), "force")
     missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
     if missing:
         raise EENNError(f"eenn-export needs {', '.join(missing)}: pip install 'eenn[deploy]' (or pip install {' '.join(missing)}).")
@@ -42,7 +42,7 @@ def export(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Export as ``cfg`` (conf/export.yaml) says into ``out_dir``; return the bundle's manifest."""
     check_config(cfg)
     out = ExportRun(out_dir)
-    with out.claimed(force=bool(cfg.get("force"))):
+    with out.claimed(force=cfg.get("force", False)):
         return _export(cfg, out)
 
 
@@ -73,8 +73,8 @@ def _export(cfg: DictConfig, out: ExportRun) -> dict[str, Any]:
     bundle = export_bundle(
         network, policy, run.costs(), batch, out.bundle_dir,
         class_names=dm.class_names, normalisation=getattr(dm, "normalisation", None), source=source,
-        opset=int(cfg.opset), backbone=bool(cfg.baseline), atol=float(cfg.check.atol), rtol=float(cfg.check.rtol),
-        replace=bool(cfg.get("force")),
+        opset=int(cfg.opset), backbone=cfg.baseline, atol=float(cfg.check.atol), rtol=float(cfg.check.rtol),
+        replace=cfg.get("force", False),
     )
     out.write_config(cfg)
     m = bundle.manifest

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from eenn.errors import EENNError, check_number
+from eenn.errors import EENNError, check_flag, check_number
 from eenn.evaluation.compare import Comparison
 from eenn.evaluation.report import accuracy_table
 from eenn.policies import POLICIES, build_policy, policy_class
@@ -120,7 +120,8 @@ def run_pipeline(cfg: DictConfig) -> Comparison:
     list the fits that failed."""
     pipe = PipelineRun(cfg.paths.output_dir)
     check_config(cfg)
-    with pipe.claimed(force=bool(cfg.get("force")), resume=pipe.resumes(cfg)):
+    force = check_flag(cfg.get("force", False), "force")
+    with pipe.claimed(force=force, resume=not force and pipe.resumes(cfg)):
         pipe.write_config(cfg)
         return _run_pipeline(cfg, pipe)
 
