@@ -262,9 +262,9 @@ class RunDir:
     # ------------------------------------------------------------ forced redo
     def settle(self) -> None:
         """Complete what a forced redo killed midway left in this dir (:data:`ASIDE`): the new run
-        stays if it finished, else the old run comes back whole. Nothing where no redo left
-        anything, where a job holds the dir (it settles it itself), or where the dir cannot be
-        written (its claim then refuses it)."""
+        stays if it finished, else the old run comes back whole (a sweep's: job by job). Nothing
+        where no redo left anything, where a job holds the dir (it settles it itself), or where
+        the dir cannot be written (its claim then refuses it)."""
         if not any((self.path / name).exists() for name in REPLACE_DIRS) or self.path.resolve() in _HELD:
             return
         try:
@@ -273,9 +273,18 @@ class RunDir:
             return
         try:
             log.warning("run dir %s holds a forced redo that was stopped midway: settling it", self.path)
-            self._settle()
+            self._settler()._settle()
         finally:
             os.close(fd)
+
+    def _settler(self) -> RunDir:
+        """This dir as the run dir object whose rules settle it, whatever object this is: a sweep's
+        where it holds a multirun's jobs, else that of the app whose run (old or new) it holds."""
+        places = [self.path, *(self.path / name for name in REPLACE_DIRS)]
+        if any((p / "multirun.yaml").is_file() for p in places):
+            return SweepDir(self.path)
+        apps = [RunDir(p).saved_app() for p in places]
+        return next((RUN_TYPES[a](self.path) for a in apps if a in RUN_TYPES), self)
 
     def _set_aside(self, lock_content: bytes) -> None:
         """The first step of a forced redo: every entry but the lock into :data:`ASIDE`, with what
@@ -610,6 +619,7 @@ def fit_runs(path: str | Path) -> list[FitRun]:
     """The fit jobs (finished, failed or unfinished) of a fit run dir itself, a sweep dir of fits,
     a pipeline dir (its ``fit/`` jobs), or a sweep dir of pipelines (each job's fits)."""
     path = Path(path)
+    RunDir(path).settle()
     if RunDir(path).saved_app() == PipelineRun.APP:
         return fit_runs(PipelineRun(path).fit_dir) if PipelineRun(path).fit_dir.is_dir() else []
     run = FitRun(path)
@@ -617,6 +627,7 @@ def fit_runs(path: str | Path) -> list[FitRun]:
         return [run]
     jobs: list[FitRun] = []
     for d in sorted(p for p in path.iterdir() if p.is_dir()):
+        RunDir(d).settle()
         if RunDir(d).saved_app() == PipelineRun.APP:
             jobs += fit_runs(d)
         elif FitRun(d).is_job():

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from eenn.cli.train import expand_resume
 from eenn.utils.overrides import override, quote
-from tests.reliability.test_bad_inputs import TRAIN, run_app
+from tests.reliability.workspace import TRAIN, run_app
 
 #: a sweep job's dir name, and the other characters Hydra's override grammar gives a meaning (not
 #: ``${``: Hydra re-reads its own run dir as a config value, so a run dir cannot hold one)
