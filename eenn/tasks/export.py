@@ -36,6 +36,11 @@ def check_config(cfg: DictConfig) -> None:
     missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
     if missing:
         raise EENNError(f"eenn-export needs {', '.join(missing)}: pip install 'eenn[deploy]' (or pip install {' '.join(missing)}).")
+    import onnx.defs  # only now that it is known to be there
+
+    newest = onnx.defs.onnx_opset_version()
+    if cfg.opset > newest:  # the exporter would fall back to opset 18 graphs behind a manifest saying otherwise
+        raise EENNError(f"opset must be at most {newest}, the newest the installed onnx knows, got {cfg.opset}.")
 
 
 def export(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
@@ -68,7 +73,9 @@ def _export(cfg: DictConfig, out: ExportRun) -> dict[str, Any]:
         if n >= need:
             break
     batch = torch.cat(xs)[:need]
-    source = {"run_dir": str(run.path), "checkpoint": str(run.checkpoint(str(cfg.checkpoint))),
+    checkpoint = run.checkpoint(str(cfg.checkpoint))
+    # the run is known by its checkpoint's bytes too: eenn-infer checks a run_dir given with the bundle
+    source = {"run_dir": str(run.path), "checkpoint": str(checkpoint), "checkpoint_sha256": sha256(checkpoint),
               "policy_file": str(Path(policy_file).resolve()), "policy_sha256": sha256(Path(policy_file))}
     bundle = export_bundle(
         network, policy, run.costs(), batch, out.bundle_dir,

@@ -29,6 +29,16 @@ from eenn.utils.loggers import start_wandb_run
 log = logging.getLogger("eenn")
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Refuse, before the run dir is touched, ``risk.*`` given on the command line with a policy
+    that does not read them (only a policy whose config interpolates ``${risk.*}`` does)."""
+    given = [o for o in cfg.hydra.overrides.task if o.lstrip("+").startswith("risk.")] if "hydra" in cfg else []
+    policy = OmegaConf.to_container(cfg.policy, resolve=False)
+    if given and not any(isinstance(v, str) and "${risk." in v for v in policy.values()):  # type: ignore[union-attr]
+        raise EENNError(f"{given[0]}: the risk.* keys configure policy=risk, and policy={policy.get('name')} reads "  # type: ignore[union-attr]
+                        "none of them; add policy=risk, or leave them out.")
+
+
 def load_split_predictions(cfg: DictConfig) -> tuple[Predictions, Predictions]:
     """Validation and test predictions from ``predictions.val``/``predictions.test`` or else from
     the stage-1 run ``run_dir``."""

@@ -120,6 +120,22 @@ def resolve_run(cfg: DictConfig, default: str | None = None) -> Stage1Run:
     return run
 
 
+def check_bundle_source(bundle: Any, source: dict[str, Any], run: Stage1Run) -> None:
+    """The run whose data and saved predictions the bundle is measured against must be the one it
+    was exported from: its checkpoint of that name has the sha256 the manifest records (a bundle
+    made before the sha256 was recorded: the run's dir is its source run_dir)."""
+    from eenn.deploy.bundle import sha256
+
+    if "checkpoint_sha256" in source:
+        ckpt = run.checkpoint_dir / Path(str(source.get("checkpoint"))).name
+        same = ckpt.is_file() and sha256(ckpt) == source["checkpoint_sha256"]
+    else:
+        same = Path(str(source.get("run_dir"))).resolve() == run.path.resolve()
+    if not same:
+        raise EENNError(f"run_dir={str(run.path)!r} is not the run bundle {str(bundle.path)!r} was exported from "
+                        f"({source.get('run_dir')!r}, by its checkpoint's sha256): give that run, or leave run_dir out.")
+
+
 def load_split(dm: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole split in memory, so that timing measures the network, not the data pipeline."""
     xs, ys = zip(*dm.split_loader(split))
@@ -153,6 +169,8 @@ def _infer(cfg: DictConfig, out_run: InferRun) -> dict[str, Any]:
     run = resolve_run(cfg, source.get("run_dir"))
     dm = run.datamodule(cfg.get("data"))
     dm.setup("test")
+    if bundle is not None:
+        check_bundle_source(bundle, source, run)
     if bundle is not None and source.get("policy_sha256") not in (None, sha256(policy_file)):
         raise EENNError(f"policy file {str(policy_file)!r} is not the one bundle {str(bundle.path)!r} was exported with "
                         "(its sha256 differs from the manifest's source.policy_sha256): give that policy.")

@@ -45,8 +45,24 @@ def _slurm_without_a_controller(ws: Path) -> str:
     return str(bin_dir)
 
 
+def _bundle_with_state(ws: Path, state: list[str]) -> str:
+    manifest = ws / "B" / "bundle" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["policy"]["state"] = state
+    manifest.write_text(json.dumps(m))
+    return str(ws / "B")
+
+
+def _another_run(ws: Path) -> str:
+    """A stage-1 run like {R} but for its checkpoint (another training's)."""
+    shutil.copytree(ws / "R", ws / "R2")
+    best = ws / "R2" / "checkpoints" / "best.ckpt"
+    best.write_bytes(best.read_bytes() + b"\0")
+    return str(ws / "R2")
+
+
 # (case, app, args, fragments of the message, prepare(ws) -> {X}); {R} a finished stage-1 run, {F}
-# a finished fit of it, {N} a new dir
+# a finished fit of it, {B} a finished export of that fit, {N} a new dir
 CASES: list[tuple[str, str, list[str], list[str], Callable[[Path], Any] | None]] = [
     # booleans are true or false
     ("backbone_baseline=maybe", "infer", ["policy_dir={F}", "backbone_baseline=maybe", "hydra.run.dir={N}"],
@@ -113,6 +129,24 @@ CASES: list[tuple[str, str, list[str], list[str], Callable[[Path], Any] | None]]
      ["the config sweeps budget.point: 0,1,2,3,4", "add -m"], None),
     ("a Slurm launcher without -m", "fit", ["run_dir={R}", "hydra/launcher=slurm_cpu", "hydra.run.dir={N}"],
      ["hydra/launcher=slurm_cpu submits the jobs of a multirun to Slurm", "add -m"], None),
+    # bundles
+    ("a manifest whose policy.state names no output", "infer", ["runtime=onnxruntime", "bundle={X}", "hydra.run.dir={N}"],
+     ["'policy.state' names 'nosuch', but segment_0.onnx has no output 'state_out_nosuch'"],
+     lambda ws: _bundle_with_state(ws, ["nosuch"])),
+    ("a bundle measured against another run", "infer", ["runtime=onnxruntime", "bundle={B}", "run_dir={X}",
+                                                        "hydra.run.dir={N}"],
+     ["run_dir='{X}' is not the run bundle", "by its checkpoint's sha256"], _another_run),
+    ("export at opset 99", "export", ["policy_dir={F}", "opset=99", "hydra.run.dir={N}"],
+     ["opset must be at most", "got 99"], None),
+    # keys that would be ignored
+    ("risk.* with maxprob", "fit", ["run_dir={R}", "risk.epsilon=0.1", "hydra.run.dir={N}"],
+     ["risk.epsilon=0.1: the risk.* keys configure policy=risk, and policy=maxprob reads none of them"], None),
+    ("two budgets of one job name", "pipeline", [*TRAIN, "pipeline.budgets=[0.5,0.50004]", "hydra.run.dir={N}"],
+     ["pipeline.budgets 0.5 and 0.50004 would both be the jobs <policy>_0.5000"], None),
+    ("pipeline settings an experiment replaces", "pipeline",
+     ["experiment=vit_cifar10_small_smoke", "debug=smoke", "pipeline.policies=[eenet]", "pipeline.num_budgets=2",
+      "hydra.run.dir={N}"], ["pipeline.policies=[eenet]: experiment=vit_cifar10_small_smoke brings its own stage 2"],
+     None),
     # a sweep refused by Hydra leaves no sweep dir
     ("a sweep with an unknown policy", "fit", ["-m", "run_dir={R}", "policy=nosuch,maxprob", "hydra.sweep.dir={N}"],
      ["Could not find 'policy/nosuch'"], None),
@@ -120,7 +154,7 @@ CASES: list[tuple[str, str, list[str], list[str], Callable[[Path], Any] | None]]
 
 
 @pytest.mark.parametrize(("case", "app", "args", "fragments", "prepare"), CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_sentence_and_changes_nothing(case, app, args, fragments, prepare, made, tmp_path,
+def test_bad_input_is_one_sentence_and_changes_nothing(case, app, args, fragments, prepare, made, exported, tmp_path,
                                                        monkeypatch, capsys):
     monkeypatch.setenv("EENN_ROOT", str(tmp_path))
     monkeypatch.setenv("WANDB_MODE", "disabled")
@@ -128,7 +162,8 @@ def test_bad_input_is_one_sentence_and_changes_nothing(case, app, args, fragment
     ws = tmp_path / "ws"
     shutil.copytree(made["R"], ws / "R")
     shutil.copytree(made["S"] / "0_maxprob", ws / "F")
-    places = {"R": ws / "R", "F": ws / "F", "N": ws / "new"}
+    shutil.copytree(exported, ws / "B")
+    places = {"R": ws / "R", "F": ws / "F", "B": ws / "B", "N": ws / "new"}
     if prepare is not None:
         places["X"] = prepare(ws)
     before = snapshot(ws)
