@@ -44,7 +44,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from eenn.cost import CostProfile
-from eenn.errors import EENNError
+from eenn.errors import EENNError, is_number
 from eenn.models.multi_exit import MultiExitNetwork
 from eenn.policies.base import ExitPolicy
 from eenn.predictions import SPLITS, Predictions
@@ -591,6 +591,13 @@ class FitRun(RunDir):
             missing = [f"{s}.{k}" for s in SPLITS for k in self.SPLIT_KEYS if not isinstance(m[s], dict) or k not in m[s]]
         if missing:
             raise EENNError(f"metrics file {str(self.metrics_file)!r} is not an eenn-fit result (it lacks {missing}).")
+        # checked as read: a comparison formats them, and would fail halfway through its outputs
+        wrong = [f"{s}.{k}" for s in SPLITS for k in ("accuracy", "avg_cost") if not is_number(m[s][k])]
+        wrong += [f"{s}.exit_fractions" for s in SPLITS if not isinstance(m[s]["exit_fractions"], list)
+                  or not all(is_number(f) for f in m[s]["exit_fractions"])]
+        if wrong:
+            raise EENNError(f"metrics file {str(self.metrics_file)!r} holds no number in {wrong[0]} (got "
+                            f"{flatten(m).get(wrong[0])!r}): was it edited by hand?")
         return m
 
     @property

@@ -53,6 +53,15 @@ def _bundle_with_state(ws: Path, state: list[str]) -> str:
     return str(ws / "B")
 
 
+def _accuracy_as_text(ws: Path) -> str:
+    shutil.copytree(ws / "F", ws / "Ftext")
+    metrics = ws / "Ftext" / "metrics.json"
+    m = json.loads(metrics.read_text())
+    m["test"]["accuracy"] = "high"
+    metrics.write_text(json.dumps(m))
+    return str(ws / "Ftext")
+
+
 def _another_run(ws: Path) -> str:
     """A stage-1 run like {R} but for its checkpoint (another training's)."""
     shutil.copytree(ws / "R", ws / "R2")
@@ -147,6 +156,12 @@ CASES: list[tuple[str, str, list[str], list[str], Callable[[Path], Any] | None]]
      ["experiment=vit_cifar10_small_smoke", "debug=smoke", "pipeline.policies=[eenet]", "pipeline.num_budgets=2",
       "hydra.run.dir={N}"], ["pipeline.policies=[eenet]: experiment=vit_cifar10_small_smoke brings its own stage 2"],
      None),
+    ("a timm checkpoint that loads no weight", "train",
+     [*TRAIN, "backbone=timm", "backbone.model=resnet10t", "exits.at=stages",
+      "backbone.checkpoint={R}/predictions/val.safetensors", "hydra.run.dir={N}"],
+     ["val.safetensors' holds none of resnet10t's weights (its tensors are named"], None),
+    ("compare a fit whose accuracy is text", "compare", ["sweeps=[{X}]", "wandb.enabled=false", "hydra.run.dir={N}"],
+     ["metrics.json' holds no number in test.accuracy (got 'high')"], _accuracy_as_text),
     # a sweep refused by Hydra leaves no sweep dir
     ("a sweep with an unknown policy", "fit", ["-m", "run_dir={R}", "policy=nosuch,maxprob", "hydra.sweep.dir={N}"],
      ["Could not find 'policy/nosuch'"], None),
