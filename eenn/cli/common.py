@@ -241,19 +241,23 @@ def check_flags(config: DictConfig) -> None:
 
 def _slurm_launcher(config: DictConfig) -> str | None:
     """``hydra/launcher=<choice>`` where the choice submits to Slurm, else None."""
+    from eenn.utils.overrides import override
+
     if "SlurmLauncher" not in str(config.hydra.launcher.get("_target_", "")):
         return None
-    return f"hydra/launcher={config.hydra.runtime.choices.get('hydra/launcher')}"
+    return override("hydra/launcher", config.hydra.runtime.choices.get("hydra/launcher"))
 
 
 def check_one_run(config: DictConfig) -> None:
     """Refuse what only a multirun uses, given without ``-m``: a sweep preset (``budget=sweep5``
-    would fit its first budget alone) or a Slurm launcher (the job would run here)."""
-    params = config.hydra.sweeper.get("params") or {}
-    if params:
-        shown = "; ".join(f"{k}: {v}" for k, v in params.items())
+    would fit its first budget alone, unless the command line picks one: ``budget.point=2``) or a
+    Slurm launcher (the job would run here)."""
+    given = {o.key_or_group for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))}
+    swept = {k: v for k, v in (config.hydra.sweeper.get("params") or {}).items() if k not in given}
+    if swept:
+        shown = "; ".join(f"{k}: {v}" for k, v in swept.items())
         raise EENNError(f"the config sweeps {shown} (hydra.sweeper.params, set by a preset such as budget=sweep5), "
-                        "which only a multirun does: add -m.")
+                        f"which only a multirun does: add -m, or set {next(iter(swept))} to run one of its values.")
     launcher = _slurm_launcher(config)
     if launcher:
         raise EENNError(f"{launcher} submits the jobs of a multirun to Slurm, and without -m this job would run "

@@ -43,13 +43,13 @@ def expand_resume(args: list[str]) -> list[str]:
     parser = OverridesParser.create()
     run_dir = Path(given_value(parser, given[-1])).expanduser().resolve()
     rest = [a for a in args if not a.startswith("resume=")]
+    if any(a.startswith("hydra.run.dir=") for a in rest):
+        raise EENNError("resume=<run dir> runs in that dir: leave hydra.run.dir out.")
     forced = [a for a in rest if a.startswith("force=")]
     force = bool(forced) and check_flag(parser.parse_override(forced[-1]).value(), "force")
     run = Stage1Run(run_dir)
     run.check_resumable(force)
     saved_overrides = run.overrides(key="resume")
-    if any(a.startswith("hydra.run.dir=") for a in rest):
-        raise EENNError("resume=<run dir> runs in that dir: leave hydra.run.dir out.")
 
     def keys(items: list[str]) -> set[str]:
         return {o.key_or_group for o in parser.parse_overrides([i for i in items if not i.startswith("-")])}

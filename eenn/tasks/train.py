@@ -118,7 +118,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run = Stage1Run(cfg.paths.output_dir)
     force = check_flag(cfg.get("force", False), "force")
     if cfg.get("resume") and not force:  # resume=<dir> force=true restarts the run in its dir
-        Stage1Run(cfg.resume).check_resumable()
         Stage1Run(cfg.resume).check_resume(cfg)
     with run.claimed(force=force, resume=not force and run.resumes(cfg)):
         return _train(cfg, run)
