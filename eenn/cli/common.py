@@ -240,12 +240,10 @@ def check_flags(config: DictConfig) -> None:
 
 
 def _slurm_launcher(config: DictConfig) -> str | None:
-    """``hydra/launcher=<choice>`` where the choice submits to Slurm, else None."""
-    from eenn.utils.overrides import override
-
+    """"hydra/launcher <choice>" where the choice submits to Slurm, else None."""
     if "SlurmLauncher" not in str(config.hydra.launcher.get("_target_", "")):
         return None
-    return override("hydra/launcher", config.hydra.runtime.choices.get("hydra/launcher"))
+    return f"hydra/launcher {config.hydra.runtime.choices.get('hydra/launcher')}"
 
 
 def check_one_run(config: DictConfig) -> None:

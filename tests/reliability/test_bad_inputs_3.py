@@ -128,16 +128,16 @@ CASES: list[tuple[str, str, list[str], list[str], Callable[[Path], Any] | None]]
      ["risk.candidates must be an integer in [2, 1000], got 100000000"], None),
     # Slurm
     ("Slurm not installed", "fit", ["-m", "hydra/launcher=slurm_cpu", "run_dir={R}", "budget.fraction=0.5,0.6",
-                                    "hydra.sweep.dir={N}"], ["hydra/launcher=slurm_cpu: Slurm is not installed here"],
+                                    "hydra.sweep.dir={N}"], ["hydra/launcher slurm_cpu: Slurm is not installed here"],
      lambda ws: os.environ.__setitem__("PATH", "/usr/bin:/bin")),
     ("Slurm without a controller", "fit", ["-m", "hydra/launcher=slurm_cpu", "run_dir={R}", "budget.fraction=0.5,0.6",
                                            "hydra.sweep.dir={N}"],
-     ["hydra/launcher=slurm_cpu: no Slurm controller is reachable"], _slurm_without_a_controller),
+     ["hydra/launcher slurm_cpu: no Slurm controller is reachable"], _slurm_without_a_controller),
     # what only a multirun does, without -m
     ("a sweep preset without -m", "fit", ["run_dir={R}", "budget=sweep5", "hydra.run.dir={N}"],
      ["the config sweeps budget.point: 0,1,2,3,4", "add -m"], None),
     ("a Slurm launcher without -m", "fit", ["run_dir={R}", "hydra/launcher=slurm_cpu", "hydra.run.dir={N}"],
-     ["hydra/launcher=slurm_cpu submits the jobs of a multirun to Slurm", "add -m"], None),
+     ["hydra/launcher slurm_cpu submits the jobs of a multirun to Slurm", "add -m"], None),
     # bundles
     ("a manifest whose policy.state names no output", "infer", ["runtime=onnxruntime", "bundle={X}", "hydra.run.dir={N}"],
      ["'policy.state' names 'nosuch', but segment_0.onnx has no output 'state_out_nosuch'"],
