@@ -1,5 +1,5 @@
 """Bad input: the one exception type eenn raises for it (the CLI prints its message alone), and
-the checks that a config value is a number."""
+the checks that a config value is a number or a boolean."""
 
 from __future__ import annotations
 
@@ -24,4 +24,12 @@ def check_number(value: Any, key: str, minimum: float, strict: bool = False, int
     if not is_number(value, integer) or value < minimum or (strict and value == minimum):
         bound = f"{'>' if strict else '>='} {minimum:g}"
         raise EENNError(f"{key} must be {'an integer' if integer else 'a number'} {bound}, got {value!r}.")
+    return value
+
+
+def check_flag(value: Any, key: str) -> bool:
+    """``value`` if it is a boolean; otherwise an EENNError naming ``key`` (Hydra reads ``force=no``
+    as the string 'no', which Python's ``bool`` and every ``if`` take as true)."""
+    if not isinstance(value, bool):
+        raise EENNError(f"{key} must be true or false, got {value!r}.")
     return value

@@ -17,9 +17,10 @@ as its input. The objects here know the files; every other module asks them:
 Every file a stage writes goes through its run object's ``write_*`` methods, and checkpoints load
 through :func:`load_weights` alone (``weights_only=True``: no pickled code runs). The rules for a
 run dir live here too (:meth:`RunDir.claim`): a job writes only into an empty dir, or into its own
-app's run that it resumes or is told to overwrite (``force=true``); a lock file keeps a second
-job out while the first one runs; and each run saves its config resolved, with absolute paths, so
-that the run dir works from any working directory.
+app's run that it resumes or is told to redo (``force=true``: the old run is kept aside in the dir
+until the new one has finished, and comes back if it does not); a lock file keeps a second job out
+while the first one runs; and each run saves its config resolved, with absolute paths, so that the
+run dir works from any working directory.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from eenn.cost import CostProfile
-from eenn.errors import EENNError
+from eenn.errors import EENNError, is_number
 from eenn.models.multi_exit import MultiExitNetwork
 from eenn.policies.base import ExitPolicy
 from eenn.predictions import SPLITS, Predictions
@@ -58,11 +59,18 @@ LOCK_FILE = ".eenn.lock"  # held (flock) by the job writing into the dir; it hol
 #: what Hydra writes into a run or sweep dir before a job starts (besides <job>.log), and the lock:
 #: a dir holding nothing else holds no job's results
 HYDRA_FILES = (HYDRA_DIR, "multirun.yaml", LOCK_FILE)
+#: A forced redo moves the old run (every entry but the lock) into ASIDE inside its dir, and at the
+#: job's end deletes it if the new run finished, else puts it back (:meth:`RunDir.settle`). Moving
+#: many entries is not one rename, so each move goes through a dir whose name says which move it
+#: is: a job killed midway leaves a state the next one to claim or read the dir completes.
+ASIDE, MOVING, RESTORING, DISCARD = ".eenn.old", ".eenn.old-moving", ".eenn.old-restoring", ".eenn.old-discarded"
+REPLACE_DIRS = (ASIDE, MOVING, RESTORING, DISCARD)
 #: config values that are paths: saved absolute, so that a run dir works from any working directory
 PATH_KEYS = ("data.root", "data.path", "run_dir", "resume")
 
-# the run dirs this process holds: resolved path -> [lock file descriptor, claims, created by the claim]
-_HELD: dict[Path, list[int]] = {}
+# the run dirs this process holds: resolved path -> [lock file descriptor, claims, created by the claim,
+# the run dir object of the first claim (its type says when its run is finished)]
+_HELD: dict[Path, list[Any]] = {}
 
 
 def is_rank_zero() -> bool:
@@ -71,10 +79,22 @@ def is_rank_zero() -> bool:
 
 
 def release_all() -> None:
-    """Unlock every run dir this process holds (an app ended by bad input skips Hydra's run-end
-    callback; an in-process caller, such as a test, then claims afresh)."""
+    """End every claim this process holds as a failed job's (an app ended by bad input or Ctrl-C
+    skips Hydra's run-end callback; an in-process caller, such as a test, then claims afresh): a
+    forced redo's old run comes back unless the new one finished, and a dir the job created that
+    holds nothing but Hydra's files goes."""
     while _HELD:
-        os.close(_HELD.popitem()[1][0])
+        _end(next(iter(_HELD)), failed=True)
+
+
+def _end(key: Path, failed: bool) -> None:
+    fd, _, created, run = _HELD.pop(key)
+    try:
+        run._settle()  # under the job's own lock, still held
+        if failed and created:
+            run.remove_if_only_hydra_files()
+    finally:
+        os.close(fd)
 
 
 class RunDir:
@@ -129,9 +149,18 @@ class RunDir:
         if not self.has_config():
             return None
         try:
-            return str(OmegaConf.load(self.config_file).get("task_name"))
+            app = OmegaConf.load(self.config_file).get("task_name")
         except Exception:  # noqa: BLE001  (a broken config says nothing about its app)
             return None
+        return None if app is None else str(app)
+
+    def check_app(self, key: str) -> None:
+        """Refuse, naming ``key``, another eenn app's run dir given where one of :attr:`APP`'s is
+        expected (a dir of no app is left to the checks of the files it lacks)."""
+        saved = self.saved_app()
+        if saved is not None and saved != self.APP:
+            raise EENNError(f"{key}={str(self.path)!r} is an eenn-{saved} run dir; {key} takes an eenn-{self.APP} "
+                            "run dir.")
 
     # -------------------------------------------------------------------- metrics
     @property
@@ -192,9 +221,10 @@ class RunDir:
     def claim(self, force: bool = False, resume: bool = False) -> None:
         """Make this dir the run dir of a job of :attr:`APP` for this process, before anything is
         written into it. Refused, by an EENNError naming the dir: a dir holding another app's run
-        or other files; a run of this app, unless the job resumes it or is forced (which deletes
-        its files first); a dir another job holds (its lock); a dir that cannot be written.
-        Claims nest: :meth:`release` each one."""
+        or other files; a run of this app, unless the job resumes it or is forced; a dir another
+        job holds (its lock); a dir that cannot be written. A forced job moves the old run aside
+        (:data:`ASIDE`): the last :meth:`release` deletes it if the new run finished and puts it
+        back otherwise. Claims nest: :meth:`release` each one."""
         key = self.path.resolve()
         if not is_rank_zero():  # a DDP worker writes into the dir its rank-0 process claimed
             return
@@ -204,29 +234,94 @@ class RunDir:
         holder = self._holder()
         if holder is not None:
             raise self._in_use(holder)
-        self._check_outputs(force, resume, clear=False)  # a refused claim writes nothing
+        self.settle()
+        self._check_outputs(force, resume)  # a refused claim writes nothing
         created = not self.path.exists()
-        fd = self._lock()
+        fd, previous = self._lock()
         try:
-            self._check_outputs(force, resume, clear=force)  # again: another job may have finished meanwhile
+            self._check_outputs(force, resume)  # again: another job may have finished meanwhile
+            if force and self.outputs():
+                self._set_aside(previous)
         except BaseException:
             os.close(fd)
             raise
-        _HELD[key] = [fd, 1, created]
+        _HELD[key] = [fd, 1, created, self]
 
     def release(self, failed: bool = False) -> None:
-        """End a claim; the last one unlocks, and after a refused job (``failed``) removes the dir
-        it created if the dir holds nothing but Hydra's files."""
+        """End a claim. The last one settles a forced redo (the new run replaces the old one if it
+        finished; the old one comes back otherwise), removes the dir it created if the job was
+        refused (``failed``) and the dir holds nothing but Hydra's files, and unlocks."""
         key = self.path.resolve()
         held = _HELD.get(key)
         if held is None:
             return
         held[1] -= 1
         if held[1] == 0:
-            fd, _, created = _HELD.pop(key)
+            _end(key, failed)
+
+    # ------------------------------------------------------------ forced redo
+    def settle(self) -> None:
+        """Complete what a forced redo killed midway left in this dir (:data:`ASIDE`): the new run
+        stays if it finished, else the old run comes back whole (a sweep's: job by job). Nothing
+        where no redo left anything, where a job holds the dir (it settles it itself), or where
+        the dir cannot be written (its claim then refuses it)."""
+        if not any((self.path / name).exists() for name in REPLACE_DIRS) or self.path.resolve() in _HELD:
+            return
+        try:
+            fd, _ = self._lock()
+        except EENNError:
+            return
+        try:
+            log.warning("run dir %s holds a forced redo that was stopped midway: settling it", self.path)
+            self._settler()._settle()
+        finally:
             os.close(fd)
-            if failed and created:
-                self.remove_if_only_hydra_files()
+
+    def _settler(self) -> RunDir:
+        """This dir as the run dir object whose rules settle it, whatever object this is: a sweep's
+        where it holds a multirun's jobs, else that of the app whose run (old or new) it holds."""
+        places = [self.path, *(self.path / name for name in REPLACE_DIRS)]
+        if any((p / "multirun.yaml").is_file() for p in places):
+            return SweepDir(self.path)
+        apps = [RunDir(p).saved_app() for p in places]
+        return next((RUN_TYPES[a](self.path) for a in apps if a in RUN_TYPES), self)
+
+    def _set_aside(self, lock_content: bytes) -> None:
+        """The first step of a forced redo: every entry but the lock into :data:`ASIDE`, with what
+        the lock file held before this job wrote its pid (so that a restored run is byte for byte
+        the old one)."""
+        moving = self.path / MOVING
+        moving.mkdir()
+        (moving / LOCK_FILE).write_bytes(lock_content)
+        for entry in list(self.path.iterdir()):
+            if entry.name not in (LOCK_FILE, MOVING):
+                entry.rename(moving / entry.name)
+        moving.rename(self.path / ASIDE)
+
+    def _settle(self) -> None:
+        """Run, under the dir's lock, whatever steps of a forced redo's replacement remain; each
+        one can be taken up again where a kill stopped it."""
+        moving, aside, restoring, discard = (self.path / name for name in (MOVING, ASIDE, RESTORING, DISCARD))
+        if moving.is_dir():  # stopped while setting the old run aside: nothing new was written yet
+            _move_entries(moving, self.path)
+        if aside.is_dir():
+            self._replace_or_restore(aside, discard)
+        if restoring.is_dir():
+            _move_entries(restoring, self.path)
+        if discard.exists():
+            shutil.rmtree(discard)
+
+    def _replace_or_restore(self, aside: Path, discard: Path) -> None:
+        """The new run, if it finished, replaces the old one in ``aside``; otherwise the new run's
+        entries go to ``discard`` and the old run is renamed :data:`RESTORING` to move back."""
+        discard.mkdir(exist_ok=True)
+        if self.finished():
+            aside.rename(discard / ASIDE)
+            return
+        for entry in list(self.path.iterdir()):
+            if entry.name not in (LOCK_FILE, *REPLACE_DIRS):
+                entry.rename(discard / entry.name)
+        aside.rename(self.path / RESTORING)
 
     @contextlib.contextmanager
     def claimed(self, force: bool = False, resume: bool = False) -> Iterator[None]:
@@ -244,7 +339,9 @@ class RunDir:
         finally:
             self.release(refused)
 
-    def _lock(self) -> int:
+    def _lock(self) -> tuple[int, bytes]:
+        """Lock the dir for this job (the lock file then holds its pid); the file descriptor, and
+        what the lock file held before."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
@@ -256,9 +353,10 @@ class RunDir:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise self._in_use(holder) from None
+        previous = os.pread(fd, 64, 0)
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        return fd
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd, previous
 
     def _holder(self) -> str | None:
         """The pid of the job that holds this dir's lock now, read without creating anything;
@@ -279,7 +377,7 @@ class RunDir:
         return EENNError(f"run dir {str(self.path)!r} is in use by another job (pid {holder}): two jobs never share "
                          "a run dir; wait for it to end, or choose another hydra.run.dir.")
 
-    def _check_outputs(self, force: bool, resume: bool, clear: bool) -> None:
+    def _check_outputs(self, force: bool, resume: bool) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise EENNError(f"run dir {str(self.path)!r} is a file, not a directory.")
         found = self.outputs()
@@ -292,10 +390,6 @@ class RunDir:
             raise EENNError(f"run dir {str(self.path)!r} holds {what} ({shown}): eenn-{self.APP} never writes into "
                             "it, force=true included; choose another hydra.run.dir.")
         if force:  # before resume: force=true redoes a run even where the job would resume it
-            if clear:  # the old run goes, whole, so that none of it mixes with the new one
-                for name in found:
-                    entry = self.path / name
-                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
             return
         if not resume:
             state = "finished" if self.finished() else "started"
@@ -305,8 +399,8 @@ class RunDir:
 
     def remove_if_only_hydra_files(self) -> None:
         """Remove the run dir of a refused job when it holds nothing but Hydra's config and log
-        and the lock: a run dir with anything more (a resumed run's checkpoints, say) is never
-        deleted."""
+        and the lock: a run dir with anything more (a resumed run's checkpoints, or a forced
+        redo's old run, say) is never deleted."""
         if self.path.is_dir() and not self.outputs():
             if any(self.path.glob("*.log")):
                 logging.shutdown()  # Hydra's log handler holds <job>.log open
@@ -329,6 +423,23 @@ class Stage1Run(RunDir):
     #: what a resumed run may set otherwise than the run did: how and where it trains on, not what
     RESUME_MAY_CHANGE = ("resume", "force", "ckpt_path", "trainer", "callbacks", "logger", "wandb", "paths", "data.root",
                          "data.num_workers", "cost")
+
+    def check_resumable(self, force: bool = False) -> None:
+        """``resume=<this dir>``: refused, naming the dir, when it is not an eenn-train run and,
+        unless ``force`` restarts it, when it is finished or stopped before its first checkpoint
+        (only inside a SLURM job, whose first start and requeues share the command, does that
+        start it afresh)."""
+        self.settle()
+        self.check_app("resume")
+        self.overrides(key="resume")  # refuses a dir no job ran in
+        if force:
+            return
+        if self.finished():
+            raise EENNError(f"resume={str(self.path)!r}: the run is finished; there is nothing to resume (force=true "
+                            "redoes it).")
+        if not (self.checkpoint_dir / "last.ckpt").is_file() and "SLURM_JOB_ID" not in os.environ:
+            raise EENNError(f"resume={str(self.path)!r}: the run stopped before its first checkpoint, so there is "
+                            "nothing to resume; add force=true to restart it from scratch with its own overrides.")
 
     def check_resume(self, cfg: DictConfig) -> None:
         """``resume=<this dir>``: the job must run in this dir with the config the run was made
@@ -480,6 +591,13 @@ class FitRun(RunDir):
             missing = [f"{s}.{k}" for s in SPLITS for k in self.SPLIT_KEYS if not isinstance(m[s], dict) or k not in m[s]]
         if missing:
             raise EENNError(f"metrics file {str(self.metrics_file)!r} is not an eenn-fit result (it lacks {missing}).")
+        # checked as read: a comparison formats them, and would fail halfway through its outputs
+        wrong = [f"{s}.{k}" for s in SPLITS for k in ("accuracy", "avg_cost") if not is_number(m[s][k])]
+        wrong += [f"{s}.exit_fractions" for s in SPLITS if not isinstance(m[s]["exit_fractions"], list)
+                  or not all(is_number(f) for f in m[s]["exit_fractions"])]
+        if wrong:
+            raise EENNError(f"metrics file {str(self.metrics_file)!r} holds no number in {wrong[0]} (got "
+                            f"{flatten(m).get(wrong[0])!r}): was it edited by hand?")
         return m
 
     @property
@@ -508,6 +626,7 @@ def fit_runs(path: str | Path) -> list[FitRun]:
     """The fit jobs (finished, failed or unfinished) of a fit run dir itself, a sweep dir of fits,
     a pipeline dir (its ``fit/`` jobs), or a sweep dir of pipelines (each job's fits)."""
     path = Path(path)
+    RunDir(path).settle()
     if RunDir(path).saved_app() == PipelineRun.APP:
         return fit_runs(PipelineRun(path).fit_dir) if PipelineRun(path).fit_dir.is_dir() else []
     run = FitRun(path)
@@ -515,11 +634,29 @@ def fit_runs(path: str | Path) -> list[FitRun]:
         return [run]
     jobs: list[FitRun] = []
     for d in sorted(p for p in path.iterdir() if p.is_dir()):
+        RunDir(d).settle()
         if RunDir(d).saved_app() == PipelineRun.APP:
             jobs += fit_runs(d)
         elif FitRun(d).is_job():
             jobs.append(FitRun(d))
     return jobs
+
+
+def _move_entries(src: Path, dst: Path) -> None:
+    """Every entry of ``src`` into ``dst``, then ``src`` itself removed. A lock file's content is
+    copied into ``dst``'s: renaming it would swap the file a job holds its lock on."""
+    for entry in list(src.iterdir()):
+        if entry.name == LOCK_FILE:
+            (dst / LOCK_FILE).write_bytes(entry.read_bytes())
+            entry.unlink()
+        else:
+            entry.rename(dst / entry.name)
+    src.rmdir()
+
+
+def _job_finished(path: Path) -> bool:
+    """Whether ``path`` holds a finished run of the app its saved config names."""
+    return path.is_dir() and RUN_TYPES.get(RunDir(path).saved_app() or "", RunDir)(path).finished()
 
 
 def failed_jobs(sweep_dir: str | Path) -> list[str]:
@@ -532,12 +669,24 @@ class SweepDir(RunDir):
     sweep's jobs (unless forced): Hydra rewrites a job's config and log before the job could see
     that it finished, so finished jobs would be recomputed, not skipped."""
 
-    def _check_outputs(self, force: bool, resume: bool, clear: bool) -> None:
+    def _check_outputs(self, force: bool, resume: bool) -> None:
         jobs = self.outputs()
         if jobs and not force:
             raise EENNError(f"sweep dir {str(self.path)!r} holds {len(jobs)} jobs of an earlier sweep: a sweep is "
                             "never re-run into its dir, as its finished jobs would be recomputed, not skipped; start "
                             "a new sweep (leave hydra.sweep.dir to its default), or add force=true to recompute them.")
+
+    def _replace_or_restore(self, aside: Path, discard: Path) -> None:
+        """Job by job: a job of the earlier sweep that finished comes back unless the forced sweep's
+        job of that name finished too (two renames per job, each safe to take up again)."""
+        discard.mkdir(exist_ok=True)
+        for old in sorted(aside.iterdir()):
+            new = self.path / old.name
+            if old.is_dir() and _job_finished(old) and not _job_finished(new):
+                if new.exists():
+                    new.rename(discard / old.name)
+                old.rename(new)
+        aside.rename(discard / ASIDE)
 
 
 class InferRun(RunDir):
@@ -618,11 +767,17 @@ class PipelineRun(RunDir):
                         "wandb", "logger", "paths", "data.root", "trainer.enable_progress_bar", "compare")
 
     def stage1_config(self, cfg: DictConfig) -> DictConfig:
-        """The pipeline's config as its stage-1 run (``train/``) takes it."""
+        """The pipeline's config as its stage-1 run (``train/``) takes it. A re-run picks up a
+        stage 1 that was stopped: from its last checkpoint, or afresh when it made none."""
         train_cfg = cfg.copy()
         with open_dict(train_cfg):
             train_cfg.task_name = Stage1Run.APP
             train_cfg.paths.output_dir = str(self.train.path)
+            if not train_cfg.get("force") and not self.train.finished() and self.train.outputs():
+                if (self.train.checkpoint_dir / "last.ckpt").is_file():
+                    train_cfg.ckpt_path = "last"
+                else:
+                    train_cfg.force = True
         return train_cfg
 
     def resumes(self, cfg: DictConfig) -> bool:

@@ -14,6 +14,8 @@ import importlib
 import logging
 import os
 import secrets
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -92,6 +94,7 @@ def cli(app: Callable[[], Any], rewrite_args: Callable[[list[str]], list[str]] |
         try:
             if rewrite_args is not None:
                 sys.argv[1:] = rewrite_args(sys.argv[1:])
+            check_group_values(sys.argv[1:])
             app()
         except KeyboardInterrupt:
             print("error: interrupted; jobs that finished keep their run dirs, the one that was running is "
@@ -115,6 +118,28 @@ def cli(app: Callable[[], Any], rewrite_args: Callable[[list[str]], list[str]] |
                 os.environ["HYDRA_FULL_ERROR"] = before
 
     return main
+
+
+def check_group_values(args: list[str]) -> None:
+    """Refuse a config group set to something other than an option's name (``policy=false``,
+    ``data=123``, ``policy=null``), which Hydra fails on with a traceback."""
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:  # Hydra says itself what it cannot parse
+            continue
+        group = Path(conf_dir()) / override.key_or_group
+        if override.is_delete() or not group.is_dir():
+            continue
+        values = list(override.sweep_iterator()) if override.is_discrete_sweep() else [override.value()]
+        bad = [v for v in values if not isinstance(v, str) and not (isinstance(v, list) and all(isinstance(e, str) for e in v))]
+        if bad:
+            options = sorted(p.stem for p in group.glob("*.yaml"))
+            raise EENNError(f"{override.key_or_group} is a config group: give the name of one of its options "
+                            f"({', '.join(options)}), got {bad[0]!r}.")
 
 
 def hydra_error_text(exc: BaseException) -> str:
@@ -157,9 +182,7 @@ def report_errors(task: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             log.error("%s", exc)
             print(f"error: {exc}", file=sys.stderr)
-            if run is not None:  # a refused job leaves no run dir behind
-                run.remove_if_only_hydra_files()
-            sys.exit(BAD_INPUT)
+            sys.exit(BAD_INPUT)  # the run dir's claim ends in cli(): a refused job leaves no run dir behind
 
     return wrapped
 
@@ -187,6 +210,75 @@ def check_added_keys(config: DictConfig) -> None:
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise EENNError(f"+{key}: eenn-{config.task_name} reads no key {key!r}{hint}; keys are added with + only "
                         f"under {', '.join(OPEN_KEYS)}.")
+
+
+#: keys whose default is a boolean but that take more: Lightning's trainer.deterministic="warn" and
+#: ModelCheckpoint's save_last="link"
+NOT_ONLY_BOOLEAN = ("trainer.deterministic", "callbacks.model_checkpoint.save_last")
+
+
+def check_flags(config: DictConfig) -> None:
+    """Refuse a command-line value other than true or false for a key whose default is a boolean
+    (``backbone_baseline=maybe`` would be a string, which every ``if`` takes as true). The defaults
+    are the app's config composed with the command line's config groups alone."""
+    from hydra import compose
+
+    from eenn.errors import check_flag
+
+    groups = set(config.hydra.runtime.choices)
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    values = [o for o in overrides if o.key_or_group not in groups and not o.is_delete()
+              and o.key_or_group.split(".")[0] != "hydra" and o.key_or_group not in NOT_ONLY_BOOLEAN]
+    if not values:
+        return
+    defaults = compose(config.hydra.job.config_name, overrides=[
+        o.input_line for o in overrides if o.key_or_group in groups and not o.is_sweep_override()])
+    for o in values:
+        if isinstance(OmegaConf.select(defaults, o.key_or_group), bool):
+            for value in (o.sweep_iterator() if o.is_discrete_sweep() else [o.value()]):
+                check_flag(value, o.key_or_group)
+
+
+def _slurm_launcher(config: DictConfig) -> str | None:
+    """"hydra/launcher <choice>" where the choice submits to Slurm, else None."""
+    if "SlurmLauncher" not in str(config.hydra.launcher.get("_target_", "")):
+        return None
+    return f"hydra/launcher {config.hydra.runtime.choices.get('hydra/launcher')}"
+
+
+def check_one_run(config: DictConfig) -> None:
+    """Refuse what only a multirun uses, given without ``-m``: a sweep preset (``budget=sweep5``
+    would fit its first budget alone, unless the command line picks one: ``budget.point=2``) or a
+    Slurm launcher (the job would run here)."""
+    given = {o.key_or_group for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))}
+    swept = {k: v for k, v in (config.hydra.sweeper.get("params") or {}).items() if k not in given}
+    if swept:
+        shown = "; ".join(f"{k}: {v}" for k, v in swept.items())
+        raise EENNError(f"the config sweeps {shown} (hydra.sweeper.params, set by a preset such as budget=sweep5), "
+                        f"which only a multirun does: add -m, or set {next(iter(swept))} to run one of its values.")
+    launcher = _slurm_launcher(config)
+    if launcher:
+        raise EENNError(f"{launcher} submits the jobs of a multirun to Slurm, and without -m this job would run "
+                        "here: add -m.")
+
+
+def check_slurm(config: DictConfig) -> None:
+    """A Slurm launcher needs Slurm's commands and a controller that answers (submitit would fail
+    with a traceback and leave its .submitit/ folder behind)."""
+    launcher = _slurm_launcher(config)
+    if launcher is None:
+        return
+    if shutil.which("srun") is None or shutil.which("scontrol") is None:
+        raise EENNError(f"{launcher}: Slurm is not installed here (no srun or scontrol command); run on the "
+                        "cluster, or leave hydra/launcher out to run the sweep here.")
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+        up = ping.returncode == 0 and " UP" in ping.stdout
+    except subprocess.TimeoutExpired:
+        up = False
+    if not up:
+        raise EENNError(f"{launcher}: no Slurm controller is reachable (scontrol ping says it is down); start it, or "
+                        "leave hydra/launcher out to run the sweep here.")
 
 
 class Refused(BaseException):
@@ -218,6 +310,8 @@ class RunDirGuard(Callback):
         from eenn.rundir import RUN_TYPES  # here, not at the top: see the module's docstring
 
         check_added_keys(config)
+        check_flags(config)
+        check_one_run(config)
         # the app's own checks of its config, before the run dir is touched (a job may refuse
         # more once it reads its inputs, and then leaves the dir as it found it)
         check = getattr(importlib.import_module(f"eenn.tasks.{config.task_name}"), "check_config", None)
@@ -230,10 +324,15 @@ class RunDirGuard(Callback):
         from eenn.rundir import SweepDir
 
         check_added_keys(config)
+        check_flags(config)
+        check_slurm(config)
         self._claim(SweepDir(os.path.abspath(config.hydra.sweep.dir)), config)
 
     def _claim(self, run: Any, config: DictConfig) -> None:
-        run.claim(force=bool(config.get("force")), resume=run.resumes(config))
+        from eenn.errors import check_flag
+
+        force = check_flag(config.get("force", False), "force")
+        run.claim(force=force, resume=not force and run.resumes(config))  # force=true redoes a run it would resume
         self.held.append(run)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -2,7 +2,7 @@
 ONNX graphs, the policy, a checked manifest) that runs without PyTorch.
 
     eenn-export policy_dir=<eenn-fit run dir>
-    eenn-export run_dir=<stage-1 run dir> policy_file=<policy file> backbone=false
+    eenn-export run_dir=<stage-1 run dir> policy_file=<policy file> baseline=false
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
 from eenn.cli.common import cli, conf_dir, quiet_environment, report_errors
-from eenn.errors import EENNError
+from eenn.errors import EENNError, check_flag
 from eenn.utils.overrides import override
 
 #: what ``resume=`` sets itself, so a resumed run's saved overrides give these up
@@ -30,7 +30,9 @@ def expand_resume(args: list[str]) -> list[str]:
     command line becomes the run's own overrides (as Hydra saved them: :meth:`RunDir.overrides`),
     then ``hydra.run.dir=<dir> ckpt_path=last``, then the rest of this command line (which wins
     where it sets the same key, e.g. ``trainer.max_epochs`` to train on). The job checks that the
-    config composes as the run's saved one (:meth:`eenn.rundir.Stage1Run.check_resume`)."""
+    config composes as the run's saved one (:meth:`eenn.rundir.Stage1Run.check_resume`). A run with
+    nothing to resume (finished, or stopped before its first checkpoint) is refused here, before
+    Hydra logs into its dir; with ``force=true`` the run restarts from scratch instead."""
     given = [a for a in args if a.startswith("resume=")]
     if not given:
         return args
@@ -40,16 +42,22 @@ def expand_resume(args: list[str]) -> list[str]:
 
     parser = OverridesParser.create()
     run_dir = Path(given_value(parser, given[-1])).expanduser().resolve()
-    saved_overrides = Stage1Run(run_dir).overrides(key="resume")
     rest = [a for a in args if not a.startswith("resume=")]
     if any(a.startswith("hydra.run.dir=") for a in rest):
         raise EENNError("resume=<run dir> runs in that dir: leave hydra.run.dir out.")
+    forced = [a for a in rest if a.startswith("force=")]
+    force = bool(forced) and check_flag(parser.parse_override(forced[-1]).value(), "force")
+    run = Stage1Run(run_dir)
+    run.check_resumable(force)
+    saved_overrides = run.overrides(key="resume")
 
     def keys(items: list[str]) -> set[str]:
         return {o.key_or_group for o in parser.parse_overrides([i for i in items if not i.startswith("-")])}
 
     given_keys = keys(rest) | set(RESUME_SETS)
     saved = [o for o in saved_overrides if next(iter(keys([o]))) not in given_keys]
+    if force:  # the run restarts from scratch with its own overrides, and Hydra saves them anew
+        return [*saved, override("resume", run_dir), override("hydra.run.dir", run_dir), *rest]
     # no .hydra/ from Hydra for this job: the run's saved config is what the job checks itself
     # against (then saves its own), and its overrides.yaml stays the run's
     return [*saved, override("resume", run_dir), override("hydra.run.dir", run_dir), "hydra.output_subdir=null",

@@ -141,6 +141,12 @@ def _export_graph(module: nn.Module, args: tuple[Any, ...], path: Path, input_na
         finally:
             for log, level in zip(loggers, levels):
                 log.setLevel(level)
+    import onnx  # the exporter's own dependency
+
+    # an opset it cannot convert to is logged and left at the exporter's own: the manifest would lie
+    written = next((o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        raise EENNError(f"opset={opset}: the exporter wrote {path.name} at opset {written}; choose an opset it converts to.")
 
 
 #: how many samples of a validation batch an exported decision (a bool or integer output) may

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from eenn.deploy.bundle import BACKBONE, Bundle, exit_file, segment_file, stage_file
+from eenn.deploy.bundle import BACKBONE, MANIFEST, Bundle, exit_file, segment_file, stage_file
 from eenn.errors import EENNError
 
 State = dict[str, np.ndarray]
@@ -131,8 +131,12 @@ class Runtime:
         except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EENNError(f"{str(path)!r} is not an ONNX graph ONNX Runtime can load ({reason}).") from None
-        return _Graph(session, [i.name for i in session.get_inputs()],
-                      {o.name: i for i, o in enumerate(session.get_outputs())}, self.state_names)
+        outputs = {o.name: i for i, o in enumerate(session.get_outputs())}
+        missing = [n for n in self.state_names if "exit" in outputs and f"state_out_{n}" not in outputs]
+        if missing:
+            raise EENNError(f"{str(self.bundle.path / MANIFEST)!r}: 'policy.state' names {missing[0]!r}, but "
+                            f"{path.name} has no output 'state_out_{missing[0]}'.")
+        return _Graph(session, [i.name for i in session.get_inputs()], outputs, self.state_names)
 
     @property
     def num_exits(self) -> int:

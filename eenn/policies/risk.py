@@ -44,6 +44,8 @@ from eenn.policies.maxprob import MaxProbPolicy
 from eenn.predictions import Predictions
 
 LOSSES = ("drop", "disagreement")
+#: the finest threshold grid: fitting holds an exit index per validation sample and candidate
+MAX_CANDIDATES = 1000
 
 
 def candidate_grid(m: int) -> torch.Tensor:
@@ -106,8 +108,8 @@ class RiskPolicy(MaxProbPolicy):
             raise EENNError(f"risk.delta must be a number in (0, 1), got {delta!r}.")
         if loss not in LOSSES:
             raise EENNError(f"risk.loss must be one of {LOSSES}, got {loss!r}.")
-        if not is_number(candidates, integer=True) or candidates < 2:
-            raise EENNError(f"risk.candidates must be an integer >= 2, got {candidates!r}.")
+        if not is_number(candidates, integer=True) or not 2 <= candidates <= MAX_CANDIDATES:
+            raise EENNError(f"risk.candidates must be an integer in [2, {MAX_CANDIDATES}], got {candidates!r}.")
         if not isinstance(certify, bool):
             raise EENNError(f"risk.certify must be true or false, got {certify!r}.")
         self.epsilon, self.delta, self.loss = float(epsilon), float(delta), loss

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from eenn.errors import EENNError, check_number
+from eenn.errors import EENNError, check_flag, check_number
 from eenn.policies.base import ExitPolicy
 from eenn.predictions import SPLITS
 from eenn.rundir import ExportRun
@@ -31,18 +31,23 @@ def check_config(cfg: DictConfig) -> None:
     check_number(cfg.check.rtol, "check.rtol", 0)
     if cfg.check.split not in SPLITS:
         raise EENNError(f"check.split must be 'val' or 'test', got {cfg.check.split!r}.")
-    if not isinstance(cfg.baseline, bool):
-        raise EENNError(f"baseline must be true or false, got {cfg.baseline!r}.")
+    check_flag(cfg.baseline, "baseline")
+    check_flag(cfg.get("force", False), "force")
     missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
     if missing:
         raise EENNError(f"eenn-export needs {', '.join(missing)}: pip install 'eenn[deploy]' (or pip install {' '.join(missing)}).")
+    import onnx.defs  # only now that it is known to be there
+
+    newest = onnx.defs.onnx_opset_version()
+    if cfg.opset > newest:  # the exporter would fall back to opset 18 graphs behind a manifest saying otherwise
+        raise EENNError(f"opset must be at most {newest}, the newest the installed onnx knows, got {cfg.opset}.")
 
 
 def export(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Export as ``cfg`` (conf/export.yaml) says into ``out_dir``; return the bundle's manifest."""
     check_config(cfg)
     out = ExportRun(out_dir)
-    with out.claimed(force=bool(cfg.get("force"))):
+    with out.claimed(force=cfg.get("force", False)):
         return _export(cfg, out)
 
 
@@ -68,13 +73,15 @@ def _export(cfg: DictConfig, out: ExportRun) -> dict[str, Any]:
         if n >= need:
             break
     batch = torch.cat(xs)[:need]
-    source = {"run_dir": str(run.path), "checkpoint": str(run.checkpoint(str(cfg.checkpoint))),
+    checkpoint = run.checkpoint(str(cfg.checkpoint))
+    # the run is known by its checkpoint's bytes too: eenn-infer checks a run_dir given with the bundle
+    source = {"run_dir": str(run.path), "checkpoint": str(checkpoint), "checkpoint_sha256": sha256(checkpoint),
               "policy_file": str(Path(policy_file).resolve()), "policy_sha256": sha256(Path(policy_file))}
     bundle = export_bundle(
         network, policy, run.costs(), batch, out.bundle_dir,
         class_names=dm.class_names, normalisation=getattr(dm, "normalisation", None), source=source,
-        opset=int(cfg.opset), backbone=bool(cfg.baseline), atol=float(cfg.check.atol), rtol=float(cfg.check.rtol),
-        replace=bool(cfg.get("force")),
+        opset=int(cfg.opset), backbone=cfg.baseline, atol=float(cfg.check.atol), rtol=float(cfg.check.rtol),
+        replace=cfg.get("force", False),
     )
     out.write_config(cfg)
     m = bundle.manifest

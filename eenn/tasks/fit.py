@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from eenn.errors import EENNError, is_number
+from eenn.errors import EENNError, check_flag, is_number
 from eenn.evaluation.calibration import calibration_report, fit_temperatures, temperature_split
 from eenn.evaluation.offline import evaluate
 from eenn.policies.base import ExitPolicy, build_policy, check_budget
@@ -27,6 +27,16 @@ from eenn.rundir import FitRun, Stage1Run
 from eenn.utils.loggers import start_wandb_run
 
 log = logging.getLogger("eenn")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse, before the run dir is touched, ``risk.*`` given on the command line with a policy
+    that does not read them (only a policy whose config interpolates ``${risk.*}`` does)."""
+    given = [o for o in cfg.hydra.overrides.task if o.lstrip("+").startswith("risk.")] if "hydra" in cfg else []
+    policy = OmegaConf.to_container(cfg.policy, resolve=False)
+    if given and not any(isinstance(v, str) and "${risk." in v for v in policy.values()):  # type: ignore[union-attr]
+        raise EENNError(f"{given[0]}: the risk.* keys configure policy=risk, and policy={policy.get('name')} reads "  # type: ignore[union-attr]
+                        "none of them; add policy=risk, or leave them out.")
 
 
 def load_split_predictions(cfg: DictConfig) -> tuple[Predictions, Predictions]:
@@ -40,8 +50,11 @@ def load_split_predictions(cfg: DictConfig) -> tuple[Predictions, Predictions]:
                 f"no {split} predictions: set run_dir=<stage-1 run dir> or predictions.{split}=<file>."
             )
         paths[split] = Path(given) if given is not None else Stage1Run(cfg.run_dir).predictions_file(split)
-    if cfg.get("run_dir") is not None and not Path(cfg.run_dir).is_dir():
-        raise EENNError(f"run_dir={cfg.run_dir!r} is not a directory.")
+    if cfg.get("run_dir") is not None:
+        if not Path(cfg.run_dir).is_dir():
+            raise EENNError(f"run_dir={cfg.run_dir!r} is not a directory.")
+        Stage1Run(cfg.run_dir).settle()
+        Stage1Run(cfg.run_dir).check_app("run_dir")
     val, test = Predictions.load(paths["val"]), Predictions.load(paths["test"])
     check_compatible(val, test)
     return val, test
@@ -159,8 +172,8 @@ def fit_run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     if not isinstance(policy_cfg, dict) or "name" not in policy_cfg:
         raise EENNError("policy must be a config group with a name (e.g. policy=maxprob).")
     policy = build_policy(**policy_cfg)
-    if not isinstance(cfg.get("calibrate"), bool):
-        raise EENNError(f"calibrate must be true or false, got {cfg.get('calibrate')!r}.")
+    check_flag(cfg.get("calibrate"), "calibrate")
+    force = check_flag(cfg.get("force", False), "force")
     split = cfg.get("calibrate_split")
     if cfg.calibrate and policy.risk_controlled and not (is_number(split) and 0 < split < 1):
         raise EENNError(f"calibrate_split must be a number in (0, 1) (the share of validation the temperatures are "
@@ -170,7 +183,7 @@ def fit_run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     val, test = load_split_predictions(cfg)
     unit = cost_unit(cfg, val)
     budget, warnings = resolve_budget(cfg, policy, val, unit)
-    with fit.claimed(force=bool(cfg.get("force"))):
+    with fit.claimed(force=force):
         return _fit(cfg, fit, policy, policy_cfg, val, test, unit, budget, warnings)
 
 

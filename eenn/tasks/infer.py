@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from eenn.errors import EENNError, check_number, is_number
+from eenn.errors import EENNError, check_flag, check_number, is_number
 from eenn.inference.edge_cloud import Link, edge_cloud_report, measure_partition, p_d_time_curve
 from eenn.inference.engine import EarlyExitEngine, ExitResult, batches_of, time_backbone
 from eenn.inference.rebatch import Rebatcher
@@ -48,6 +48,8 @@ def resolve_policy_file(cfg: DictConfig, default: str | None = None) -> Path:
         return path
     if cfg.get("policy_dir"):
         fit = FitRun(cfg.policy_dir)
+        fit.settle()
+        fit.check_app("policy_dir")
         if not fit.policy_file.is_file():
             raise EENNError(f"policy_dir={str(cfg.policy_dir)!r} holds no {fit.policy_file.name}: it is not an eenn-fit run dir.")
         return fit.policy_file
@@ -70,6 +72,8 @@ def check_config(cfg: DictConfig) -> None:
             raise EENNError(f"device={cfg.device!r}: runtime=onnxruntime runs on the CPU here (device=cpu).")
     elif cfg.get("bundle"):
         raise EENNError("bundle= is read by runtime=onnxruntime only; add runtime=onnxruntime.")
+    check_flag(cfg.get("force", False), "force")
+    check_flag(cfg.backbone_baseline, "backbone_baseline")
     check_number(cfg.batch_size, "batch_size", 1, integer=True)
     check_number(cfg.timing_repeats, "timing_repeats", 1, integer=True)
     if cfg.get("threads") is not None:
@@ -85,7 +89,7 @@ def check_config(cfg: DictConfig) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EENNError(f"device={cfg.device!r} but CUDA is not available here; use device=cpu.")
     ec = cfg.edge_cloud
-    if not ec.enabled:
+    if not check_flag(ec.enabled, "edge_cloud.enabled"):
         return
     if ec.split is not None:
         check_number(ec.split, "edge_cloud.split", -1, integer=True)
@@ -109,9 +113,27 @@ def resolve_run(cfg: DictConfig, default: str | None = None) -> Stage1Run:
         run = FitRun(cfg.policy_dir).source_run() if cfg.get("policy_dir") else None
         if run is None:
             raise EENNError("no run_dir: set run_dir=<stage-1 run dir> (the policy dir does not name the run it was fitted on).")
+    run.settle()
+    run.check_app("run_dir")
     if not run.has_config():
         raise EENNError(f"run_dir={str(run.path)!r} is not a stage-1 run dir (it holds no saved config).")
     return run
+
+
+def check_bundle_source(bundle: Any, source: dict[str, Any], run: Stage1Run) -> None:
+    """The run whose data and saved predictions the bundle is measured against must be the one it
+    was exported from: its checkpoint of that name has the sha256 the manifest records (a bundle
+    made before the sha256 was recorded: the run's dir is its source run_dir)."""
+    from eenn.deploy.bundle import sha256
+
+    if "checkpoint_sha256" in source:
+        ckpt = run.checkpoint_dir / Path(str(source.get("checkpoint"))).name
+        same = ckpt.is_file() and sha256(ckpt) == source["checkpoint_sha256"]
+    else:
+        same = Path(str(source.get("run_dir"))).resolve() == run.path.resolve()
+    if not same:
+        raise EENNError(f"run_dir={str(run.path)!r} is not the run bundle {str(bundle.path)!r} was exported from "
+                        f"({source.get('run_dir')!r}, by its checkpoint's sha256): give that run, or leave run_dir out.")
 
 
 def load_split(dm: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +151,7 @@ def infer(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))
     try:
-        with out.claimed(force=bool(cfg.get("force"))):
+        with out.claimed(force=cfg.get("force", False)):
             return _infer(cfg, out)
     finally:
         torch.set_num_threads(threads)
@@ -147,6 +169,8 @@ def _infer(cfg: DictConfig, out_run: InferRun) -> dict[str, Any]:
     run = resolve_run(cfg, source.get("run_dir"))
     dm = run.datamodule(cfg.get("data"))
     dm.setup("test")
+    if bundle is not None:
+        check_bundle_source(bundle, source, run)
     if bundle is not None and source.get("policy_sha256") not in (None, sha256(policy_file)):
         raise EENNError(f"policy file {str(policy_file)!r} is not the one bundle {str(bundle.path)!r} was exported with "
                         "(its sha256 differs from the manifest's source.policy_sha256): give that policy.")

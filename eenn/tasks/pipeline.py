@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from eenn.errors import EENNError, check_number
+from eenn.errors import EENNError, check_flag, check_number
 from eenn.evaluation.compare import Comparison
 from eenn.evaluation.report import accuracy_table
 from eenn.policies import POLICIES, build_policy, policy_class
@@ -45,6 +45,13 @@ def check_config(cfg: DictConfig) -> None:
     """Every value stage 2 will need, checked before stage 1 trains: each fit's policy and budget
     (as eenn-fit would check them), the budget sweep and the cost unit."""
     stage2 = cfg.get("stage2")
+    ignored = [o for o in (cfg.hydra.overrides.task if "hydra" in cfg else [])
+               if o.lstrip("+").split("=")[0] in ("pipeline.policies", "pipeline.budgets", "pipeline.num_budgets",
+                                                  "pipeline.cost")]
+    if stage2 and ignored:
+        raise EENNError(f"{ignored[0]}: experiment={cfg.hydra.runtime.choices.get('experiment')} brings its own stage 2 "
+                        "(its stage2: policy, budgets and cost), which replaces pipeline.policies, budgets, num_budgets "
+                        "and cost; leave them out, or add stage2=null to use them.")
     if stage2:
         units, jobs = [cost_unit_name(stage2.cost)], [(f"stage2 job {name}", o) for name, o in experiment_jobs(stage2)]
     else:
@@ -55,6 +62,12 @@ def check_config(cfg: DictConfig) -> None:
                 raise EENNError(f"pipeline.budgets must be a non-empty list of budget fractions or null, got {p.budgets!r}.")
             for b in p.budgets:
                 check_budget(b, "pipeline.budgets")
+            named = {}  # a job is named by its budget to 4 decimals: two budgets must not share a name
+            for b in p.budgets:
+                if f"{b:.4f}" in named:
+                    raise EENNError(f"pipeline.budgets {named[f'{b:.4f}']} and {b} would both be the jobs <policy>_{b:.4f}; "
+                                    "give budgets that differ in their first 4 decimals.")
+                named[f"{b:.4f}"] = b
         else:
             check_number(p.num_budgets, "pipeline.num_budgets", 2, integer=True)
         if isinstance(p.policies, str) or not p.policies:
@@ -120,7 +133,8 @@ def run_pipeline(cfg: DictConfig) -> Comparison:
     list the fits that failed."""
     pipe = PipelineRun(cfg.paths.output_dir)
     check_config(cfg)
-    with pipe.claimed(force=bool(cfg.get("force")), resume=pipe.resumes(cfg)):
+    force = check_flag(cfg.get("force", False), "force")
+    with pipe.claimed(force=force, resume=not force and pipe.resumes(cfg)):
         pipe.write_config(cfg)
         return _run_pipeline(cfg, pipe)
 

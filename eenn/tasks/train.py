@@ -22,7 +22,7 @@ from rich.table import Table
 
 from eenn.cost import CostProfile, profile_costs
 from eenn.data.datamodule import EENNDataModule
-from eenn.errors import EENNError, check_number
+from eenn.errors import EENNError, check_flag, check_number, is_number
 from eenn.models.multi_exit import MultiExitNetwork
 from eenn.predictions import SPLITS
 from eenn.rundir import Stage1Run, check_fits, flatten, load_weights
@@ -31,6 +31,7 @@ from eenn.training.predict import make_predictions
 from eenn.utils.config import build_network, instantiate
 from eenn.utils.loggers import finish_wandb
 from eenn.utils.provenance import code_version
+from eenn.utils.trainer import interruptible_fit
 
 log = logging.getLogger("eenn.train")
 SRUN_WARNING = "The `srun` command is available on your system but is not used"
@@ -78,11 +79,35 @@ def check_config(cfg: DictConfig) -> None:
         if isinstance(value, float) and not math.isfinite(value) and not key.startswith("hydra."):
             raise EENNError(f"{key} must be a finite number, got {value!r}.")
     check_number(cfg.trainer.max_epochs, "trainer.max_epochs", 1, integer=True)
+    check_flag(cfg.cost.latency, "cost.latency")
     at = cfg.exits.get("at")
     if at is not None and not isinstance(at, str) and len(at) == 0 and cfg.exits.get("spacing") is None:
         # a plain backbone builds (the cost tables use one), but it is not what stage 1 trains
         raise EENNError("exits.at is empty; give at least one block to exit after, or exits.at=stages.")
     check_number(cfg.seed, "seed", 0, integer=True)
+    check_training(cfg)
+
+
+def check_training(cfg: DictConfig) -> None:
+    """The optimisers' and losses' settings that torch refuses with a traceback only once training
+    has started, or takes in silence (a negative mixup_alpha is Mixup off, an ema_decay of 2 an
+    average that diverges)."""
+    t = cfg.training
+    for node in ("optimizer", "gater_optimizer"):
+        for key in ("lr", "weight_decay", "momentum"):
+            if t.get(node) is not None and key in t[node]:
+                check_number(t[node][key], f"training.{node}.{key}", 0, strict=key == "lr")
+    smoothing = t.get("label_smoothing", 0.0)
+    if not is_number(smoothing) or not 0 <= smoothing < 1:
+        raise EENNError(f"training.label_smoothing must be a number in [0, 1), got {smoothing!r}.")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        check_number(t.get(key, 0.0), f"training.{key}", 0)
+    decay = t.get("ema_decay")
+    if decay is not None and (not is_number(decay) or not 0 < decay < 1):
+        raise EENNError(f"training.ema_decay must be a number in (0, 1) or null, got {decay!r}.")
+    batch = cfg.data.get("batch_size")
+    if (t.get("mixup_alpha", 0) > 0 or t.get("cutmix_alpha", 0) > 0) and is_number(batch, integer=True) and batch % 2:
+        raise EENNError(f"training.mixup_alpha/cutmix_alpha need an even data.batch_size, got {batch}.")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -91,9 +116,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Everything that can be refused is checked before the first file is written.
     check_config(cfg)
     run = Stage1Run(cfg.paths.output_dir)
-    if cfg.get("resume"):
+    force = check_flag(cfg.get("force", False), "force")
+    if cfg.get("resume") and not force:  # resume=<dir> force=true restarts the run in its dir
         Stage1Run(cfg.resume).check_resume(cfg)
-    with run.claimed(force=bool(cfg.get("force")), resume=run.resumes(cfg)):
+    with run.claimed(force=force, resume=not force and run.resumes(cfg)):
         return _train(cfg, run)
 
 
@@ -128,7 +154,7 @@ def _train(cfg: DictConfig, run: Stage1Run) -> dict[str, Any]:
             log_cost_table(loggers, costs)
 
         # weights_only: loading a checkpoint runs no pickled code
-        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+        interruptible_fit(trainer, module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
 
     ckpt_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
     best = ckpt_cb.best_model_path if ckpt_cb is not None else ""

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from eenn.cli.train import expand_resume
 from eenn.utils.overrides import override, quote
-from tests.reliability.test_bad_inputs import TRAIN, run_app
+from tests.reliability.workspace import TRAIN, run_app
 
 #: a sweep job's dir name, and the other characters Hydra's override grammar gives a meaning (not
 #: ``${``: Hydra re-reads its own run dir as a config value, so a run dir cannot hold one)
@@ -115,6 +115,7 @@ def test_each_path_taking_key_takes_a_hostile_path(case, finished, ws, tmp_path,
 def test_resume_takes_a_hostile_run_dir_quoted_or_bare(finished, tmp_path):
     crashed = tmp_path / HOSTILE
     shutil.copytree(finished["run"], crashed)
+    (crashed / "metrics.json").unlink()  # it crashed after its last checkpoint
     for typed in (override("resume", crashed), f"resume={crashed}"):
         args = expand_resume([typed, "trainer.max_epochs=3"])
         parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(args)}

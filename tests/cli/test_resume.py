@@ -15,8 +15,11 @@ SMALL = ["logger=csv", "trainer.max_epochs=2", "trainer.limit_train_batches=2", 
 
 
 def _saved_overrides(run: Path, overrides: list[str]) -> None:
+    """A crashed run: its overrides and a last checkpoint (expand_resume looks for one, not in it)."""
     (run / ".hydra").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
 
 
 def test_resume_replays_the_runs_overrides_in_its_dir_from_last(tmp_path):

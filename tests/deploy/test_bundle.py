@@ -303,7 +303,7 @@ def oracle_fit(exported, tmp_path_factory) -> Path:
 @pytest.mark.parametrize(("case", "app", "args", "fragments", "prepare"), CLI_CASES, ids=[c[0] for c in CLI_CASES])
 def test_bad_input_to_export_and_the_bundle_runtime_is_one_sentence(case, app, args, fragments, prepare, exported,
                                                                     oracle_fit, tmp_path, capsys):
-    from tests.reliability.test_bad_inputs import assert_one_sentence, run_app, snapshot
+    from tests.reliability.workspace import assert_one_sentence, run_app, snapshot
 
     places = {"M": str(exported["export_maxprob"]), "F": str(exported["maxprob"]), "O": str(oracle_fit),
               "D": str(exported["deex"]), "N": str(tmp_path / "new")}
@@ -317,7 +317,7 @@ def test_bad_input_to_export_and_the_bundle_runtime_is_one_sentence(case, app, a
 
 
 def test_eenn_export_prints_its_summary_and_none_of_the_exporters_chatter(exported, tmp_path, capsys):
-    from tests.reliability.test_bad_inputs import run_app
+    from tests.reliability.workspace import run_app
 
     code, out, err = run_app("export", [f"policy_dir={exported['maxprob']}", "baseline=false",
                                         f"hydra.run.dir={tmp_path / 'e'}"], capsys)

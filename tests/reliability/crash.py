@@ -36,3 +36,11 @@ class KillAt(CrashAt):
                     return
                 Path(self.once).touch()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class InterruptAt(CrashAt):
+    """Ctrl-C (SIGINT's KeyboardInterrupt) mid-epoch, which Lightning catches and turns into exit code 1."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise KeyboardInterrupt

@@ -3,13 +3,11 @@ with exit code 2 and one sentence (no traceback), and leaves every file of the f
 sweep it was pointed at byte for byte as it was, with no half-made dir beside it.
 
 The apps run in-process (their console-script ``main``, with ``sys.argv``) against copies of one
-tiny finished run, its fits and a tiny pipeline, made once per module."""
+tiny finished run, its fits and a tiny pipeline (made once per session: conftest.py)."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -17,12 +15,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -30,72 +27,7 @@ from eenn.cli.common import conf_dir
 from eenn.policies import build_policy
 from eenn.policies.synthetic import synthetic_predictions
 from eenn.tasks.fit import fit_run
-from eenn.tasks.pipeline import run_pipeline
-from eenn.tasks.train import train
-
-TRAIN = ["data=digits", "logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "cost.latency=false",
-         "trainer.enable_progress_bar=false"]
-
-
-def _compose(name: str, overrides: list[str], out: Path) -> DictConfig:
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose(name, overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.paths.root_dir = str(out.parent)
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def made(tmp_path_factory) -> dict[str, Path]:
-    """A finished stage-1 run and a sweep of two fits of it (maxprob, deex)."""
-    root = tmp_path_factory.mktemp("made")
-    train(_compose("train", TRAIN, root / "run"))
-    for job, overrides in (("0_maxprob", ["policy=maxprob"]), ("1_deex", ["policy=deex", "policy.p_tar=0.8"])):
-        fit_run(_compose("fit", [f"run_dir={root / 'run'}", *overrides, "wandb.mode=disabled"], root / "sweep" / job),
-                root / "sweep" / job)
-    return {"R": root / "run", "S": root / "sweep"}
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory) -> Path:
-    """A finished tiny pipeline: stage 1, maxprob at two budgets, the comparison."""
-    out = tmp_path_factory.mktemp("pipe") / "demo"
-    cfg = _compose("pipeline", [*TRAIN, "pipeline.policies=[maxprob]", "pipeline.num_budgets=2", "wandb.mode=disabled"], out)
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):  # the pipeline composes its fits
-        run_pipeline(cfg)
-    return out
-
-
-def run_app(app: str, args: list[str], capsys) -> tuple[int, str, str]:
-    """Run ``eenn-<app> args`` as its console script does, in this process: (exit code, stdout, stderr)."""
-    main = importlib.import_module(f"eenn.cli.{app}").main
-    capsys.readouterr()  # what fixtures printed
-    handlers = logging.root.handlers[:]
-    with mock.patch.object(sys, "argv", [f"eenn-{app}", *args]):
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        finally:  # Hydra's logging writes to this test's captured streams: later tests get theirs
-            logging.root.handlers[:] = handlers
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every file (its bytes) and dir (None) under ``root``."""
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
-
-
-def assert_one_sentence(code: int, out: str, err: str, expected_code: int, *fragments: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == expected_code, err[-3000:]
-    assert "Traceback" not in out + err
-    assert 1 <= len(lines) <= 3 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
+from tests.reliability.workspace import TRAIN, assert_one_sentence, compose_run, run_app, snapshot
 
 
 # --------------------------------------------------------------------- tampered input files
@@ -308,7 +240,7 @@ def test_an_interrupt_is_one_line_and_exit_130(made, tmp_path, monkeypatch, caps
 
 @pytest.mark.parametrize("overrides", [["policy.thresholds=[1.5,0.9]"], ["policy=patience", "policy.patience=1000"]])
 def test_a_policy_fixed_by_its_config_warns_when_it_spends_more_than_the_budget(overrides, made, tmp_path):
-    metrics = fit_run(_compose("fit", [f"run_dir={made['R']}", "budget.fraction=0.5", "wandb.mode=disabled",
+    metrics = fit_run(compose_run("fit", [f"run_dir={made['R']}", "budget.fraction=0.5", "wandb.mode=disabled",
                                        *overrides], tmp_path / "fit"), tmp_path / "fit")
     assert metrics["val"]["avg_cost"] > metrics["budget"]
     assert any("exceeds the budget" in w for w in metrics["warnings"])

@@ -189,6 +189,8 @@ def timm_backbone(
         raise
     except TypeError as exc:  # an argument this model's class does not take
         raise EENNError(f"backbone: {model} does not take these arguments ({_first_line(exc)}).") from None
+    if checkpoint is not None:
+        _check_loads_weights(net, checkpoint, model)
     if not getattr(net, "feature_info", None):
         raise _unsplittable(model, net, "timm gives it no feature_info to cut along")
     units, head, stage_modules, tokens = _split(net)
@@ -205,6 +207,38 @@ def timm_backbone(
         tokens=tokens,
         check=_checker(net, units, head, model),
     )
+
+
+def _checkpoint_keys(path: str) -> set[str] | None:
+    """The tensor names of a safetensors or PyTorch checkpoint (a wrapped state dict unwrapped, a
+    DDP ``module.`` prefix dropped); None for a format read otherwise (timm reads .npz itself)."""
+    if path.endswith(".npz"):
+        return None
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as fh:
+                keys = set(fh.keys())
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            for wrapper in ("state_dict", "model", "state_dict_ema"):
+                if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                    state = state[wrapper]
+                    break
+            keys = set(state) if isinstance(state, dict) else set()
+    except Exception:  # noqa: BLE001  (an unreadable file: timm's loading has said so already)
+        return None
+    return {k.removeprefix("module.") for k in keys}
+
+
+def _check_loads_weights(net: nn.Module, checkpoint: str, model: str) -> None:
+    """timm loads a checkpoint without its model's tensors and logs the missing keys at INFO only:
+    a checkpoint that holds none of them (another model's, or a predictions file) is refused."""
+    keys = _checkpoint_keys(str(checkpoint))
+    if keys is not None and not keys & set(net.state_dict()):
+        raise EENNError(f"backbone.checkpoint={str(checkpoint)!r} holds none of {model}'s weights (its tensors are "
+                        f"named {', '.join(sorted(keys)[:3]) or 'nothing'}...): give a checkpoint of this model.")
 
 
 BACKBONES.add_namespace("timm", "model", lambda key: key in _timm_models(), "any timm model name")
