@@ -66,6 +66,7 @@ def collect(sweeps: Sequence[str | Path], runs: Sequence[str | Path] = (), basel
                 add_fit(comp, job)
             except EENNError as exc:  # one broken job is listed; the others' results stand
                 comp.failures.append({"run": str(job.path), "reason": str(exc)})
+    name_models_apart(comp)
     distinguish(comp)
     comp.rows.sort(key=lambda r: (r["model"], r["policy"], r["settings"], r["cost_unit"], r["budget"]))
     if not comp.rows:
@@ -88,9 +89,37 @@ def add_fit(comp: Comparison, job: FitRun) -> None:
         model = comp.models.get(key)
     row = fit_row(metrics, job.path, model.name if model else (source.path.name if source else "unknown"),
                   model.training if model else "unknown")
+    row["model_dir"] = str(source.path.resolve()) if source is not None else ""  # who it is, beyond its name
     comp.fits.append({**metrics, "run": str(job.path), "model": row["model"], "policy_file": str(job.policy_file),
                       "hparams": job.policy().hparams()})
     comp.rows.append(row)
+
+
+def name_models_apart(comp: Comparison) -> None:
+    """Two stage-1 runs of one name (two dirs called ``base`` in different places) are two models:
+    each is named by its parent dir as well (its whole path if that is not enough), in the models,
+    the rows and the fits, so that no table or plot merges them."""
+    by_name: dict[str, list[str]] = {}
+    for key, m in comp.models.items():
+        by_name.setdefault(m.name, []).append(key)
+    renamed: dict[str, str] = {}
+    for name, keys in by_name.items():
+        if len(keys) < 2:
+            continue
+        longer = {k: f"{Path(k).parent.name}/{name}" for k in keys}
+        if len(set(longer.values())) < len(keys):
+            longer = {k: k for k in keys}
+        for k in keys:
+            comp.models[k].name = renamed[k] = longer[k]
+    if not renamed:
+        return
+    runs = {}
+    for r in comp.rows:
+        if r.get("model_dir") in renamed:
+            r["model"] = renamed[r["model_dir"]]
+            runs[r["run"]] = r["model"]
+    for f in comp.fits:
+        f["model"] = runs.get(f["run"], f["model"])
 
 
 def compare(
