@@ -406,8 +406,15 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_budget_aware_v2")
     parser.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR",
                         help="evaluate this finished run as a seed of arm NAME instead of training")
+    parser.add_argument("--markdown", type=Path, default=None, metavar="JSON",
+                        help="print the README's tables from a result JSON and stop (nothing is trained or read)")
     add_output_args(parser)
     args = parser.parse_args()
+    if args.markdown:
+        result = json.loads(args.markdown.read_text())
+        print(markdown(result, "maxprob"))
+        print(markdown(result, "eenet").split("\n\nAnytime")[0])
+        return
     out_path = output_path(args, OUT)
     data = ["data=cifar10_full", override("data.train_subset", args.train_subset)]
     epochs = args.epochs
@@ -499,6 +506,52 @@ def learning_curve_check(study: Study, tuning: dict[str, Any], args: argparse.Na
     rank = lambda s: sorted(s, key=lambda a: -s[a])  # noqa: E731
     return {"epochs": [args.epochs, args.curve_epochs], "val_score": {"short": short, "long": long},
             "ranking": {"short": rank(short), "long": rank(long)}, "same_ranking": rank(short) == rank(long)}
+
+
+def markdown(result: dict[str, Any], policy: str = "maxprob") -> str:
+    """The README's tables from a result: test accuracy per arm and budget (mean [95 % CI], n), the
+    paired difference to joint with its p-values and verdict, anytime accuracy, and the tuning."""
+    f = result["budget_fractions"]
+    head = "| arm | n | " + " | ".join(f"{b:.3f}" for b in f) + " |\n|---|---|" + "---|" * len(f) + "\n"
+    acc, diff = head, head.replace("| n |", "| n |")
+    for arm, s in result["summary"].items():
+        if f"{policy}_test" not in s:
+            continue
+        cells = s[f"{policy}_test"]
+        acc += f"| {arm} | {cells[0]['n']} | " + " | ".join(
+            f"{100 * c['mean']:.2f}" + (f" [{100 * c['ci_low']:.2f}, {100 * c['ci_high']:.2f}]" if c["ci_low"] is not None else
+                                        " (1 seed: no spread)") for c in cells) + " |\n"
+        d = s.get(f"{policy}_test_minus_joint")
+        if d:
+            diff += f"| {arm} − joint | {d[0]['n']} | " + " | ".join(_diff_cell(c) for c in d) + " |\n"
+    any_head = "| arm | n | " + " | ".join(f"exit {k}" for k in range(len(result["exits"]))) + " |\n|---|---|" + \
+        "---|" * len(result["exits"]) + "\n"
+    anytime = any_head
+    for arm, s in result["summary"].items():
+        if "anytime_test" in s:
+            anytime += f"| {arm} | {s['anytime_test'][0]['n']} | " + " | ".join(
+                f"{100 * c['mean']:.2f}" + (f" ± {100 * (c['ci_high'] - c['ci_low']) / 2:.2f}" if c["ci_low"] is not None else "")
+                for c in s["anytime_test"]) + " |\n"
+    tuning = ""
+    if result.get("tuning"):
+        t = result["tuning"]
+        tuning = "| arm | tuning runs (lr, knob: val score %) | chosen |\n|---|---|---|\n"
+        for arm, runs in t["results"].items():
+            c = t["chosen"][arm]
+            tried = "; ".join(f"{r['lr']:g}" + (f", {r['knob']}" if r["knob"] is not None else "") + f": {100 * r['val_score']:.2f}"
+                              for r in runs)
+            tuning += f"| {arm} | {tried} | lr {c['lr']:g}" + (f", {t['knobs'][arm]['key']}={c['knob']}" if c["knob"] is not None
+                                                                else "") + " |\n"
+    return (f"Test accuracy (%), {policy}, mean [95 % CI] over seeds:\n\n{acc}\n"
+            f"Paired difference to joint (points), mean [95 % CI], t-test p / sign-flip p:\n\n{diff}\n"
+            f"Anytime test accuracy per exit (%), mean ± CI half-width:\n\n{anytime}\n{tuning}")
+
+
+def _diff_cell(c: dict[str, Any]) -> str:
+    if c["ci_low"] is None:
+        return f"{100 * c['mean']:+.2f} (1 seed: no spread)"
+    text = f"{100 * c['mean']:+.2f} [{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}] p={c['p_t']:.2g}/{c['p_sign_flip']:.2g}"
+    return f"**{text}**" if c["ci_low"] > 0 or c["ci_high"] < 0 else text
 
 
 def print_summary(result: dict[str, Any]) -> None:

@@ -126,7 +126,7 @@ def test_bad_input_is_named(fitted, tmp_path):
         ([f"run_dir={tmp_path}", f"policy_dir={policy_dir}"], "is not a stage-1 run dir"),
         ([f"policy_dir={policy_dir}", "mode=fast"], "mode must be one of"),
         ([f"policy_dir={policy_dir}", "checkpoint=middle"], "checkpoint='middle'"),
-        ([f"policy_dir={run}"], "policy_dir=.* holds no policy.safetensors"),
+        ([f"policy_dir={run}"], "policy_dir=.* is an eenn-train run dir; policy_dir takes an eenn-fit run dir"),
         ([f"policy_dir={policy_dir}", "split=train"], "split must be"),
         ([f"policy_dir={policy_dir}", "batch_size=0"], "batch_size must be"),
         ([f"policy_dir={policy_dir}", "timing_repeats=0"], "timing_repeats must be an integer >= 1, got 0"),
