@@ -63,7 +63,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
-from common import REPO, add_output_args, compose_cfg, output_path  # noqa: E402
+from common import REPO, add_output_args, compose_cfg, output_path, write_result  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from eenn.evaluation.offline import evaluate  # noqa: E402
@@ -484,7 +484,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "jobs": args.jobs, "threads_per_job": args.threads},
     }
-    write_json(out_path, result)
+    write_result(out_path, result)
     plot(result, out_path.with_suffix(".png"))
     print_summary(result)
     print(f"-> {out_path}")

@@ -29,6 +29,16 @@ def output_path(args: argparse.Namespace, results: Path) -> Path:
     return results
 
 
+def write_result(path: Path, result: dict[str, Any]) -> Path:
+    """Write a benchmark's JSON with the code that made it (``code``: eenn's version, the commit and
+    whether the tree had uncommitted changes), so that a number can be traced to its commit."""
+    from eenn.utils.io import write_json
+    from eenn.utils.provenance import code_version
+
+    write_json(path, {**result, "code": code_version()})
+    return path
+
+
 def compose_cfg(name: str, overrides: list[str], output_dir: Path | None = None) -> Any:
     """``conf/<name>.yaml`` with ``overrides``, composed as the apps compose it; with ``output_dir``,
     the run dir the job writes, set where Hydra would set it (the checkout as the root)."""

@@ -45,7 +45,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import add_output_args, compose_cfg, output_path  # noqa: E402
+from common import add_output_args, compose_cfg, output_path, write_result  # noqa: E402
 
 from eenn.deploy import Runtime  # noqa: E402
 from eenn.inference.engine import EarlyExitEngine, batches_of  # noqa: E402
@@ -54,7 +54,6 @@ from eenn.tasks.export import export  # noqa: E402
 from eenn.tasks.fit import fit_run  # noqa: E402
 from eenn.tasks.infer import load_split  # noqa: E402
 from eenn.tasks.train import train  # noqa: E402
-from eenn.utils.io import write_json  # noqa: E402
 from eenn.utils.overrides import override  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -291,7 +290,7 @@ def main() -> None:
         name: all(c["acceptance"][name] for c in result["cases"] if name in c["acceptance"])
         for name in ("realised_at_least_0.9x_predicted", "router_at_most_1pct", "not_slower_than_plain_onnx")
     }
-    write_json(out_path, result)
+    write_result(out_path, result)
     print(result["acceptance"], f"-> {out_path}")
 
 

@@ -26,14 +26,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from common import add_output_args, compose_cfg, output_path  # noqa: E402
+from common import add_output_args, compose_cfg, output_path, write_result  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from eenn.evaluation.offline import evaluate  # noqa: E402
 from eenn.policies import build_policy  # noqa: E402
 from eenn.rundir import Stage1Run  # noqa: E402
 from eenn.tasks.train import train  # noqa: E402
-from eenn.utils.io import write_json  # noqa: E402
 from eenn.utils.overrides import override  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +98,7 @@ def main() -> None:
     for r in rows:
         clamped = f"  (clamped to {r['clamped_to']:.3f})" if r["clamped_to"] else ""
         print(f"{r['budget_fraction']:8.3f} {r['method']:>10} {r['test_accuracy']:9.4f} {r['test_cost_fraction']:6.3f}{clamped}")
-    write_json(out, {"machine": platform.platform(), "processor": platform.processor(), "epochs": args.epochs,
+    write_result(out, {"machine": platform.platform(), "processor": platform.processor(), "epochs": args.epochs,
                      "cost": args.cost, "run_dir": str(args.run_dir), "stage1": trained, "stage2": rows,
                      "paper_table1": {"base": 93.90, "EENet": [93.84, 92.90, 88.90], "BranchyNet": [93.76, 92.57, 87.55],
                                       "MSDNet": [93.81, 92.79, 88.76], "PABEE": [93.69, 91.85, 84.39]}})

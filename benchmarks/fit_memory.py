@@ -30,11 +30,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
-from common import add_output_args, output_path  # noqa: E402
+from common import add_output_args, output_path, write_result  # noqa: E402
 
 from eenn.predictions import Predictions  # noqa: E402
 from eenn.rundir import FitRun  # noqa: E402
-from eenn.utils.io import write_json  # noqa: E402
 from eenn.utils.overrides import override  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +121,7 @@ def main() -> None:
         "fits": fits,
         "machine": {"cpus": os.cpu_count(), "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
     }
-    write_json(results, out)
+    write_result(results, out)
     print(json.dumps(out, indent=2))
     if not all(f["completed"] for f in fits):
         sys.exit(1)

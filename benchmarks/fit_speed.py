@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import add_output_args, output_path
+from common import add_output_args, output_path, write_result
 
 from eenn.evaluation.offline import evaluate
 from eenn.policies import POLICIES, ExitPolicy, build_policy, policy_class
 from eenn.policies.synthetic import synthetic_predictions
 from eenn.predictions import Predictions
-from eenn.utils.io import write_json
 
 OUT = Path(__file__).resolve().parent / "results" / "fit_speed.json"
 FRACTIONS = [0.5, 0.7, 0.9]
@@ -102,7 +101,7 @@ def main() -> None:
     eval_max = max(r["eval_test_10k_s_median"] for r in rows)
     summary = {"eenet_fit_s_max": eenet_max, "heuristic_fit_s_max": heuristic_max, "offline_eval_10k_s_max": eval_max}
     passed = eenet_max < LIMITS["eenet_fit_s"] and heuristic_max < LIMITS["heuristic_fit_s"] and eval_max < LIMITS["offline_eval_10k_s"]
-    write_json(
+    write_result(
         out,
         {
             "benchmark": "fit_speed",

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import add_output_args, output_path
+from common import add_output_args, output_path, write_result
 
 from eenn.cost import profile_costs
 from eenn.inference.engine import EarlyExitEngine, batches_of, time_backbone
@@ -47,7 +47,6 @@ from eenn.models import build_multi_exit
 from eenn.models.multi_exit import MultiExitNetwork
 from eenn.policies.base import Decision, ExitPolicy, State, continue_to_next
 from eenn.policies.features import max_prob
-from eenn.utils.io import write_json
 
 OUT = Path(__file__).resolve().parent / "results" / "inference_speed.json"
 BACKBONES: dict[str, dict[str, Any]] = {
@@ -246,9 +245,9 @@ def main() -> None:
     out = output_path(args, OUT)
     if args.update and out.is_file():
         ran = {(r["backbone"], r["batch_size"]) for r in rows}
-        rows += [r for r in json.loads(out.read_text()) if (r["backbone"], r["batch_size"]) not in ran]
+        rows += [r for r in json.loads(out.read_text())["rows"] if (r["backbone"], r["batch_size"]) not in ran]
         rows.sort(key=lambda r: (list(BACKBONES).index(r["backbone"]), -r["batch_size"], r["exit_mix"], r["mode"]))
-    write_json(out, rows)
+    write_result(out, {"rows": rows})
     print(f"wrote {out} (load average before {load_before[0]:.2f}, after {env['load_avg_after'][0]:.2f} "
           f"on {env['cores']} cores, {env['threads']} threads)")
 

@@ -43,13 +43,12 @@ os.environ.setdefault("WANDB_MODE", "disabled")  # a benchmark: no wandb runs
 os.environ.setdefault("WANDB_SILENT", "true")
 
 import torch  # noqa: E402
-from common import add_output_args, compose_cfg, output_path  # noqa: E402
+from common import add_output_args, compose_cfg, output_path, write_result  # noqa: E402
 
 from eenn.evaluation.stats import paired_difference  # noqa: E402
 from eenn.rundir import Stage1Run  # noqa: E402
 from eenn.tasks.fit import fit_run  # noqa: E402
 from eenn.tasks.train import train  # noqa: E402
-from eenn.utils.io import write_json  # noqa: E402
 from eenn.utils.overrides import override  # noqa: E402
 from eenn.utils.provenance import code_version  # noqa: E402
 
@@ -196,7 +195,7 @@ def main() -> None:
             "fit_overrides": args.fit_overrides, **ablation, "total_seconds": time.perf_counter() - t0,
             "code": code_version(),
         }
-        write_json(out, result)
+        write_result(out, result)
         print(detach_table(result), f"\n-> {out}")
         return
 
@@ -246,7 +245,7 @@ def main() -> None:
                     "torch_threads": torch.get_num_threads(), "load_avg_before": load_before,
                     "load_avg_after": os.getloadavg()[0]},
     }
-    write_json(out, result)
+    write_result(out, result)
     print(table(result))
     a = result["acceptance"]
     print(f"eenet - maxprob (points): {[round(d, 2) for d in a['eenet_minus_maxprob_points']]}; "

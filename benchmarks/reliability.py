@@ -20,9 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
-from common import add_output_args, compose_cfg, output_path  # noqa: E402
-
-from eenn.utils.io import write_json  # noqa: E402
+from common import add_output_args, compose_cfg, output_path, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -95,7 +93,7 @@ def main() -> None:
             "ddp_each_sample_once": ddp_coverage(tmp),
             "machine": {"cpus": os.cpu_count(), "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
         }
-    write_json(results, out)
+    write_result(results, out)
     print(json.dumps(out, indent=2))
 
 

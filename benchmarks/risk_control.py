@@ -45,7 +45,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from common import add_output_args, output_path  # noqa: E402
+from common import add_output_args, output_path, write_result  # noqa: E402
 
 from eenn.evaluation.calibration import fit_temperatures, temperature_rows  # noqa: E402
 from eenn.policies import build_policy  # noqa: E402
@@ -53,7 +53,6 @@ from eenn.policies.risk import LOSSES, binomial_pvalues, candidate_exits, candid
 from eenn.policies.synthetic import synthetic_predictions  # noqa: E402
 from eenn.predictions import Predictions  # noqa: E402
 from eenn.rundir import Stage1Run  # noqa: E402
-from eenn.utils.io import write_json  # noqa: E402
 from eenn.utils.provenance import code_version  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -310,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }
     path = output_path(args, OUT)
-    write_json(path, out)
+    write_result(path, out)
     a = result["acceptance"]
     print(markdown_table(result["modes"]))
     print(f"{draws} draws in {seconds:.1f} s -> {path}\nLTT within delta everywhere: {a['ltt_within_delta_everywhere']}; "
