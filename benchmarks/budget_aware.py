@@ -66,11 +66,12 @@ import torch  # noqa: E402
 from common import REPO, add_output_args, compose_cfg, output_path, write_result  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from eenn.configs import config_differences, resolved_config  # noqa: E402
 from eenn.evaluation.offline import evaluate  # noqa: E402
 from eenn.evaluation.stats import paired_difference, summarise  # noqa: E402
 from eenn.policies import build_policy  # noqa: E402
 from eenn.predictions import Predictions  # noqa: E402
-from eenn.rundir import Stage1Run, config_differences, resolved_config  # noqa: E402
+from eenn.rundir import Stage1Run  # noqa: E402
 from eenn.tasks.fit import sweep_fractions  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
 from eenn.utils.overrides import override  # noqa: E402

@@ -50,6 +50,7 @@ from common import add_output_args, compose_cfg, output_path, write_result  # no
 from eenn.deploy import Runtime  # noqa: E402
 from eenn.inference.engine import EarlyExitEngine, batches_of  # noqa: E402
 from eenn.rundir import FitRun, Stage1Run  # noqa: E402
+from eenn.tasks.build import datamodule, load_network  # noqa: E402
 from eenn.tasks.export import export  # noqa: E402
 from eenn.tasks.fit import fit_run  # noqa: E402
 from eenn.tasks.infer import load_split  # noqa: E402
@@ -252,10 +253,10 @@ def main() -> None:
         run_dir = args.run_dir.resolve()
         overrides = Stage1Run(run_dir).overrides() if Stage1Run(run_dir).overrides_file.is_file() else None
     run = Stage1Run(run_dir)
-    dm = run.datamodule()
+    dm = datamodule(run)
     dm.setup("test")
     x, y = load_split(dm, "test")
-    network = run.load_network("best", dm)
+    network = load_network(run, "best", dm)
     result: dict[str, Any] = {
         "run_dir": str(run_dir), "train_overrides": overrides, "test_accuracy": run.metrics().get("test_accuracy"),
         "threads": threads, "host": platform.node(), "torch": torch.__version__, "repeats": args.repeats, "cases": [],

@@ -38,6 +38,7 @@ from eenn.inference.engine import EarlyExitEngine, batches_of
 from eenn.policies.base import ExitPolicy
 from eenn.policies.simulate import simulate
 from eenn.rundir import FitRun, Stage1Run
+from eenn.tasks.build import datamodule, load_network
 from eenn.tasks.infer import load_split
 from eenn.utils.io import write_json
 from eenn.utils.overrides import override
@@ -99,10 +100,10 @@ def engine_exits(train_dir: Path, policy: ExitPolicy, device: str, batch_size: i
     """(N,) the exit the engine takes for each test sample, in order, on ``device``, with the run's
     best checkpoint and the batch size eenn-infer uses by default."""
     run = Stage1Run(train_dir)
-    dm = run.datamodule()
+    dm = datamodule(run)
     dm.setup("test")
     x, y = load_split(dm, "test")
-    engine = EarlyExitEngine(run.load_network("best", dm), policy, device=device)
+    engine = EarlyExitEngine(load_network(run, "best", dm), policy, device=device)
     return engine.run(batches_of(x, batch_size, y)).exit_index.cpu()
 
 

@@ -59,6 +59,7 @@ def ddp_coverage(tmp: Path) -> bool:
     the saved network's output on sample i of the split (labels alone repeat, so a shuffle within
     a class would pass a check of them)."""
     from eenn.rundir import Stage1Run
+    from eenn.tasks.build import datamodule, load_network
 
     env = {**os.environ, "EENN_ROOT": str(tmp / "ddp")}
     subprocess.run([str(BIN / "eenn-train"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
@@ -66,9 +67,9 @@ def ddp_coverage(tmp: Path) -> bool:
                    env=env, cwd=tmp, check=True, capture_output=True, timeout=600)
     (path,) = (tmp / "ddp" / "outputs" / "train" / "runs").iterdir()
     run = Stage1Run(path)
-    dm = run.datamodule()
+    dm = datamodule(run)
     dm.setup()
-    network = run.load_network("best", dm)
+    network = load_network(run, "best", dm)
     for split, ds in (("val", dm.val_set), ("test", dm.test_set)):
         p = run.predictions(split)
         x, y = dm.split_loader(split).collate_fn([ds[i] for i in range(len(ds))])  # sample i, by index

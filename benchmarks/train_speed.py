@@ -59,9 +59,9 @@ from torchvision.transforms import v2  # noqa: E402
 
 from eenn.cost import profile_costs  # noqa: E402
 from eenn.data.augment import BatchAugment  # noqa: E402
+from eenn.tasks.build import instantiate  # noqa: E402
 from eenn.tasks.train import build_module, build_network, instantiate_group, train  # noqa: E402
 from eenn.training.gater import Gater  # noqa: E402
-from eenn.utils.config import instantiate  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
 from eenn.utils.overrides import override  # noqa: E402
 

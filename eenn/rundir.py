@@ -14,90 +14,50 @@ as its input. The objects here know the files; every other module asks them:
   and a CompareRun in ``compare/``;
 - a job of a sweep that failed leaves ``error.json`` instead of its results.
 
-Every file a stage writes goes through its run object's ``write_*`` methods, and checkpoints load
-through :func:`load_weights` alone (``weights_only=True``: no pickled code runs). The rules for a
-run dir live here too (:meth:`RunDir.claim`): a job writes only into an empty dir, or into its own
-app's run that it resumes or is told to redo (``force=true``: the old run is kept aside in the dir
-until the new one has finished, and comes back if it does not); a lock file keeps a second job out
-while the first one runs; and each run saves its config resolved, with absolute paths, so that the
-run dir works from any working directory.
+Every file a stage writes goes through its run object's ``write_*`` methods. What a run dir's
+objects do beyond knowing its files lives beside them, one concern a module: a run's lifecycle
+(claiming the dir, the forced redo's swap: :mod:`eenn.claims`, which inherits its lock from
+:mod:`eenn.locking`), reading checkpoints (:mod:`eenn.checkpoints`: ``weights_only=True``, no
+pickled code runs), saving and comparing configs (:mod:`eenn.configs`: resolved, with absolute
+paths, so that a run dir works from any working directory), and rebuilding a run's network and
+data (:mod:`eenn.tasks.build`, for the jobs).
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import fcntl
 import json
 import logging
 import os
 import re
-import shutil
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
-from torch import nn
 
+from eenn.checkpoints import checkpoint_state
+from eenn.claims import ASIDE, REPLACE_DIRS, Claimable
+from eenn.configs import config_differences, rename_registry_keys, resolved_config
 from eenn.cost import CostProfile
 from eenn.errors import EENNError, is_number
-from eenn.models.multi_exit import MultiExitNetwork
+from eenn.locking import LOCK_FILE
 from eenn.policies.base import ExitPolicy
 from eenn.predictions import SPLITS, Predictions
-from eenn.utils.config import build_network, instantiate
 from eenn.utils.io import atomic_path, read_json, write_json
+from eenn.utils.nested import flatten
 
 log = logging.getLogger("eenn")
 
 HYDRA_DIR = ".hydra"  # Hydra's own: the job's composed config and overrides
 ERROR_FILE = "error.json"
-LOCK_FILE = ".eenn.lock"  # held (flock) by the job writing into the dir; it holds that job's pid
 #: what Hydra writes into a run or sweep dir before a job starts (besides <job>.log), and the lock:
 #: a dir holding nothing else holds no job's results
 HYDRA_FILES = (HYDRA_DIR, "multirun.yaml", LOCK_FILE)
-#: A forced redo moves the old run (every entry but the lock) into ASIDE inside its dir, and at the
-#: job's end deletes it if the new run finished, else puts it back (:meth:`RunDir.settle`). Moving
-#: many entries is not one rename, so each move goes through a dir whose name says which move it
-#: is: a job killed midway leaves a state the next one to claim or read the dir completes.
-ASIDE, MOVING, RESTORING, DISCARD = ".eenn.old", ".eenn.old-moving", ".eenn.old-restoring", ".eenn.old-discarded"
-REPLACE_DIRS = (ASIDE, MOVING, RESTORING, DISCARD)
-#: config values that are paths: saved absolute, so that a run dir works from any working directory
-PATH_KEYS = ("data.root", "data.path", "run_dir", "resume")
-
-# the run dirs this process holds: resolved path -> [lock file descriptor, claims, created by the claim,
-# the run dir object of the first claim (its type says when its run is finished)]
-_HELD: dict[Path, list[Any]] = {}
 
 
-def is_rank_zero() -> bool:
-    """Whether this process is a job's first (a DDP worker's launcher or SLURM sets its rank)."""
-    return all(os.environ.get(var, "0") == "0" for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
-
-
-def release_all() -> None:
-    """End every claim this process holds as a failed job's (an app ended by bad input or Ctrl-C
-    skips Hydra's run-end callback; an in-process caller, such as a test, then claims afresh): a
-    forced redo's old run comes back unless the new one finished, and a dir the job created that
-    holds nothing but Hydra's files goes."""
-    while _HELD:
-        _end(next(iter(_HELD)), failed=True)
-
-
-def _end(key: Path, failed: bool) -> None:
-    fd, _, created, run = _HELD.pop(key)
-    try:
-        run._settle()  # under the job's own lock, still held
-        if failed and created:
-            run.remove_if_only_hydra_files()
-    finally:
-        os.close(fd)
-
-
-class RunDir:
+class RunDir(Claimable):
     """What every run dir has: Hydra's saved config, ``metrics.json`` once the job finished, and
     ``error.json`` when it failed in a sweep."""
 
@@ -123,7 +83,7 @@ class RunDir:
         if not self.has_config():
             raise EENNError(f"{str(self.path)!r} holds no {HYDRA_DIR}/config.yaml: it is not the run dir of an eenn app.")
         cfg: DictConfig = OmegaConf.load(self.config_file)  # type: ignore[assignment]
-        _rename_registry_keys(cfg)
+        rename_registry_keys(cfg)
         return cfg
 
     @property
@@ -218,65 +178,6 @@ class RunDir:
     def resume_hint(self) -> str:
         return ""
 
-    def claim(self, force: bool = False, resume: bool = False) -> None:
-        """Make this dir the run dir of a job of :attr:`APP` for this process, before anything is
-        written into it. Refused, by an EENNError naming the dir: a dir holding another app's run
-        or other files; a run of this app, unless the job resumes it or is forced; a dir another
-        job holds (its lock); a dir that cannot be written. A forced job moves the old run aside
-        (:data:`ASIDE`): the last :meth:`release` deletes it if the new run finished and puts it
-        back otherwise. Claims nest: :meth:`release` each one."""
-        key = self.path.resolve()
-        if not is_rank_zero():  # a DDP worker writes into the dir its rank-0 process claimed
-            return
-        if key in _HELD:
-            _HELD[key][1] += 1
-            return
-        holder = self._holder()
-        if holder is not None:
-            raise self._in_use(holder)
-        self.settle()
-        self._check_outputs(force, resume)  # a refused claim writes nothing
-        created = not self.path.exists()
-        fd, previous = self._lock()
-        try:
-            self._check_outputs(force, resume)  # again: another job may have finished meanwhile
-            if force and self.outputs():
-                self._set_aside(previous)
-        except BaseException:
-            os.close(fd)
-            raise
-        _HELD[key] = [fd, 1, created, self]
-
-    def release(self, failed: bool = False) -> None:
-        """End a claim. The last one settles a forced redo (the new run replaces the old one if it
-        finished; the old one comes back otherwise), removes the dir it created if the job was
-        refused (``failed``) and the dir holds nothing but Hydra's files, and unlocks."""
-        key = self.path.resolve()
-        held = _HELD.get(key)
-        if held is None:
-            return
-        held[1] -= 1
-        if held[1] == 0:
-            _end(key, failed)
-
-    # ------------------------------------------------------------ forced redo
-    def settle(self) -> None:
-        """Complete what a forced redo killed midway left in this dir (:data:`ASIDE`): the new run
-        stays if it finished, else the old run comes back whole (a sweep's: job by job). Nothing
-        where no redo left anything, where a job holds the dir (it settles it itself), or where
-        the dir cannot be written (its claim then refuses it)."""
-        if not any((self.path / name).exists() for name in REPLACE_DIRS) or self.path.resolve() in _HELD:
-            return
-        try:
-            fd, _ = self._lock()
-        except EENNError:
-            return
-        try:
-            log.warning("run dir %s holds a forced redo that was stopped midway: settling it", self.path)
-            self._settler()._settle()
-        finally:
-            os.close(fd)
-
     def _settler(self) -> RunDir:
         """This dir as the run dir object whose rules settle it, whatever object this is: a sweep's
         where it holds a multirun's jobs, else that of the app whose run (old or new) it holds."""
@@ -285,126 +186,6 @@ class RunDir:
             return SweepDir(self.path)
         apps = [RunDir(p).saved_app() for p in places]
         return next((RUN_TYPES[a](self.path) for a in apps if a in RUN_TYPES), self)
-
-    def _set_aside(self, lock_content: bytes) -> None:
-        """The first step of a forced redo: every entry but the lock into :data:`ASIDE`, with what
-        the lock file held before this job wrote its pid (so that a restored run is byte for byte
-        the old one)."""
-        moving = self.path / MOVING
-        moving.mkdir()
-        (moving / LOCK_FILE).write_bytes(lock_content)
-        for entry in list(self.path.iterdir()):
-            if entry.name not in (LOCK_FILE, MOVING):
-                entry.rename(moving / entry.name)
-        moving.rename(self.path / ASIDE)
-
-    def _settle(self) -> None:
-        """Run, under the dir's lock, whatever steps of a forced redo's replacement remain; each
-        one can be taken up again where a kill stopped it."""
-        moving, aside, restoring, discard = (self.path / name for name in (MOVING, ASIDE, RESTORING, DISCARD))
-        if moving.is_dir():  # stopped while setting the old run aside: nothing new was written yet
-            _move_entries(moving, self.path)
-        if aside.is_dir():
-            self._replace_or_restore(aside, discard)
-        if restoring.is_dir():
-            _move_entries(restoring, self.path)
-        if discard.exists():
-            shutil.rmtree(discard)
-
-    def _replace_or_restore(self, aside: Path, discard: Path) -> None:
-        """The new run, if it finished, replaces the old one in ``aside``; otherwise the new run's
-        entries go to ``discard`` and the old run is renamed :data:`RESTORING` to move back."""
-        discard.mkdir(exist_ok=True)
-        if self.finished():
-            aside.rename(discard / ASIDE)
-            return
-        for entry in list(self.path.iterdir()):
-            if entry.name not in (LOCK_FILE, *REPLACE_DIRS):
-                entry.rename(discard / entry.name)
-        aside.rename(self.path / RESTORING)
-
-    @contextlib.contextmanager
-    def claimed(self, force: bool = False, resume: bool = False) -> Iterator[None]:
-        """:meth:`claim` for the duration of a job; a job refused by bad input leaves no dir behind."""
-        self.claim(force, resume)
-        refused = True
-        try:
-            yield
-            refused = False
-        except EENNError:
-            raise
-        except BaseException:
-            refused = False  # a crash keeps what it made, for resuming or a bug report
-            raise
-        finally:
-            self.release(refused)
-
-    def _lock(self) -> tuple[int, bytes]:
-        """Lock the dir for this job (the lock file then holds its pid); the file descriptor, and
-        what the lock file held before."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise EENNError(f"run dir {str(self.path)!r} cannot be written: {exc.strerror}.") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise self._in_use(holder) from None
-        previous = os.pread(fd, 64, 0)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return fd, previous
-
-    def _holder(self) -> str | None:
-        """The pid of the job that holds this dir's lock now, read without creating anything;
-        None where no job does."""
-        try:
-            fd = os.open(self.path / LOCK_FILE, os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return None
-        except BlockingIOError:
-            return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-        finally:
-            os.close(fd)  # closing drops the shared lock taken to probe
-
-    def _in_use(self, holder: str) -> EENNError:
-        return EENNError(f"run dir {str(self.path)!r} is in use by another job (pid {holder}): two jobs never share "
-                         "a run dir; wait for it to end, or choose another hydra.run.dir.")
-
-    def _check_outputs(self, force: bool, resume: bool) -> None:
-        if self.path.exists() and not self.path.is_dir():
-            raise EENNError(f"run dir {str(self.path)!r} is a file, not a directory.")
-        found = self.outputs()
-        if not found:
-            return
-        saved = self.saved_app()
-        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
-        if saved != self.APP:
-            what = f"an eenn-{saved} run" if saved else "files of no eenn run"
-            raise EENNError(f"run dir {str(self.path)!r} holds {what} ({shown}): eenn-{self.APP} never writes into "
-                            "it, force=true included; choose another hydra.run.dir.")
-        if force:  # before resume: force=true redoes a run even where the job would resume it
-            return
-        if not resume:
-            state = "finished" if self.finished() else "started"
-            raise EENNError(f"run dir {str(self.path)!r} holds a {state} eenn-{self.APP} run, which is never written "
-                            f"into again{self.resume_hint()}: add force=true to overwrite it, or choose another "
-                            "hydra.run.dir.")
-
-    def remove_if_only_hydra_files(self) -> None:
-        """Remove the run dir of a refused job when it holds nothing but Hydra's config and log
-        and the lock: a run dir with anything more (a resumed run's checkpoints, or a forced
-        redo's old run, say) is never deleted."""
-        if self.path.is_dir() and not self.outputs():
-            if any(self.path.glob("*.log")):
-                logging.shutdown()  # Hydra's log handler holds <job>.log open
-            shutil.rmtree(self.path, ignore_errors=True)
 
 
 class Stage1Run(RunDir):
@@ -500,18 +281,6 @@ class Stage1Run(RunDir):
         path = self.checkpoint(ckpt_path, key="ckpt_path")
         checkpoint_state(path, "ckpt_path")
         return path
-
-    def load_network(self, checkpoint: str = "best", dm: Any = None) -> MultiExitNetwork:
-        """The run's network, rebuilt from its config for the data module ``dm`` (default: the
-        run's own data), with the checkpoint's weights, in eval mode."""
-        network = build_network(self.config(), dm if dm is not None else self.datamodule())
-        load_weights(network, self.checkpoint(checkpoint), "checkpoint", prefix="network.")
-        return network.eval()
-
-    def datamodule(self, overrides: Any = None) -> Any:
-        """The run's data module from its config, with ``overrides`` of the data config merged in
-        (e.g. another data.root on another machine)."""
-        return instantiate(OmegaConf.merge(self.config().data, overrides or {}), _convert_="all")
 
     # -------------------------------------------------------------------- costs
     @property
@@ -640,18 +409,6 @@ def fit_runs(path: str | Path) -> list[FitRun]:
         elif FitRun(d).is_job():
             jobs.append(FitRun(d))
     return jobs
-
-
-def _move_entries(src: Path, dst: Path) -> None:
-    """Every entry of ``src`` into ``dst``, then ``src`` itself removed. A lock file's content is
-    copied into ``dst``'s: renaming it would swap the file a job holds its lock on."""
-    for entry in list(src.iterdir()):
-        if entry.name == LOCK_FILE:
-            (dst / LOCK_FILE).write_bytes(entry.read_bytes())
-            entry.unlink()
-        else:
-            entry.rename(dst / entry.name)
-    src.rmdir()
 
 
 def _job_finished(path: Path) -> bool:
@@ -824,95 +581,3 @@ class PipelineRun(RunDir):
 RUN_TYPES: dict[str, type[RunDir]] = {t.APP: t for t in (Stage1Run, FitRun, InferRun, ExportRun, CompareRun, PipelineRun)}
 
 
-def resolved_config(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """``cfg`` (without Hydra's node) as the run in ``run_dir`` saves it: resolved, with that dir as
-    ``paths.output_dir`` and every path (``paths.*``, :data:`PATH_KEYS`) absolute."""
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
-        if "paths" in cfg:
-            cfg.paths.output_dir = str(Path(run_dir).resolve())
-    out: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    for key in [f"paths.{k}" for k in out.get("paths", {})] + list(PATH_KEYS):
-        parent, _, leaf = key.rpartition(".")
-        node = out.get(parent) if parent else out
-        if isinstance(node, dict) and isinstance(node.get(leaf), str):
-            node[leaf] = os.path.abspath(node[leaf])
-    return out
-
-
-def config_differences(saved: Any, now: dict[str, Any], may_change: tuple[str, ...]) -> str:
-    """The keys (and both values, up to four) where two resolved configs of one run differ, beyond
-    ``may_change`` and the task's name; "" when none. Paths inside the run dir (its checkpoints...)
-    follow the dir when it is moved or copied."""
-    def relative(flat: dict[str, Any]) -> dict[str, Any]:
-        root = flat.get("paths.output_dir")  # absent from a config saved unresolved
-        return {k: v.replace(str(root), "<run dir>") if isinstance(v, str) and root else v
-                for k, v in flat.items() if k != "task_name"}
-
-    before, after = relative(flatten(saved)), relative(flatten(now))
-    differ = [k for k in sorted(set(before) | set(after)) if before.get(k, "<unset>") != after.get(k, "<unset>")
-              and not any(k == p or k.startswith(p + ".") for p in may_change)]
-    shown = "; ".join(f"{k}: {before.get(k, '<unset>')!r} -> {after.get(k, '<unset>')!r}" for k in differ[:4])
-    return shown + (f" (and {len(differ) - 4} more)" if len(differ) > 4 else "")
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested config as ``{"a.b.c": leaf}``."""
-    if not isinstance(tree, dict) or not tree:
-        return {prefix.rstrip("."): tree}
-    return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
-
-
-def _rename_registry_keys(cfg: DictConfig) -> None:
-    """Runs saved before every registry key was ``name`` say ``backbone.family`` (with a timm
-    backbone's model in ``backbone.name``) and ``exits.head.type``: read them as they are said now."""
-    backbone, head = cfg.get("backbone"), OmegaConf.select(cfg, "exits.head")
-    if backbone is not None and "family" in backbone:
-        if "name" in backbone:
-            backbone.model = backbone.pop("name")
-        backbone.name = backbone.pop("family")
-    if head is not None and "type" in head:
-        head.name = head.pop("type")
-
-
-# --------------------------------------------------------------------------- checkpoints
-def checkpoint_state(path: str | Path, key: str) -> dict[str, torch.Tensor]:
-    """The state dict of a Lightning checkpoint, read with ``weights_only=True``; a missing or
-    unreadable file is an EENNError naming ``key``."""
-    if not Path(path).is_file():
-        raise EENNError(f"{key}={str(path)!r} does not exist.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001  (torch raises several types for a bad archive)
-        raise EENNError(f"{key}={str(path)!r} is not a readable checkpoint (truncated or tampered?): {exc}") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise EENNError(f"{key}={str(path)!r} is not a Lightning checkpoint (it holds no state_dict).")
-    return ckpt["state_dict"]
-
-
-def _fitting_weights(module: nn.Module, path: str | Path, key: str, prefix: str) -> dict[str, torch.Tensor]:
-    """The checkpoint's entries under ``prefix``, if they fit ``module``; a checkpoint of another
-    model (backbone, exits, number of classes) is refused by name."""
-    weights = {k.removeprefix(prefix): v for k, v in checkpoint_state(path, key).items() if k.startswith(prefix)}
-    own = module.state_dict()
-    missing = sorted(set(own) - set(weights))
-    wrong = [(k, tuple(weights[k].shape), tuple(v.shape)) for k, v in own.items() if k in weights and weights[k].shape != v.shape]
-    if missing or wrong:
-        detail = (f"{len(wrong)} tensors differ in shape, e.g. {wrong[0][0]}: checkpoint {wrong[0][1]} vs model {wrong[0][2]}"
-                  if wrong else f"{len(missing)} tensors are missing, e.g. {missing[0]}")
-        raise EENNError(f"{key}={str(path)!r} does not fit this model ({detail}); was it trained with another "
-                        "backbone, exits or number of classes?")
-    return weights
-
-
-def check_fits(module: nn.Module, path: str | Path, key: str) -> None:
-    """Refuse, before Lightning loads it, a checkpoint to resume from that is not this module's."""
-    _fitting_weights(module, path, key, prefix="")
-
-
-def load_weights(module: nn.Module, path: str | Path, key: str, prefix: str = "") -> None:
-    """Load a Lightning checkpoint's weights into ``module``: the entries under ``prefix`` (e.g.
-    ``network.`` for a stage-1 network, none for the whole training module). ``key`` names the
-    checkpoint in errors."""
-    module.load_state_dict(_fitting_weights(module, path, key, prefix))

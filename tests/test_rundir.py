@@ -9,10 +9,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from eenn.checkpoints import load_weights
 from eenn.errors import EENNError
 from eenn.models import build_multi_exit
 from eenn.policies.synthetic import synthetic_predictions
-from eenn.rundir import FitRun, PipelineRun, RunDir, Stage1Run, failed_jobs, fit_runs, load_weights
+from eenn.rundir import FitRun, PipelineRun, RunDir, Stage1Run, failed_jobs, fit_runs
 
 RESNET8 = {"name": "cifar_resnet", "depth": 8}
 

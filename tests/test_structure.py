@@ -145,3 +145,61 @@ def test_the_override_finder_finds_hand_built_overrides() -> None:
     code = ('a = f"run_dir={path}"\nb = "data.path=" + str(p)\nc = "policy_dir={}".format(d)\n'
             'd = f"run_dir={p!r} is not a directory"\ne = override("run_dir", p)\nf = f"+policy.x={v:.3f}"')
     assert _built_overrides(ast.parse(code)) == [1, 2, 3, 6]
+
+
+def _unit(module: str) -> str:
+    """The layer a module belongs to: its top-level package, or the top-level module itself
+    (``eenn.tasks.fit`` -> ``tasks``, ``eenn.rundir`` -> ``rundir``)."""
+    return module.split(".")[1]
+
+
+def _eenn_imports(path: Path) -> set[str]:
+    """The eenn modules a file imports, at the top or inside functions (not under TYPE_CHECKING)."""
+    tree = ast.parse(path.read_text())
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)}
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("eenn.")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("eenn."):
+            out.add(node.module)
+    return out
+
+
+def _layer_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for f in _modules():
+        rel = f.relative_to(EENN.parent).with_suffix("")
+        if rel.name == "__init__" and len(rel.parts) == 2:
+            continue  # eenn/__init__.py
+        me = _unit(".".join(rel.parts))
+        graph.setdefault(me, set()).update(u for u in map(_unit, _eenn_imports(f)) if u != me)
+    return graph
+
+
+def test_imports_between_eenn_layers_have_no_cycle() -> None:
+    graph = _layer_graph()
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path, node, nxt]
+            if nxt not in state and (cycle := visit(nxt, [*path, node])):
+                return cycle
+        state[node] = 2
+        return None
+
+    cycles = [c for n in sorted(graph) if n not in state and (c := visit(n, []))]
+    assert cycles == []
+
+
+def test_training_does_not_sit_above_the_run_dir_objects() -> None:
+    # training reads checkpoints (eenn.checkpoints); run dirs are the jobs' business
+    graph = _layer_graph()
+    assert "rundir" not in graph["training"] and "tasks" not in graph["training"]
+    assert "tasks" not in graph["rundir"]

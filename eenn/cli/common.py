@@ -43,7 +43,7 @@ def conf_dir() -> str:
 
 
 def quiet_environment() -> None:
-    """wandb never prints login banners or prompts (its mode is settled in eenn.utils.loggers)."""
+    """wandb never prints login banners or prompts (its mode is settled in eenn.tasks.loggers)."""
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
@@ -109,9 +109,9 @@ def cli(app: Callable[[], Any], rewrite_args: Callable[[list[str]], list[str]] |
             print(f"error: {hydra_error_text(exc)}", file=sys.stderr)
             sys.exit(BAD_INPUT)
         finally:
-            rundir = sys.modules.get("eenn.rundir")  # loaded only if a job started
-            if rundir is not None:
-                rundir.release_all()
+            claims = sys.modules.get("eenn.claims")  # loaded only if a job started
+            if claims is not None:
+                claims.release_all()
             if before is None:
                 os.environ.pop("HYDRA_FULL_ERROR", None)
             else:
@@ -170,7 +170,7 @@ def report_errors(task: Callable[..., Any]) -> Callable[..., Any]:
             return task(*args, **kwargs)
         except Exception as exc:
             from eenn.rundir import RunDir  # here, not at the top: see the module's docstring
-            from eenn.utils.loggers import finish_wandb
+            from eenn.tasks.loggers import finish_wandb
 
             run = RunDir(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
             if _in_multirun() and run is not None:
@@ -196,7 +196,7 @@ OPEN_KEYS = ("trainer", "data", "training", "backbone", "exits", "callbacks", "l
 def check_added_keys(config: DictConfig) -> None:
     """Refuse a ``+key=value`` override that adds a key the app never reads (``+budgt.fraction=0.9``
     would otherwise be ignored in silence)."""
-    from eenn.rundir import flatten  # here, not at the top: see the module's docstring
+    from eenn.utils.nested import flatten  # here, not at the top: see the module's docstring
 
     groups = set(config.hydra.runtime.choices)
     for override in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):

@@ -37,7 +37,7 @@ from eenn.evaluation.plots import (
 )
 from eenn.evaluation.report import accuracy_table, seed_table, write_report
 from eenn.rundir import CompareRun, FitRun, Stage1Run, fit_runs
-from eenn.utils.loggers import start_wandb_run
+from eenn.tasks.loggers import start_wandb_run
 
 log = logging.getLogger("eenn.compare")
 

@@ -14,6 +14,7 @@ from eenn.errors import EENNError, check_flag, check_number
 from eenn.policies.base import ExitPolicy
 from eenn.predictions import SPLITS
 from eenn.rundir import ExportRun
+from eenn.tasks.build import datamodule, load_network
 from eenn.tasks.infer import resolve_policy_file, resolve_run
 
 FORMATS = ("onnx",)
@@ -58,9 +59,9 @@ def _export(cfg: DictConfig, out: ExportRun) -> dict[str, Any]:
     policy_file = resolve_policy_file(cfg)
     policy = ExitPolicy.load(policy_file)
     run = resolve_run(cfg)
-    dm = run.datamodule(cfg.get("data"))
+    dm = datamodule(run, cfg.get("data"))
     dm.setup("test")
-    network = run.load_network(str(cfg.checkpoint), dm)
+    network = load_network(run, str(cfg.checkpoint), dm)
     check_exportable(policy, network)
     if policy.num_classes != dm.num_classes:
         raise EENNError(f"policy file {str(policy_file)!r} was fitted on {policy.num_classes} classes; run_dir's "

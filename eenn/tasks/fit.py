@@ -24,7 +24,7 @@ from eenn.policies.base import ExitPolicy, build_policy, check_budget
 from eenn.policies.budget import within_budget
 from eenn.predictions import SPLITS, Predictions, check_compatible, cost_unit_name
 from eenn.rundir import FitRun, Stage1Run
-from eenn.utils.loggers import start_wandb_run
+from eenn.tasks.loggers import start_wandb_run
 
 log = logging.getLogger("eenn")
 

@@ -28,6 +28,7 @@ from eenn.inference.report import UNITS, expected_vs_realised, format_report, ti
 from eenn.policies.base import ExitPolicy
 from eenn.predictions import SPLITS
 from eenn.rundir import FitRun, InferRun, Stage1Run
+from eenn.tasks.build import datamodule, load_network
 
 MODES = ("batched", "rebatch", "single")
 #: torch: eenn's engine on the run's network; onnxruntime: an eenn-export bundle (eenn.deploy)
@@ -167,14 +168,14 @@ def _infer(cfg: DictConfig, out_run: InferRun) -> dict[str, Any]:
     policy_file = resolve_policy_file(cfg, source.get("policy_file"))
     policy = ExitPolicy.load(policy_file)
     run = resolve_run(cfg, source.get("run_dir"))
-    dm = run.datamodule(cfg.get("data"))
+    dm = datamodule(run, cfg.get("data"))
     dm.setup("test")
     if bundle is not None:
         check_bundle_source(bundle, source, run)
     if bundle is not None and source.get("policy_sha256") not in (None, sha256(policy_file)):
         raise EENNError(f"policy file {str(policy_file)!r} is not the one bundle {str(bundle.path)!r} was exported with "
                         "(its sha256 differs from the manifest's source.policy_sha256): give that policy.")
-    network = run.load_network(str(cfg.checkpoint), dm) if bundle is None else None
+    network = load_network(run, str(cfg.checkpoint), dm) if bundle is None else None
     profile = run.costs()
     unit = str(cfg.report_unit)
     if profile.backbone.get(unit) is None:

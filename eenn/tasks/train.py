@@ -20,16 +20,18 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from eenn.checkpoints import check_fits, load_weights
 from eenn.cost import CostProfile, profile_costs
 from eenn.data.datamodule import EENNDataModule
 from eenn.errors import EENNError, check_flag, check_number, is_number
 from eenn.models.multi_exit import MultiExitNetwork
 from eenn.predictions import SPLITS
-from eenn.rundir import Stage1Run, check_fits, flatten, load_weights
+from eenn.rundir import Stage1Run
+from eenn.tasks.build import build_network, instantiate
+from eenn.tasks.loggers import finish_wandb
 from eenn.training.joint import MultiExitModule, metric_key
 from eenn.training.predict import make_predictions
-from eenn.utils.config import build_network, instantiate
-from eenn.utils.loggers import finish_wandb
+from eenn.utils.nested import flatten
 from eenn.utils.provenance import code_version
 from eenn.utils.trainer import interruptible_fit
 

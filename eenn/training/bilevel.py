@@ -51,10 +51,10 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from timm.utils import ModelEmaV3
 
+from eenn.checkpoints import load_weights
 from eenn.cost import CostProfile
 from eenn.errors import EENNError
 from eenn.models.multi_exit import MultiExitNetwork
-from eenn.rundir import load_weights
 from eenn.training.gater import Gater
 from eenn.training.joint import MultiExitModule, OptimizerFactory, SchedulerFactory, metric_key
 

@@ -27,7 +27,7 @@ from eenn.models.multi_exit import MultiExitNetwork
 from eenn.policies import POLICIES, ExitPolicy, budget_ceiling, build_policy, policy_class
 from eenn.policies.simulate import simulate
 from eenn.predictions import Predictions
-from eenn.utils.config import instantiate
+from eenn.tasks.build import instantiate
 from tests.policies.helpers import naive_simulate
 
 FRACTIONS = (0.4, 0.55, 0.7, 0.85, 1.0)

@@ -21,6 +21,7 @@ from eenn.deploy.bundle import sha256
 from eenn.errors import EENNError
 from eenn.inference.engine import EarlyExitEngine, batches_of
 from eenn.rundir import FitRun, Stage1Run
+from eenn.tasks.build import datamodule, load_network
 from eenn.tasks.export import export
 from eenn.tasks.fit import fit_run
 from eenn.tasks.infer import infer, load_split
@@ -87,12 +88,12 @@ def test_the_bundle_holds_a_graph_per_segment_the_policy_and_a_checked_manifest(
 @pytest.mark.parametrize("batch_size", [1, 64])
 def test_the_runtime_takes_the_engines_exits_and_logits(exported, policy, batch_size):
     run = Stage1Run(exported["run"])
-    dm = run.datamodule()
+    dm = datamodule(run)
     dm.setup("test")
     x, y = load_split(dm, "test")
     if batch_size == 1:  # one request at a time: a slice is enough
         x, y = x[:60], y[:60]
-    net = run.load_network("best", dm)
+    net = load_network(run, "best", dm)
     eager = EarlyExitEngine(net, FitRun(exported[policy]).policy()).run(batches_of(x, batch_size, y))
     rt = Runtime(exported[f"export_{policy}"], threads=1)
     out = rt.predict(x.numpy(), batch_size=batch_size)
@@ -200,7 +201,7 @@ def test_a_bundle_runs_from_its_manifest_alone_as_the_readme_shows(exported):
 
     readme = (REPO / "README.md").read_text()
     code = readme.split("import json, onnxruntime as ort\n", 1)[1].split("```", 1)[0]
-    dm = Stage1Run(exported["run"]).datamodule()
+    dm = datamodule(Stage1Run(exported["run"]))
     dm.setup("test")
     x = load_split(dm, "test")[0][:60].numpy()
     for name in ("export_maxprob", "export_patience"):

@@ -18,7 +18,7 @@ from eenn.policies.features import max_prob
 from eenn.policies.simulate import simulate
 from eenn.policies.synthetic import synthetic_predictions
 from eenn.predictions import Predictions
-from eenn.utils.config import build_network
+from eenn.tasks.build import build_network
 from tests.contracts import checks
 
 from .helpers import EENET_FAST, logits_for_max_prob, predictions

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from eenn.rundir import Stage1Run
+from eenn.tasks.build import datamodule, load_network
 
 
 @pytest.mark.slow
@@ -23,9 +24,9 @@ def test_ddp_two_processes_write_each_sample_once_in_dataset_order(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     (path,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
     run = Stage1Run(path)
-    dm = run.datamodule()
+    dm = datamodule(run)
     dm.setup()
-    network = run.load_network("best", dm)
+    network = load_network(run, "best", dm)
     for split, ds in (("val", dm.val_set), ("test", dm.test_set)):
         p = run.predictions(split)
         assert len(p.labels) == len(ds)  # the DistributedSampler's padding is not in the file

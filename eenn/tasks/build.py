@@ -1,4 +1,5 @@
-"""Hydra helpers: instantiation that lets eenn's errors through, and the network a config describes."""
+"""What jobs build from configs: Hydra instantiation that lets eenn's errors through, the network a
+config describes, and a finished stage-1 run's network and data module rebuilt from its saved config."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
+from eenn.checkpoints import load_weights
 from eenn.errors import EENNError
 from eenn.models.multi_exit import MultiExitNetwork, build_multi_exit
+from eenn.rundir import Stage1Run
 
 
 def instantiate(cfg: Any, **kwargs: Any) -> Any:
@@ -39,3 +42,17 @@ def build_network(cfg: DictConfig, dm: Any) -> MultiExitNetwork:
         num_classes=dm.num_classes,
         input_shape=dm.input_shape,
     )
+
+
+def load_network(run: Stage1Run, checkpoint: str = "best", dm: Any = None) -> MultiExitNetwork:
+    """The run's network, rebuilt from its config for the data module ``dm`` (default: the run's
+    own data), with the checkpoint's weights, in eval mode."""
+    network = build_network(run.config(), dm if dm is not None else datamodule(run))
+    load_weights(network, run.checkpoint(checkpoint), "checkpoint", prefix="network.")
+    return network.eval()
+
+
+def datamodule(run: Stage1Run, overrides: Any = None) -> Any:
+    """The run's data module from its config, with ``overrides`` of the data config merged in
+    (e.g. another data.root on another machine)."""
+    return instantiate(OmegaConf.merge(run.config().data, overrides or {}), _convert_="all")
