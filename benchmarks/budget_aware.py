@@ -28,8 +28,8 @@ Protocol (the JSON's ``protocol`` says it too):
    and the smallest effect the study could have detected (:mod:`eenn.evaluation.stats`).
 
 Runs are reused only when their resolved config (as the run saved it) equals the one this
-benchmark would train now; an interrupted training resumes from its ``last.ckpt``. Each run's
-resolved config and the commit it trained on (its metrics.json) go into the JSON.
+benchmark would train now; an interrupted training resumes from its last checkpoint. Each run's
+resolved config and the commit it trained on (from its metrics) go into the JSON.
 
     python benchmarks/budget_aware.py --stage tune        # 24 runs (hours): the tuning
     python benchmarks/budget_aware.py --stage final       # 30 runs: the chosen settings x 5 seeds
@@ -151,7 +151,7 @@ class Study:
         run = Stage1Run(run_dir)
         if run.finished():
             return
-        resume = ["ckpt_path=last"] if (run.checkpoint_dir / "last.ckpt").is_file() else []
+        resume = ["ckpt_path=last"] if run.last_checkpoint.is_file() else []
         force = ["force=true"] if run_dir.exists() and not resume else []  # an attempt that never saved a checkpoint
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
                "WANDB_MODE": "disabled"}

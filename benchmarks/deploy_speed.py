@@ -49,7 +49,7 @@ from common import add_output_args, compose_cfg, output_path, write_result  # no
 
 from eenn.deploy import Runtime  # noqa: E402
 from eenn.inference.engine import EarlyExitEngine, batches_of  # noqa: E402
-from eenn.rundir import FitRun, Stage1Run  # noqa: E402
+from eenn.rundir import ExportRun, FitRun, Stage1Run  # noqa: E402
 from eenn.tasks.build import datamodule, load_network  # noqa: E402
 from eenn.tasks.export import export  # noqa: E402
 from eenn.tasks.fit import fit_run  # noqa: E402
@@ -271,7 +271,7 @@ def main() -> None:
             if not FitRun(fit_dir).finished():
                 fit_run(compose_cfg("fit", [override("run_dir", run_dir), override("policy", policy), override("budget.fraction", fraction),
                                             "wandb.enabled=false"], fit_dir), fit_dir)
-            if not (export_dir / "bundle" / "manifest.json").is_file():
+            if not ExportRun(export_dir).finished():
                 export(compose_cfg("export", [override("policy_dir", fit_dir)], export_dir), export_dir)
             rt = Runtime(export_dir, threads=threads)
             engine = EarlyExitEngine(network, FitRun(fit_dir).policy())

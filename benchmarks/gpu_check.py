@@ -37,7 +37,7 @@ from common import add_output_args, output_path
 from eenn.inference.engine import EarlyExitEngine, batches_of
 from eenn.policies.base import ExitPolicy
 from eenn.policies.simulate import simulate
-from eenn.rundir import FitRun, Stage1Run
+from eenn.rundir import FitRun, InferRun, Stage1Run
 from eenn.tasks.build import datamodule, load_network
 from eenn.tasks.infer import load_split
 from eenn.utils.io import write_json
@@ -142,12 +142,12 @@ def check(args: argparse.Namespace, out: Path, result: dict[str, Any]) -> None:
     result["train_seconds"] = run([*app("train"), *data, "backbone=resnet20", "exits=stages", *trainer,
                                    "logger=csv", "trainer.enable_progress_bar=false",
                                    *epochs, override("hydra.run.dir", train_dir)], work / "train.log")
-    result["train_metrics"] = json.loads((train_dir / "metrics.json").read_text())
+    result["train_metrics"] = Stage1Run(train_dir).metrics()
     run([*app("fit"), override("run_dir", train_dir), "policy=maxprob", "budget.fraction=0.7", "wandb.enabled=false",
          override("hydra.run.dir", fit_dir)], work / "fit.log")
     run([*app("infer"), override("policy_dir", fit_dir), override("device", device), override("hydra.run.dir", infer_dir)],
         work / "infer.log")
-    infer = json.loads((infer_dir / "infer.json").read_text())
+    infer = InferRun(infer_dir).result()
     result["infer"] = {k: infer[k] for k in ("device", "accuracy", "agreement", "timing", "exit_fractions")}
     # per sample: on CUDA (TF32 convolutions, kernels chosen per batch size) the logits of the
     # engine's smaller batches differ slightly from the offline pass's, so only near ties may move

@@ -41,6 +41,7 @@ from eenn.checkpoints import checkpoint_state
 from eenn.claims import ASIDE, REPLACE_DIRS, Claimable
 from eenn.configs import config_differences, rename_registry_keys, resolved_config
 from eenn.cost import CostProfile
+from eenn.deploy.bundle import BUNDLE_DIR, MANIFEST
 from eenn.errors import EENNError, is_number
 from eenn.locking import LOCK_FILE
 from eenn.policies.base import ExitPolicy
@@ -218,7 +219,7 @@ class Stage1Run(RunDir):
         if self.finished():
             raise EENNError(f"resume={str(self.path)!r}: the run is finished; there is nothing to resume (force=true "
                             "redoes it).")
-        if not (self.checkpoint_dir / "last.ckpt").is_file() and "SLURM_JOB_ID" not in os.environ:
+        if not self.last_checkpoint.is_file() and "SLURM_JOB_ID" not in os.environ:
             raise EENNError(f"resume={str(self.path)!r}: the run stopped before its first checkpoint, so there is "
                             "nothing to resume; add force=true to restart it from scratch with its own overrides.")
 
@@ -250,6 +251,11 @@ class Stage1Run(RunDir):
     def checkpoint_dir(self) -> Path:
         return self.path / "checkpoints"
 
+    @property
+    def last_checkpoint(self) -> Path:
+        """Where the newest checkpoint goes (what ``ckpt_path=last`` resumes from)."""
+        return self.checkpoint_dir / "last.ckpt"
+
     def checkpoint(self, which: str = "best", key: str = "checkpoint") -> Path:
         """``best`` or ``last``: this run's checkpoint; anything else is a checkpoint path. A
         missing file is an EENNError naming ``key``."""
@@ -270,9 +276,9 @@ class Stage1Run(RunDir):
         same dir; anywhere else it is refused, since the user meant to continue something."""
         if not ckpt_path:
             return None
-        if ckpt_path == "last" and not (self.checkpoint_dir / "last.ckpt").is_file():
+        if ckpt_path == "last" and not self.last_checkpoint.is_file():
             if "SLURM_JOB_ID" not in os.environ:
-                raise EENNError(f"ckpt_path=last: {str(self.checkpoint_dir / 'last.ckpt')!r} does not exist, so there is "
+                raise EENNError(f"ckpt_path=last: {str(self.last_checkpoint)!r} does not exist, so there is "
                                 "nothing to resume; to continue a crashed run pass resume=<its run dir>, to start a "
                                 "new one leave ckpt_path out.")
             log.info("ckpt_path=last: no last checkpoint in %s yet (the job's first start), training from scratch",
@@ -458,6 +464,9 @@ class InferRun(RunDir):
     def result_file(self) -> Path:
         return self.path / "infer.json"
 
+    def result(self) -> dict[str, Any]:
+        return read_json(self.result_file, "infer result")
+
     def write_result(self, result: dict[str, Any]) -> None:
         write_json(self.result_file, result)
 
@@ -468,11 +477,11 @@ class ExportRun(RunDir):
     APP = "export"
 
     def finished(self) -> bool:
-        return (self.bundle_dir / "manifest.json").is_file()
+        return (self.bundle_dir / MANIFEST).is_file()
 
     @property
     def bundle_dir(self) -> Path:
-        return self.path / "bundle"
+        return self.path / BUNDLE_DIR
 
 
 class CompareRun(RunDir):
@@ -531,7 +540,7 @@ class PipelineRun(RunDir):
             train_cfg.task_name = Stage1Run.APP
             train_cfg.paths.output_dir = str(self.train.path)
             if not train_cfg.get("force") and not self.train.finished() and self.train.outputs():
-                if (self.train.checkpoint_dir / "last.ckpt").is_file():
+                if self.train.last_checkpoint.is_file():
                     train_cfg.ckpt_path = "last"
                 else:
                     train_cfg.force = True

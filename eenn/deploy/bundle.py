@@ -35,6 +35,7 @@ from eenn.errors import EENNError
 # /2: the decisions are in the graphs (exit, next_exit and state outputs); /1 bundles routed in numpy
 FORMAT = "eenn.bundle/2"
 MANIFEST = "manifest.json"
+BUNDLE_DIR = "bundle"  # where eenn-export writes the bundle in its run dir
 POLICY_JSON = "policy.json"
 POLICY_ARRAYS = "policy.safetensors"
 BACKBONE = "backbone.onnx"
@@ -88,8 +89,8 @@ class Bundle:
 
     def __init__(self, path: str | Path, verify: bool = True) -> None:
         path = Path(path)
-        if not (path / MANIFEST).is_file() and (path / "bundle" / MANIFEST).is_file():
-            path = path / "bundle"  # an eenn-export run dir: its bundle
+        if not (path / MANIFEST).is_file() and (path / BUNDLE_DIR / MANIFEST).is_file():
+            path = path / BUNDLE_DIR  # an eenn-export run dir: its bundle
         self.path = path
         if not (path / MANIFEST).is_file():
             raise EENNError(f"bundle {str(path)!r} has no {MANIFEST}: is it a directory eenn-export wrote?")
