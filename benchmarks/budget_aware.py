@@ -70,9 +70,9 @@ from eenn.configs import config_differences, resolved_config  # noqa: E402
 from eenn.evaluation.offline import evaluate  # noqa: E402
 from eenn.evaluation.stats import paired_difference, summarise  # noqa: E402
 from eenn.policies import build_policy  # noqa: E402
+from eenn.policies.budget import sweep_fractions  # noqa: E402
 from eenn.predictions import Predictions  # noqa: E402
 from eenn.rundir import Stage1Run  # noqa: E402
-from eenn.tasks.fit import sweep_fractions  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
 from eenn.utils.overrides import override  # noqa: E402
 

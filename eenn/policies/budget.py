@@ -30,6 +30,13 @@ if TYPE_CHECKING:
 RTOL = 1e-9
 
 
+def sweep_fractions(costs: torch.Tensor, n: int) -> list[float]:
+    """``n`` budget fractions evenly spaced from the first exit's cost to the full cost: the range
+    where policies differ (below the first exit every policy is clamped to it)."""
+    lo = float(costs[0] / costs[-1])
+    return [lo + (1 - lo) * i / (n - 1) for i in range(n)]
+
+
 def within_budget(cost: float, budget: float) -> bool:
     return cost <= budget * (1.0 + RTOL)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from eenn.errors import EENNError, check_flag, is_number
 from eenn.evaluation.calibration import calibration_report, fit_temperatures, temperature_split
 from eenn.evaluation.offline import evaluate
 from eenn.policies.base import ExitPolicy, build_policy, check_budget
-from eenn.policies.budget import within_budget
+from eenn.policies.budget import sweep_fractions, within_budget
 from eenn.predictions import SPLITS, Predictions, check_compatible, cost_unit_name
 from eenn.rundir import FitRun, Stage1Run
 from eenn.tasks.loggers import start_wandb_run
@@ -72,13 +73,6 @@ def cost_unit(cfg: DictConfig, val: Predictions) -> str:
     return unit
 
 
-def sweep_fractions(costs: torch.Tensor, n: int) -> list[float]:
-    """``n`` budget fractions evenly spaced from the first exit's cost to the full cost: the range
-    where policies differ (below the first exit every policy is clamped to it)."""
-    lo = float(costs[0] / costs[-1])
-    return [lo + (1 - lo) * i / (n - 1) for i in range(n)]
-
-
 def requested_fraction(cfg: DictConfig, costs: torch.Tensor) -> float | None:
     """The fraction of the full cost ``budget`` asks for: ``budget.point`` of ``budget.points``
     on the sweep of :func:`sweep_fractions` when set, else ``budget.fraction`` as given (None
@@ -97,10 +91,11 @@ def requested_fraction(cfg: DictConfig, costs: torch.Tensor) -> float | None:
 
 
 def resolve_budget(
-    cfg: DictConfig, policy: ExitPolicy, val: Predictions, unit: str
+    cfg: DictConfig, policy: ExitPolicy, val: Predictions, unit: str, requested: float | None
 ) -> tuple[float, list[str]]:
-    """The absolute budget from ``budget.value`` (in the cost unit), ``budget.point`` (a point of a
-    sweep) or ``budget.fraction`` (of the last exit's cost), clamped, with a warning, into what
+    """The absolute budget from ``budget.value`` (in the cost unit), or from ``requested`` (the
+    fraction of the last exit's cost that ``budget.point`` or ``budget.fraction`` asks for:
+    :func:`requested_fraction`), clamped, with a warning, into what
     the policy can spend on ``val``: from its cheapest schedule (normally everyone at exit 0) to
     the full cost."""
     full = float(val.costs_in(unit)[-1])
@@ -110,7 +105,7 @@ def resolve_budget(
         budget = check_budget(value, key)
     else:
         key, raw = ("budget.fraction", cfg.budget.get("fraction")) if point is None else ("budget.point", point)
-        budget = check_budget(requested_fraction(cfg, val.costs_in(unit)), "budget.fraction") * full
+        budget = check_budget(requested, "budget.fraction") * full
     warnings = []
     lo = policy.cheapest_cost(val, unit)
     # within 1e-4 of a bound is that bound (e.g. the first exit's fraction printed with 4 digits),
@@ -164,16 +159,31 @@ def log_fit(run: Any, policy: ExitPolicy, metrics: dict[str, Any]) -> None:
     run.summary.update(summary)
 
 
-def fit_run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Fit ``cfg.policy`` for ``cfg.budget`` and write the policy file and metrics into the fit
-    run dir ``out_dir``; log the fit as a wandb run (``cfg.wandb``). Returns the metrics."""
-    fit = FitRun(out_dir)
+@dataclass
+class FitRequest:
+    """What one fit is asked, resolved once from its config before the run dir is touched: the
+    policy, the predictions, the cost unit, the budget (absolute, as a fraction of the full cost,
+    and the fraction the config asked for) and the warnings resolving it gave."""
+
+    policy: ExitPolicy
+    policy_cfg: dict[str, Any]
+    val: Predictions
+    test: Predictions
+    unit: str
+    budget: float
+    fraction: float
+    requested_fraction: float | None
+    source: Stage1Run | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def resolve_request(cfg: DictConfig) -> FitRequest:
+    """Every value the fit needs, checked: a bad one is refused here, before anything is written."""
     policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
     if not isinstance(policy_cfg, dict) or "name" not in policy_cfg:
         raise EENNError("policy must be a config group with a name (e.g. policy=maxprob).")
     policy = build_policy(**policy_cfg)
     check_flag(cfg.get("calibrate"), "calibrate")
-    force = check_flag(cfg.get("force", False), "force")
     split = cfg.get("calibrate_split")
     if cfg.calibrate and policy.risk_controlled and not (is_number(split) and 0 < split < 1):
         raise EENNError(f"calibrate_split must be a number in (0, 1) (the share of validation the temperatures are "
@@ -182,9 +192,20 @@ def fit_run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         raise EENNError(f"calibrate_seed must be an integer, got {cfg.get('calibrate_seed')!r}.")
     val, test = load_split_predictions(cfg)
     unit = cost_unit(cfg, val)
-    budget, warnings = resolve_budget(cfg, policy, val, unit)
+    requested = requested_fraction(cfg, val.costs_in(unit))
+    budget, warnings = resolve_budget(cfg, policy, val, unit, requested)
+    return FitRequest(policy, policy_cfg, val, test, unit, budget, budget / float(val.costs_in(unit)[-1]), requested,
+                      stage1_source(cfg, val), warnings)
+
+
+def fit_run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Fit ``cfg.policy`` for ``cfg.budget`` and write the policy file and metrics into the fit
+    run dir ``out_dir``; log the fit as a wandb run (``cfg.wandb``). Returns the metrics."""
+    fit = FitRun(out_dir)
+    force = check_flag(cfg.get("force", False), "force")
+    req = resolve_request(cfg)
     with fit.claimed(force=force):
-        return _fit(cfg, fit, policy, policy_cfg, val, test, unit, budget, warnings)
+        return _fit(cfg, fit, req)
 
 
 def calibrate_and_fit(
@@ -209,31 +230,27 @@ def calibrate_and_fit(
     return temperature, split
 
 
-def _fit(
-    cfg: DictConfig, fit: FitRun, policy: ExitPolicy, policy_cfg: dict[str, Any], val: Predictions, test: Predictions,
-    unit: str, budget: float, warnings: list[str],
-) -> dict[str, Any]:
+def _fit(cfg: DictConfig, fit: FitRun, req: FitRequest) -> dict[str, Any]:
     fit.write_config(cfg)  # first: a crash leaves a dir that says whose it is (force=true then clears it)
+    policy = req.policy
     start = time.perf_counter()
     # before the wandb run: a policy that refuses its settings leaves no run dir
-    temperature, split = calibrate_and_fit(cfg, policy, val, budget, unit)
+    temperature, split = calibrate_and_fit(cfg, policy, req.val, req.budget, req.unit)
     fit_seconds = time.perf_counter() - start
     for w in policy.info.get("warnings", []):  # what fitting found wrong (risk: nothing certified)
         log.warning("%s", w)
-    warnings = [*warnings, *policy.info.get("warnings", [])]
-    source = stage1_source(cfg, val)
+    req.warnings = [*req.warnings, *policy.info.get("warnings", [])]
     # the wandb run always finishes, failed or not: the next job of an in-process sweep gets its own run
-    fraction = budget / float(val.costs_in(unit)[-1])
-    run = start_wandb_run(cfg.get("wandb"), fit.path, job_type=policy.name, name=f"{policy.name}_{fraction:.3f}",
-                          group=source.name if source else "unknown", config={
-        "policy": policy_cfg, "budget": budget, "budget_fraction": fraction,
-        "budget_request": OmegaConf.to_container(cfg.budget, resolve=True), "cost_unit": unit,
-        "stage1": stage1_info(source),
+    run = start_wandb_run(cfg.get("wandb"), fit.path, job_type=policy.name, name=f"{policy.name}_{req.fraction:.3f}",
+                          group=req.source.name if req.source else "unknown", config={
+        "policy": req.policy_cfg, "budget": req.budget, "budget_fraction": req.fraction,
+        "budget_request": OmegaConf.to_container(cfg.budget, resolve=True), "cost_unit": req.unit,
+        "stage1": stage1_info(req.source),
     })
     try:
         calibration = None if temperature is None else {
-            **calibration_report(temperature, {"val": val, "test": test}), "split": split}
-        metrics = _evaluate_and_write(cfg, fit, policy, val, test, unit, budget, fit_seconds, warnings, calibration)
+            **calibration_report(temperature, {"val": req.val, "test": req.test}), "split": split}
+        metrics = _evaluate_and_write(cfg, fit, req, fit_seconds, calibration)
         if run is not None:
             log_fit(run, policy, metrics)
     except BaseException:
@@ -246,9 +263,9 @@ def _fit(
 
 
 def _evaluate_and_write(
-    cfg: DictConfig, fit: FitRun, policy: ExitPolicy, val: Predictions, test: Predictions, unit: str,
-    budget: float, fit_seconds: float, warnings: list[str], calibration: dict[str, Any] | None,
+    cfg: DictConfig, fit: FitRun, req: FitRequest, fit_seconds: float, calibration: dict[str, Any] | None,
 ) -> dict[str, Any]:
+    policy, val, unit, budget, warnings = req.policy, req.val, req.unit, req.budget, req.warnings
     val_summary = evaluate(policy, val, unit)
     if not within_budget(val_summary["avg_cost"], budget):
         # a policy whose config fixes its decisions (explicit thresholds, patience, p_d) spends
@@ -260,12 +277,12 @@ def _evaluate_and_write(
     metrics = {
         "policy": policy.name,
         "budget": budget,
-        "budget_fraction": budget / float(val.costs_in(unit)[-1]),
+        "budget_fraction": req.fraction,
         "cost_unit": unit,
         # the stage-1 run the predictions came from: eenn-compare groups fits by it
         "source_run": str(Path(cfg.run_dir).resolve()) if cfg.get("run_dir") else val.source_run,
         # a sweep point's fraction as computed: eenn-compare lines policies up by it
-        "budget_request": {"fraction": requested_fraction(cfg, val.costs_in(unit)), "value": cfg.budget.get("value"),
+        "budget_request": {"fraction": req.requested_fraction, "value": cfg.budget.get("value"),
                            "point": cfg.budget.get("point"), "points": cfg.budget.get("points")},
         "exit_names": val.exit_names,
         "fit_seconds": fit_seconds,
@@ -274,7 +291,7 @@ def _evaluate_and_write(
         # calibrate=true: the temperatures and each exit's ECE before and after, per split
         "calibration": calibration,
         "val": val_summary,
-        "test": evaluate(policy, test, unit),
+        "test": evaluate(policy, req.test, unit),
     }
     fit.write_metrics(metrics)
     log.info(

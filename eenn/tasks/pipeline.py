@@ -21,10 +21,11 @@ from eenn.evaluation.compare import Comparison
 from eenn.evaluation.report import accuracy_table
 from eenn.policies import POLICIES, build_policy, policy_class
 from eenn.policies.base import check_budget
+from eenn.policies.budget import sweep_fractions
 from eenn.predictions import Predictions, cost_unit_name
 from eenn.rundir import ERROR_FILE, PipelineRun
 from eenn.tasks.compare import compare
-from eenn.tasks.fit import fit_run, sweep_fractions
+from eenn.tasks.fit import fit_run
 from eenn.tasks.train import train
 from eenn.utils.overrides import override
 
