@@ -133,6 +133,10 @@ class ExitPolicy:
     #: Hyper-parameters to build it with in tests (each is ``build_policy(name, **example)``).
     examples: ClassVar[tuple[dict[str, Any], ...]] = ({},)
 
+    #: fitted tensors where fitting writes +-inf on purpose (a threshold no score passes); any
+    #: other inf in a policy file was put there by hand
+    infinite_tensors: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self) -> None:
         self.num_exits: int | None = None
         self.num_classes: int | None = None
@@ -196,6 +200,8 @@ class ExitPolicy:
         for name, t in self.tensors().items():
             if t.is_floating_point() and torch.isnan(t).any():
                 raise ValueError(f"its tensor {name!r} holds NaN")
+            if t.is_floating_point() and name not in self.infinite_tensors and not bool(t.isfinite().all()):
+                raise ValueError(f"its tensor {name!r} holds inf, which fitting never writes there")
         T = self.temperature
         if T is not None and (tuple(T.shape) != (self.num_exits,) or not bool((T > 0).all()) or not bool(T.isfinite().all())):
             raise ValueError(f"its 'temperature' must be {self.num_exits} finite positive values")

@@ -18,6 +18,7 @@ from eenn.predictions import Predictions
 
 
 class ThresholdPolicy(ExitPolicy):
+    infinite_tensors: ClassVar[tuple[str, ...]] = ("thresholds",)
     #: MSDNet lets floor(N pi_k) samples out at exit k; EENet's Algorithm 1 rounds.
     rounding: ClassVar[str] = "floor"
 
@@ -87,3 +88,7 @@ class ThresholdPolicy(ExitPolicy):
         super().check_fitted()
         if tuple(self.thresholds.shape) != (self.num_exits,):
             raise ValueError(f"'thresholds' has shape {tuple(self.thresholds.shape)}, expected ({self.num_exits},)")
+        # +inf at an early exit lets nobody out there; -inf would let everyone out, and the last
+        # exit always takes who is left (fitting writes no other infinities)
+        if bool((self.thresholds[:-1] == -math.inf).any()) or float(self.thresholds[-1]) != -math.inf:
+            raise ValueError("its 'thresholds' must be finite or +inf at the early exits and -inf at the last")

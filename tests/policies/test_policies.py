@@ -296,3 +296,40 @@ def test_corrupt_policy_file(tmp_path) -> None:
         ExitPolicy.load(bad)
     with pytest.raises(EENNError, match="does not exist"):
         ExitPolicy.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda t: t.__setitem__(0, -math.inf), "'thresholds' must be finite or \\+inf at the early exits and -inf at the last"),
+    (lambda t: t.__setitem__(2, 0.5), "'thresholds' must be finite or \\+inf at the early exits and -inf at the last"),
+])
+def test_a_policy_file_with_an_infinity_fitting_never_writes_is_refused(val, tmp_path, edit, message):
+    from safetensors.torch import load_file, save_file
+
+    policy = build_policy("maxprob").fit(val, 0.6 * float(val.costs[-1]), "flops")
+    policy.save(tmp_path / "p.safetensors")
+    ExitPolicy.load(tmp_path / "p.safetensors")  # as fitted: +inf nowhere, -inf at the last exit
+    tensors = load_file(tmp_path / "p.safetensors")
+    edit(tensors["thresholds"])
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "p.safetensors"), "pt") as fh:
+        meta = fh.metadata()
+    save_file(tensors, str(tmp_path / "p.safetensors"), meta)
+    with pytest.raises(EENNError, match=message):
+        ExitPolicy.load(tmp_path / "p.safetensors")
+
+
+def test_an_eenet_policy_file_with_inf_in_its_scorer_is_refused(val, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    policy = build_policy("eenet", max_epochs=5, patience=5).fit(val, 0.6 * float(val.costs[-1]), "flops")
+    policy.save(tmp_path / "p.safetensors")
+    tensors = load_file(tmp_path / "p.safetensors")
+    name = next(k for k in tensors if k.startswith("g."))
+    tensors[name] = torch.full_like(tensors[name], math.inf)
+    with safe_open(str(tmp_path / "p.safetensors"), "pt") as fh:
+        meta = fh.metadata()
+    save_file(tensors, str(tmp_path / "p.safetensors"), meta)
+    with pytest.raises(EENNError, match=f"its tensor '{name}' holds inf"):
+        ExitPolicy.load(tmp_path / "p.safetensors")
