@@ -28,6 +28,9 @@ from eenn.rundir import FitRun, Stage1Run
 from eenn.tasks.loggers import start_wandb_run
 
 log = logging.getLogger("eenn")
+#: below these, a fit is told: thresholds on a handful of samples say little about test, and
+#: temperatures on a handful are pinned at the search's bounds (calibrate=true is refused)
+MIN_VAL_SAMPLES, MIN_TEMPERATURE_SAMPLES = 100, 50
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -191,9 +194,18 @@ def resolve_request(cfg: DictConfig) -> FitRequest:
     if cfg.calibrate and policy.risk_controlled and not is_number(cfg.get("calibrate_seed"), integer=True):
         raise EENNError(f"calibrate_seed must be an integer, got {cfg.get('calibrate_seed')!r}.")
     val, test = load_split_predictions(cfg)
+    temperature_samples = (round(val.num_samples * float(split)) if policy.risk_controlled else val.num_samples)
+    if cfg.calibrate and temperature_samples < MIN_TEMPERATURE_SAMPLES:
+        raise EENNError(f"calibrate=true would fit temperatures on {temperature_samples} validation samples; they need "
+                        f"at least {MIN_TEMPERATURE_SAMPLES} (fewer pin them at the search's bounds): leave calibrate "
+                        "off, or use a larger validation split (data.val_size).")
     unit = cost_unit(cfg, val)
     requested = requested_fraction(cfg, val.costs_in(unit))
     budget, warnings = resolve_budget(cfg, policy, val, unit, requested)
+    if val.num_samples < MIN_VAL_SAMPLES:
+        warnings.append(f"validation holds {val.num_samples} samples: thresholds fitted on fewer than "
+                        f"{MIN_VAL_SAMPLES} can miss the budget on test by far (a larger data.val_size fixes it).")
+        log.warning("%s", warnings[-1])
     return FitRequest(policy, policy_cfg, val, test, unit, budget, budget / float(val.costs_in(unit)[-1]), requested,
                       stage1_source(cfg, val), warnings)
 

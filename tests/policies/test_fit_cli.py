@@ -193,3 +193,17 @@ def test_eenn_fit_subprocess(run_dir: Path, tmp_path: Path) -> None:
     fractions = sorted(json.loads(m.read_text())["budget_fraction"] for m in sweep_dir.glob("*/metrics.json"))
     assert fractions == pytest.approx([1 / 3, 1 / 2, 2 / 3, 5 / 6, 1.0])  # the first exit (1/3) to the full cost
 
+
+
+def test_a_tiny_validation_split_warns_and_calibrating_on_it_is_refused(compose_cfg, tmp_path):
+    from eenn.policies.synthetic import synthetic_predictions
+
+    run = tmp_path / "tiny_run"
+    synthetic_predictions(30, seed=0).save(run / "predictions" / "val.safetensors")
+    synthetic_predictions(200, seed=1, split="test").save(run / "predictions" / "test.safetensors")
+    metrics = fit_run(compose_cfg("fit", [f"run_dir={run}", "policy=maxprob", "wandb.mode=disabled"]), tmp_path / "f1")
+    assert any("validation holds 30 samples" in w for w in metrics["warnings"])
+    with pytest.raises(EENNError, match=r"calibrate=true would fit temperatures on 30 validation samples; they need at least 50"):
+        fit_run(compose_cfg("fit", [f"run_dir={run}", "policy=maxprob", "calibrate=true", "wandb.mode=disabled"]),
+                tmp_path / "f2")
+    assert not (tmp_path / "f2").exists()
