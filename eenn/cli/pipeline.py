@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -19,7 +20,8 @@ def app(cfg: DictConfig) -> None:
     quiet_environment()
     comp = run_pipeline(cfg)
     if comp.failures:  # as eenn-fit -m ends when jobs of its sweep failed
-        print(f"error: {len(comp.failures)} fit(s) of the pipeline failed (see their {ERROR_FILE}).", file=sys.stderr)
+        names = ", ".join(sorted(Path(f["run"]).name for f in comp.failures))
+        print(f"error: {len(comp.failures)} fit(s) of the pipeline failed: {names} (see their {ERROR_FILE}).", file=sys.stderr)
         sys.exit(1)
 
 

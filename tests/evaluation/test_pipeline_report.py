@@ -111,3 +111,21 @@ def test_an_experiments_stage2_is_one_job_per_combination_of_its_sweep():
     assert policy == {"name": "maxprob", "thresholds": None} and budget == {"fraction": None, "value": 2.5e7, "point": None, "points": None}
     (job,) = experiment_jobs(stage2("branchynet_alexnet_cifar10"))  # thresholds given, no sweep: one fit
     assert job[0] == "entropy" and _fit_policy(job[1])[0]["thresholds"] == [1.0e-4, 0.05]
+
+
+def test_risk_is_fitted_once_at_its_ceiling_and_a_stale_failed_fit_does_not_fail_a_rerun(tmp_path, caplog):
+    from eenn.rundir import FitRun, PipelineRun
+    from tests.evaluation.conftest import run_tiny_pipeline
+
+    out = tmp_path / "riskpipe"
+    overrides = ["pipeline.policies=[maxprob,risk]", "+pipeline.policy_overrides.risk.epsilon=0.3"]
+    comp = run_tiny_pipeline(out, overrides)
+    fits = sorted(d.name for d in PipelineRun(out).fit_dir.iterdir())
+    assert len(fits) == 4 and [f for f in fits if f.startswith("risk")] == ["risk_1.0000"]  # 3 maxprob budgets
+    assert not comp.failures
+    stale = FitRun(PipelineRun(out).fit_dir / "entropy_0.5000")
+    stale.path.mkdir()
+    stale.write_error(RuntimeError("an earlier run's failure"), ["policy=entropy"])
+    comp = run_tiny_pipeline(out, overrides)
+    assert comp.failures == []
+    assert "no longer asks for, left out: entropy_0.5000" in caplog.text
