@@ -44,13 +44,10 @@ test-slurm: $(STAMP) ## the cluster tests: sweeps, requeue and 2-task DDP on a o
 
 bench: $(STAMP) ## run every benchmark the README quotes, as it quotes it (about 12 h on 2 CPU cores; results in benchmarks/results/)
 	$(BIN)/python benchmarks/train_speed.py
-	$(BIN)/python benchmarks/budget_aware.py --methods joint bilevel --seeds 0 1 2
-	$(BIN)/python benchmarks/budget_aware.py --epochs 30 --seeds 0 --methods joint bilevel \
-		--method 'joint_x4=training=joint training.loss_weights=[1.3333333,1.3333333,1.3333333]' \
-		--method 'bilevel_normalized=training=bilevel training.normalize_loss=true' \
-		--method 'bilevel_through_a=training=bilevel training.grad_through_gater=true' \
-		--workdir outputs/bench_budget_aware_ablation30 --out benchmarks/results/budget_aware_ablation30.json
-	$(BIN)/python benchmarks/risk_control.py --run-dir outputs/bench_budget_aware/joint_s0 --draws 1000
+	$(BIN)/python benchmarks/budget_aware.py                 # every arm tuned alike, then 5 seeds each (hours)
+	$(BIN)/python benchmarks/budget_aware.py --stage curve   # the learning-curve check, then the JSON with it
+	$(BIN)/python benchmarks/risk_control.py --draws 1000 --run-dir "$$($(BIN)/python -c 'import json; \
+		print(json.load(open("benchmarks/results/budget_aware.json"))["runs"]["joint"]["0"]["run_dir"])')"
 	$(BIN)/python benchmarks/fit_speed.py
 	$(BIN)/python benchmarks/inference_speed.py --threads 1
 	$(BIN)/python benchmarks/deploy_speed.py
