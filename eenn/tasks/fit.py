@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from eenn.errors import EENNError, check_flag, is_number
-from eenn.evaluation.calibration import calibration_report, fit_temperatures, temperature_split
+from eenn.evaluation.calibration import calibration_report, fit_temperatures, temperature_rows, temperature_split
 from eenn.evaluation.offline import evaluate
 from eenn.policies.base import ExitPolicy, build_policy, check_budget
 from eenn.policies.budget import sweep_fractions, within_budget
@@ -194,11 +194,15 @@ def resolve_request(cfg: DictConfig) -> FitRequest:
     if cfg.calibrate and policy.risk_controlled and not is_number(cfg.get("calibrate_seed"), integer=True):
         raise EENNError(f"calibrate_seed must be an integer, got {cfg.get('calibrate_seed')!r}.")
     val, test = load_split_predictions(cfg)
-    temperature_samples = (round(val.num_samples * float(split)) if policy.risk_controlled else val.num_samples)
+    temperature_samples = val.num_samples
+    if cfg.calibrate and policy.risk_controlled:
+        # an empty part is the split's own mistake: named before the temperatures' minimum
+        temperature_samples = len(temperature_rows(val.num_samples, float(split), int(cfg.calibrate_seed))[0])
     if cfg.calibrate and temperature_samples < MIN_TEMPERATURE_SAMPLES:
-        raise EENNError(f"calibrate=true would fit temperatures on {temperature_samples} validation samples; they need "
-                        f"at least {MIN_TEMPERATURE_SAMPLES} (fewer pin them at the search's bounds): leave calibrate "
-                        "off, or use a larger validation split (data.val_size).")
+        share = f" (calibrate_split={split} of {val.num_samples})" if policy.risk_controlled else ""
+        raise EENNError(f"calibrate=true would fit temperatures on {temperature_samples} validation samples{share}; they "
+                        f"need at least {MIN_TEMPERATURE_SAMPLES} (fewer pin them at the search's bounds): leave "
+                        "calibrate off, or use a larger validation split (data.val_size).")
     unit = cost_unit(cfg, val)
     requested = requested_fraction(cfg, val.costs_in(unit))
     budget, warnings = resolve_budget(cfg, policy, val, unit, requested)
