@@ -14,7 +14,8 @@ bilevel, soft_threshold):
 2. **parts**: the same, with every part of a step timed by wrappers in thread CPU time (exclusive times: a part
    called inside another counts once): data loading, augmentation, forward, backward, optimiser
    step, per-exit metrics, ``self.log``, the progress bar, Lightning's logger connector; what is
-   left is Lightning's loop and hooks (and each loop's own glue and loss arithmetic). The share of
+   left is the loop (Lightning's loop and hooks, or the plain loop's own code) and the loss
+   arithmetic. The share of
    each part is its eenn-minus-plain time over the sum of the parts' differences.
 3. **syncs**: eenn's steps under :class:`eenn.utils.syncs.SyncCounter` (on the CPU: ``.item()``,
    ``bool()``, ``float()``, ``.cpu()``, ``.tolist()``, ``nonzero``, ... in the step path, with
@@ -49,6 +50,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from common import add_output_args, output_path  # noqa: E402
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar  # noqa: E402
+from lightning.pytorch.loops.optimization.automatic import Closure  # noqa: E402
 from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector  # noqa: E402
 from train_speed import Turns, WindowTimer, make_cfg, plain_loop  # noqa: E402
 
@@ -100,12 +102,16 @@ PARTS: list[tuple[Any, str, str]] = [
     (_LoggerConnector, "on_batch_end", "logger connector"),
     (_LoggerConnector, "update_train_step_metrics", "logger connector"),
 ]
-REST = "Lightning loop and hooks / loop glue"
+#: the rest: Lightning's loop and hooks, or the plain loop's own code, and the loss arithmetic
+REST = "loop, hooks and loss arithmetic"
 
 
-def per_exit_metric_parts() -> list[tuple[Any, str, str]]:
-    """The module's per-exit metric updates, under whichever name this version of eenn has them."""
-    return [(MultiExitModule, name, "per-exit metrics") for name in ("_update", "accumulate") if name in vars(MultiExitModule)]
+def module_parts() -> list[tuple[Any, str, str]]:
+    """The module's per-exit metric updates, under whichever name this version of eenn has them;
+    and the code Lightning runs inside the optimiser's step (its closure: training_step, backward),
+    which would otherwise count as the optimiser's."""
+    metrics = [(MultiExitModule, n, "per-exit metrics") for n in ("_update", "accumulate") if n in vars(MultiExitModule)]
+    return [*metrics, (Closure, "closure", REST)]
 
 
 class PartTimer:
@@ -137,7 +143,7 @@ class PartTimer:
         return timed
 
     def __enter__(self) -> PartTimer:
-        for owner, name, part in [*PARTS, *per_exit_metric_parts()]:
+        for owner, name, part in [*PARTS, *module_parts()]:
             self.saved.append((owner, name, owner.__dict__.get(name)))
             setattr(owner, name, self.wrap(getattr(owner, name), part))
         return self
@@ -205,7 +211,7 @@ def side_by_side(method: str, cfg: Any, windows: int, window: int, timer: bool) 
             for w in range(1, windows + 1):
                 total.update(parts.seconds[n][w])
             per_step = {p: 1e6 * s / steps for p, s in sorted(total.items())}
-            per_step[REST] = 1e6 * sum(cpu[n]) / steps - sum(per_step.values())
+            per_step[REST] = 1e6 * sum(cpu[n]) / steps - sum(v for p, v in per_step.items() if p != REST)
             out["parts_us_per_step"][n] = per_step
     return out
 
