@@ -12,7 +12,10 @@ samples at exits 0/1/2, exact over the stream), this times on the CPU, interleav
 - the engine, and at batch 128 the rebatching engine (at batch 1 they are the same).
 
 The policy exits a pre-drawn subset of samples at each exit (so the mix is exact) after computing
-the max-softmax score, as a confidence policy would. Written to
+the max-softmax score, as a confidence policy would. With ``--compile``, also the engine and the
+plain backbone with every segment through ``torch.compile`` (dynamic batch size): rows of mode
+``engine_compiled`` with their realised speedup (compiled plain / compiled engine) and each one's
+speedup over its eager self. Written to
 ``benchmarks/results/inference_speed.json``: per run, predicted speedups (full cost / expected
 cost, in FLOPs and in per-stage latency), the realised one (plain time / engine time, medians),
 their ratios and the policy's decision time as % of the plain backbone's.
@@ -21,6 +24,8 @@ their ratios and the policy's decision time as % of the plain backbone's.
     python benchmarks/inference_speed.py --quick                # one batch, 2 repeats: a smoke run (JSON to a temp file)
     python benchmarks/inference_speed.py --threads 1 --batch-sizes 128 --backbones cifar_resnet56 --update
                                                                 # one slice, merged into the existing JSON
+    python benchmarks/inference_speed.py --threads 1 --backbones cifar_resnet56 --compile --update
+                                                                # + the compiled rows
 """
 
 from __future__ import annotations
@@ -109,13 +114,16 @@ def profile_pass(net: MultiExitNetwork, batches: list[torch.Tensor]) -> tuple[li
     return stage, head
 
 
-def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, repeats: int, seed: int) -> list[dict[str, Any]]:
+def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, repeats: int, seed: int,
+                   compile: bool = False) -> list[dict[str, Any]]:
     torch.manual_seed(seed)
     net = build_multi_exit(spec["backbone"], spec["exits"], num_classes=10, input_shape=spec["shape"]).eval()
     flops = profile_costs(net, spec["shape"], latency=False)
     x = torch.randn(n, *spec["shape"])
     batches = list(batches_of(x, batch_size))
     modes = ["engine", "rebatch"] if batch_size > 1 else ["engine"]  # at batch 1 rebatching is the engine
+    if compile:
+        modes.append("engine_compiled")
 
     policies = {mix: FixedMixPolicy(draw_plan(n, f, seed), 10) for mix, f in MIXES.items()}
     runners: dict[str, Callable[[], Any]] = {"plain": lambda: time_backbone(net, batches), "profile": lambda: profile_pass(net, batches)}
@@ -125,9 +133,13 @@ def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, rep
         if "rebatch" in modes:
             rebatcher = Rebatcher(engine, batch_size)
             runners[f"rebatch {mix}"] = lambda r=rebatcher, p=policy: (p.reset(), r.run(batches))[1]
+        if compile:
+            compiled = EarlyExitEngine(net, policy, compile=True)
+            runners[f"engine_compiled {mix}"] = lambda e=compiled, p=policy: (p.reset(), e.run(batches))[1]
+            runners.setdefault("plain_compiled", lambda e=compiled: time_backbone(net, batches, e.backbone))
 
     samples: dict[str, list[Any]] = {key: [] for key in runners}
-    for fn in runners.values():  # warm-up: allocator, kernel choice, oneDNN primitives per batch shape
+    for fn in runners.values():  # warm-up: allocator, kernel choice, oneDNN primitives per batch shape, compiling
         fn()
     order = list(runners)
     rng = random.Random(seed)
@@ -139,6 +151,7 @@ def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, rep
             samples[key].append((time.perf_counter() - t0, out))
 
     plain_s = statistics.median(t for t, _ in samples["plain"])
+    plain_compiled_s = statistics.median(t for t, _ in samples["plain_compiled"]) if compile else None
     K = net.num_exits
     stage_s = [statistics.median(out[0][k] for _, out in samples["profile"]) for k in range(K)]
     head_s = [statistics.median(out[1][k] for _, out in samples["profile"]) for k in range(K)]
@@ -156,8 +169,10 @@ def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, rep
             run_s = statistics.median(t for t, _ in runs)
             policy_s = statistics.median(r.policy_s for _, r in runs)
             flops_pred = flops.backbone["flops"] / sum(f * c for f, c in zip(fractions, cum_flops))
+            # the latency prediction comes from the eager profile, for the compiled rows too
             lat_pred = full_lat / sum(f * c for f, c in zip(fractions, cum_lat))
-            realised = plain_s / run_s
+            base_s = plain_compiled_s if mode == "engine_compiled" else plain_s
+            realised = base_s / run_s
             last = runs[-1][1]
             rows.append({
                 "backbone": name,
@@ -169,7 +184,7 @@ def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, rep
                 "realised_speedup": realised,
                 "latency_ratio": realised / lat_pred,
                 "flops_ratio": realised / flops_pred,
-                "policy_overhead_pct": 100 * policy_s / plain_s,
+                "policy_overhead_pct": 100 * policy_s / base_s,
                 # context
                 "realised_exit_fractions": last.exit_fractions(),
                 "n_samples": n,
@@ -183,6 +198,11 @@ def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, rep
                 "plain_s_spread": [min(t for t, _ in samples["plain"]), max(t for t, _ in samples["plain"])],
                 "run_s_spread": [min(t for t, _ in runs), max(t for t, _ in runs)],
             })
+            if mode == "engine_compiled":
+                eager_s = statistics.median(t for t, _ in samples[f"engine {mix}"])
+                rows[-1].update({"speedup_over_eager_engine": eager_s / run_s,
+                                 "plain_compiled_speedup_over_eager_plain": plain_s / plain_compiled_s,
+                                 "plain_compiled_ms_per_sample": 1e3 * plain_compiled_s / n})
     return rows
 
 
@@ -214,8 +234,9 @@ def main() -> None:
     ap.add_argument("--backbones", nargs="*", default=list(BACKBONES), choices=list(BACKBONES))
     ap.add_argument("--batch-sizes", nargs="*", type=int, default=[128, 1], choices=[128, 1])
     ap.add_argument("--samples", type=int, default=None, help="stream length (a multiple of 10; default 1280 at batch 128, 100 at 1)")
-    ap.add_argument("--update", action="store_true", help="replace only the rows of the backbones and batch sizes run here in --out")
+    ap.add_argument("--update", action="store_true", help="replace only the rows of the backbones, batch sizes and modes run here in --out")
     ap.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc settings (see MALLOC_TUNED)")
+    ap.add_argument("--compile", action="store_true", help="add the torch.compile rows (engine_compiled)")
     add_output_args(ap)
     args = ap.parse_args()
     if not args.default_malloc and any(os.environ.get(k) != v for k, v in MALLOC_TUNED.items()):
@@ -231,7 +252,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for name in args.backbones:
         for batch_size, n in sizes.items():
-            new = bench_backbone(name, BACKBONES[name], batch_size, n, repeats, seed=0)
+            new = bench_backbone(name, BACKBONES[name], batch_size, n, repeats, seed=0, compile=args.compile)
             for r in new:
                 print(f"{r['backbone']:>20} {r['mode']:>8} b={r['batch_size']:<4} {r['exit_mix']}  predicted flops "
                       f"{r['flops_predicted_speedup']:.3f} latency {r['latency_predicted_speedup']:.3f}  realised "
@@ -245,8 +266,8 @@ def main() -> None:
         r["env"] = env
     out = output_path(args, OUT)
     if args.update and out.is_file():
-        ran = {(r["backbone"], r["batch_size"]) for r in rows}
-        rows += [r for r in json.loads(out.read_text()) if (r["backbone"], r["batch_size"]) not in ran]
+        ran = {(r["backbone"], r["batch_size"], r["mode"]) for r in rows}
+        rows += [r for r in json.loads(out.read_text()) if (r["backbone"], r["batch_size"], r["mode"]) not in ran]
         rows.sort(key=lambda r: (list(BACKBONES).index(r["backbone"]), -r["batch_size"], r["exit_mix"], r["mode"]))
     write_json(out, rows)
     print(f"wrote {out} (load average before {load_before[0]:.2f}, after {env['load_avg_after'][0]:.2f} "

@@ -22,7 +22,7 @@ Usage::
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -32,6 +32,7 @@ from eenn.errors import EENNError
 from eenn.models.multi_exit import Features, MultiExitNetwork
 from eenn.policies.base import Decision, ExitPolicy, State
 from eenn.policies.simulate import realised_cost
+from eenn.utils.compile import Compiled
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
 
@@ -160,9 +161,15 @@ def batches_of(x: torch.Tensor, batch_size: int, y: torch.Tensor | None = None) 
 
 
 class EarlyExitEngine:
-    """Run ``network`` with ``policy`` deciding after every exit (see the module docstring)."""
+    """Run ``network`` with ``policy`` deciding after every exit (see the module docstring).
 
-    def __init__(self, network: MultiExitNetwork, policy: ExitPolicy, device: torch.device | str | None = None) -> None:
+    ``compile`` runs every stage and head, and the plain backbone the speedup is measured against,
+    through ``torch.compile`` with a dynamic batch dimension (compaction hands each segment a
+    different batch size: one graph serves them all, plus one for batches of one); a segment that
+    does not compile runs eagerly, with one warning line."""
+
+    def __init__(self, network: MultiExitNetwork, policy: ExitPolicy, device: torch.device | str | None = None,
+                 compile: bool = False) -> None:
         if policy.num_exits is None:
             raise EENNError(f"policy {policy.name!r} is not fitted: fit it (eenn-fit) before inference.")
         if policy.num_exits != network.num_exits:
@@ -173,6 +180,13 @@ class EarlyExitEngine:
         self.network = network.to(self.device).eval()
         self.policy = policy
         self.policy_s = 0.0
+        stages, heads = list(network.stages), list(network.heads)
+        self.backbone: Callable[[torch.Tensor], torch.Tensor] = network.forward_backbone
+        if compile:
+            stages = [Compiled(m, "compile=true", f"stage {k}", dynamic=True) for k, m in enumerate(stages)]
+            heads = [Compiled(m, "compile=true", f"exit head {k}", dynamic=True) for k, m in enumerate(heads)]
+            self.backbone = Compiled(network.forward_backbone, "compile=true", "the backbone", dynamic=True)
+        self.stages, self.heads = stages, heads
 
     @property
     def num_exits(self) -> int:
@@ -195,7 +209,7 @@ class EarlyExitEngine:
         Exited samples go to ``out``. Returns the group after stage k and the positions of its
         continuing samples, for the caller to gather (None: all continue), or None if none continue."""
         out.stage_batch_sizes[k].append(len(g))
-        h = self.network.forward_stage(k, g.h)
+        h = self.stages[k](g.h)
         here = g.next_exit == k
         n_here = int(here.sum())
         if n_here == 0:  # all jump past this exit (offloaded by DEEx): no head evaluated
@@ -203,7 +217,7 @@ class EarlyExitEngine:
         everyone = n_here == len(g)
         sel = None if everyone else here.nonzero().squeeze(1)
         h_k = h if sel is None else take_features(h, sel)
-        logits = self.network.forward_exit(k, h_k).float().cpu()
+        logits = self.heads[k](h_k).float().cpu()
         state = g.state if sel is None else {n: v.index_select(0, sel) for n, v in g.state.items()}
         d = self.decide(k, logits, state)
         bad = ~d.exit & ((d.next_exit <= k) | (d.next_exit >= self.num_exits))
@@ -284,12 +298,15 @@ class EarlyExitEngine:
 
 
 @torch.inference_mode()
-def time_backbone(network: MultiExitNetwork, batches: Iterable[Batch]) -> float:
-    """Seconds for the plain backbone (no early-exit heads) over the batches: the speedup baseline."""
+def time_backbone(network: MultiExitNetwork, batches: Iterable[Batch],
+                  forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Seconds for the plain backbone (no early-exit heads) over the batches: the speedup baseline.
+    ``forward``: what runs it (default ``network.forward_backbone``; an engine's ``backbone``, compiled with it)."""
     device = next(network.parameters()).device
+    forward = forward or network.forward_backbone
     t0 = time.perf_counter()
     for batch in batches:
-        network.forward_backbone(split_batch(batch)[0].to(device))
+        forward(split_batch(batch)[0].to(device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0
