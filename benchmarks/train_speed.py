@@ -16,6 +16,11 @@ and augmentation (pad-4 random crop + horizontal flip):
 For ``bilevel`` the plain loops run the same two-optimiser step as eenn's module (theta every
 batch through A, the gater every ``gater_every`` batches).
 
+With ``--compile``, two more contestants: ``eenn_compiled`` (``training.compile=true``) and
+``plain_tuned_compiled`` (plain_tuned's network through ``torch.compile``); both compile in a
+warm-up pass before the timed loops start (weights and batch-norm statistics restored after it),
+and the JSON gives each one's speed over its eager self and eenn_compiled's over plain_tuned_compiled.
+
 The contestants run side by side in one process, in threads that strictly take turns window by
 window (``--window`` batches, data loading included), so load from other jobs on the machine hits
 them alike; the first window warms up and is dropped; images/s per contestant and the ratio
@@ -28,6 +33,7 @@ Writes ``benchmarks/results/train_speed.json``.
 
     python benchmarks/train_speed.py                      # ~10 min on 2 CPU cores
     python benchmarks/train_speed.py --device cuda --precision bf16-mixed
+    python benchmarks/train_speed.py --compile --methods joint   # + the torch.compile contestants
     python benchmarks/train_speed.py --quick              # seconds: the smoke run of the slow tests
 """
 
@@ -115,19 +121,31 @@ class WindowTimer(pl.Callback):
     """eenn's side: a window is ``window`` batches from one on_train_batch_start to the one
     ``window`` batches later (loading, step, hooks, logging, progress bar all inside)."""
 
-    def __init__(self, turns: Turns, window: int) -> None:
-        self.turns, self.window, self.start = turns, window, None
+    def __init__(self, turns: Turns, window: int, name: str = "eenn") -> None:
+        self.turns, self.window, self.name, self.start = turns, window, name, None
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if batch_idx % self.window == 0:
             if self.start is not None:
-                self.turns.passed("eenn", time.perf_counter() - self.start)
-            self.turns.wait("eenn")
+                self.turns.passed(self.name, time.perf_counter() - self.start)
+            self.turns.wait(self.name)
             self.start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self.turns.passed("eenn", time.perf_counter() - self.start)
-        self.turns.finish("eenn")
+        self.turns.passed(self.name, time.perf_counter() - self.start)
+        self.turns.finish(self.name)
+
+
+def warm_up_compiled(forward: Callable[[torch.Tensor], torch.Tensor], net: torch.nn.Module, x: torch.Tensor,
+                     precision: str) -> None:
+    """Compile ``forward`` (and its backward) on a training batch ``x``, then restore ``net``'s
+    weights and batch-norm statistics and drop its gradients."""
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    net.train()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
+        forward(x).float().sum().backward()
+    net.zero_grad(set_to_none=True)
+    net.load_state_dict(state)
 
 
 class TextbookTransform(Dataset):
@@ -171,8 +189,13 @@ def plain_loop(name: str, method: str, cfg: DictConfig, dm: Any, turns: Turns, b
     """A plain PyTorch training loop (joint: mean of the exits' CE; bilevel: eq. 4 then eq. 10)."""
     pl.seed_everything(0)
     net = build_network(cfg, dm).to(device)
-    if name == "plain_tuned":
+    if name.startswith("plain_tuned"):
         net = net.to(memory_format=torch.channels_last)
+    forward: Callable[[torch.Tensor], torch.Tensor] = net
+    if name.endswith("_compiled"):
+        forward = torch.compile(net)
+        xb = next(plain_batches(name, dm, 1, device))[0]
+        warm_up_compiled(forward, net, xb, precision)
     o = cfg.training.optimizer
     opt = torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
     gater = gater_opt = costs = None
@@ -194,7 +217,7 @@ def plain_loop(name: str, method: str, cfg: DictConfig, dm: Any, turns: Turns, b
                 turns.wait(name)
                 start = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = net(x)
+                logits = forward(x)
                 b, k, c = logits.shape
                 ce = F.cross_entropy(logits.float().reshape(b * k, c), y.repeat_interleave(k), reduction="none").view(b, k)
                 if gater is None:
@@ -220,27 +243,48 @@ def plain_loop(name: str, method: str, cfg: DictConfig, dm: Any, turns: Turns, b
     return run
 
 
+def eenn_contestant(name: str, cfg: DictConfig, dm: Any, turns: Turns, batches: int, window: int,
+                    precision: str) -> Callable[[], None]:
+    """eenn-train's Trainer and module for ``cfg`` (compiled, warmed up, for ``eenn_compiled``)."""
+    pl.seed_everything(0)
+    net = build_network(cfg, dm)
+    module = build_module(cfg, net, dm.num_classes, profile_costs(net, dm.input_shape, latency=False))
+    if module.compiled is not None:
+        device = torch.device("cuda" if cfg.trainer.accelerator == "cuda" else "cpu")
+        module.to(device)
+        xb = dm.train_batch_transform(next(iter(dm.train_dataloader()))[0].to(device))
+        warm_up_compiled(lambda x: module.train_forward(x), net, xb, precision)
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False,
+                                      callbacks=[*instantiate_group(cfg.get("callbacks")), WindowTimer(turns, window, name)],
+                                      max_epochs=1, limit_train_batches=batches, limit_val_batches=0,
+                                      num_sanity_val_steps=0)
+    return lambda: trainer.fit(module, datamodule=dm)
+
+
+#: (faster, slower?) pairs whose speed ratio the JSON gives, when both ran
+RATIOS = [("eenn", "plain"), ("eenn", "plain_tuned"), ("eenn_compiled", "eenn"), ("plain_tuned_compiled", "plain_tuned"),
+          ("eenn_compiled", "plain_tuned_compiled")]
+
+
 def throughput(method: str, data: str, windows: int, window: int, device: str, precision: str, tmp: Path,
-               extra: list[str]) -> dict[str, Any]:
+               extra: list[str], compile: bool = False) -> dict[str, Any]:
     cfg = make_cfg(method, data, tmp / f"speed_{method}", device, precision, extra)
     batches = (windows + 1) * window
     dm = instantiate(cfg.data, _convert_="all")
     dm.setup("fit")
     if len(dm.train_set) < batches * dm.batch_size:
         raise SystemExit(f"{batches} batches of {dm.batch_size} need more than the {len(dm.train_set)} training images")
-    names = ["eenn", "plain", "plain_tuned"]
+    names = ["eenn", "plain", "plain_tuned", *(["eenn_compiled", "plain_tuned_compiled"] if compile else [])]
     turns = Turns(names)
     torch_device = torch.device("cuda" if device == "cuda" else "cpu")
 
-    pl.seed_everything(0)
-    net = build_network(cfg, dm)
-    module = build_module(cfg, net, dm.num_classes, profile_costs(net, dm.input_shape, latency=False))
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False,
-                                      callbacks=[*instantiate_group(cfg.get("callbacks")), WindowTimer(turns, window)],
-                                      max_epochs=1, limit_train_batches=batches, limit_val_batches=0,
-                                      num_sanity_val_steps=0)
-    runs = {"eenn": lambda: trainer.fit(module, datamodule=dm)}
-    runs.update({n: plain_loop(n, method, cfg, dm, turns, batches, window, torch_device, precision) for n in names[1:]})
+    runs = {"eenn": eenn_contestant("eenn", cfg, dm, turns, batches, window, precision)}
+    if compile:
+        compiled_cfg = make_cfg(method, data, tmp / f"speed_{method}_compiled", device, precision,
+                                [*extra, "training.compile=true"])
+        runs["eenn_compiled"] = eenn_contestant("eenn_compiled", compiled_cfg, dm, turns, batches, window, precision)
+    runs.update({n: plain_loop(n, method, cfg, dm, turns, batches, window, torch_device, precision)
+                 for n in names if n.startswith("plain")})
     threads = [threading.Thread(target=runs[n], name=n) for n in names]
     for t in threads:
         t.start()
@@ -249,10 +293,11 @@ def throughput(method: str, data: str, windows: int, window: int, device: str, p
     seconds = {n: s[1:windows + 1] for n, s in turns.seconds.items()}  # window 0 warms up
     images = window * dm.batch_size
     out: dict[str, Any] = {"images_per_s": {n: images / statistics.median(s) for n, s in seconds.items()}}
-    for base in names[1:]:
-        ratios = [p / e for e, p in zip(seconds["eenn"], seconds[base])]
-        out[f"eenn_over_{base}"] = statistics.median(ratios)
-        out[f"eenn_over_{base}_per_window"] = ratios
+    for a, b in RATIOS:
+        if a in seconds and b in seconds:
+            ratios = [tb / ta for ta, tb in zip(seconds[a], seconds[b])]
+            out[f"{a}_over_{b}"] = statistics.median(ratios)
+            out[f"{a}_over_{b}_per_window"] = ratios
     out["window_seconds"] = seconds
     return out
 
@@ -309,6 +354,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed on a GPU")
     parser.add_argument("--override", action="append", default=[], help="a train config override for every run")
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile contestants (eenn_compiled, plain_tuned_compiled)")
     add_output_args(parser)
     args = parser.parse_args()
     if args.quick:
@@ -322,15 +368,16 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     result: dict[str, Any] = {"dataset": data, "backbone": "resnet20", "exits": "stages", "device": args.device,
                               "precision": args.precision, "windows": windows, "batches_per_window": window,
-                              "overrides": extra}
+                              "overrides": extra, "compile": args.compile}
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
-            speed = throughput(method, data, windows, window, args.device, args.precision, Path(tmp), extra)
+            speed = throughput(method, data, windows, window, args.device, args.precision, Path(tmp), extra, args.compile)
             speed.update(start_and_end(method, data, args.device, args.precision, Path(tmp), extra))
             result[method] = speed
             print(f"{method:8s} images/s " + "  ".join(f"{n} {v:.0f}" for n, v in speed["images_per_s"].items())
                   + f"  | eenn/plain {speed['eenn_over_plain']:.3f}  eenn/plain_tuned {speed['eenn_over_plain_tuned']:.3f}"
-                  + f"  | first step after {speed['to_first_step_s']:.1f} s, {speed['after_last_step_s']:.1f} s after the last")
+                  + f"  | first step after {speed['to_first_step_s']:.1f} s, {speed['after_last_step_s']:.1f} s after the last"
+                  + "".join(f"  | {a}/{b} {speed[f'{a}_over_{b}']:.3f}" for a, b in RATIOS[2:] if f"{a}_over_{b}" in speed))
     result["import_seconds"] = import_seconds()
     result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                          "torch_threads": torch.get_num_threads(), "load_avg_before": load_before,
