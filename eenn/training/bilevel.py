@@ -272,7 +272,7 @@ class BilevelTraining(MultiExitModule):
                 self._step(opts[0], loss, self.clip_grad_norm)
             if self.ema is not None:
                 self.ema.update(self.network, step=self.batches_seen + 1)
-            self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=bs, sync_dist=True)
+            self.log_loss(loss, bs)
         if self.freeze_backbone or (self.batches_seen + 1) % self.gater_every == 0:
             gater_loss, a_outer = self.outer_loss(logits, ce)
             self._step(opts[-1], gater_loss)

@@ -41,17 +41,23 @@ class RNGStateCallback(pl.Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def loggers_write_this_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes this training step's values to the loggers (its own test, read
+    the same way from the step until the end of its batch)."""
+    return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
+
+
 class _ReadsEveryN:
-    """A Lightning progress bar that reads the values it shows from the device only every
-    ``every`` training batches (and at the ends of epochs): on a GPU each read waits for the
-    device to finish all queued work, which Lightning's bars do after every batch.
+    """A Lightning progress bar that reads the values it shows from the device only on the steps
+    whose values Lightning writes to the loggers (every ``trainer.log_every_n_steps``), and at the
+    ends of epochs: on a GPU each read waits for the device to finish all queued work, which
+    Lightning's bars do after every batch.
 
     It shows what the stock bar shows, with the module's per-step values named in its
     ``bar_metrics`` (logged with ``prog_bar=False``, so that Lightning itself converts none of
     them per step) read from ``trainer.callback_metrics``.
     """
 
-    every = 1
     _read, _shown = True, None
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
@@ -64,7 +70,7 @@ class _ReadsEveryN:
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._read = (batch_idx + 1) % self.every == 0
+        self._read = loggers_write_this_step(trainer)
         try:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # type: ignore[misc]
         finally:
@@ -81,8 +87,7 @@ class RichProgressBarReads(_ReadsEveryN, RichProgressBar):
 
 def install_progress_bar_reads(trainer: pl.Trainer) -> None:
     """Replace the trainer's progress bar, when it is Lightning's stock TQDM or Rich bar with its
-    settings, by the same bar reading values every ``trainer.log_every_n_steps`` batches (so that
-    its reads fall on the steps where the loggers read too)."""
+    settings, by the same bar reading values only where the loggers read them too."""
     bar = trainer.progress_bar_callback
     if type(bar) is TQDMProgressBar:
         new: _ReadsEveryN = TQDMProgressBarReads(bar.refresh_rate, bar._process_position, bar._leave)
@@ -90,5 +95,4 @@ def install_progress_bar_reads(trainer: pl.Trainer) -> None:
         new = RichProgressBarReads(bar.refresh_rate, bar._leave, bar.theme, bar._console_kwargs)
     else:
         return
-    new.every = max(1, trainer.log_every_n_steps)
     trainer.callbacks[trainer.callbacks.index(bar)] = new

@@ -29,7 +29,7 @@ from timm.data import Mixup
 from eenn.cost import CostProfile
 from eenn.errors import EENNError, check_flag
 from eenn.models.multi_exit import MultiExitNetwork
-from eenn.training.callbacks import install_progress_bar_reads
+from eenn.training.callbacks import install_progress_bar_reads, loggers_write_this_step
 from eenn.training.losses import KL_REDUCTIONS, exit_loss_weights, self_distillation_kl
 from eenn.utils.compile import Compiled
 
@@ -88,8 +88,10 @@ class MultiExitModule(pl.LightningModule):
 
     A training step synchronises the host with the device nowhere: per-exit accuracies and the
     other per-epoch values accumulate on the device (:class:`EpochMeans`) and are logged at the
-    epoch's end; the per-step loss (``train/loss``) goes to the loggers as Lightning logs it, and
-    to the progress bar every ``trainer.log_every_n_steps`` steps (:class:`ProgressBarReads`).
+    epoch's end; the loss is logged as ``train/loss_step`` on the steps whose values Lightning
+    writes to the loggers (every ``trainer.log_every_n_steps``), where the progress bar reads it
+    too, and as ``train/loss_epoch``, its epoch mean (what ``self.log(on_step=True,
+    on_epoch=True)`` logged, at the cost of one ``self.log`` per step).
     """
 
     #: per-step values the progress bar shows, read from the device every log_every_n_steps steps
@@ -157,6 +159,12 @@ class MultiExitModule(pl.LightningModule):
             self.epoch_means.add(split, acc_names, correct, len(y))
         else:
             self.epoch_means.add(split, (*names, *acc_names), torch.cat([values.detach().float(), correct]), len(y))
+
+    def log_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+        """``train/loss_step`` where the loggers write this step, ``train/loss_epoch`` at the epoch's end."""
+        self.epoch_means.add("train/loss", ("train/loss_epoch",), loss.view(1), batch_size)
+        if loggers_write_this_step(self.trainer):
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=True)
 
     def log_epoch_means(self, prefix: str) -> None:
         """Log the means accumulated under keys starting with ``prefix`` (the host's one read of them)."""
@@ -266,7 +274,7 @@ class JointTraining(MultiExitModule):
         x, targets, y = self.mix_batch(*batch)
         logits = self.train_forward(x)
         loss, ce, kl = self.joint_loss(logits, targets)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(y), sync_dist=True)
+        self.log_loss(loss, len(y))
         names = tuple(f"train/ce/{k}" for k in self.exit_keys)
         if self.kl_alpha > 0:
             self.accumulate("train", logits, y, (*names, "train/kl"), torch.cat([ce.detach(), kl.detach().view(1)]))

@@ -141,7 +141,7 @@ class SoftThresholdTraining(MultiExitModule):
         a = self.allocation(logits.detach())
         k = ce.shape[1]
         loss = ((a + 1) / (k + 1) * ce).sum(1).mean()
-        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(y), sync_dist=True)
+        self.log_loss(loss, len(y))
         names = (*(f"train/ce/{n}" for n in self.exit_keys), *(f"train/exit_prob/{n}" for n in self.exit_keys))
         self.accumulate("train", logits, y, names, torch.cat([ce.detach().mean(0), a.mean(0)]))
         return loss

@@ -91,3 +91,6 @@ def test_logged_validation_accuracy_is_the_accuracy_of_the_validation_split(comp
     for name, acc in metrics["val_accuracy"].items():
         assert logged[f"val/acc/{name.replace('.', '_')}"] == pytest.approx(acc, abs=1e-6)
     assert {"train/loss_step", "train/loss_epoch", "train/acc/final", "train/ce/layer1_2", "val/ce"} <= set(logged)
+    # the loss's epoch mean, accumulated on the device, is the mean of the three logged step losses
+    steps = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
+    assert len(steps) == 3 and logged["train/loss_epoch"] == pytest.approx(sum(steps) / 3, rel=1e-6)
