@@ -14,7 +14,8 @@ and augmentation (pad-4 random crop + horizontal flip):
   what is left between it and ``eenn`` is the framework's own overhead.
 
 For ``bilevel`` the plain loops run the same two-optimiser step as eenn's module (theta every
-batch through A, the gater every ``gater_every`` batches).
+batch through A, the gater every ``gater_every`` batches); for ``soft_threshold`` the same
+allocation (a budget drawn per batch, the deployed rule's soft exits) weighting the same loss.
 
 With ``--compile``, two more contestants: ``eenn_compiled`` (``training.compile=true``) and
 ``plain_tuned_compiled`` (plain_tuned's network through ``torch.compile``); both compile in a
@@ -67,6 +68,11 @@ from eenn.cost import profile_costs  # noqa: E402
 from eenn.data.augment import BatchAugment  # noqa: E402
 from eenn.tasks.train import build_module, build_network, instantiate_group, train  # noqa: E402
 from eenn.training.gater import Gater  # noqa: E402
+from eenn.training.soft_threshold import (  # noqa: E402
+    fractions_for_budget,
+    geometric_fractions_table,
+    soft_exit_distribution,
+)
 from eenn.utils.config import instantiate  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
 from eenn.utils.overrides import override  # noqa: E402
@@ -76,8 +82,9 @@ OUT = REPO / "benchmarks" / "results" / "train_speed.json"
 CIFAR10_SMALL = Path(os.environ.get("EENN_SHARED", REPO.parent / "shared")) / "datasets" / "cifar10_small.npz"
 
 
-def make_cfg(method: str, data: str, out: Path, device: str, precision: str, extra: list[str]) -> DictConfig:
-    overrides = [override("training", method), override("data", data), "backbone=resnet20", "exits=stages", "logger=csv",
+def make_cfg(method: str, data: str, out: Path, device: str, precision: str, extra: list[str],
+             backbone: str = "resnet20") -> DictConfig:
+    overrides = [override("training", method), override("data", data), override("backbone", backbone), "exits=stages", "logger=csv",
                  "cost.latency=false", override("trainer.accelerator", device), override("trainer.precision", precision), "seed=0", *extra]
     cfg = compose_cfg("train", overrides, out)
     with open_dict(cfg):
@@ -205,6 +212,13 @@ def plain_loop(name: str, method: str, cfg: DictConfig, dm: Any, turns: Turns, b
         gater_opt = torch.optim.Adam(gater.parameters(), lr=t.gater_optimizer.lr)
         c = torch.tensor(profile_costs(net, dm.input_shape, latency=False).per_exit("flops"), device=device)
         costs = c / c[-1]
+    table = None
+    if method == "soft_threshold":
+        c = torch.tensor(profile_costs(net, dm.input_shape, latency=False).per_exit("flops"))
+        costs = (c / c[-1]).float()
+        table = tuple(t.to(device) for t in geometric_fractions_table(costs))
+        low = float(costs[0]) if cfg.training.budget_range is None else cfg.training.budget_range[0]
+        high = 1.0 if cfg.training.budget_range is None else cfg.training.budget_range[1]
     autocast = precision.startswith("bf16")
 
     def run() -> None:
@@ -220,7 +234,14 @@ def plain_loop(name: str, method: str, cfg: DictConfig, dm: Any, turns: Turns, b
                 logits = forward(x)
                 b, k, c = logits.shape
                 ce = F.cross_entropy(logits.float().reshape(b * k, c), y.repeat_interleave(k), reduction="none").view(b, k)
-                if gater is None:
+                if table is not None:  # SoftThresholdTraining's loss, written out
+                    with torch.no_grad():
+                        budget = low + (high - low) * torch.rand((), device=device)
+                        pi = fractions_for_budget(budget, table).float()
+                        a = soft_exit_distribution(torch.softmax(logits.detach().float(), -1).amax(-1), pi,
+                                                   cfg.training.softness)
+                    loss = ((a + 1) / (k + 1) * ce).sum(1).mean()
+                elif gater is None:
                     loss = ce.mean(0).mean()
                 else:
                     gater.requires_grad_(False)
@@ -267,8 +288,8 @@ RATIOS = [("eenn", "plain"), ("eenn", "plain_tuned"), ("eenn_compiled", "eenn"),
 
 
 def throughput(method: str, data: str, windows: int, window: int, device: str, precision: str, tmp: Path,
-               extra: list[str], compile: bool = False) -> dict[str, Any]:
-    cfg = make_cfg(method, data, tmp / f"speed_{method}", device, precision, extra)
+               extra: list[str], compile: bool = False, backbone: str = "resnet20") -> dict[str, Any]:
+    cfg = make_cfg(method, data, tmp / f"speed_{method}", device, precision, extra, backbone)
     batches = (windows + 1) * window
     dm = instantiate(cfg.data, _convert_="all")
     dm.setup("fit")
@@ -281,7 +302,7 @@ def throughput(method: str, data: str, windows: int, window: int, device: str, p
     runs = {"eenn": eenn_contestant("eenn", cfg, dm, turns, batches, window, precision)}
     if compile:
         compiled_cfg = make_cfg(method, data, tmp / f"speed_{method}_compiled", device, precision,
-                                [*extra, "training.compile=true"])
+                                [*extra, "training.compile=true"], backbone)
         runs["eenn_compiled"] = eenn_contestant("eenn_compiled", compiled_cfg, dm, turns, batches, window, precision)
     runs.update({n: plain_loop(n, method, cfg, dm, turns, batches, window, torch_device, precision)
                  for n in names if n.startswith("plain")})
@@ -314,10 +335,12 @@ class FirstLast(pl.Callback):
         self.last = time.perf_counter()
 
 
-def start_and_end(method: str, data: str, device: str, precision: str, tmp: Path, extra: list[str]) -> dict[str, float]:
+def start_and_end(method: str, data: str, device: str, precision: str, tmp: Path, extra: list[str],
+                  backbone: str = "resnet20") -> dict[str, float]:
     """eenn-train's fixed costs around the loop: time to the first step and after the last one."""
     cfg = make_cfg(method, data, tmp / f"run_{method}", device, precision,
-                   [*extra, "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.enable_progress_bar=false"])
+                   [*extra, "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.enable_progress_bar=false"],
+                   backbone)
     probe = FirstLast()
     with open_dict(cfg):
         cfg.callbacks.first_last = {"_target_": f"{__name__}.FirstLast"}
@@ -355,6 +378,8 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed on a GPU")
     parser.add_argument("--override", action="append", default=[], help="a train config override for every run")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile contestants (eenn_compiled, plain_tuned_compiled)")
+    parser.add_argument("--backbone", default="resnet20", help="a conf/backbone config (resnet20, resnet56, ...)")
+    parser.add_argument("--loop-only", action="store_true", help="time the loops only (no start/end run, no import time)")
     add_output_args(parser)
     args = parser.parse_args()
     if args.quick:
@@ -366,19 +391,23 @@ def main() -> None:
     out_path = output_path(args, OUT)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
-    result: dict[str, Any] = {"dataset": data, "backbone": "resnet20", "exits": "stages", "device": args.device,
+    result: dict[str, Any] = {"dataset": data, "backbone": args.backbone, "exits": "stages", "device": args.device,
                               "precision": args.precision, "windows": windows, "batches_per_window": window,
                               "overrides": extra, "compile": args.compile}
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
-            speed = throughput(method, data, windows, window, args.device, args.precision, Path(tmp), extra, args.compile)
-            speed.update(start_and_end(method, data, args.device, args.precision, Path(tmp), extra))
+            speed = throughput(method, data, windows, window, args.device, args.precision, Path(tmp), extra, args.compile,
+                               args.backbone)
+            if not args.loop_only:
+                speed.update(start_and_end(method, data, args.device, args.precision, Path(tmp), extra, args.backbone))
             result[method] = speed
             print(f"{method:8s} images/s " + "  ".join(f"{n} {v:.0f}" for n, v in speed["images_per_s"].items())
                   + f"  | eenn/plain {speed['eenn_over_plain']:.3f}  eenn/plain_tuned {speed['eenn_over_plain_tuned']:.3f}"
-                  + f"  | first step after {speed['to_first_step_s']:.1f} s, {speed['after_last_step_s']:.1f} s after the last"
+                  + ("" if args.loop_only else f"  | first step after {speed['to_first_step_s']:.1f} s, "
+                     f"{speed['after_last_step_s']:.1f} s after the last")
                   + "".join(f"  | {a}/{b} {speed[f'{a}_over_{b}']:.3f}" for a, b in RATIOS[2:] if f"{a}_over_{b}" in speed))
-    result["import_seconds"] = import_seconds()
+    if not args.loop_only:
+        result["import_seconds"] = import_seconds()
     result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                          "torch_threads": torch.get_num_threads(), "load_avg_before": load_before,
                          "load_avg_after": os.getloadavg()[0],
