@@ -53,6 +53,7 @@ from eenn.models.multi_exit import MultiExitNetwork
 from eenn.policies.base import Decision, ExitPolicy, State, continue_to_next
 from eenn.policies.features import max_prob
 from eenn.utils.io import write_json
+from eenn.utils.syncs import SyncCounter
 
 OUT = Path(__file__).resolve().parent / "results" / "inference_speed.json"
 BACKBONES: dict[str, dict[str, Any]] = {
@@ -62,7 +63,11 @@ BACKBONES: dict[str, dict[str, Any]] = {
                            "exits": {"at": ["layer1", "layer2"], "head": {"name": "conv_pool"}}, "shape": (3, 64, 64)},
     "deit_tiny_32px": {"backbone": {"name": "deit_tiny_patch16_224", "img_size": 32, "patch_size": 4},
                        "exits": {"at": [4, 8], "head": {"name": "token"}}, "shape": (3, 32, 32)},
+    # compute-bound on a GPU, where early exit should pay (gpu_check.py); hours on one CPU thread
+    "timm_resnet50_224px": {"backbone": {"name": "timm", "model": "resnet50"},
+                            "exits": {"at": ["layer2", "layer3"], "head": {"name": "conv_pool"}}, "shape": (3, 224, 224)},
 }
+CPU_BACKBONES = ["cifar_resnet56", "timm_resnet18_64px", "deit_tiny_32px"]
 MIXES = {"40/30/30": (0.4, 0.3, 0.3), "60/20/20": (0.6, 0.2, 0.2)}
 
 
@@ -78,6 +83,11 @@ class FixedMixPolicy(ExitPolicy):
 
     def reset(self) -> None:
         self.cursor = 0
+
+    def to(self, device: str | torch.device) -> FixedMixPolicy:
+        self.device = torch.device(device)
+        self.plan = self.plan.to(self.device)
+        return self
 
     def init_state(self, n: int) -> State:
         state = {"plan": self.plan[self.cursor:self.cursor + n]}
@@ -103,23 +113,28 @@ def profile_pass(net: MultiExitNetwork, batches: list[torch.Tensor]) -> tuple[li
     """Seconds spent in each stage and each head over the stream, every sample through everything."""
     K = net.num_exits
     stage, head = [0.0] * K, [0.0] * K
+    sync = torch.cuda.synchronize if batches[0].is_cuda else (lambda: None)
     for x in batches:
         for k in range(K):
+            sync()
             t0 = time.perf_counter()
             x = net.forward_stage(k, x)
+            sync()
             t1 = time.perf_counter()
             net.forward_exit(k, x)
+            sync()
             stage[k] += t1 - t0
             head[k] += time.perf_counter() - t1
     return stage, head
 
 
 def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, repeats: int, seed: int,
-                   compile: bool = False) -> list[dict[str, Any]]:
+                   compile: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
     torch.manual_seed(seed)
     net = build_multi_exit(spec["backbone"], spec["exits"], num_classes=10, input_shape=spec["shape"]).eval()
     flops = profile_costs(net, spec["shape"], latency=False)
-    x = torch.randn(n, *spec["shape"])
+    net = net.to(device)
+    x = torch.randn(n, *spec["shape"]).to(device)  # on the device before timing, as a server's batches would be
     batches = list(batches_of(x, batch_size))
     modes = ["engine", "rebatch"] if batch_size > 1 else ["engine"]  # at batch 1 rebatching is the engine
     if compile:
@@ -127,15 +142,16 @@ def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, rep
 
     policies = {mix: FixedMixPolicy(draw_plan(n, f, seed), 10) for mix, f in MIXES.items()}
     runners: dict[str, Callable[[], Any]] = {"plain": lambda: time_backbone(net, batches), "profile": lambda: profile_pass(net, batches)}
-    for mix, policy in policies.items():
-        engine = EarlyExitEngine(net, policy)
-        runners[f"engine {mix}"] = lambda e=engine, p=policy: (p.reset(), e.run(batches))[1]
+    engines: dict[str, EarlyExitEngine] = {}
+    for mix, policy in policies.items():  # an engine on a GPU decides with its own copy of the policy: reset that one
+        engines[mix] = engine = EarlyExitEngine(net, policy)
+        runners[f"engine {mix}"] = lambda e=engine: (e.policy.reset(), e.run(batches))[1]
         if "rebatch" in modes:
             rebatcher = Rebatcher(engine, batch_size)
-            runners[f"rebatch {mix}"] = lambda r=rebatcher, p=policy: (p.reset(), r.run(batches))[1]
+            runners[f"rebatch {mix}"] = lambda e=engine, r=rebatcher: (e.policy.reset(), r.run(batches))[1]
         if compile:
             compiled = EarlyExitEngine(net, policy, compile=True)
-            runners[f"engine_compiled {mix}"] = lambda e=compiled, p=policy: (p.reset(), e.run(batches))[1]
+            runners[f"engine_compiled {mix}"] = lambda e=compiled: (e.policy.reset(), e.run(batches))[1]
             runners.setdefault("plain_compiled", lambda e=compiled: time_backbone(net, batches, e.backbone))
 
     samples: dict[str, list[Any]] = {key: [] for key in runners}
@@ -198,6 +214,12 @@ def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, rep
                 "plain_s_spread": [min(t for t, _ in samples["plain"]), max(t for t, _ in samples["plain"])],
                 "run_s_spread": [min(t for t, _ in runs), max(t for t, _ in runs)],
             })
+            if mode == "engine" and x.is_cuda:  # the engine's host-device syncs, from PyTorch's sync debug mode
+                engine = engines[mix]
+                engine.policy.reset()
+                with SyncCounter(cuda=True) as syncs:
+                    engine.run(batches)
+                rows[-1]["syncs_per_batch"] = syncs.total / len(batches)
             if mode == "engine_compiled":
                 eager_s = statistics.median(t for t, _ in samples[f"engine {mix}"])
                 rows[-1].update({"speedup_over_eager_engine": eager_s / run_s,
@@ -231,7 +253,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, this machine's cores)")
-    ap.add_argument("--backbones", nargs="*", default=list(BACKBONES), choices=list(BACKBONES))
+    ap.add_argument("--backbones", nargs="*", default=CPU_BACKBONES, choices=list(BACKBONES))
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: inputs, network and decisions on the GPU")
     ap.add_argument("--batch-sizes", nargs="*", type=int, default=[128, 1], choices=[128, 1])
     ap.add_argument("--samples", type=int, default=None, help="stream length (a multiple of 10; default 1280 at batch 128, 100 at 1)")
     ap.add_argument("--update", action="store_true", help="replace only the rows of the backbones, batch sizes and modes run here in --out")
@@ -252,7 +275,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for name in args.backbones:
         for batch_size, n in sizes.items():
-            new = bench_backbone(name, BACKBONES[name], batch_size, n, repeats, seed=0, compile=args.compile)
+            new = bench_backbone(name, BACKBONES[name], batch_size, n, repeats, seed=0, compile=args.compile,
+                                 device=args.device)
             for r in new:
                 print(f"{r['backbone']:>20} {r['mode']:>8} b={r['batch_size']:<4} {r['exit_mix']}  predicted flops "
                       f"{r['flops_predicted_speedup']:.3f} latency {r['latency_predicted_speedup']:.3f}  realised "
@@ -261,7 +285,8 @@ def main() -> None:
             rows += new
     env = {"malloc": "glibc default" if args.default_malloc else MALLOC_TUNED, "threads": torch.get_num_threads(),
            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-           "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
+           "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "device": args.device,
+           "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
     for r in rows:
         r["env"] = env
     out = output_path(args, OUT)

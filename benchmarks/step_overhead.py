@@ -21,10 +21,13 @@ bilevel, soft_threshold):
    ``bool()``, ``float()``, ``.cpu()``, ``.tolist()``, ``nonzero``, ... in the step path, with
    where each was called), per step from one batch start to the next, after the first window.
 
+On a GPU (``--device cuda``) the syncs are PyTorch's own count (``torch.cuda.set_sync_debug_mode``).
+
 Writes ``benchmarks/results/step_overhead.json``.
 
     python benchmarks/step_overhead.py             # ~10 min on 2 busy cores
     python benchmarks/step_overhead.py --quick     # seconds: the smoke run of the slow tests
+    python benchmarks/step_overhead.py --device cuda --phases syncs --methods joint bilevel   # gpu_check.py's
 """
 
 from __future__ import annotations
@@ -182,7 +185,7 @@ def build(method: str, cfg: Any, batches: int, callbacks: list[pl.Callback]) -> 
     return trainer, module, dm
 
 
-def side_by_side(method: str, cfg: Any, windows: int, window: int, timer: bool) -> dict[str, Any]:
+def side_by_side(method: str, cfg: Any, windows: int, window: int, timer: bool, device: str = "cpu") -> dict[str, Any]:
     """Phase 1 (``timer`` false) or 2: eenn and plain_tuned taking turns; seconds per window, and
     with ``timer`` the parts' exclusive seconds per step."""
     batches = (windows + 1) * window
@@ -192,7 +195,8 @@ def side_by_side(method: str, cfg: Any, windows: int, window: int, timer: bool) 
     if len(dm.train_set) < batches * dm.batch_size:
         raise SystemExit(f"{batches} batches of {dm.batch_size} need more than the {len(dm.train_set)} training images")
     runs = {"eenn": lambda: trainer.fit(module, datamodule=dm),
-            "plain_tuned": plain_loop("plain_tuned", method, cfg, dm, turns, batches, window, torch.device("cpu"), "32-true")}
+            "plain_tuned": plain_loop("plain_tuned", method, cfg, dm, turns, batches, window, torch.device(device),
+                                      cfg.trainer.precision)}
     parts = PartTimer(turns) if timer else contextlib.nullcontext()
     with parts, open(os.devnull, "w") as null, contextlib.redirect_stderr(null):  # the progress bar draws to nowhere
         threads = [threading.Thread(target=runs[n], name=n) for n in CONTESTANTS]
@@ -216,10 +220,10 @@ def side_by_side(method: str, cfg: Any, windows: int, window: int, timer: bool) 
     return out
 
 
-def count_syncs(method: str, cfg: Any, windows: int, window: int) -> dict[str, Any]:
+def count_syncs(method: str, cfg: Any, windows: int, window: int, cuda: bool = False) -> dict[str, Any]:
     """Phase 3: eenn's syncs per step, after the first window."""
     batches = (windows + 1) * window
-    counter = SyncCounter()
+    counter = SyncCounter(cuda=cuda)
     probe = StepSyncs(counter, skip=window)
     trainer, module, dm = build(method, cfg, batches + 1, [probe])
     with counter, open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
@@ -272,6 +276,10 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=8, help="batches per window")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed on a GPU")
+    parser.add_argument("--phases", nargs="+", default=["time", "syncs"], choices=["time", "syncs"],
+                        help="time: phases 1 and 2 (time, parts); syncs: phase 3")
     parser.add_argument("--override", action="append", default=[], help="a train config override for every run")
     add_output_args(parser)
     args = parser.parse_args()
@@ -280,26 +288,31 @@ def main() -> None:
     load_before = os.getloadavg()
     result: dict[str, Any] = {"dataset": "digits", "backbone": "resnet20", "exits": "stages", "batch_size": args.batch_size,
                               "threads": args.threads, "windows": windows, "batches_per_window": window,
-                              "overrides": args.override}
+                              "overrides": args.override, "device": args.device, "precision": args.precision,
+                              "phases": args.phases}
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
             extra = [f"data.batch_size={args.batch_size}", *args.override]
-            cfg = make_cfg(method, "digits", Path(tmp) / method, "cpu", "32-true", extra)
-            timing = side_by_side(method, cfg, windows, window, timer=False)
-            parts = side_by_side(method, cfg, windows, window, timer=True)
-            row = summarise(timing, parts, window)
-            row["syncs"] = count_syncs(method, cfg, windows, window)
+            cfg = make_cfg(method, "digits", Path(tmp) / method, args.device, args.precision, extra)
+            row: dict[str, Any] = {}
+            if "time" in args.phases:
+                timing = side_by_side(method, cfg, windows, window, timer=False, device=args.device)
+                parts = side_by_side(method, cfg, windows, window, timer=True, device=args.device)
+                row = summarise(timing, parts, window)
+                for clock in ("cpu", "wall"):
+                    c = row[clock]
+                    print(f"{method:15s} {clock:4s} step eenn {c['step_ms']['eenn']:.2f} ms, plain_tuned "
+                          f"{c['step_ms']['plain_tuned']:.2f} ms; overhead {c['overhead_us_per_step']:.0f} us/step = "
+                          f"{c['overhead_pct_of_plain_step']:.1f} % of plain_tuned's step")
+                share = row["overhead_share_pct"] or {}
+                print(f"{'':15s} " + ", ".join(f"{p} {s:.0f} %" for p, s in sorted(share.items(), key=lambda t: -t[1])))
+            if "syncs" in args.phases:
+                row["syncs"] = count_syncs(method, cfg, windows, window, cuda=args.device == "cuda")
+                print(f"{method:15s} syncs/step {row['syncs']['per_step_mean']:.2f} (max {row['syncs']['per_step_max']})")
             result[method] = row
-            share = row["overhead_share_pct"] or {}
-            for clock in ("cpu", "wall"):
-                c = row[clock]
-                print(f"{method:15s} {clock:4s} step eenn {c['step_ms']['eenn']:.2f} ms, plain_tuned {c['step_ms']['plain_tuned']:.2f} ms;"
-                      f" overhead {c['overhead_us_per_step']:.0f} us/step = {c['overhead_pct_of_plain_step']:.1f} % of"
-                      " plain_tuned's step")
-            print(f"{'':15s} syncs/step {row['syncs']['per_step_mean']:.2f} (max {row['syncs']['per_step_max']})")
-            print("                " + ", ".join(f"{p} {s:.0f} %" for p, s in sorted(share.items(), key=lambda t: -t[1])))
     result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                          "lightning": pl.__version__, "torch_threads": torch.get_num_threads(),
+                         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                          "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
     out = output_path(args, OUT)
     write_json(out, result)
