@@ -9,15 +9,28 @@
    stages on the compacted survivors, whose logits differ slightly from those of the offline
    pass's full batches (TF32), so a sample whose score lies within ``TIE`` of a threshold of an
    exit it reaches may exit elsewhere; any other disagreement is a real mismatch.
-4. ``benchmarks/train_speed.py --device cuda --precision bf16-mixed``: eenn against plain loops.
+   The engine's host-device syncs per batch in that run (PyTorch's sync debug mode).
+4. Training throughput (``benchmarks/train_speed.py --device cuda --precision bf16-mixed --compile
+   --loop-only``, 5 windows of 5 batches): eenn / plain_tuned for joint and bi-level, ResNet-20
+   and ResNet-56 on cifar10_small, bf16, channels-last, eager and compiled.
+5. The engine at batch 128 (``benchmarks/inference_speed.py --device cuda``): realised against
+   latency-predicted speedup for ResNet-56 on CIFAR shapes and a timm ResNet-50 at 224 px on
+   random images (compute-bound, where early exit should pay), with the engine's syncs per batch.
+6. Host-device syncs per training step, joint and bi-level (``benchmarks/step_overhead.py
+   --device cuda --phases syncs``).
 
-Writes ``benchmarks/results/gpu_check.json``. On a machine without CUDA the full run stops with
-one line; ``--quick`` there runs steps 1-3 on the CPU (``"device": "cpu"`` in the JSON), so the
-slow test tier, which runs every benchmark's ``--quick`` and has no GPU, exercises the code path
-(on the CPU the engine must agree exactly).
+``acceptance`` in the JSON puts issue 29's GPU bars next to what was measured: training >= 0.9
+plain_tuned (joint) and >= 0.85 (bi-level); the engine >= 0.9 of its latency-predicted speedup on
+ResNet-50 at 224 px and no slower than the plain backbone on ResNet-56.
 
-    python benchmarks/gpu_check.py            # ~2.5 min on one H200
-    python benchmarks/gpu_check.py --quick    # 2 epochs of 4 batches, no speed benchmark
+Writes ``benchmarks/results/gpu_check.json`` (steps 4-6 also their own ``*_cuda*.json`` next to
+it). On a machine without CUDA the full run stops with one line; ``--quick`` there runs every
+step on the CPU at smoke size (``"device": "cpu"`` in the JSON; no compiling), so the slow test
+tier, which runs every benchmark's ``--quick`` and has no GPU, exercises the code path (on the CPU
+the engine must agree exactly).
+
+    python benchmarks/gpu_check.py            # one H100: about 8 min (steps 1-3 ~1.5 min, 4 ~5 min, 5-6 ~1 min; estimated)
+    python benchmarks/gpu_check.py --quick    # 2 epochs of 4 batches, smoke-sized steps 4-6
 """
 
 from __future__ import annotations
@@ -42,6 +55,7 @@ from eenn.tasks.build import datamodule, load_network
 from eenn.tasks.infer import load_split
 from eenn.utils.io import write_json
 from eenn.utils.overrides import override
+from eenn.utils.syncs import SyncCounter
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "gpu_check.json"
@@ -96,15 +110,46 @@ def compare_exits(engine: torch.Tensor, offline: torch.Tensor, ties: torch.Tenso
     }
 
 
-def engine_exits(train_dir: Path, policy: ExitPolicy, device: str, batch_size: int = 128) -> torch.Tensor:
+def engine_exits(train_dir: Path, policy: ExitPolicy, device: str, batch_size: int = 128) -> tuple[torch.Tensor, float | None]:
     """(N,) the exit the engine takes for each test sample, in order, on ``device``, with the run's
-    best checkpoint and the batch size eenn-infer uses by default."""
+    best checkpoint and the batch size eenn-infer uses by default; and, on CUDA, its host-device
+    syncs per batch of that run (None on the CPU)."""
     run = Stage1Run(train_dir)
     dm = datamodule(run)
     dm.setup("test")
     x, y = load_split(dm, "test")
     engine = EarlyExitEngine(load_network(run, "best", dm), policy, device=device)
-    return engine.run(batches_of(x, batch_size, y)).exit_index.cpu()
+    batches = list(batches_of(x, batch_size, y))
+    with SyncCounter(cuda=device == "cuda") as syncs:
+        result = engine.run(batches)
+    return result.exit_index.cpu(), (syncs.total / len(batches) if device == "cuda" else None)
+
+
+def bench(script: str, args: list[str], out: Path, log: Path) -> dict[str, Any]:
+    """Run ``benchmarks/<script>`` with ``args``, its JSON to ``out``; that JSON."""
+    run([sys.executable, str(REPO / "benchmarks" / script), *args, "--out", str(out)], log)
+    return json.loads(out.read_text())
+
+
+def acceptance(result: dict[str, Any]) -> dict[str, Any]:
+    """Issue 29's GPU bars next to what steps 4 and 5 measured (None where a step did not run)."""
+    bars: dict[str, Any] = {}
+    for backbone, speed in result.get("train_speed", {}).items():
+        for method, bar in (("joint", 0.9), ("bilevel", 0.85)):
+            for compiled in ("", "_compiled"):
+                ratio = speed.get(method, {}).get(f"eenn{compiled}_over_plain_tuned{compiled}")
+                bars[f"train {backbone} {method}{compiled}: eenn / plain_tuned >= {bar}"] = \
+                    None if ratio is None else {"measured": ratio, "met": ratio >= bar}
+    for row in result.get("inference_speed", {}).get("rows", []):
+        if row["mode"] != "engine" or row["batch_size"] != 128:
+            continue
+        if row["backbone"] == "timm_resnet50_224px":
+            bars[f"engine {row['backbone']} {row['exit_mix']}: realised / latency-predicted >= 0.9"] = \
+                {"measured": row["latency_ratio"], "met": row["latency_ratio"] >= 0.9}
+        else:
+            bars[f"engine {row['backbone']} {row['exit_mix']}: realised speedup >= 1"] = \
+                {"measured": row["realised_speedup"], "met": row["realised_speedup"] >= 1.0}
+    return bars
 
 
 def main() -> None:
@@ -126,12 +171,12 @@ def main() -> None:
         raise
     write_json(out, result)
     keys = ("device", "gpu", "engine_equals_offline", "exit_disagreements", "near_ties", "disagreements_outside_ties",
-            "engine_equals_offline_up_to_ties", "train_seconds")
-    print(json.dumps({k: result[k] for k in keys}), f"-> {out}")
+            "engine_equals_offline_up_to_ties", "train_seconds", "engine_syncs_per_batch", "acceptance")
+    print(json.dumps({k: result[k] for k in keys}, indent=1), f"-> {out}")
 
 
 def check(args: argparse.Namespace, out: Path, result: dict[str, Any]) -> None:
-    """The four steps, each adding its findings to ``result``."""
+    """The six steps, each adding its findings to ``result``."""
     work = out.parent / "gpu_check_runs"
     work.mkdir(parents=True, exist_ok=True)
     data = ["data=cifar10_small", override("data.path", CIFAR10_SMALL)] if CIFAR10_SMALL.is_file() else ["data=digits"]
@@ -152,14 +197,35 @@ def check(args: argparse.Namespace, out: Path, result: dict[str, Any]) -> None:
     # per sample: on CUDA (TF32 convolutions, kernels chosen per batch size) the logits of the
     # engine's smaller batches differ slightly from the offline pass's, so only near ties may move
     policy, logits = FitRun(fit_dir).policy(), Stage1Run(train_dir).predictions("test").logits
-    result.update(compare_exits(engine_exits(train_dir, policy, device), simulate(policy, logits)[0],
-                                near_ties(policy, logits, TIE)))
+    exits, engine_syncs = engine_exits(train_dir, policy, device)
+    result.update(compare_exits(exits, simulate(policy, logits)[0], near_ties(policy, logits, TIE)))
     result["near_tie_tolerance"] = TIE
-    if not args.quick:
-        speed = out.parent / "train_speed_cuda.json"
-        run([sys.executable, str(REPO / "benchmarks" / "train_speed.py"), "--device", "cuda", "--precision", "bf16-mixed",
-             "--out", str(speed)], work / "train_speed.log")
-        result["train_speed"] = json.loads(speed.read_text())
+    result["engine_syncs_per_batch"] = engine_syncs
+    write_json(out, result)  # what the later, longer steps add comes on top of this
+
+    # 4: training throughput, eager and compiled (on the CPU a smoke run on digits, eager only)
+    quick = ["--quick"] if args.quick else []
+    gpu = ["--device", "cuda", "--precision", "bf16-mixed", "--compile", "--windows", "5", "--window", "5"] if device == "cuda" else []
+    result["train_speed"] = {}
+    for backbone in ("resnet20", "resnet56") if device == "cuda" else ("resnet20",):
+        result["train_speed"][backbone] = bench("train_speed.py", [*quick, *gpu, "--loop-only", "--backbone", backbone],
+                                                out.parent / f"train_speed_cuda_{backbone}.json" if device == "cuda"
+                                                else work / f"train_speed_{backbone}.json", work / f"train_speed_{backbone}.log")
+        write_json(out, result)
+    # 5: the engine at batch 128, realised against predicted
+    inference = ["--device", "cuda", "--repeats", "10", "--backbones", "cifar_resnet56", "timm_resnet50_224px"] \
+        if device == "cuda" else ["--backbones", "cifar_resnet56"]
+    result["inference_speed"] = bench("inference_speed.py", [*quick, *inference, "--batch-sizes", "128"],
+                                      out.parent / "inference_speed_cuda.json" if device == "cuda" else work / "inference_speed.json",
+                                      work / "inference_speed.log")
+    write_json(out, result)
+    # 6: syncs per training step
+    result["step_syncs"] = bench("step_overhead.py", [*quick, "--device", device, "--phases", "syncs", "--methods", "joint",
+                                                      "bilevel", *(["--precision", "bf16-mixed"] if device == "cuda" else [])],
+                                 out.parent / "step_overhead_cuda.json" if device == "cuda" else work / "step_overhead.json",
+                                 work / "step_overhead.log")
+    result["acceptance"] = acceptance(result)
+    write_json(out, result)
 
 
 if __name__ == "__main__":

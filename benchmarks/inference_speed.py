@@ -12,7 +12,10 @@ samples at exits 0/1/2, exact over the stream), this times on the CPU, interleav
 - the engine, and at batch 128 the rebatching engine (at batch 1 they are the same).
 
 The policy exits a pre-drawn subset of samples at each exit (so the mix is exact) after computing
-the max-softmax score, as a confidence policy would. Written to
+the max-softmax score, as a confidence policy would. With ``--compile``, also the engine and the
+plain backbone with every segment through ``torch.compile`` (dynamic batch size): rows of mode
+``engine_compiled`` with their realised speedup (compiled plain / compiled engine) and each one's
+speedup over its eager self. Written to
 ``benchmarks/results/inference_speed.json``: per run, predicted speedups (full cost / expected
 cost, in FLOPs and in per-stage latency), the realised one (plain time / engine time, medians),
 their ratios and the policy's decision time as % of the plain backbone's.
@@ -21,6 +24,8 @@ their ratios and the policy's decision time as % of the plain backbone's.
     python benchmarks/inference_speed.py --quick                # one batch, 2 repeats: a smoke run (JSON to a temp file)
     python benchmarks/inference_speed.py --threads 1 --batch-sizes 128 --backbones cifar_resnet56 --update
                                                                 # one slice, merged into the existing JSON
+    python benchmarks/inference_speed.py --threads 1 --backbones cifar_resnet56 --compile --update
+                                                                # + the compiled rows
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from eenn.models import build_multi_exit
 from eenn.models.multi_exit import MultiExitNetwork
 from eenn.policies.base import Decision, ExitPolicy, State, continue_to_next
 from eenn.policies.features import max_prob
+from eenn.utils.syncs import SyncCounter
 
 OUT = Path(__file__).resolve().parent / "results" / "inference_speed.json"
 BACKBONES: dict[str, dict[str, Any]] = {
@@ -56,7 +62,11 @@ BACKBONES: dict[str, dict[str, Any]] = {
                            "exits": {"at": ["layer1", "layer2"], "head": {"name": "conv_pool"}}, "shape": (3, 64, 64)},
     "deit_tiny_32px": {"backbone": {"name": "deit_tiny_patch16_224", "img_size": 32, "patch_size": 4},
                        "exits": {"at": [4, 8], "head": {"name": "token"}}, "shape": (3, 32, 32)},
+    # compute-bound on a GPU, where early exit should pay (gpu_check.py); hours on one CPU thread
+    "timm_resnet50_224px": {"backbone": {"name": "timm", "model": "resnet50"},
+                            "exits": {"at": ["layer2", "layer3"], "head": {"name": "conv_pool"}}, "shape": (3, 224, 224)},
 }
+CPU_BACKBONES = ["cifar_resnet56", "timm_resnet18_64px", "deit_tiny_32px"]
 MIXES = {"40/30/30": (0.4, 0.3, 0.3), "60/20/20": (0.6, 0.2, 0.2)}
 
 
@@ -72,6 +82,11 @@ class FixedMixPolicy(ExitPolicy):
 
     def reset(self) -> None:
         self.cursor = 0
+
+    def to(self, device: str | torch.device) -> FixedMixPolicy:
+        self.device = torch.device(device)
+        self.plan = self.plan.to(self.device)
+        return self
 
     def init_state(self, n: int) -> State:
         state = {"plan": self.plan[self.cursor:self.cursor + n]}
@@ -97,36 +112,49 @@ def profile_pass(net: MultiExitNetwork, batches: list[torch.Tensor]) -> tuple[li
     """Seconds spent in each stage and each head over the stream, every sample through everything."""
     K = net.num_exits
     stage, head = [0.0] * K, [0.0] * K
+    sync = torch.cuda.synchronize if batches[0].is_cuda else (lambda: None)
     for x in batches:
         for k in range(K):
+            sync()
             t0 = time.perf_counter()
             x = net.forward_stage(k, x)
+            sync()
             t1 = time.perf_counter()
             net.forward_exit(k, x)
+            sync()
             stage[k] += t1 - t0
             head[k] += time.perf_counter() - t1
     return stage, head
 
 
-def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, repeats: int, seed: int) -> list[dict[str, Any]]:
+def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, repeats: int, seed: int,
+                   compile: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
     torch.manual_seed(seed)
     net = build_multi_exit(spec["backbone"], spec["exits"], num_classes=10, input_shape=spec["shape"]).eval()
     flops = profile_costs(net, spec["shape"], latency=False)
-    x = torch.randn(n, *spec["shape"])
+    net = net.to(device)
+    x = torch.randn(n, *spec["shape"]).to(device)  # on the device before timing, as a server's batches would be
     batches = list(batches_of(x, batch_size))
     modes = ["engine", "rebatch"] if batch_size > 1 else ["engine"]  # at batch 1 rebatching is the engine
+    if compile:
+        modes.append("engine_compiled")
 
     policies = {mix: FixedMixPolicy(draw_plan(n, f, seed), 10) for mix, f in MIXES.items()}
     runners: dict[str, Callable[[], Any]] = {"plain": lambda: time_backbone(net, batches), "profile": lambda: profile_pass(net, batches)}
-    for mix, policy in policies.items():
-        engine = EarlyExitEngine(net, policy)
-        runners[f"engine {mix}"] = lambda e=engine, p=policy: (p.reset(), e.run(batches))[1]
+    engines: dict[str, EarlyExitEngine] = {}
+    for mix, policy in policies.items():  # an engine on a GPU decides with its own copy of the policy: reset that one
+        engines[mix] = engine = EarlyExitEngine(net, policy)
+        runners[f"engine {mix}"] = lambda e=engine: (e.policy.reset(), e.run(batches))[1]
         if "rebatch" in modes:
             rebatcher = Rebatcher(engine, batch_size)
-            runners[f"rebatch {mix}"] = lambda r=rebatcher, p=policy: (p.reset(), r.run(batches))[1]
+            runners[f"rebatch {mix}"] = lambda e=engine, r=rebatcher: (e.policy.reset(), r.run(batches))[1]
+        if compile:
+            compiled = EarlyExitEngine(net, policy, compile=True)
+            runners[f"engine_compiled {mix}"] = lambda e=compiled: (e.policy.reset(), e.run(batches))[1]
+            runners.setdefault("plain_compiled", lambda e=compiled: time_backbone(net, batches, e.backbone))
 
     samples: dict[str, list[Any]] = {key: [] for key in runners}
-    for fn in runners.values():  # warm-up: allocator, kernel choice, oneDNN primitives per batch shape
+    for fn in runners.values():  # warm-up: allocator, kernel choice, oneDNN primitives per batch shape, compiling
         fn()
     order = list(runners)
     rng = random.Random(seed)
@@ -138,6 +166,7 @@ def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, rep
             samples[key].append((time.perf_counter() - t0, out))
 
     plain_s = statistics.median(t for t, _ in samples["plain"])
+    plain_compiled_s = statistics.median(t for t, _ in samples["plain_compiled"]) if compile else None
     K = net.num_exits
     stage_s = [statistics.median(out[0][k] for _, out in samples["profile"]) for k in range(K)]
     head_s = [statistics.median(out[1][k] for _, out in samples["profile"]) for k in range(K)]
@@ -155,8 +184,10 @@ def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, rep
             run_s = statistics.median(t for t, _ in runs)
             policy_s = statistics.median(r.policy_s for _, r in runs)
             flops_pred = flops.backbone["flops"] / sum(f * c for f, c in zip(fractions, cum_flops))
+            # the latency prediction comes from the eager profile, for the compiled rows too
             lat_pred = full_lat / sum(f * c for f, c in zip(fractions, cum_lat))
-            realised = plain_s / run_s
+            base_s = plain_compiled_s if mode == "engine_compiled" else plain_s
+            realised = base_s / run_s
             last = runs[-1][1]
             rows.append({
                 "backbone": name,
@@ -168,7 +199,7 @@ def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, rep
                 "realised_speedup": realised,
                 "latency_ratio": realised / lat_pred,
                 "flops_ratio": realised / flops_pred,
-                "policy_overhead_pct": 100 * policy_s / plain_s,
+                "policy_overhead_pct": 100 * policy_s / base_s,
                 # context
                 "realised_exit_fractions": last.exit_fractions(),
                 "n_samples": n,
@@ -182,6 +213,17 @@ def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, rep
                 "plain_s_spread": [min(t for t, _ in samples["plain"]), max(t for t, _ in samples["plain"])],
                 "run_s_spread": [min(t for t, _ in runs), max(t for t, _ in runs)],
             })
+            if mode == "engine" and x.is_cuda:  # the engine's host-device syncs, from PyTorch's sync debug mode
+                engine = engines[mix]
+                engine.policy.reset()
+                with SyncCounter(cuda=True) as syncs:
+                    engine.run(batches)
+                rows[-1]["syncs_per_batch"] = syncs.total / len(batches)
+            if mode == "engine_compiled":
+                eager_s = statistics.median(t for t, _ in samples[f"engine {mix}"])
+                rows[-1].update({"speedup_over_eager_engine": eager_s / run_s,
+                                 "plain_compiled_speedup_over_eager_plain": plain_s / plain_compiled_s,
+                                 "plain_compiled_ms_per_sample": 1e3 * plain_compiled_s / n})
     return rows
 
 
@@ -210,11 +252,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, this machine's cores)")
-    ap.add_argument("--backbones", nargs="*", default=list(BACKBONES), choices=list(BACKBONES))
+    ap.add_argument("--backbones", nargs="*", default=CPU_BACKBONES, choices=list(BACKBONES))
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: inputs, network and decisions on the GPU")
     ap.add_argument("--batch-sizes", nargs="*", type=int, default=[128, 1], choices=[128, 1])
     ap.add_argument("--samples", type=int, default=None, help="stream length (a multiple of 10; default 1280 at batch 128, 100 at 1)")
-    ap.add_argument("--update", action="store_true", help="replace only the rows of the backbones and batch sizes run here in --out")
+    ap.add_argument("--update", action="store_true", help="replace only the rows of the backbones, batch sizes and modes run here in --out")
     ap.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc settings (see MALLOC_TUNED)")
+    ap.add_argument("--compile", action="store_true", help="add the torch.compile rows (engine_compiled)")
     add_output_args(ap)
     args = ap.parse_args()
     if not args.default_malloc and any(os.environ.get(k) != v for k, v in MALLOC_TUNED.items()):
@@ -230,7 +274,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for name in args.backbones:
         for batch_size, n in sizes.items():
-            new = bench_backbone(name, BACKBONES[name], batch_size, n, repeats, seed=0)
+            new = bench_backbone(name, BACKBONES[name], batch_size, n, repeats, seed=0, compile=args.compile,
+                                 device=args.device)
             for r in new:
                 print(f"{r['backbone']:>20} {r['mode']:>8} b={r['batch_size']:<4} {r['exit_mix']}  predicted flops "
                       f"{r['flops_predicted_speedup']:.3f} latency {r['latency_predicted_speedup']:.3f}  realised "
@@ -239,13 +284,14 @@ def main() -> None:
             rows += new
     env = {"malloc": "glibc default" if args.default_malloc else MALLOC_TUNED, "threads": torch.get_num_threads(),
            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-           "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
+           "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "device": args.device,
+           "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
     for r in rows:
         r["env"] = env
     out = output_path(args, OUT)
     if args.update and out.is_file():
-        ran = {(r["backbone"], r["batch_size"]) for r in rows}
-        rows += [r for r in json.loads(out.read_text())["rows"] if (r["backbone"], r["batch_size"]) not in ran]
+        ran = {(r["backbone"], r["batch_size"], r["mode"]) for r in rows}
+        rows += [r for r in json.loads(out.read_text())["rows"] if (r["backbone"], r["batch_size"], r["mode"]) not in ran]
         rows.sort(key=lambda r: (list(BACKBONES).index(r["backbone"]), -r["batch_size"], r["exit_mix"], r["mode"]))
     write_result(out, {"rows": rows})
     print(f"wrote {out} (load average before {load_before[0]:.2f}, after {env['load_avg_after'][0]:.2f} "

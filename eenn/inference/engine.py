@@ -21,8 +21,9 @@ Usage::
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -32,6 +33,7 @@ from eenn.errors import EENNError
 from eenn.models.multi_exit import Features, MultiExitNetwork
 from eenn.policies.base import Decision, ExitPolicy, State
 from eenn.policies.simulate import realised_cost
+from eenn.utils.compile import Compiled
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
 
@@ -43,10 +45,21 @@ def take_features(h: Features, idx: torch.Tensor) -> Features:
     return [t.index_select(0, idx.to(t.device)) for t in h]
 
 
+def first_true(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """The positions of ``mask``'s ``n`` true entries, ascending, when the host knows ``n``: on a
+    GPU a stable sort, which needs no synchronisation (``nonzero`` asks the device for the count);
+    on the CPU ``nonzero``, which is cheaper there and synchronises nothing."""
+    if mask.device.type == "cpu":
+        return mask.nonzero().squeeze(1)
+    return torch.argsort((~mask).to(torch.uint8), stable=True)[:n]
+
+
 @dataclass
 class Group:
-    """Samples travelling together: their features (on the network's device) and, on the CPU,
-    their ids in the stream, next exit, policy state, heads evaluated and arrival time."""
+    """Samples travelling together, every tensor on the engine's device: their features, ids in the
+    stream, next exit, policy state, heads evaluated and arrival time. ``n_here``: how many of the
+    samples that carry on (all, or those at the positions handed on with the group) evaluate the
+    next exit's head, when the host knows it without asking the device; None: ask."""
 
     h: Features  # (B, ...) input of the next stage to run
     ids: torch.Tensor  # (B,) int64
@@ -54,33 +67,35 @@ class Group:
     state: State
     heads: torch.Tensor  # (B, K) bool
     arrival: torch.Tensor  # (B,) float64, perf_counter seconds
+    n_here: int | None = None
 
     def __len__(self) -> int:
         return self.ids.shape[0]
 
     def small(self) -> dict[str, torch.Tensor]:
-        """The per-sample CPU tensors (everything but the features)."""
+        """The per-sample tensors (everything but the features)."""
         return {"ids": self.ids, "next_exit": self.next_exit, "heads": self.heads, "arrival": self.arrival,
                 **{f"state.{k}": v for k, v in self.state.items()}}
 
     @staticmethod
-    def from_small(h: Features, small: dict[str, torch.Tensor]) -> Group:
+    def from_small(h: Features, small: dict[str, torch.Tensor], n_here: int | None = None) -> Group:
         state = {k[6:]: v for k, v in small.items() if k.startswith("state.")}
-        return Group(h, small["ids"], small["next_exit"], state, small["heads"], small["arrival"])
+        return Group(h, small["ids"], small["next_exit"], state, small["heads"], small["arrival"], n_here)
 
     def take(self, idx: torch.Tensor) -> Group:
-        """The samples at positions ``idx`` (CPU int64), gathered into a new, smaller group."""
+        """The samples at positions ``idx``, gathered into a new, smaller group (``n_here`` counts
+        among them, as it does for a group handed on with positions)."""
         small = {k: v.index_select(0, idx) for k, v in self.small().items()}
-        return Group.from_small(take_features(self.h, idx), small)
+        return Group.from_small(take_features(self.h, idx), small, self.n_here)
 
 
 @dataclass
 class Exited:
-    """Samples that answered at one exit."""
+    """Samples that answered at one exit (tensors on the engine's device)."""
 
     ids: torch.Tensor
     exit: int
-    logits: torch.Tensor  # (b, C) on the CPU
+    logits: torch.Tensor  # (b, C)
     heads: torch.Tensor
     arrival: torch.Tensor
     done: float
@@ -129,17 +144,19 @@ class Collector:
         self.stage_batch_sizes: list[list[int]] = [[] for _ in range(num_stages)]
 
     def result(self, wall_s: float, policy_s: float) -> ExitResult:
+        """The samples in input order, on the CPU (one copy of each kind from the device, at the end)."""
         if not self.parts:
             raise EENNError("the engine got no samples: the input stream is empty.")
-        ids = torch.cat([p.ids for p in self.parts])
+        ids = torch.cat([p.ids for p in self.parts]).cpu()
         order = torch.empty_like(ids)
         order[ids] = torch.arange(ids.numel())  # ids are 0..N-1, each once
         exits = torch.cat([torch.full((p.ids.numel(),), p.exit, dtype=torch.int64) for p in self.parts])
-        logits = torch.cat([p.logits for p in self.parts])
-        latency = torch.cat([(p.done - p.arrival) * 1e3 for p in self.parts])
+        logits = torch.cat([p.logits for p in self.parts]).cpu()
+        done = torch.cat([torch.full((p.ids.numel(),), p.done, dtype=torch.float64) for p in self.parts])
+        latency = (done - torch.cat([p.arrival for p in self.parts]).cpu()) * 1e3
         return ExitResult(
             predictions=logits.argmax(-1)[order], exit_index=exits[order],
-            heads_evaluated=torch.cat([p.heads for p in self.parts])[order],
+            heads_evaluated=torch.cat([p.heads for p in self.parts]).cpu()[order],
             logits=logits[order], latency_ms=latency[order], wall_s=wall_s, policy_s=policy_s,
             labels=torch.cat(self.labels) if self.labels else None,
             stage_batch_sizes=self.stage_batch_sizes,
@@ -160,9 +177,15 @@ def batches_of(x: torch.Tensor, batch_size: int, y: torch.Tensor | None = None) 
 
 
 class EarlyExitEngine:
-    """Run ``network`` with ``policy`` deciding after every exit (see the module docstring)."""
+    """Run ``network`` with ``policy`` deciding after every exit (see the module docstring).
 
-    def __init__(self, network: MultiExitNetwork, policy: ExitPolicy, device: torch.device | str | None = None) -> None:
+    ``compile`` runs every stage and head, and the plain backbone the speedup is measured against,
+    through ``torch.compile`` with a dynamic batch dimension (compaction hands each segment a
+    different batch size: one graph serves them all, plus one for batches of one); a segment that
+    does not compile runs eagerly, with one warning line."""
+
+    def __init__(self, network: MultiExitNetwork, policy: ExitPolicy, device: torch.device | str | None = None,
+                 compile: bool = False) -> None:
         if policy.num_exits is None:
             raise EENNError(f"policy {policy.name!r} is not fitted: fit it (eenn-fit) before inference.")
         if policy.num_exits != network.num_exits:
@@ -171,8 +194,16 @@ class EarlyExitEngine:
             raise EENNError(f"policy {policy.name!r} reads the labels (an oracle): it runs on saved predictions only, not online.")
         self.device = torch.device(device) if device is not None else next(network.parameters()).device
         self.network = network.to(self.device).eval()
-        self.policy = policy
+        # decisions run where the logits are: a copy of the policy moves there (the caller's stays put)
+        self.policy = policy if policy.device == self.device else copy.deepcopy(policy).to(self.device)
         self.policy_s = 0.0
+        stages, heads = list(network.stages), list(network.heads)
+        self.backbone: Callable[[torch.Tensor], torch.Tensor] = network.forward_backbone
+        if compile:
+            stages = [Compiled(m, "compile=true", f"stage {k}", dynamic=True) for k, m in enumerate(stages)]
+            heads = [Compiled(m, "compile=true", f"exit head {k}", dynamic=True) for k, m in enumerate(heads)]
+            self.backbone = Compiled(network.forward_backbone, "compile=true", "the backbone", dynamic=True)
+        self.stages, self.heads = stages, heads
 
     @property
     def num_exits(self) -> int:
@@ -180,55 +211,64 @@ class EarlyExitEngine:
 
     def admit(self, x: torch.Tensor, first_id: int) -> Group:
         """A fresh batch entering stage 0, its samples numbered from ``first_id``."""
-        n = x.shape[0]
+        n, dev = x.shape[0], self.device
         return Group(
-            h=x.to(self.device, non_blocking=True),
-            ids=torch.arange(first_id, first_id + n),
-            next_exit=torch.zeros(n, dtype=torch.int64),
+            h=x.to(dev, non_blocking=True),
+            ids=torch.arange(first_id, first_id + n, device=dev),
+            next_exit=torch.zeros(n, dtype=torch.int64, device=dev),
             state=self.policy.init_state(n),
-            heads=torch.zeros(n, self.num_exits, dtype=torch.bool),
-            arrival=torch.full((n,), time.perf_counter(), dtype=torch.float64),
+            heads=torch.zeros(n, self.num_exits, dtype=torch.bool, device=dev),
+            arrival=torch.full((n,), time.perf_counter(), dtype=torch.float64, device=dev),
+            n_here=n,
         )
 
     def advance(self, k: int, g: Group, out: Collector) -> tuple[Group, torch.Tensor | None] | None:
         """Run stage k on ``g``; evaluate exit k for the samples bound to it and let the policy decide.
         Exited samples go to ``out``. Returns the group after stage k and the positions of its
-        continuing samples, for the caller to gather (None: all continue), or None if none continue."""
+        continuing samples, for the caller to gather (None: all continue), or None if none continue.
+
+        Everything stays on the device; the host asks it one thing per exit, in one read: how many
+        samples carry on, how many of those evaluate the next head, and how many the policy sent
+        to an impossible exit (the sizes of the next gathers, and the policy's sanity)."""
         out.stage_batch_sizes[k].append(len(g))
-        h = self.network.forward_stage(k, g.h)
-        here = g.next_exit == k
-        n_here = int(here.sum())
+        h = self.stages[k](g.h)
+        n_here = g.n_here if g.n_here is not None else int((g.next_exit == k).sum())
         if n_here == 0:  # all jump past this exit (offloaded by DEEx): no head evaluated
-            return replace(g, h=h), None
-        everyone = n_here == len(g)
-        sel = None if everyone else here.nonzero().squeeze(1)
+            return replace(g, h=h, n_here=None), None
+        sel = None if n_here == len(g) else first_true(g.next_exit == k, n_here)
         h_k = h if sel is None else take_features(h, sel)
-        logits = self.network.forward_exit(k, h_k).float().cpu()
+        logits = self.heads[k](h_k).float()
         state = g.state if sel is None else {n: v.index_select(0, sel) for n, v in g.state.items()}
         d = self.decide(k, logits, state)
-        bad = ~d.exit & ((d.next_exit <= k) | (d.next_exit >= self.num_exits))
-        if bool(bad.any()):
-            raise RuntimeError(f"policy {self.policy.name!r} sent samples at exit {k} to an exit outside {k + 1}..{self.num_exits - 1}")
         heads = g.heads.clone()
         if sel is None:
             heads[:, k] = True
             next_exit, new_state, exited = d.next_exit, d.state, d.exit
         else:
-            heads[sel, k] = True
+            heads[:, k].index_fill_(0, sel, True)
             next_exit = g.next_exit.index_copy(0, sel, d.next_exit)
             new_state = {n: v.index_copy(0, sel, d.state[n]) for n, v in g.state.items()}
-            exited = torch.zeros(len(g), dtype=torch.bool).index_copy(0, sel, d.exit)
-        n_exited = int(d.exit.sum())
+            exited = torch.zeros(len(g), dtype=torch.bool, device=d.exit.device).index_copy(0, sel, d.exit)
+        carry_on = ~exited
+        bad = ~d.exit & ((d.next_exit <= k) | (d.next_exit >= self.num_exits))
+        n_on, n_next, n_bad = torch.stack([carry_on.sum(), (carry_on & (next_exit == k + 1)).sum(), bad.sum()]).tolist()
+        if n_bad:
+            raise RuntimeError(f"policy {self.policy.name!r} sent samples at exit {k} to an exit outside {k + 1}..{self.num_exits - 1}")
+        n_exited = len(g) - n_on
         if n_exited:
-            pos = exited.nonzero().squeeze(1)
+            everyone = n_on == 0
+            pos = None if everyone else first_true(exited, n_exited)
+            at_k = None if everyone and sel is None else first_true(d.exit, n_exited)
             out.parts.append(Exited(
-                g.ids.index_select(0, pos), k, logits.index_select(0, d.exit.nonzero().squeeze(1)),
-                heads.index_select(0, pos), g.arrival.index_select(0, pos), time.perf_counter(),
+                g.ids if pos is None else g.ids.index_select(0, pos), k,
+                logits if at_k is None else logits.index_select(0, at_k),
+                heads if pos is None else heads.index_select(0, pos),
+                g.arrival if pos is None else g.arrival.index_select(0, pos), time.perf_counter(),
             ))
-        if n_exited == len(g):
+        if n_on == 0:
             return None
-        g = Group(h, g.ids, next_exit, new_state, heads, g.arrival)
-        return g, ((~exited).nonzero().squeeze(1) if n_exited else None)
+        g = Group(h, g.ids, next_exit, new_state, heads, g.arrival, n_next)
+        return g, (first_true(carry_on, n_on) if n_exited else None)
 
     def decide(self, k: int, logits: torch.Tensor, state: State) -> Decision:
         """The policy's decision at exit k, on one intra-op thread, its time added to ``policy_s``.
@@ -239,7 +279,7 @@ class EarlyExitEngine:
         descheduled thread, milliseconds per decision. Profiled on 2 cores with one of them busy,
         decisions took 0.5-0.9% of the backbone's time at batch 128, 15-20x their single-threaded
         cost. The network's stages keep every thread."""
-        threads = torch.get_num_threads()
+        threads = torch.get_num_threads() if logits.device.type == "cpu" else 1
         t = time.perf_counter()
         if threads > 1:
             torch.set_num_threads(1)
@@ -284,12 +324,15 @@ class EarlyExitEngine:
 
 
 @torch.inference_mode()
-def time_backbone(network: MultiExitNetwork, batches: Iterable[Batch]) -> float:
-    """Seconds for the plain backbone (no early-exit heads) over the batches: the speedup baseline."""
+def time_backbone(network: MultiExitNetwork, batches: Iterable[Batch],
+                  forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Seconds for the plain backbone (no early-exit heads) over the batches: the speedup baseline.
+    ``forward``: what runs it (default ``network.forward_backbone``; an engine's ``backbone``, compiled with it)."""
     device = next(network.parameters()).device
+    forward = forward or network.forward_backbone
     t0 = time.perf_counter()
     for batch in batches:
-        network.forward_backbone(split_batch(batch)[0].to(device))
+        forward(split_batch(batch)[0].to(device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 
@@ -44,8 +45,9 @@ class _Queue:
             if avail <= need:
                 taken.append(self.pieces.popleft())
                 need -= avail
-            else:
-                idx = torch.arange(len(g)) if idx is None else idx
+            else:  # a piece split in two: how many of each part evaluate the next head is unknown
+                g = replace(g, n_here=None)
+                idx = torch.arange(len(g), device=g.ids.device) if idx is None else idx
                 taken.append((g, idx[:need]))
                 self.pieces[0] = (g, idx[need:])
                 need = 0
@@ -65,7 +67,9 @@ def _gather(pieces: list[tuple[Group, torch.Tensor | None]]) -> Group:
         maps.append(_gather_map(parts, sizes))
     h = maps if multiscale else maps[0]
     smalls = [g.small() if idx is None else {k: v.index_select(0, idx) for k, v in g.small().items()} for g, idx in pieces]
-    return Group.from_small(h, {k: torch.cat([s[k] for s in smalls]) for k in smalls[0]})
+    here = [g.n_here for g, _ in pieces]
+    n_here = None if None in here else sum(here)  # type: ignore[arg-type]
+    return Group.from_small(h, {k: torch.cat([s[k] for s in smalls]) for k in smalls[0]}, n_here)
 
 
 def _gather_map(parts: list[tuple[torch.Tensor, torch.Tensor | None]], sizes: list[int]) -> torch.Tensor:

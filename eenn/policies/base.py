@@ -235,7 +235,7 @@ class ExitPolicy:
         d = self._decide(k, logits_k, state)
         if k == K - 1:  # the last exit always answers
             d.exit = torch.ones_like(d.exit)
-        d.next_exit = torch.where(d.exit, torch.full_like(d.next_exit, k), d.next_exit)
+        d.next_exit = d.next_exit.masked_fill(d.exit, k)  # one op: decisions are on the engine's path
         return d
 
     def _decide(self, k: int, logits_k: torch.Tensor, state: State) -> Decision:

@@ -71,10 +71,14 @@ def check_config(cfg: DictConfig) -> None:
             raise EENNError("mode=rebatch is the torch engine's; runtime=onnxruntime runs mode=batched or mode=single.")
         if str(cfg.device) != "cpu":
             raise EENNError(f"device={cfg.device!r}: runtime=onnxruntime runs on the CPU here (device=cpu).")
+        if check_flag(cfg.get("compile", False), "compile"):
+            raise EENNError("compile=true compiles the torch engine's segments; runtime=onnxruntime runs the bundle's "
+                            "own graphs (set compile=false).")
     elif cfg.get("bundle"):
         raise EENNError("bundle= is read by runtime=onnxruntime only; add runtime=onnxruntime.")
     check_flag(cfg.get("force", False), "force")
     check_flag(cfg.backbone_baseline, "backbone_baseline")
+    check_flag(cfg.get("compile", False), "compile")
     check_number(cfg.batch_size, "batch_size", 1, integer=True)
     check_number(cfg.timing_repeats, "timing_repeats", 1, integer=True)
     if cfg.get("threads") is not None:
@@ -206,19 +210,20 @@ def _infer(cfg: DictConfig, out_run: InferRun) -> dict[str, Any]:
     if ec.enabled and not -1 <= split < network.num_exits:
         raise EENNError(f"edge_cloud.split={split} must lie in -1..{network.num_exits - 1} (the stage after which to cut).")
 
-    engine = EarlyExitEngine(network, policy, device=cfg.device)
+    engine = EarlyExitEngine(network, policy, device=cfg.device, compile=check_flag(cfg.get("compile", False), "compile"))
     runner = Rebatcher(engine, bs).run if cfg.mode == "rebatch" else engine.run
     runner(batches_of(x[:bs], bs))  # warm-up: first calls allocate and pick kernels
     results: list[ExitResult] = []
     backbone_s: list[float] = []
     passes = [lambda: results.append(runner(batches_of(x, bs, y)))]
     if cfg.backbone_baseline:
-        time_backbone(engine.network, batches_of(x[:bs], bs))  # its warm-up
-        passes.append(lambda: backbone_s.append(time_backbone(engine.network, batches_of(x, bs))))
+        time_backbone(engine.network, batches_of(x[:bs], bs), engine.backbone)  # its warm-up
+        passes.append(lambda: backbone_s.append(time_backbone(engine.network, batches_of(x, bs), engine.backbone)))
     interleaved(passes, int(cfg.timing_repeats))
     result = results[0]  # every pass takes the same exits; only the times differ
     out = record(cfg, run, policy_file, policy, preds, profile, results, backbone_s, bs,
-                 {"runtime": "torch", "device": str(engine.device), "threads": torch.get_num_threads()})
+                 {"runtime": "torch", "device": str(engine.device), "threads": torch.get_num_threads(),
+                  "compiled": bool(cfg.get("compile", False))})
     if ec.enabled:
         partition = measure_partition(
             engine.network, dm.input_shape, split,

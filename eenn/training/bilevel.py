@@ -56,7 +56,7 @@ from eenn.cost import CostProfile
 from eenn.errors import EENNError
 from eenn.models.multi_exit import MultiExitNetwork
 from eenn.training.gater import Gater
-from eenn.training.joint import MultiExitModule, OptimizerFactory, SchedulerFactory, metric_key
+from eenn.training.joint import MultiExitModule, OptimizerFactory, SchedulerFactory
 
 INTERVALS = ("epoch", "step")
 
@@ -146,10 +146,11 @@ class BilevelTraining(MultiExitModule):
         joint_warmup_epochs: int = 0,
         normalize_loss: bool = False,
         permute_allocation: bool = False,
+        compile: bool = False,
     ) -> None:
         if init_checkpoint:
             load_weights(network, init_checkpoint, "training.init_checkpoint", prefix="network.")
-        super().__init__(network, num_classes, optimizer, scheduler, scheduler_interval, cost_profile, channels_last)
+        super().__init__(network, num_classes, optimizer, scheduler, scheduler_interval, cost_profile, channels_last, compile)
         self.save_hyperparameters(ignore=["network", "optimizer", "scheduler", "gater_optimizer", "gater_scheduler",
                                           "cost_profile"])
         self.automatic_optimization = False
@@ -265,23 +266,22 @@ class BilevelTraining(MultiExitModule):
             ce = self.exit_ce(logits, targets)
         else:
             with self.toggled_optimizer(opts[0]):  # phi out of autograd: the gradient through A is theta's only
-                logits = self.network(self.as_input(x))
+                logits = self.train_forward(x)
                 ce = self.exit_ce(logits, targets)
                 loss, a = self.inner_loss(logits, ce)
                 self._step(opts[0], loss, self.clip_grad_norm)
             if self.ema is not None:
                 self.ema.update(self.network, step=self.batches_seen + 1)
-            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs, sync_dist=True)
+            self.log_loss(loss, bs)
         if self.freeze_backbone or (self.batches_seen + 1) % self.gater_every == 0:
             gater_loss, a_outer = self.outer_loss(logits, ce)
             self._step(opts[-1], gater_loss)
             self._dual_ascent(a_outer.detach())
-            self.log("train/gater_loss", gater_loss, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+            self.epoch_means.add("train/gater", ("train/gater_loss",), gater_loss.view(1), bs)
             if self.freeze_backbone:
                 a = a_outer
         self.batches_seen += 1
-        self._log_exits(ce.detach(), a.detach(), bs)
-        self._update(self.train_acc, logits.detach(), y)
+        self._log_exits(logits, y, ce.detach(), a.detach())
 
     def expected_cost(self, a: torch.Tensor) -> torch.Tensor:
         """The average cost (fraction of the last exit's) if the samples left where A sends them."""
@@ -315,19 +315,18 @@ class BilevelTraining(MultiExitModule):
                 cfg.scheduler.step()
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         self._step_schedulers("epoch")
 
-    def _log_exits(self, ce: torch.Tensor, a: torch.Tensor, bs: int) -> None:
-        names = [metric_key(n) for n in self.network.exit_names]
-        ce_k, a_k = ce.mean(0), a.mean(0)
-        values = {f"train/ce/{n}": ce_k[k] for k, n in enumerate(names)}
-        values.update({f"train/exit_prob/{n}": a_k[k] for k, n in enumerate(names)})
-        values["train/expected_cost"] = self.expected_cost(a)
-        values["train/cost_weight"] = self.cost_weight
-        # the share of samples whose likeliest exit under A is each exit (the gater's hard choice)
-        top = torch.bincount(a.argmax(1), minlength=a.shape[1]).float() / len(a)
-        values.update({f"train/top_exit/{n}": top[k] for k, n in enumerate(names)})
-        self.log_dict(values, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+    def _log_exits(self, logits: torch.Tensor, y: torch.Tensor, ce: torch.Tensor, a: torch.Tensor) -> None:
+        """The per-exit diagnostics, as epoch means: CE, A, the expected cost, lambda, and the share
+        of samples whose likeliest exit under A is each exit (the gater's hard choice)."""
+        keys = self.exit_keys
+        names = (*(f"train/ce/{k}" for k in keys), *(f"train/exit_prob/{k}" for k in keys), "train/expected_cost",
+                 "train/cost_weight", *(f"train/top_exit/{k}" for k in keys))
+        top = F.one_hot(a.argmax(1), a.shape[1]).float().mean(0)  # bincount would ask the device for the size
+        values = torch.cat([ce.mean(0), a.mean(0), self.expected_cost(a).view(1), self.cost_weight.view(1), top])
+        self.accumulate("train", logits, y, names, values)
 
     def configure_optimizers(self) -> Any:
         groups = [] if self.freeze_backbone else [
@@ -358,7 +357,7 @@ class BilevelTraining(MultiExitModule):
                     and not t.strategy._ddp_kwargs.get("find_unused_parameters"):
                 raise EENNError("training=bilevel under DDP needs trainer.strategy=ddp_find_unused_parameters_true "
                                 "(the gater gets no gradient in the backbone's step).")
-        return []
+        return super().configure_callbacks()
 
     # ----------------------------------------------------------------- evaluation and state
     def forward(self, x: torch.Tensor) -> torch.Tensor:

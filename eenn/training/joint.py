@@ -22,14 +22,16 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DDPStrategy
 from timm.data import Mixup
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
 from eenn.cost import CostProfile
-from eenn.errors import EENNError
+from eenn.errors import EENNError, check_flag
 from eenn.models.multi_exit import MultiExitNetwork
+from eenn.training.callbacks import install_progress_bar_reads, loggers_write_this_step
 from eenn.training.losses import KL_REDUCTIONS, exit_loss_weights, self_distillation_kl
+from eenn.utils.compile import Compiled
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -40,11 +42,37 @@ def metric_key(exit_name: str) -> str:
     return exit_name.replace(".", "_")
 
 
-def per_exit_accuracy(exit_names: Sequence[str], num_classes: int, prefix: str) -> MetricCollection:
-    return MetricCollection(
-        {metric_key(n): MulticlassAccuracy(num_classes=num_classes, average="micro") for n in exit_names},
-        prefix=prefix,
-    )
+class EpochMeans:
+    """Per-epoch means of per-batch values, weighted by batch size, accumulated on the device.
+
+    A step adds one vector of values (one in-place add) and the batch size (a host int), so logging
+    costs no host-device synchronisation and one ``self.log`` call per epoch instead of one per
+    value and step. The means are Lightning's own for ``self.log(..., on_epoch=True,
+    batch_size=b, sync_dist=True)``: sum over batches (and ranks) of value x b, over the sum of b.
+    Each ``key`` holds a fixed list of names (values logged on different batches get their own key).
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, tuple[tuple[str, ...], torch.Tensor]] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, key: str, names: tuple[str, ...], values: torch.Tensor, batch_size: int) -> None:
+        values = values.detach().float() * batch_size
+        if key in self.sums:
+            self.sums[key][1].add_(values)
+            self.counts[key] += batch_size
+        else:
+            self.sums[key], self.counts[key] = (names, values), batch_size
+
+    def pop(self, prefix: str, strategy: Any) -> dict[str, torch.Tensor]:
+        """The means of every key starting with ``prefix`` (reduced over ranks), forgotten here."""
+        means: dict[str, torch.Tensor] = {}
+        for key in [k for k in self.sums if k.startswith(prefix)]:
+            names, sums = self.sums.pop(key)
+            count = torch.tensor(float(self.counts.pop(key)), device=sums.device)
+            sums, count = strategy.reduce(sums, reduce_op="sum"), strategy.reduce(count, reduce_op="sum")
+            means.update(zip(names, (sums / count).unbind()))
+        return means
 
 
 class MultiExitModule(pl.LightningModule):
@@ -54,7 +82,20 @@ class MultiExitModule(pl.LightningModule):
     bi-level one); the run passes it to every stage-1 module. ``channels_last`` keeps the weights
     and the images in NHWC memory, which oneDNN and cuDNN convolutions run faster (about 1.25x
     per training step for a CIFAR ResNet on CPU); the values are the same either way.
+    ``compile`` runs the training steps' forward passes through ``torch.compile`` (evaluation
+    stays eager: its batch sizes vary); a network that does not compile trains eagerly, with one
+    warning line. Refused with DDP on the CPU.
+
+    A training step synchronises the host with the device nowhere: per-exit accuracies and the
+    other per-epoch values accumulate on the device (:class:`EpochMeans`) and are logged at the
+    epoch's end; the loss is logged as ``train/loss_step`` on the steps whose values Lightning
+    writes to the loggers (every ``trainer.log_every_n_steps``), where the progress bar reads it
+    too, and as ``train/loss_epoch``, its epoch mean (what ``self.log(on_step=True,
+    on_epoch=True)`` logged, at the cost of one ``self.log`` per step).
     """
+
+    #: per-step values the progress bar shows, read from the device every log_every_n_steps steps
+    bar_metrics: tuple[str, ...] = ("train/loss_step", "train/loss_epoch")
 
     def __init__(
         self,
@@ -65,18 +106,20 @@ class MultiExitModule(pl.LightningModule):
         scheduler_interval: str = "epoch",
         cost_profile: CostProfile | None = None,
         channels_last: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
+        # the compiled forward is a function, not a submodule: the state dict keeps its keys
+        self.compiled = Compiled(network.forward, "training.compile=true", f"the network ({type(network.stages[0]).__name__} "
+                                 "stages)") if check_flag(compile, "training.compile") else None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.network = network.to(memory_format=self.memory_format)
         self.cost_profile = cost_profile
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
-        names = network.exit_names
-        self.train_acc = per_exit_accuracy(names, num_classes, "train/acc/")
-        self.val_acc = per_exit_accuracy(names, num_classes, "val/acc/")
-        self.test_acc = per_exit_accuracy(names, num_classes, "test/acc/")
+        self.exit_keys = tuple(metric_key(n) for n in network.exit_names)
+        self.epoch_means = EpochMeans()
         self.mixup: Mixup | None = None  # set_mixup
 
     def set_mixup(self, mixup_alpha: float, cutmix_alpha: float, label_smoothing: float, num_classes: int) -> None:
@@ -101,23 +144,65 @@ class MultiExitModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(self.as_input(x))
 
-    def _update(self, metrics: MetricCollection, logits: torch.Tensor, y: torch.Tensor) -> None:
-        for k, name in enumerate(self.network.exit_names):
-            metrics[metric_key(name)].update(logits[:, k], y)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=False)
+    def train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on a training batch: compiled with ``training.compile=true``."""
+        x = self.as_input(x)
+        return self.network(x) if self.compiled is None else self.compiled(x)
+
+    def accumulate(self, split: str, logits: torch.Tensor, y: torch.Tensor, names: tuple[str, ...] = (),
+                   values: torch.Tensor | None = None) -> None:
+        """Add a batch to ``split``'s epoch means: each exit's accuracy (``<split>/acc/<exit>``)
+        and, when given, ``values`` (n,) under ``names``."""
+        correct = (logits.detach().argmax(-1) == y[:, None]).float().mean(0)
+        acc_names = tuple(f"{split}/acc/{k}" for k in self.exit_keys)
+        if values is None:
+            self.epoch_means.add(split, acc_names, correct, len(y))
+        else:
+            self.epoch_means.add(split, (*names, *acc_names), torch.cat([values.detach().float(), correct]), len(y))
+
+    def log_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+        """``train/loss_step`` where the loggers write this step, ``train/loss_epoch`` at the epoch's end."""
+        self.epoch_means.add("train/loss", ("train/loss_epoch",), loss.view(1), batch_size)
+        if loggers_write_this_step(self.trainer):
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=True)
+
+    def log_epoch_means(self, prefix: str) -> None:
+        """Log the means accumulated under keys starting with ``prefix`` (the host's one read of them)."""
+        means = self.epoch_means.pop(prefix, self.trainer.strategy)
+        if means:
+            self.log_dict(means, on_step=False, on_epoch=True)
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> None:
         x, y = batch
         logits = self(x)
         ce = F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(logits.shape[1]))
-        self.log(f"{split}/ce", ce, on_epoch=True, batch_size=len(y), sync_dist=True)
-        self._update(self.val_acc if split == "val" else self.test_acc, logits, y)
+        self.accumulate(split, logits, y, (f"{split}/ce",), ce.view(1))
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
+
+    def on_train_epoch_end(self) -> None:
+        self.log_epoch_means("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_epoch_means("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_epoch_means("test")
+
+    def configure_callbacks(self) -> list[Any]:
+        """Refuse what cannot run before Lightning starts; and since Lightning's default progress
+        bar reads every value it shows from the device after every batch, swap in the same bar
+        reading them every log_every_n_steps batches."""
+        t = self.trainer
+        if self.compiled is not None and isinstance(t.strategy, DDPStrategy) and isinstance(t.accelerator, CPUAccelerator):
+            raise EENNError("training.compile=true is not supported with DDP on the CPU (trainer=ddp without GPUs); "
+                            "set training.compile=false or train on GPUs.")
+        install_progress_bar_reads(t)
+        return []
 
     def configure_optimizers(self) -> Any:
         opt = self.optimizer_factory(params=self.network.parameters())
@@ -147,11 +232,15 @@ class JointTraining(MultiExitModule):
         cutmix_alpha: float = 0.0,
         cost_profile: CostProfile | None = None,
         channels_last: bool = True,
+        compile: bool = False,
     ) -> None:
-        super().__init__(network, num_classes, optimizer, scheduler, scheduler_interval, cost_profile, channels_last)
+        super().__init__(network, num_classes, optimizer, scheduler, scheduler_interval, cost_profile, channels_last, compile)
         self.save_hyperparameters(ignore=["network", "optimizer", "scheduler", "cost_profile"])
         self.set_mixup(mixup_alpha, cutmix_alpha, label_smoothing, num_classes)
         self.register_buffer("loss_weights", exit_loss_weights(loss_weights, network.num_exits), persistent=False)
+        # the warm-up's weights, made once: a tensor built per step would be a host-to-device copy
+        only_final = F.one_hot(torch.tensor(network.num_exits - 1), network.num_exits).to(self.loss_weights)
+        self.register_buffer("warmup_weights", only_final, persistent=False)
         self.kl_alpha, self.kl_tau, self.kl_start, self.kl_detach_teacher = kl_alpha, kl_tau, kl_start, kl_detach_teacher
         if kl_reduction not in KL_REDUCTIONS:
             raise EENNError(f"training.kl_reduction must be one of {KL_REDUCTIONS}, got {kl_reduction!r}.")
@@ -160,11 +249,7 @@ class JointTraining(MultiExitModule):
 
     def current_weights(self) -> torch.Tensor:
         """During the warm-up epochs only the final exit trains (EENet trains 20 epochs without exits)."""
-        if self.current_epoch < self.warmup_epochs:
-            return torch.nn.functional.one_hot(
-                torch.tensor(self.network.num_exits - 1), self.network.num_exits
-            ).to(self.loss_weights)
-        return self.loss_weights
+        return self.warmup_weights if self.current_epoch < self.warmup_epochs else self.loss_weights
 
     def kl_active(self) -> bool:
         max_epochs = self.trainer.max_epochs if self._trainer is not None and self.trainer.max_epochs else 1
@@ -187,12 +272,12 @@ class JointTraining(MultiExitModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, targets, y = self.mix_batch(*batch)
-        logits = self(x)
+        logits = self.train_forward(x)
         loss, ce, kl = self.joint_loss(logits, targets)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y), sync_dist=True)
-        self.log_dict({f"train/ce/{metric_key(n)}": ce[i] for i, n in enumerate(self.network.exit_names)},
-                      on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
+        self.log_loss(loss, len(y))
+        names = tuple(f"train/ce/{k}" for k in self.exit_keys)
         if self.kl_alpha > 0:
-            self.log("train/kl", kl, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
-        self._update(self.train_acc, logits.detach(), y)
+            self.accumulate("train", logits, y, (*names, "train/kl"), torch.cat([ce.detach(), kl.detach().view(1)]))
+        else:
+            self.accumulate("train", logits, y, names, ce)
         return loss

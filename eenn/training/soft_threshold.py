@@ -34,7 +34,7 @@ from eenn.errors import EENNError
 from eenn.models.multi_exit import MultiExitNetwork
 from eenn.training.bilevel import normalised_exit_costs
 from eenn.training.gater import exit_log_probs
-from eenn.training.joint import MultiExitModule, OptimizerFactory, SchedulerFactory, metric_key
+from eenn.training.joint import MultiExitModule, OptimizerFactory, SchedulerFactory
 
 #: log q values tabulated for pi(b); q = e^±12 puts all but ~1e-5 of the mass on one end
 _LOG_Q = torch.linspace(-12.0, 12.0, 2401, dtype=torch.float64)
@@ -99,8 +99,9 @@ class SoftThresholdTraining(MultiExitModule):
         cutmix_alpha: float = 0.0,
         cost_profile: CostProfile | None = None,
         channels_last: bool = True,
+        compile: bool = False,
     ) -> None:
-        super().__init__(network, num_classes, optimizer, scheduler, scheduler_interval, cost_profile, channels_last)
+        super().__init__(network, num_classes, optimizer, scheduler, scheduler_interval, cost_profile, channels_last, compile)
         self.save_hyperparameters(ignore=["network", "optimizer", "scheduler", "cost_profile"])
         if isinstance(softness, bool) or not isinstance(softness, (int, float)) or not softness > 0 or not math.isfinite(softness):
             raise EENNError(f"training.softness must be a positive number, got {softness!r}.")
@@ -135,17 +136,12 @@ class SoftThresholdTraining(MultiExitModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, targets, y = self.mix_batch(*batch)
-        logits = self(x)
+        logits = self.train_forward(x)
         ce = self.exit_ce(logits, targets)
         a = self.allocation(logits.detach())
         k = ce.shape[1]
         loss = ((a + 1) / (k + 1) * ce).sum(1).mean()
-        bs = len(y)
-        names = [metric_key(n) for n in self.network.exit_names]
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs, sync_dist=True)
-        ce_k, a_k = ce.detach().mean(0), a.mean(0)
-        values = {f"train/ce/{n}": ce_k[i] for i, n in enumerate(names)}
-        values.update({f"train/exit_prob/{n}": a_k[i] for i, n in enumerate(names)})
-        self.log_dict(values, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
-        self._update(self.train_acc, logits.detach(), y)
+        self.log_loss(loss, len(y))
+        names = (*(f"train/ce/{n}" for n in self.exit_keys), *(f"train/exit_prob/{n}" for n in self.exit_keys))
+        self.accumulate("train", logits, y, names, torch.cat([ce.detach().mean(0), a.mean(0)]))
         return loss

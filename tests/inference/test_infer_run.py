@@ -138,6 +138,8 @@ def test_bad_input_is_named(fitted, tmp_path):
         ([f"policy_dir={policy_dir}", "edge_cloud.cloud_speedup=0"], "edge_cloud.cloud_speedup must be"),
         ([f"policy_dir={policy_dir}", "edge_cloud.split=5"], "edge_cloud.split=5"),
         ([f"policy_dir={policy_dir}", "edge_cloud.p_d_sweep=[0.5,2]"], "edge_cloud.p_d_sweep"),
+        ([f"policy_dir={policy_dir}", "compile=yes"], "compile must be true or false"),
+        (["runtime=onnxruntime", f"bundle={tmp_path}", "compile=true"], "compile=true compiles the torch engine's segments"),
     ]
     for overrides, message in cases:
         with pytest.raises(EENNError, match=message):
