@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 #: what ``eenn.<name>`` gives, from eenn.api
-API = ("EarlyExitModel", "Output", "evaluate", "fit_policy", "load", "load_split")
+API = ("EarlyExitModel", "Output", "evaluate", "fit_policy", "from_pretrained", "load", "load_split")
 __all__ = ["__version__", *API]
 
 if TYPE_CHECKING:
-    from eenn.api import EarlyExitModel, Output, evaluate, fit_policy, load, load_split  # noqa: F401
+    from eenn.api import EarlyExitModel, Output, evaluate, fit_policy, from_pretrained, load, load_split  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

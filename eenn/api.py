@@ -41,7 +41,7 @@ from eenn.policies.base import ExitPolicy, build_policy
 from eenn.predictions import Predictions
 from eenn.utils.io import atomic_path, read_json, write_json
 
-__all__ = ["EarlyExitModel", "Output", "evaluate", "fit_policy", "load", "load_split"]
+__all__ = ["EarlyExitModel", "Output", "evaluate", "fit_policy", "from_pretrained", "load", "load_split"]
 
 FORMAT = "eenn.pretrained/1"
 CONFIG = "config.json"
@@ -213,6 +213,8 @@ class EarlyExitModel:
 
         from eenn.card import model_card
 
+        if push_to_hub and not repo_id:
+            raise EENNError("save_pretrained(push_to_hub=True) needs repo_id='<user>/<repo>'.")
         out = Path(save_directory)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise EENNError(f"save_directory {str(out)!r} exists and is not an empty directory; choose a new one.")
@@ -318,6 +320,11 @@ def load(run_dir: str | os.PathLike, policy: PolicyLike | None = None, device: s
     return model if policy is None else model.with_policy(policy)
 
 
+def from_pretrained(model_id: str | os.PathLike, **kwargs: Any) -> EarlyExitModel:
+    """:meth:`EarlyExitModel.from_pretrained`: a model dir or a Hub repo id."""
+    return EarlyExitModel.from_pretrained(model_id, **kwargs)
+
+
 def load_split(run_dir: str | os.PathLike, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
     """A stage-1 run's ``val`` or ``test`` split as the network takes it: (normalised inputs, labels),
     in the order of its saved predictions."""
@@ -359,7 +366,7 @@ def fit_policy(source: Predictions | str | os.PathLike | EarlyExitModel, policy:
 def evaluate(policy: ExitPolicy, source: Predictions | str | os.PathLike, split: str = "test",
              unit: str | None = None) -> dict[str, Any]:
     """A fitted policy simulated offline on saved predictions (a Predictions object, a predictions
-    file or a stage-1 run dir's ``split``), as eenn-fit's metrics.json reports it: accuracy,
+    file or a stage-1 run dir's ``split``), as eenn-fit's metrics report it: accuracy,
     avg_cost, avg_cost_fraction, exit_fractions, exit_accuracy, confusion, risk."""
     from eenn.evaluation.offline import evaluate as simulate
 
@@ -497,10 +504,8 @@ def _download(repo_id: str, revision: str | None, token: str | None, cache_dir: 
                         f"{str(exc).strip().splitlines()[0]}") from None
 
 
-def _push(path: Path, repo_id: str | None, private: bool | None = None, token: str | None = None,
+def _push(path: Path, repo_id: str, private: bool | None = None, token: str | None = None,
           commit_message: str = "Upload eenn model") -> str:
-    if not repo_id:
-        raise EENNError("push_to_hub=True needs repo_id='<user>/<repo>'.")
     try:
         from huggingface_hub import HfApi
         from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled

@@ -2,7 +2,7 @@
 are, taken from the stage-1 run and never re-measured by hand.
 
 :func:`card_metrics` collects them from the run dir: per exit its cost and its validation and test
-accuracy (the run's ``metrics.json``), and the test accuracy at 25/50/75 % of the full cost of
+accuracy (the run's metrics), and the test accuracy at 25/50/75 % of the full cost of
 MSDNet's max-probability rule fitted on the run's validation predictions (the budgets below the
 first exit's cost are marked so), plus each saved policy's accuracy on both splits.
 :func:`model_card` renders them with the model config as the dir's ``README.md``, with the
@@ -73,7 +73,7 @@ def _pct(v: float | None) -> str:
 
 
 def _number(v: float) -> str:
-    """A cost as the run's costs.json holds it: counts whole, milliseconds to 4 significant digits."""
+    """A cost as the run's cost profile holds it: counts whole, milliseconds to 4 significant digits."""
     return f"{v:.0f}" if float(v).is_integer() else f"{v:.4g}"
 
 
