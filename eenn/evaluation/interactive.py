@@ -10,8 +10,10 @@ the report still opens from disk with no network.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import plotly.graph_objects as go
@@ -21,7 +23,7 @@ from eenn.evaluation.compare import Comparison, GroupStat, Model, per_exit, poli
 from eenn.evaluation.plots import _scale
 from eenn.policies import budget_ceiling, policy_class
 
-#: Plotly's own colour cycle, so that a seed group's band takes its line's colour
+#: Plotly's own colours, named here so that a seed group's band takes its line's colour
 COLOURS = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880", "#FF97FF", "#FECB52")
 HOVER = ("<b>%{customdata[0]}</b><br>test accuracy %{y:.2f} %<br>average cost %{x:.4g}<br>"
          "budget %{customdata[1]}<br>val accuracy %{customdata[2]}<br>exit fractions %{customdata[3]}<extra></extra>")
@@ -31,19 +33,20 @@ def _name(model: Model, what: str, many: bool) -> str:
     return f"{model.name} · {what}" if many else what
 
 
-def _model_traces(comp: Comparison, model: Model, unit: str, div: float, many: bool) -> list[go.Scatter]:
+def _model_traces(comp: Comparison, model: Model, unit: str, div: float, many: bool,
+                  palette: Iterator[str]) -> list[go.Scatter]:
     rows = [r for r in comp.rows if r["model"] == model.name and r["cost_unit"] == unit and not per_exit(r)]
     by_policy: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_policy[policy_label(r)].append(r)
     traces = []
-    for k, (policy, pts) in enumerate(sorted(by_policy.items())):
+    for policy, pts in sorted(by_policy.items()):
         pts = sorted(pts, key=lambda r: r["test_avg_cost"])
         ceiling = not policy_class(pts[0]["policy"]).online  # it reads the labels: a ceiling, not a policy
         data = [[policy, f"{r['budget_fraction']:.3f} of the full cost", f"{100 * r['val_accuracy']:.2f} %",
                  ", ".join(f"{f:.2f}" for f in json.loads(r["test_exit_fractions"]))] for r in pts]
         style = ({"line": {"color": "black", "dash": "dash"}, "mode": "lines+markers", "marker": {"size": 4}} if ceiling
-                 else {"line": {"color": COLOURS[k % len(COLOURS)]}, "mode": "lines+markers"})
+                 else {"line": {"color": next(palette)}, "mode": "lines+markers"})
         traces.append(go.Scatter(x=[r["test_avg_cost"] / div for r in pts], y=[100 * r["test_accuracy"] for r in pts],
                                  name=_name(model, policy, many), legendgroup=f"{model.name}/{policy}", customdata=data,
                                  hovertemplate=HOVER, **style))
@@ -62,17 +65,17 @@ def _model_traces(comp: Comparison, model: Model, unit: str, div: float, many: b
     return traces
 
 
-def _seed_traces(stats: list[GroupStat], div: float) -> list[go.Scatter]:
+def _seed_traces(stats: list[GroupStat], div: float, palette: Iterator[str]) -> list[go.Scatter]:
     """Per (group, policy) of more than one seed: the mean over seeds and its 95 % CI as a band."""
     curves: dict[tuple[str, str], list[GroupStat]] = defaultdict(list)
     for g in stats:
         curves[(g.group, g.policy)].append(g)
     traces = []
-    for k, ((group, policy), pts) in enumerate(sorted(curves.items())):
+    for (group, policy), pts in sorted(curves.items()):
         pts.sort(key=lambda g: g.mean_test_avg_cost)
         if max(g.accuracy.n for g in pts) < 2:
             continue  # one seed: no spread to draw (the report's Seeds table says so)
-        colour, key = COLOURS[k % len(COLOURS)], f"seeds/{group}/{policy}"
+        colour, key = next(palette), f"seeds/{group}/{policy}"
         x = [g.mean_test_avg_cost / div for g in pts]
         n = "/".join(str(v) for v in sorted({g.accuracy.n for g in pts}))
         band = [(g.accuracy.ci_low, g.accuracy.ci_high) for g in pts]
@@ -101,10 +104,10 @@ def accuracy_cost_figure(comp: Comparison, unit: str) -> go.Figure:
     costs += [p["avg_cost"] for m in models for p in m.static_points(unit)]
     _, label = _scale(unit, costs)
     div = 1e6 if "millions" in label else 1.0
-    fig = go.Figure()
+    fig, palette = go.Figure(), itertools.cycle(COLOURS)  # one curve, one colour, across the models
     for m in models:
-        fig.add_traces(_model_traces(comp, m, unit, div, many=len(models) > 1))
-    fig.add_traces(_seed_traces(stats, div))
+        fig.add_traces(_model_traces(comp, m, unit, div, len(models) > 1, palette))
+    fig.add_traces(_seed_traces(stats, div, palette))
     fig.update_layout(
         title=f"Test accuracy vs average cost ({unit})", xaxis_title=label, yaxis_title="test accuracy (%)",
         hovermode="closest", template="plotly_white", height=560, legend={"title": {"text": "click to hide / show"}},
