@@ -15,7 +15,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -29,7 +29,7 @@ from eenn.rundir import Stage1Run, check_fits, flatten, load_weights
 from eenn.training.joint import MultiExitModule, metric_key
 from eenn.training.predict import make_predictions
 from eenn.utils.config import build_network, instantiate
-from eenn.utils.loggers import finish_wandb
+from eenn.utils.loggers import finish_wandb, log_table
 from eenn.utils.provenance import code_version
 
 log = logging.getLogger("eenn.train")
@@ -54,9 +54,7 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
 
 
 def log_cost_table(loggers: list[Logger], costs: CostProfile) -> None:
-    for lg in loggers:
-        if isinstance(lg, WandbLogger):
-            lg.log_table(key="costs", columns=CostProfile.table_columns, data=costs.table())
+    log_table(loggers, "costs", CostProfile.table_columns, costs.table())
 
 
 @contextlib.contextmanager
@@ -148,6 +146,7 @@ def _train(cfg: DictConfig, run: Stage1Run) -> dict[str, Any]:
         for lg in loggers:
             lg.log_metrics({f"test/acc/{metric_key(n)}": a for n, a in metrics["test_accuracy"].items()},
                            step=trainer.global_step)
+            lg.save()  # fit has finalized the loggers: TensorBoard holds these in a new, unflushed event file
         metrics.update({
             "training": type(module).__name__.removesuffix("Training").lower(),
             "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
