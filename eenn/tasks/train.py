@@ -23,6 +23,7 @@ from rich.table import Table
 from eenn.cost import CostProfile, profile_costs
 from eenn.data.datamodule import EENNDataModule
 from eenn.errors import EENNError, check_number
+from eenn.evaluation.objective import OBJECTIVES, search_objective
 from eenn.models.multi_exit import MultiExitNetwork
 from eenn.predictions import SPLITS
 from eenn.rundir import Stage1Run, check_fits, flatten, load_weights
@@ -81,6 +82,21 @@ def check_config(cfg: DictConfig) -> None:
         # a plain backbone builds (the cost tables use one), but it is not what stage 1 trains
         raise EENNError("exits.at is empty; give at least one block to exit after, or exits.at=stages.")
     check_number(cfg.seed, "seed", 0, integer=True)
+    objective = cfg.get("objective")
+    names = [objective] if isinstance(objective, str) else list(objective or [])
+    if [n for n in names if n not in OBJECTIVES]:
+        raise EENNError(f"objective must name one or more of {list(OBJECTIVES)} (or be null), got {objective!r}.")
+
+
+def objective_values(cfg: DictConfig, metrics: dict[str, Any]) -> float | list[float] | None:
+    """What the job returns to a sweeper: the value ``objective`` names, or the list of values it
+    lists (a multi-objective study), from the run's metrics; None without an objective."""
+    objective = cfg.get("objective")
+    if not objective or "objective" not in metrics:
+        return None
+    if isinstance(objective, str):
+        return float(metrics["objective"][objective])
+    return [float(metrics["objective"][name]) for name in objective]
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -137,10 +153,14 @@ def _train(cfg: DictConfig, run: Stage1Run) -> dict[str, Any]:
     if trainer.is_global_zero:
         device = module.device
         names = network.exit_names
+        saved = {}
         for split in SPLITS:
-            preds = make_predictions(network, dm.split_loader(split), costs, dm.class_names, split, str(run.path), device)
+            saved[split] = preds = make_predictions(network, dm.split_loader(split), costs, dm.class_names, split,
+                                                    str(run.path), device)
             run.write_predictions(preds)
             metrics[f"{split}_accuracy"] = dict(zip(names, preds.accuracy_per_exit().tolist()))
+        if cfg.get("objective"):  # what a search over exits optimises: from validation alone
+            metrics["objective"] = search_objective(saved["val"], costs.backbone["flops"])
         # the test metrics come from the saved predictions: a separate trainer.test pass would
         # run the same network over the same images once more
         for lg in loggers:
