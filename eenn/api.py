@@ -100,7 +100,7 @@ class EarlyExitModel:
         #: fitted policies saved with the model (by name); ``with_policy(name)`` picks one
         self.policies = dict(policies or {})
         self.policy = None if policy is None else self._check_policy(policy, "policy")
-        self.card_metrics = card_metrics  # a model dir's metrics.json, kept for re-saving
+        self.card_metrics = card_metrics  # a model dir's card numbers, kept for saving it again
         self.run_dir = run_dir  # the stage-1 run it was loaded from (None: a model dir)
 
     def __repr__(self) -> str:
@@ -221,7 +221,7 @@ class EarlyExitModel:
         named = {**self.policies, **{n: self._check_policy(p, f"policies[{n!r}]") for n, p in (policies or {}).items()}}
         if self.policy is not None:
             named.setdefault(self.policy.name, self.policy)
-        metrics = self.card_metrics if self.card_metrics is not None else self._card_metrics(named)
+        metrics = self._card_metrics(named)
         config = {**self.config, "format": FORMAT, "eenn_version": _version(),
                   "policy": self.policy.name if self.policy is not None else None, "policies": sorted(named)}
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,11 +255,17 @@ class EarlyExitModel:
             return _push(path, repo_id, private=private, token=token, commit_message=commit_message)
 
     def _card_metrics(self, policies: Mapping[str, ExitPolicy]) -> dict[str, Any]:
-        if self.run_dir is None:
-            raise EENNError("this model came from neither a run dir nor a model dir, so it has no metrics for its model card.")
-        from eenn.card import card_metrics
+        """The model card's numbers: from the run dir; for a model loaded from a model dir, its saved
+        ones, a policy added since listed without accuracy (there are no predictions to score it on)."""
+        from eenn.card import card_metrics, unscored
 
-        return card_metrics(self.run_dir, policies)
+        if self.run_dir is not None:
+            return card_metrics(self.run_dir, policies)
+        if self.card_metrics is None:
+            raise EENNError("this model came from neither a run dir nor a model dir, so it has no metrics for its model card.")
+        known = {p["name"] for p in self.card_metrics["policies"]}
+        added = [unscored(name, p) for name, p in sorted(policies.items()) if name not in known]
+        return {**self.card_metrics, "policies": [*self.card_metrics["policies"], *added]}
 
     # ------------------------------------------------------------------ loading
     @classmethod

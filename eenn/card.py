@@ -68,8 +68,18 @@ def card_metrics(run_dir: str | Path, policies: Mapping[str, ExitPolicy]) -> dic
     }
 
 
+def unscored(name: str, policy: ExitPolicy) -> dict[str, Any]:
+    """A saved policy's card row where no predictions are at hand to score it."""
+    return {"name": name, "policy": policy.name, "hparams": policy.hparams(), "cost_unit": policy.cost_unit,
+            "budget_fraction": None, "val_accuracy": None, "test_accuracy": None, "test_cost_fraction": None}
+
+
 def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.2f}"
+
+
+def _fraction(v: float | None) -> str:
+    return "—" if v is None else f"{v:.4f}"
 
 
 def _number(v: float) -> str:
@@ -134,7 +144,7 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
                          "test cost (x full)"],
                         [[p["name"], p["policy"], p["cost_unit"],
                           "—" if p["budget_fraction"] is None else f"{p['budget_fraction']:.4f}",
-                          _pct(p["val_accuracy"]), _pct(p["test_accuracy"]), f"{p['test_cost_fraction']:.4f}"]
+                          _pct(p["val_accuracy"]), _pct(p["test_accuracy"]), _fraction(p["test_cost_fraction"])]
                          for p in metrics["policies"]])
     norm = config.get("normalisation") or {}
     lines += ["", "## Data", "",

@@ -55,10 +55,13 @@ def test_from_pretrained_predicts_exactly_as_the_run(saved, digits):
     assert loaded.with_policy("entropy70").policy.name == "entropy" and c.cost.mean() != b.cost.mean()
     assert eenn.from_pretrained(out, policy=None).policy is None
     assert eenn.from_pretrained(out, policy="entropy70").policy.name == "entropy"
-    # a loaded model dir saves again, its card unchanged
+    # a loaded model dir saves again, its card unchanged; a policy added since is listed, unscored
     again = out.parent / "again"
     loaded.save_pretrained(again)
     assert (again / "README.md").read_text() == (out / "README.md").read_text()
+    loaded.save_pretrained(out.parent / "more", policies={"patience": eenn.fit_policy(digits.run, "patience", budget=0.8)})
+    more = (out.parent / "more" / "README.md").read_text()
+    assert "| patience | patience | flops | — | — | — | — |" in more and more.count("| entropy70 |") == 1
 
 
 def _table(card: str, title: str) -> list[list[str]]:

@@ -82,7 +82,9 @@ def test_a_three_trial_study_writes_its_pareto_set_and_compare_takes_its_trials(
                          override("hydra.sweep.dir", study)], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     trials = sorted(d for d in study.iterdir() if d.is_dir() and (d / "metrics.json").is_file())
-    assert len(trials) == 3 and all(d.name.split("_")[0] in "012" and "exits.at=" in d.name for d in trials)
+    assert [d.name for d in trials] == ["trial_0", "trial_1", "trial_2"]
+    drawn = [yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text()) for d in trials]
+    assert all(any(o.startswith("exits.at=[") for o in overrides) for overrides in drawn)
     scores = [json.loads((d / "metrics.json").read_text())["objective"] for d in trials]
     pareto = yaml.safe_load((study / "optimization_results.yaml").read_text())
     assert pareto["name"] == "optuna" and 1 <= len(pareto["solutions"]) <= 3
