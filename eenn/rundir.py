@@ -26,6 +26,7 @@ data (:mod:`eenn.tasks.build`, for the jobs).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -56,6 +57,8 @@ ERROR_FILE = "error.json"
 #: what Hydra writes into a run or sweep dir before a job starts (besides <job>.log), and the lock:
 #: a dir holding nothing else holds no job's results
 HYDRA_FILES = (HYDRA_DIR, "multirun.yaml", LOCK_FILE)
+#: the longest figure file name before ".png", with room for atomic_path's temporary prefix and suffix
+FIGURE_STEM = 200
 
 
 class RunDir(Claimable):
@@ -506,8 +509,13 @@ class CompareRun(RunDir):
         return self.path / "report.html"
 
     def figure_file(self, name: str) -> Path:
-        """Where figure ``name`` goes; a model's name may hold a '/' (a sweep job's), never a path."""
-        return self.path / f"{re.sub(r'[^A-Za-z0-9_.,=+-]', '_', name)}.png"
+        """Where figure ``name`` goes; a model's name may hold a '/' (a sweep job's), never a path.
+        A name too long for a file (a sweep job named by many overrides) keeps its start and a hash
+        of the whole, so two figures never share a file."""
+        stem = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+        if len(stem) > FIGURE_STEM:
+            stem = f"{stem[:FIGURE_STEM - 9]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+        return self.path / f"{stem}.png"
 
     def results(self) -> list[dict[str, Any]]:
         """The rows of results.csv as dicts, numbers parsed (for notebooks)."""

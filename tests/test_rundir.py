@@ -131,3 +131,14 @@ def test_pipeline_results_parse_the_numbers(tmp_path: Path):
         'maxprob,0.5,1.0,0.9,0.8,1.0,1.0,"[0.5, 0.5]"\n')
     (row,) = pipe.results()
     assert row["test_accuracy"] == 0.8 and row["test_exit_fractions"] == [0.5, 0.5]
+
+
+def test_a_figure_of_a_long_model_name_fits_a_file_name(tmp_path):
+    from eenn.rundir import CompareRun
+
+    run = CompareRun(tmp_path)
+    long_a, long_b = "sweep/0_" + "trainer.max_epochs=1," * 20 + "a", "sweep/0_" + "trainer.max_epochs=1," * 20 + "b"
+    a, b = run.figure_file(f"confusion_{long_a}"), run.figure_file(f"confusion_{long_b}")
+    assert a != b and len(a.name) <= 204 and a.name.startswith("confusion_sweep_0_trainer.max_epochs=1,")
+    a.write_bytes(b"png")  # the file system takes it
+    assert run.figure_file("confusion_tiny").name == "confusion_tiny.png"  # short names unchanged

@@ -63,9 +63,9 @@ RUN_DIR_NAMES = re.compile(
 )
 
 
-#: the modules that own a file format: run dirs, and the deployment bundle (whose policy.safetensors
-#: is its own, read with numpy)
-FORMAT_MODULES = ("rundir.py", "deploy/bundle.py")
+#: the modules that own a file format: run dirs, the deployment bundle (whose policy.safetensors
+#: is its own, read with numpy) and the model dir of save_pretrained (its own costs.json, metrics.json)
+FORMAT_MODULES = ("rundir.py", "deploy/bundle.py", "api.py")
 
 
 def test_run_dir_file_names_are_spelled_in_the_run_dir_module_only() -> None:

@@ -18,11 +18,12 @@ RESUME_SETS = ("resume", "ckpt_path", "force")
 
 @hydra.main(config_path=conf_dir(), config_name="train", version_base="1.3")
 @report_errors
-def app(cfg: DictConfig) -> None:
-    from eenn.tasks.train import train  # after Hydra parsed the command line: --help stays fast
+def app(cfg: DictConfig) -> float | list[float] | None:
+    from eenn.tasks.train import objective_values, train  # after Hydra parsed the command line: --help stays fast
 
     quiet_environment()
-    train(cfg)
+    # a sweeper that optimises (hydra/sweeper=optuna_exits) reads the objective the job returns
+    return objective_values(cfg, train(cfg))
 
 
 def expand_resume(args: list[str]) -> list[str]:

@@ -1,4 +1,5 @@
-"""A self-contained HTML report: plots embedded as base64 PNGs, tables inline, no external links."""
+"""A self-contained HTML report: the interactive accuracy-vs-cost figure (plotly.js inline), plots
+embedded as base64 PNGs, tables inline, no external links."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from eenn.evaluation.compare import Comparison, GroupStat, per_exit, policy_label
+from eenn.evaluation.interactive import interactive_html
 from eenn.evaluation.stats import NO_DIFFERENCE, NO_SPREAD
 from eenn.utils.io import atomic_path
 
@@ -120,6 +122,9 @@ def write_report(comp: Comparison, images: list[Path], out_path: Path, risk: lis
         rows = [[n, f"{c / costs[-1]:.3f}", f"{100 * a:.2f}"] for n, c, a in zip(m.test.exit_names, costs, m.test.accuracy_per_exit().tolist())]
         parts.append(f"<h3>{html.escape(m.name)} [{html.escape(m.training)}]</h3>")
         parts.append(_table(["exit", "cost (x last exit)", "test accuracy %"], rows))
+    parts.append("<h2>Accuracy vs cost (interactive)</h2><p>Hover a point for its numbers; click a legend entry to "
+                 "hide or show its curve (a seed group's 95 % CI band goes with its mean).</p>")
+    parts.append(interactive_html(comp))
     parts.append("<h2>Plots</h2>")
     parts += [_img(p) for p in images]
     header, rows = accuracy_table(comp)

@@ -1,15 +1,18 @@
-"""Loggers that never prompt or hang: wandb goes offline by itself when no credentials exist."""
+"""Loggers that never prompt or hang: wandb goes offline by itself when no credentials exist;
+TensorBoard writes event files and MLflow a local store (SQLite, no server), both in files only."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import netrc
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from eenn.errors import EENNError
 
@@ -104,3 +107,48 @@ def finish_wandb() -> None:
     wandb = sys.modules.get("wandb")  # never imported: no run to end
     if wandb is not None and wandb.run is not None:
         wandb.finish()
+
+
+def _needs(what: str, modules: Sequence[str], extra: str) -> None:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EENNError(f"{what} needs {', '.join(missing)}: pip install 'eenn[{extra}]'.")
+
+
+def tensorboard_logger(save_dir: str, name: str = "tensorboard", version: str = "") -> TensorBoardLogger:
+    """Lightning's TensorBoard logger: event files in ``save_dir/name`` (``tensorboard --logdir``)."""
+    _needs("logger=tensorboard", ["tensorboard"], "tensorboard")
+    # no hp_metric placeholder (-1): the run's metrics are logged under their own names
+    return TensorBoardLogger(save_dir=save_dir, name=name, version=version, default_hp_metric=False)
+
+
+def mlflow_logger(store: str, save_dir: str, experiment_name: str = "eenn", job_type: str | None = None,
+                  tags: Mapping[str, Any] | None = None) -> MLFlowLogger:
+    """Lightning's MLflow logger on a local store: a SQLite database ``store/mlflow.db`` (the file
+    store is frozen in MLflow 3) and artifacts under ``store/artifacts``; no server. The run is
+    named after its run dir (``save_dir``) and tagged with its path and app."""
+    _needs("logger=mlflow", ["mlflow", "sqlalchemy", "alembic"], "mlflow")
+    root = Path(store).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(save_dir).resolve()
+    return MLFlowLogger(
+        experiment_name=experiment_name, run_name=run_dir.name, tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+        artifact_location=str(root / "artifacts"),
+        tags={"run_dir": str(run_dir), **({"app": job_type} if job_type else {}), **dict(tags or {})},
+    )
+
+
+def log_table(loggers: Sequence[Logger], key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A table, in each logger's own form: a wandb Table; a TensorBoard text (markdown, under
+    ``key``); an MLflow table artifact ``<key>_table.json`` (columns and data, the layout of
+    mlflow.log_table's). Others (CSV) keep no tables."""
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            lg.log_table(key=key, columns=list(columns), data=[list(r) for r in rows])
+        elif isinstance(lg, TensorBoardLogger):
+            lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+            lg.experiment.add_text(key, "\n".join(lines), global_step=0)
+        elif isinstance(lg, MLFlowLogger):
+            table = {"columns": list(columns), "data": [list(r) for r in rows]}
+            lg.experiment.log_dict(lg.run_id, json.loads(json.dumps(table, default=str)), f"{key}_table.json")

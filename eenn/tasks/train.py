@@ -15,7 +15,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -24,11 +24,12 @@ from eenn.checkpoints import check_fits, load_weights
 from eenn.cost import CostProfile, profile_costs
 from eenn.data.datamodule import EENNDataModule
 from eenn.errors import EENNError, check_flag, check_number, is_number
+from eenn.evaluation.objective import OBJECTIVES, search_objective
 from eenn.models.multi_exit import MultiExitNetwork
 from eenn.predictions import SPLITS
 from eenn.rundir import Stage1Run
 from eenn.tasks.build import build_network, instantiate
-from eenn.tasks.loggers import finish_wandb
+from eenn.tasks.loggers import finish_wandb, log_table
 from eenn.training.joint import MultiExitModule, metric_key
 from eenn.training.predict import make_predictions
 from eenn.utils.nested import flatten
@@ -57,9 +58,7 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
 
 
 def log_cost_table(loggers: list[Logger], costs: CostProfile) -> None:
-    for lg in loggers:
-        if isinstance(lg, WandbLogger):
-            lg.log_table(key="costs", columns=CostProfile.table_columns, data=costs.table())
+    log_table(loggers, "costs", CostProfile.table_columns, costs.table())
 
 
 @contextlib.contextmanager
@@ -88,6 +87,10 @@ def check_config(cfg: DictConfig) -> None:
         raise EENNError("exits.at is empty; give at least one block to exit after, or exits.at=stages.")
     check_number(cfg.seed, "seed", 0, integer=True)
     check_training(cfg)
+    objective = cfg.get("objective")
+    names = [objective] if isinstance(objective, str) else list(objective or [])
+    if [n for n in names if n not in OBJECTIVES]:
+        raise EENNError(f"objective must name one or more of {list(OBJECTIVES)} (or be null), got {objective!r}.")
 
 
 def check_training(cfg: DictConfig) -> None:
@@ -110,6 +113,17 @@ def check_training(cfg: DictConfig) -> None:
     batch = cfg.data.get("batch_size")
     if (t.get("mixup_alpha", 0) > 0 or t.get("cutmix_alpha", 0) > 0) and is_number(batch, integer=True) and batch % 2:
         raise EENNError(f"training.mixup_alpha/cutmix_alpha need an even data.batch_size, got {batch}.")
+
+
+def objective_values(cfg: DictConfig, metrics: dict[str, Any]) -> float | list[float] | None:
+    """What the job returns to a sweeper: the value ``objective`` names, or the list of values it
+    lists (a multi-objective study), from the run's metrics; None without an objective."""
+    objective = cfg.get("objective")
+    if not objective or "objective" not in metrics:
+        return None
+    if isinstance(objective, str):
+        return float(metrics["objective"][objective])
+    return [float(metrics["objective"][name]) for name in objective]
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -167,15 +181,20 @@ def _train(cfg: DictConfig, run: Stage1Run) -> dict[str, Any]:
     if trainer.is_global_zero:
         device = module.device
         names = network.exit_names
+        saved = {}
         for split in SPLITS:
-            preds = make_predictions(network, dm.split_loader(split), costs, dm.class_names, split, str(run.path), device)
+            saved[split] = preds = make_predictions(network, dm.split_loader(split), costs, dm.class_names, split,
+                                                    str(run.path), device)
             run.write_predictions(preds)
             metrics[f"{split}_accuracy"] = dict(zip(names, preds.accuracy_per_exit().tolist()))
+        if cfg.get("objective"):  # what a search over exits optimises: from validation alone
+            metrics["objective"] = search_objective(saved["val"], costs.backbone["flops"])
         # the test metrics come from the saved predictions: a separate trainer.test pass would
         # run the same network over the same images once more
         for lg in loggers:
             lg.log_metrics({f"test/acc/{metric_key(n)}": a for n, a in metrics["test_accuracy"].items()},
                            step=trainer.global_step)
+            lg.save()  # fit has finalized the loggers: TensorBoard holds these in a new, unflushed event file
         metrics.update({
             "training": type(module).__name__.removesuffix("Training").lower(),
             "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
