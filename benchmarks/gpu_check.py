@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import add_output_args, output_path
+from common import add_output_args, output_path, write_result
 
 from eenn.inference.engine import EarlyExitEngine, batches_of
 from eenn.policies.base import ExitPolicy
@@ -53,7 +53,6 @@ from eenn.policies.simulate import simulate
 from eenn.rundir import FitRun, InferRun, Stage1Run
 from eenn.tasks.build import datamodule, load_network
 from eenn.tasks.infer import load_split
-from eenn.utils.io import write_json
 from eenn.utils.overrides import override
 from eenn.utils.syncs import SyncCounter
 
@@ -167,9 +166,9 @@ def main() -> None:
         check(args, out, result)
     except SystemExit as failed:  # a step failed: keep what the steps before it found
         result["failed"] = str(failed)
-        write_json(out, result)
+        write_result(out, result)
         raise
-    write_json(out, result)
+    write_result(out, result)
     keys = ("device", "gpu", "engine_equals_offline", "exit_disagreements", "near_ties", "disagreements_outside_ties",
             "engine_equals_offline_up_to_ties", "train_seconds", "engine_syncs_per_batch", "acceptance")
     print(json.dumps({k: result[k] for k in keys}, indent=1), f"-> {out}")
@@ -201,7 +200,7 @@ def check(args: argparse.Namespace, out: Path, result: dict[str, Any]) -> None:
     result.update(compare_exits(exits, simulate(policy, logits)[0], near_ties(policy, logits, TIE)))
     result["near_tie_tolerance"] = TIE
     result["engine_syncs_per_batch"] = engine_syncs
-    write_json(out, result)  # what the later, longer steps add comes on top of this
+    write_result(out, result)  # what the later, longer steps add comes on top of this
 
     # 4: training throughput, eager and compiled (on the CPU a smoke run on digits, eager only)
     quick = ["--quick"] if args.quick else []
@@ -211,21 +210,21 @@ def check(args: argparse.Namespace, out: Path, result: dict[str, Any]) -> None:
         result["train_speed"][backbone] = bench("train_speed.py", [*quick, *gpu, "--loop-only", "--backbone", backbone],
                                                 out.parent / f"train_speed_cuda_{backbone}.json" if device == "cuda"
                                                 else work / f"train_speed_{backbone}.json", work / f"train_speed_{backbone}.log")
-        write_json(out, result)
+        write_result(out, result)
     # 5: the engine at batch 128, realised against predicted
     inference = ["--device", "cuda", "--repeats", "10", "--backbones", "cifar_resnet56", "timm_resnet50_224px"] \
         if device == "cuda" else ["--backbones", "cifar_resnet56"]
     result["inference_speed"] = bench("inference_speed.py", [*quick, *inference, "--batch-sizes", "128"],
                                       out.parent / "inference_speed_cuda.json" if device == "cuda" else work / "inference_speed.json",
                                       work / "inference_speed.log")
-    write_json(out, result)
+    write_result(out, result)
     # 6: syncs per training step
     result["step_syncs"] = bench("step_overhead.py", [*quick, "--device", device, "--phases", "syncs", "--methods", "joint",
                                                       "bilevel", *(["--precision", "bf16-mixed"] if device == "cuda" else [])],
                                  out.parent / "step_overhead_cuda.json" if device == "cuda" else work / "step_overhead.json",
                                  work / "step_overhead.log")
     result["acceptance"] = acceptance(result)
-    write_json(out, result)
+    write_result(out, result)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from common import add_output_args, output_path  # noqa: E402
+from common import add_output_args, output_path, write_result  # noqa: E402
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar  # noqa: E402
 from lightning.pytorch.loops.optimization.automatic import Closure  # noqa: E402
 from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector  # noqa: E402
@@ -64,7 +64,7 @@ from eenn.models.multi_exit import MultiExitNetwork  # noqa: E402
 from eenn.tasks.build import instantiate  # noqa: E402
 from eenn.tasks.train import build_module, build_network, instantiate_group  # noqa: E402
 from eenn.training.joint import MultiExitModule  # noqa: E402
-from eenn.utils.io import write_json  # noqa: E402
+from eenn.utils.overrides import override  # noqa: E402
 from eenn.utils.syncs import SyncCounter  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "step_overhead.json"
@@ -292,7 +292,7 @@ def main() -> None:
                               "phases": args.phases}
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
-            extra = [f"data.batch_size={args.batch_size}", *args.override]
+            extra = [override("data.batch_size", args.batch_size), *args.override]
             cfg = make_cfg(method, "digits", Path(tmp) / method, args.device, args.precision, extra)
             row: dict[str, Any] = {}
             if "time" in args.phases:
@@ -315,7 +315,7 @@ def main() -> None:
                          "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                          "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
     out = output_path(args, OUT)
-    write_json(out, result)
+    write_result(out, result)
     print(f"-> {out} (load average {load_before[0]:.1f} before, {result['machine']['load_avg_after'][0]:.1f} after)")
 
 

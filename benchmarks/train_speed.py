@@ -59,7 +59,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import add_output_args, compose_cfg, output_path  # noqa: E402
+from common import add_output_args, compose_cfg, output_path, write_result  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
@@ -74,7 +74,6 @@ from eenn.training.soft_threshold import (  # noqa: E402
     geometric_fractions_table,
     soft_exit_distribution,
 )
-from eenn.utils.io import write_json  # noqa: E402
 from eenn.utils.overrides import override  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -412,7 +411,7 @@ def main() -> None:
                          "torch_threads": torch.get_num_threads(), "load_avg_before": load_before,
                          "load_avg_after": os.getloadavg()[0],
                          "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
-    write_json(out_path, result)
+    write_result(out_path, result)
     print(f"-> {out_path}")
 
 
