@@ -357,17 +357,19 @@ def fit_policy(source: Predictions | str | os.PathLike | EarlyExitModel, policy:
     for a policy whose options fix its decisions."""
     from omegaconf import OmegaConf
 
-    from eenn.evaluation.calibration import fit_temperatures
-    from eenn.tasks.fit import cost_unit, resolve_budget
+    from eenn.tasks.fit import calibrate_and_fit, cost_unit, requested_fraction, resolve_budget
 
     val = _val_predictions(source)
     p = build_policy(policy, **hparams)
-    cfg = OmegaConf.create({"cost": cost, "budget": {"fraction": budget, "value": budget_value, "point": None}})
+    # eenn-fit's defaults: a risk-controlled policy gets its temperatures from a split of validation
+    cfg = OmegaConf.create({"cost": cost, "budget": {"fraction": budget, "value": budget_value, "point": None},
+                            "calibrate": calibrate, "calibrate_split": 0.2, "calibrate_seed": 0})
     unit = cost_unit(cfg, val)
     amount = None
     if budget is not None or budget_value is not None:
-        amount, _ = resolve_budget(cfg, p, val, unit)
-    return p.fit(val, amount, unit, temperature=fit_temperatures(val) if calibrate else None)
+        amount, _ = resolve_budget(cfg, p, val, unit, requested_fraction(cfg, val.costs_in(unit)))
+    calibrate_and_fit(cfg, p, val, amount, unit)
+    return p
 
 
 def evaluate(policy: ExitPolicy, source: Predictions | str | os.PathLike, split: str = "test",
