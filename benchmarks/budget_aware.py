@@ -95,8 +95,11 @@ class Arm:
 ARMS: dict[str, Arm] = {
     "joint": Arm("training=joint"),
     "bilevel_norm": Arm("training=bilevel training.normalize_loss=true", "training.budget", (0.55, 0.75)),
-    "permuted": Arm("training=bilevel training.normalize_loss=true training.permute_allocation=true",
-                    "training.budget", (0.55, 0.75)),
+    "permuted": Arm(
+        "training=bilevel training.normalize_loss=true training.permute_allocation=true",
+        "training.budget",
+        (0.55, 0.75),
+    ),
     "mixed": Arm("training=mixed", "training.warmup_epochs", ("half", "quarter")),
     "bilevel_paper": Arm("training=bilevel_paper", "training.cost_weight", (2.0, 0.5)),
     "soft_threshold": Arm("training=soft_threshold", "training.softness", (0.25, 1.0)),
@@ -120,15 +123,32 @@ class Study:
     """Where the runs go and how they are trained: one process per run, ``jobs`` at a time."""
 
     def __init__(self, args: argparse.Namespace, data: list[str], epochs: int) -> None:
-        self.workdir, self.jobs, self.threads, self.data, self.epochs = args.workdir, args.jobs, args.threads, data, epochs
+        self.workdir, self.jobs, self.threads, self.data, self.epochs = (
+            args.workdir,
+            args.jobs,
+            args.threads,
+            data,
+            epochs,
+        )
         self.extra = list(args.override)
         self.report_only = args.stage == "report"  # trains nothing: every run must be there
 
     def overrides(self, arm: str, lr: float, knob: Any, seed: int, epochs: int | None = None) -> list[str]:
         e = epochs or self.epochs
-        return [*shlex.split(ARMS[arm].overrides), *knob_override(ARMS[arm], knob, e), override(LR_KEY, lr), *self.data,
-                "backbone=resnet20", "exits=stages", override("trainer.max_epochs", e), override("seed", seed),
-                "logger=csv", "cost.latency=false", "trainer.enable_progress_bar=false", *self.extra]
+        return [
+            *shlex.split(ARMS[arm].overrides),
+            *knob_override(ARMS[arm], knob, e),
+            override(LR_KEY, lr),
+            *self.data,
+            "backbone=resnet20",
+            "exits=stages",
+            override("trainer.max_epochs", e),
+            override("seed", seed),
+            "logger=csv",
+            "cost.latency=false",
+            "trainer.enable_progress_bar=false",
+            *self.extra,
+        ]
 
     def expected_config(self, overrides: list[str], run_dir: Path) -> dict[str, Any]:
         cfg = compose_cfg("train", overrides, run_dir)
@@ -143,7 +163,9 @@ class Study:
         saved = OmegaConf.to_container(OmegaConf.load(run.config_file))
         differ = config_differences(saved, self.expected_config(overrides, run_dir), MAY_CHANGE)
         if differ:
-            raise SystemExit(f"{run_dir} holds a run of another config ({differ}); remove it or give another --workdir.")
+            raise SystemExit(
+                f"{run_dir} holds a run of another config ({differ}); remove it or give another --workdir."
+            )
 
     def train(self, name: str, overrides: list[str], run_dir: Path) -> None:
         """Train (or resume) one run; :meth:`train_all` checked its dir (composing a config is not
@@ -153,8 +175,12 @@ class Study:
             return
         resume = ["ckpt_path=last"] if run.last_checkpoint.is_file() else []
         force = ["force=true"] if run_dir.exists() and not resume else []  # an attempt that never saved a checkpoint
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
-               "WANDB_MODE": "disabled"}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(self.threads),
+            "MKL_NUM_THREADS": str(self.threads),
+            "WANDB_MODE": "disabled",
+        }
         log = run_dir.parent / f"{run_dir.name}.log"
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "eenn.cli.train", *overrides, *resume, *force, override("hydra.run.dir", run_dir)]
@@ -185,9 +211,11 @@ def budget_curves(run_dir: Path, fractions: list[float], policies: tuple[str, ..
     """Per policy: accuracy on test and on val (where it was fitted) and realised test cost; the
     anytime accuracy per exit. Cached beside the runs by the predictions' bytes and the budgets."""
     run = Stage1Run(run_dir)
-    key = hashlib.sha1(json.dumps([fractions, list(policies)]).encode()
-                       + run.predictions_file("val").read_bytes()[:1 << 20]
-                       + run.predictions_file("test").read_bytes()[:1 << 20]).hexdigest()[:16]
+    key = hashlib.sha1(
+        json.dumps([fractions, list(policies)]).encode()
+        + run.predictions_file("val").read_bytes()[: 1 << 20]
+        + run.predictions_file("test").read_bytes()[: 1 << 20]
+    ).hexdigest()[:16]
     cache = cache_dir / f"{run_dir.name}.{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
@@ -220,8 +248,10 @@ def epoch_log(run_dir: Path, exit_keys: list[str]) -> dict[str, Any]:
         e = by_epoch.setdefault(int(r["epoch"]), {})
         e.update({k: float(v) for k, v in r.items() if v not in ("", None) and k not in ("epoch", "step")})
     epochs = sorted(e for e in by_epoch if f"val/acc/{exit_keys[-1]}" in by_epoch[e])
-    out: dict[str, Any] = {"epoch": epochs,
-                           "val_acc": [[by_epoch[e].get(f"val/acc/{k}") for k in exit_keys] for e in epochs]}
+    out: dict[str, Any] = {
+        "epoch": epochs,
+        "val_acc": [[by_epoch[e].get(f"val/acc/{k}") for k in exit_keys] for e in epochs],
+    }
     if any("train/exit_prob/" + exit_keys[0] in by_epoch[e] for e in epochs):
         out["allocation"] = {
             "mean_a": [[by_epoch[e].get(f"train/exit_prob/{k}") for k in exit_keys] for e in epochs],
@@ -237,9 +267,15 @@ def run_record(run_dir: Path, fractions: list[float], policies: tuple[str, ...],
     metrics, saved = run.metrics(), OmegaConf.to_container(OmegaConf.load(run.config_file))
     code = metrics.get("code") or {}
     exit_keys = [n.replace(".", "_") for n in metrics["exit_names"]]
-    return {"run_dir": str(run_dir), "commit": code.get("commit"), "dirty": code.get("dirty"),
-            "train_seconds": metrics["train_seconds"], "config": {k: saved.get(k) for k in TRAINED},
-            "curves": budget_curves(run_dir, fractions, policies, cache_dir), "epochs": epoch_log(run_dir, exit_keys)}
+    return {
+        "run_dir": str(run_dir),
+        "commit": code.get("commit"),
+        "dirty": code.get("dirty"),
+        "train_seconds": metrics["train_seconds"],
+        "config": {k: saved.get(k) for k in TRAINED},
+        "curves": budget_curves(run_dir, fractions, policies, cache_dir),
+        "epochs": epoch_log(run_dir, exit_keys),
+    }
 
 
 def val_score(curves: dict[str, Any]) -> float:
@@ -269,8 +305,15 @@ def tune(study: Study, arms: list[str], lrs: list[float], seeds: list[int], n_bu
     work = study.workdir / "tune"
 
     def settings_runs(arm: str, settings: list[tuple[float, Any]]) -> list[tuple[str, list[str], Path]]:
-        return [(f"tune {arm} lr={lr} knob={k} seed {sd}", study.overrides(arm, lr, k, sd),
-                 work / f"{setting_name(arm, lr, k)}_s{sd}") for lr, k in settings for sd in seeds]
+        return [
+            (
+                f"tune {arm} lr={lr} knob={k} seed {sd}",
+                study.overrides(arm, lr, k, sd),
+                work / f"{setting_name(arm, lr, k)}_s{sd}",
+            )
+            for lr, k in settings
+            for sd in seeds
+        ]
 
     first = {arm: [(lr, ARMS[arm].knob_values[0] if ARMS[arm].knob else None) for lr in lrs] for arm in arms}
     study.train_all([r for arm in arms for r in settings_runs(arm, first[arm])])
@@ -283,9 +326,21 @@ def tune(study: Study, arms: list[str], lrs: list[float], seeds: list[int], n_bu
         if fractions is None:
             fractions = budget_fractions(Stage1Run(dirs[0]).predictions("val"), n_budgets)
         recs = [run_record(d, fractions, ("maxprob",), study.workdir / "evals") for d in dirs]
-        return {"lr": lr, "knob": k, "val_score": sum(val_score(r["curves"]) for r in recs) / len(recs),
-                "runs": [{"run_dir": r["run_dir"], "commit": r["commit"], "dirty": r["dirty"], "config": r["config"],
-                          "val_score": val_score(r["curves"])} for r in recs]}
+        return {
+            "lr": lr,
+            "knob": k,
+            "val_score": sum(val_score(r["curves"]) for r in recs) / len(recs),
+            "runs": [
+                {
+                    "run_dir": r["run_dir"],
+                    "commit": r["commit"],
+                    "dirty": r["dirty"],
+                    "config": r["config"],
+                    "val_score": val_score(r["curves"]),
+                }
+                for r in recs
+            ],
+        }
 
     for arm in arms:
         scores[arm] = {(lr, k): score(arm, lr, k) for lr, k in first[arm]}
@@ -301,7 +356,9 @@ def tune(study: Study, arms: list[str], lrs: list[float], seeds: list[int], n_bu
         scores[arm][second[arm]] = score(arm, *second[arm])
     chosen = {arm: max(scores[arm].values(), key=lambda s: s["val_score"]) for arm in arms}
     return {
-        "seeds": seeds, "lr_grid": lrs, "lr_key": LR_KEY,
+        "seeds": seeds,
+        "lr_grid": lrs,
+        "lr_key": LR_KEY,
         "knobs": {arm: {"key": ARMS[arm].knob, "values": list(ARMS[arm].knob_values)} for arm in arms},
         "runs_per_arm": 1 + len(lrs) if seeds else 0,
         "score": "maxprob's validation accuracy (thresholds fitted on validation), mean over the budgets",
@@ -329,7 +386,9 @@ def summarise_study(runs: dict[str, dict[int, dict[str, Any]]], baseline: str = 
                 mine = [_series(by_seed[sd]["curves"], key) for sd in shared]
                 if shared and all(x is not None for x in base):
                     s[f"{key}_minus_{baseline}"] = [
-                        paired_difference([x[b] for x in mine], [x[b] for x in base]).as_dict() for b in range(len(series[0]))]
+                        paired_difference([x[b] for x in mine], [x[b] for x in base]).as_dict()
+                        for b in range(len(series[0]))
+                    ]
         out[arm] = s
     return out
 
@@ -353,21 +412,37 @@ def plot(result: dict[str, Any], path: Path) -> None:
         if "maxprob_test" not in s:
             continue
         m = [100 * v["mean"] for v in s["maxprob_test"]]
-        line, = axes[0].plot(x, m, marker="o", label=f"{arm} (n={s['maxprob_test'][0]['n']})")
+        (line,) = axes[0].plot(x, m, marker="o", label=f"{arm} (n={s['maxprob_test'][0]['n']})")
         if s["maxprob_test"][0]["ci_low"] is not None:
-            axes[0].fill_between(x, [100 * v["ci_low"] for v in s["maxprob_test"]],
-                                 [100 * v["ci_high"] for v in s["maxprob_test"]], color=line.get_color(), alpha=0.12)
+            axes[0].fill_between(
+                x,
+                [100 * v["ci_low"] for v in s["maxprob_test"]],
+                [100 * v["ci_high"] for v in s["maxprob_test"]],
+                color=line.get_color(),
+                alpha=0.12,
+            )
         d = s.get("maxprob_test_minus_joint")
         if d:
-            line, = axes[1].plot(x, [100 * v["mean"] for v in d], marker="o", label=arm)
+            (line,) = axes[1].plot(x, [100 * v["mean"] for v in d], marker="o", label=arm)
             if d[0]["ci_low"] is not None:
-                axes[1].fill_between(x, [100 * v["ci_low"] for v in d], [100 * v["ci_high"] for v in d],
-                                     color=line.get_color(), alpha=0.12)
-    axes[0].set(xlabel="budget (fraction of the full model's FLOPs)", ylabel="test accuracy (%)",
-                title="maxprob, mean and 95 % CI over seeds")
+                axes[1].fill_between(
+                    x,
+                    [100 * v["ci_low"] for v in d],
+                    [100 * v["ci_high"] for v in d],
+                    color=line.get_color(),
+                    alpha=0.12,
+                )
+    axes[0].set(
+        xlabel="budget (fraction of the full model's FLOPs)",
+        ylabel="test accuracy (%)",
+        title="maxprob, mean and 95 % CI over seeds",
+    )
     axes[1].axhline(0, color="k", lw=0.8)
-    axes[1].set(xlabel="budget (fraction of the full model's FLOPs)", ylabel="test accuracy - joint (points)",
-                title="paired difference to joint, 95 % CI")
+    axes[1].set(
+        xlabel="budget (fraction of the full model's FLOPs)",
+        ylabel="test accuracy - joint (points)",
+        title="paired difference to joint, 95 % CI",
+    )
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -389,10 +464,14 @@ def given_runs(specs: list[str]) -> dict[str, dict[int, Path]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=("all", "tune", "final", "curve", "report"), default="all",
-                        help="tune: the tuning runs; final: the chosen settings x --seeds (tunes first if needed); "
-                             "curve: the chosen settings at --curve-epochs on the tuning seeds; report: the JSON "
-                             "from the runs there are (trains nothing)")
+    parser.add_argument(
+        "--stage",
+        choices=("all", "tune", "final", "curve", "report"),
+        default="all",
+        help="tune: the tuning runs; final: the chosen settings x --seeds (tunes first if needed); "
+        "curve: the chosen settings at --curve-epochs on the tuning seeds; report: the JSON "
+        "from the runs there are (trains nothing)",
+    )
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--tune-seeds", nargs="+", type=int, default=[100])
@@ -405,10 +484,20 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
     parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_budget_aware_v2")
-    parser.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR",
-                        help="evaluate this finished run as a seed of arm NAME instead of training")
-    parser.add_argument("--markdown", type=Path, default=None, metavar="JSON",
-                        help="print the README's tables from a result JSON and stop (nothing is trained or read)")
+    parser.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        metavar="NAME=RUN_DIR",
+        help="evaluate this finished run as a seed of arm NAME instead of training",
+    )
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="print the README's tables from a result JSON and stop (nothing is trained or read)",
+    )
     add_output_args(parser)
     args = parser.parse_args()
     if args.markdown:
@@ -440,16 +529,30 @@ def main() -> None:
             return
         chosen = tuning["chosen"]
         if args.stage == "curve":
-            curve_runs = [(f"curve {arm} seed {sd}", study.overrides(arm, c["lr"], c["knob"], sd, args.curve_epochs),
-                           study.workdir / "curve" / f"{setting_name(arm, c['lr'], c['knob'])}_e{args.curve_epochs}_s{sd}")
-                          for arm, c in chosen.items() for sd in args.tune_seeds]
+            curve_runs = [
+                (
+                    f"curve {arm} seed {sd}",
+                    study.overrides(arm, c["lr"], c["knob"], sd, args.curve_epochs),
+                    study.workdir / "curve" / f"{setting_name(arm, c['lr'], c['knob'])}_e{args.curve_epochs}_s{sd}",
+                )
+                for arm, c in chosen.items()
+                for sd in args.tune_seeds
+            ]
             study.train_all(curve_runs)
         seeds = args.seeds
-        final_dirs = {arm: {sd: study.workdir / "final" / f"{setting_name(arm, c['lr'], c['knob'])}_s{sd}" for sd in seeds}
-                      for arm, c in chosen.items()}
+        final_dirs = {
+            arm: {sd: study.workdir / "final" / f"{setting_name(arm, c['lr'], c['knob'])}_s{sd}" for sd in seeds}
+            for arm, c in chosen.items()
+        }
         if args.stage in ("all", "final"):
-            study.train_all([(f"final {arm} seed {sd}", study.overrides(arm, chosen[arm]["lr"], chosen[arm]["knob"], sd), d)
-                             for sd in seeds for arm, by_seed in final_dirs.items() for d in [by_seed[sd]]])
+            study.train_all(
+                [
+                    (f"final {arm} seed {sd}", study.overrides(arm, chosen[arm]["lr"], chosen[arm]["knob"], sd), d)
+                    for sd in seeds
+                    for arm, by_seed in final_dirs.items()
+                    for d in [by_seed[sd]]
+                ]
+            )
         # the seeds that have finished (all of them after --stage all or final)
         final_dirs = {arm: {sd: d for sd, d in r.items() if Stage1Run(d).finished()} for arm, r in final_dirs.items()}
         final_dirs = {arm: r for arm, r in final_dirs.items() if r}
@@ -458,23 +561,33 @@ def main() -> None:
 
     first = Stage1Run(next(d for r in final_dirs.values() for d in r.values())).predictions("val")
     fractions = budget_fractions(first, args.budgets)
-    runs = {arm: {sd: run_record(d, fractions, POLICIES, study.workdir / "evals") for sd, d in sorted(by_seed.items())}
-            for arm, by_seed in final_dirs.items()}
+    runs = {
+        arm: {sd: run_record(d, fractions, POLICIES, study.workdir / "evals") for sd, d in sorted(by_seed.items())}
+        for arm, by_seed in final_dirs.items()
+    }
     curve = None
     if tuning and (study.workdir / "curve").is_dir():
         curve = learning_curve_check(study, tuning, args, fractions)
     commits = sorted({str(r["commit"]) for by_seed in runs.values() for r in by_seed.values()})
     result = {
-        "dataset": data, "backbone": "resnet20", "exits": first.exit_names, "epochs": epochs, "seeds": seeds,
+        "dataset": data,
+        "backbone": "resnet20",
+        "exits": first.exit_names,
+        "epochs": epochs,
+        "seeds": seeds,
         "arms": {arm: ARMS[arm].overrides if arm in ARMS else "given" for arm in runs},
         "budget_fractions": fractions,
         "exit_cost_fractions": (first.costs_in("flops") / first.costs_in("flops")[-1]).tolist(),
-        "val_size": first.num_samples, "test_size": Stage1Run(next(d for r in final_dirs.values() for d in r.values()))
-        .predictions("test").num_samples,
-        "protocol": ("tuning on seeds not reported (tuning.seeds), 4 runs per arm, chosen on validation; thresholds "
-                     "(maxprob: MSDNet's rule; eenet: EENet's scheduler) fitted on validation at each budget, accuracy "
-                     "reported on the whole test split; paired differences to joint by seed with 95 % t intervals, "
-                     "t-test and exact sign-flip p-values; nothing is chosen on test"),
+        "val_size": first.num_samples,
+        "test_size": Stage1Run(next(d for r in final_dirs.values() for d in r.values()))
+        .predictions("test")
+        .num_samples,
+        "protocol": (
+            "tuning on seeds not reported (tuning.seeds), 4 runs per arm, chosen on validation; thresholds "
+            "(maxprob: MSDNet's rule; eenet: EENet's scheduler) fitted on validation at each budget, accuracy "
+            "reported on the whole test split; paired differences to joint by seed with 95 % t intervals, "
+            "t-test and exact sign-flip p-values; nothing is chosen on test"
+        ),
         "tuning": tuning,
         "summary": summarise_study(runs),
         "learning_curve_check": curve,
@@ -482,8 +595,13 @@ def main() -> None:
         "commits": commits,
         "any_dirty": any(r["dirty"] for by_seed in runs.values() for r in by_seed.values()),
         "total_seconds": time.perf_counter() - t0,
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "jobs": args.jobs, "threads_per_job": args.threads},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "jobs": args.jobs,
+            "threads_per_job": args.threads,
+        },
     }
     write_result(out_path, result)
     plot(result, out_path.with_suffix(".png"))
@@ -491,8 +609,9 @@ def main() -> None:
     print(f"-> {out_path}")
 
 
-def learning_curve_check(study: Study, tuning: dict[str, Any], args: argparse.Namespace,
-                         fractions: list[float]) -> dict[str, Any]:
+def learning_curve_check(
+    study: Study, tuning: dict[str, Any], args: argparse.Namespace, fractions: list[float]
+) -> dict[str, Any]:
     """The chosen settings' validation scores at --epochs (the tuning runs) and at --curve-epochs
     on the tuning seeds, and whether the arms' ranking is the same at both."""
     short, long = {}, {}
@@ -502,11 +621,16 @@ def learning_curve_check(study: Study, tuning: dict[str, Any], args: argparse.Na
         if not all(Stage1Run(d).finished() for d in dirs):
             continue
         short[arm] = c["val_score"]
-        long[arm] = sum(val_score(run_record(d, fractions, ("maxprob",), study.workdir / "evals")["curves"])
-                        for d in dirs) / len(dirs)
+        long[arm] = sum(
+            val_score(run_record(d, fractions, ("maxprob",), study.workdir / "evals")["curves"]) for d in dirs
+        ) / len(dirs)
     rank = lambda s: sorted(s, key=lambda a: -s[a])  # noqa: E731
-    return {"epochs": [args.epochs, args.curve_epochs], "val_score": {"short": short, "long": long},
-            "ranking": {"short": rank(short), "long": rank(long)}, "same_ranking": rank(short) == rank(long)}
+    return {
+        "epochs": [args.epochs, args.curve_epochs],
+        "val_score": {"short": short, "long": long},
+        "ranking": {"short": rank(short), "long": rank(long)},
+        "same_ranking": rank(short) == rank(long),
+    }
 
 
 def markdown(result: dict[str, Any], policy: str = "maxprob") -> str:
@@ -519,33 +643,61 @@ def markdown(result: dict[str, Any], policy: str = "maxprob") -> str:
         if f"{policy}_test" not in s:
             continue
         cells = s[f"{policy}_test"]
-        acc += f"| {arm} | {cells[0]['n']} | " + " | ".join(
-            f"{100 * c['mean']:.2f}" + (f" [{100 * c['ci_low']:.2f}, {100 * c['ci_high']:.2f}]" if c["ci_low"] is not None else
-                                        " (1 seed: no spread)") for c in cells) + " |\n"
+        acc += (
+            f"| {arm} | {cells[0]['n']} | "
+            + " | ".join(
+                f"{100 * c['mean']:.2f}"
+                + (
+                    f" [{100 * c['ci_low']:.2f}, {100 * c['ci_high']:.2f}]"
+                    if c["ci_low"] is not None
+                    else " (1 seed: no spread)"
+                )
+                for c in cells
+            )
+            + " |\n"
+        )
         d = s.get(f"{policy}_test_minus_joint")
         if d:
             diff += f"| {arm} − joint | {d[0]['n']} | " + " | ".join(_diff_cell(c) for c in d) + " |\n"
-    any_head = "| arm | n | " + " | ".join(f"exit {k}" for k in range(len(result["exits"]))) + " |\n|---|---|" + \
-        "---|" * len(result["exits"]) + "\n"
+    any_head = (
+        "| arm | n | "
+        + " | ".join(f"exit {k}" for k in range(len(result["exits"])))
+        + " |\n|---|---|"
+        + "---|" * len(result["exits"])
+        + "\n"
+    )
     anytime = any_head
     for arm, s in result["summary"].items():
         if "anytime_test" in s:
-            anytime += f"| {arm} | {s['anytime_test'][0]['n']} | " + " | ".join(
-                f"{100 * c['mean']:.2f}" + (f" ± {100 * (c['ci_high'] - c['ci_low']) / 2:.2f}" if c["ci_low"] is not None else "")
-                for c in s["anytime_test"]) + " |\n"
+            anytime += (
+                f"| {arm} | {s['anytime_test'][0]['n']} | "
+                + " | ".join(
+                    f"{100 * c['mean']:.2f}"
+                    + (f" ± {100 * (c['ci_high'] - c['ci_low']) / 2:.2f}" if c["ci_low"] is not None else "")
+                    for c in s["anytime_test"]
+                )
+                + " |\n"
+            )
     tuning = ""
     if result.get("tuning"):
         t = result["tuning"]
         tuning = "| arm | tuning runs (lr, knob: val score %) | chosen |\n|---|---|---|\n"
         for arm, runs in t["results"].items():
             c = t["chosen"][arm]
-            tried = "; ".join(f"{r['lr']:g}" + (f", {r['knob']}" if r["knob"] is not None else "") + f": {100 * r['val_score']:.2f}"
-                              for r in runs)
-            tuning += f"| {arm} | {tried} | lr {c['lr']:g}" + (f", {t['knobs'][arm]['key']}={c['knob']}" if c["knob"] is not None
-                                                                else "") + " |\n"
-    return (f"Test accuracy (%), {policy}, mean [95 % CI] over seeds:\n\n{acc}\n"
-            f"Paired difference to joint (points), mean [95 % CI], t-test p / sign-flip p:\n\n{diff}\n"
-            f"Anytime test accuracy per exit (%), mean ± CI half-width:\n\n{anytime}\n{tuning}")
+            tried = "; ".join(
+                f"{r['lr']:g}" + (f", {r['knob']}" if r["knob"] is not None else "") + f": {100 * r['val_score']:.2f}"
+                for r in runs
+            )
+            tuning += (
+                f"| {arm} | {tried} | lr {c['lr']:g}"
+                + (f", {t['knobs'][arm]['key']}={c['knob']}" if c["knob"] is not None else "")
+                + " |\n"
+            )
+    return (
+        f"Test accuracy (%), {policy}, mean [95 % CI] over seeds:\n\n{acc}\n"
+        f"Paired difference to joint (points), mean [95 % CI], t-test p / sign-flip p:\n\n{diff}\n"
+        f"Anytime test accuracy per exit (%), mean ± CI half-width:\n\n{anytime}\n{tuning}"
+    )
 
 
 def _diff_cell(c: dict[str, Any]) -> str:
@@ -564,8 +716,13 @@ def print_summary(result: dict[str, Any]) -> None:
             print(f"{arm:15s} {p:8s} test " + " ".join(f"{100 * v['mean']:5.2f}" for v in s[f"{p}_test"]))
             d = s.get(f"{p}_test_minus_joint")
             if d:
-                print(f"{'':15s} {'':8s} -joint " + " ".join(
-                    f"{100 * v['mean']:+5.2f}[{100 * (v['ci_low'] or 0):+.2f},{100 * (v['ci_high'] or 0):+.2f}]" for v in d))
+                print(
+                    f"{'':15s} {'':8s} -joint "
+                    + " ".join(
+                        f"{100 * v['mean']:+5.2f}[{100 * (v['ci_low'] or 0):+.2f},{100 * (v['ci_high'] or 0):+.2f}]"
+                        for v in d
+                    )
+                )
 
 
 if __name__ == "__main__":

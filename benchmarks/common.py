@@ -17,7 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="a smoke run of seconds; its JSON goes to a temporary file")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run of seconds; its JSON goes to a temporary file"
+    )
     parser.add_argument("--out", type=Path, default=None, help="where the JSON goes (default: benchmarks/results/)")
 
 

@@ -66,23 +66,35 @@ MIN_RATIO, MAX_ROUTER_PCT, FIRST_EXIT_SHARE = 0.9, 1.0, 0.4
 
 
 def train_run(work: Path, quick: bool, backbone: str, epochs: int) -> tuple[Path, list[str]]:
-    data = ["data=digits"] if quick or not CIFAR10_SMALL.is_file() else ["data=cifar10_small", override("data.path", CIFAR10_SMALL)]
+    data = (
+        ["data=digits"]
+        if quick or not CIFAR10_SMALL.is_file()
+        else ["data=cifar10_small", override("data.path", CIFAR10_SMALL)]
+    )
     device = ["trainer=gpu", "trainer.precision=32"] if torch.cuda.is_available() else []
-    overrides = [*data, override("backbone", 'resnet20' if quick else backbone), "exits=stages", "training=joint", "logger=csv",
-                 "cost.latency=false", *device, override("trainer.max_epochs", 1 if quick else epochs),
-                 "trainer.enable_progress_bar=false", "seed=0"]
+    overrides = [
+        *data,
+        override("backbone", "resnet20" if quick else backbone),
+        "exits=stages",
+        "training=joint",
+        "logger=csv",
+        "cost.latency=false",
+        *device,
+        override("trainer.max_epochs", 1 if quick else epochs),
+        "trainer.enable_progress_bar=false",
+        "seed=0",
+    ]
     run = work / "train"
     if not Stage1Run(run).finished():
         train(compose_cfg("train", overrides, run))
     return run, overrides
 
 
-
 def _segment_run(graph: Any, h: list[np.ndarray], state: list[np.ndarray]) -> tuple[list, list]:
     """One segment graph of a bundle (fed the state where it decides): its outputs split into the
     next activation and the new state."""
     outs = graph.run(h + state if graph.exit is not None else h)
-    return outs[:graph.logits], [outs[j] for j in graph.state_out]
+    return outs[: graph.logits], [outs[j] for j in graph.state_out]
 
 
 def segment_latency_ms(rt: Runtime, x: np.ndarray, bs: int, repeats: int) -> tuple[list[float], float]:
@@ -95,9 +107,9 @@ def segment_latency_ms(rt: Runtime, x: np.ndarray, bs: int, repeats: int) -> tup
     for _ in range(repeats):
         for a in range(0, len(x) - bs + 1, bs):
             t = time.perf_counter()
-            rt.predict_backbone(x[a:a + bs])
+            rt.predict_backbone(x[a : a + bs])
             plain.append((time.perf_counter() - t) * 1e3 / bs)
-            h, state = [x[a:a + bs]], []
+            h, state = [x[a : a + bs]], []
             for k, seg in enumerate(rt.segments):
                 t = time.perf_counter()
                 h, state = _segment_run(seg, h, state)
@@ -125,8 +137,14 @@ def decision_graph_us(rt: Runtime, network: Any, x: np.ndarray, work: Path) -> t
         for k in range(K - 1):
             path = work / f"no_decision_{k}.onnx"
             if not path.is_file():
-                _export_graph(_Part(network.stages[k], network.heads[k], True), (h,), path,
-                              rt.segments[k].inputs[:1], ["h_out", "logits"], int(rt.bundle.manifest["opset"]))
+                _export_graph(
+                    _Part(network.stages[k], network.heads[k], True),
+                    (h,),
+                    path,
+                    rt.segments[k].inputs[:1],
+                    ["h_out", "logits"],
+                    int(rt.bundle.manifest["opset"]),
+                )
             bare.append(rt._load(path))
             twin.append(rt._load(path))
             h = network.forward_stage(k, h)
@@ -148,15 +166,21 @@ def decision_graph_us(rt: Runtime, network: Any, x: np.ndarray, work: Path) -> t
         total = np.zeros((3, K - 1))
         order = orders[i % len(orders)]
         for arm in order + order[::-1]:
-            total[arm] += chain(arm, x[i:i + 1])
+            total[arm] += chain(arm, x[i : i + 1])
         # against both decision-free sessions, whose difference is the null
         diffs.append(0.5e6 * (total[0] - 0.5 * (total[1] + total[2])))
         nulls.append(0.5e6 * (total[2] - total[1]))
     return np.median(diffs, 0).tolist(), np.median(nulls, 0).tolist()
 
 
-def measure(rt: Runtime, engine: EarlyExitEngine, x: torch.Tensor, bs: int, repeats: int,
-            decision: tuple[list[float], list[float]] | None) -> dict[str, Any]:
+def measure(
+    rt: Runtime,
+    engine: EarlyExitEngine,
+    x: torch.Tensor,
+    bs: int,
+    repeats: int,
+    decision: tuple[list[float], list[float]] | None,
+) -> dict[str, Any]:
     xn = x.numpy()
     n = len(xn)
     rt.predict(xn[:bs], bs)  # warm-ups
@@ -185,7 +209,7 @@ def measure(rt: Runtime, engine: EarlyExitEngine, x: torch.Tensor, bs: int, repe
 
     passes = [plain, bundle, eager]
     for r in range(repeats):  # interleaved, the order turning each repeat: drifting load hits all three
-        for p in passes[r % 3:] + passes[:r % 3]:
+        for p in passes[r % 3 :] + passes[: r % 3]:
             p()
     med = {k: statistics.median(v) for k, v in times.items()}
     K = rt.num_exits
@@ -195,7 +219,7 @@ def measure(rt: Runtime, engine: EarlyExitEngine, x: torch.Tensor, bs: int, repe
     predicted_ms = float(np.dot(reach, seg_ms))
     realised = med["plain"] / med["bundle"]
     predicted = plain_beside_ms / predicted_ms
-    decided = out.heads[:, :K - 1].mean(0)  # share of samples decided on at exit k (the last exit decides nothing)
+    decided = out.heads[:, : K - 1].mean(0)  # share of samples decided on at exit k (the last exit decides nothing)
     # the router: the runtime's handling of the decisions (timed in it), plus, at batch 1, what the
     # decisions add to the graphs they are in (per sample: each exit's cost times the share decided there)
     python_us = 1e6 * statistics.median(router) / n
@@ -203,16 +227,27 @@ def measure(rt: Runtime, engine: EarlyExitEngine, x: torch.Tensor, bs: int, repe
     graph_us = float(np.dot(decided, decision_us)) if decision_us is not None else None
     router_us = python_us + (graph_us or 0.0)
     return {
-        "batch_size": bs, "num_samples": n, "exit_fractions": fractions.tolist(),
-        "seconds": med, "seconds_passes": times, "ms_per_sample": {k: 1e3 * v / n for k, v in med.items()},
-        "segment_ms_per_sample": seg_ms, "plain_ms_per_sample_beside_segments": plain_beside_ms,
+        "batch_size": bs,
+        "num_samples": n,
+        "exit_fractions": fractions.tolist(),
+        "seconds": med,
+        "seconds_passes": times,
+        "ms_per_sample": {k: 1e3 * v / n for k, v in med.items()},
+        "segment_ms_per_sample": seg_ms,
+        "plain_ms_per_sample_beside_segments": plain_beside_ms,
         "predicted_ms_per_sample": predicted_ms,
-        "realised_speedup": realised, "predicted_speedup": predicted, "realised_over_predicted": realised / predicted,
-        "router_pct": 100 * router_us * n / (1e6 * med["bundle"]), "router_us_per_sample": router_us,
-        "router_python_us_per_sample": python_us, "router_in_graph_us_per_sample": graph_us,
-        "decision_in_graph_us_per_exit": decision_us, "decision_in_graph_null_us_per_exit": null_us,
+        "realised_speedup": realised,
+        "predicted_speedup": predicted,
+        "realised_over_predicted": realised / predicted,
+        "router_pct": 100 * router_us * n / (1e6 * med["bundle"]),
+        "router_us_per_sample": router_us,
+        "router_python_us_per_sample": python_us,
+        "router_in_graph_us_per_sample": graph_us,
+        "decision_in_graph_us_per_exit": decision_us,
+        "decision_in_graph_null_us_per_exit": null_us,
         "decisions_per_sample": float(decided.sum()),
-        "eager_speedup_over_plain_onnx": med["plain"] / med["eager"], "bundle_over_eager_speedup": med["eager"] / med["bundle"],
+        "eager_speedup_over_plain_onnx": med["plain"] / med["eager"],
+        "bundle_over_eager_speedup": med["eager"] / med["bundle"],
     }
 
 
@@ -230,7 +265,9 @@ def acceptance(row: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=None, help="a finished stage-1 run (default: train one)")
-    parser.add_argument("--work", type=Path, default=Path("outputs/bench_deploy"), help="where runs, fits and bundles go")
+    parser.add_argument(
+        "--work", type=Path, default=Path("outputs/bench_deploy"), help="where runs, fits and bundles go"
+    )
     parser.add_argument("--backbone", default="resnet56", help="conf/backbone of the run it trains")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.6, 0.8])
@@ -258,8 +295,14 @@ def main() -> None:
     x, y = load_split(dm, "test")
     network = load_network(run, "best", dm)
     result: dict[str, Any] = {
-        "run_dir": str(run_dir), "train_overrides": overrides, "test_accuracy": run.metrics().get("test_accuracy"),
-        "threads": threads, "host": platform.node(), "torch": torch.__version__, "repeats": args.repeats, "cases": [],
+        "run_dir": str(run_dir),
+        "train_overrides": overrides,
+        "test_accuracy": run.metrics().get("test_accuracy"),
+        "threads": threads,
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "repeats": args.repeats,
+        "cases": [],
     }
     import onnxruntime
 
@@ -269,24 +312,41 @@ def main() -> None:
             tag = f"{policy}_{fraction:g}"
             fit_dir, export_dir = args.work / f"fit_{tag}", args.work / f"export_{tag}"
             if not FitRun(fit_dir).finished():
-                fit_run(compose_cfg("fit", [override("run_dir", run_dir), override("policy", policy), override("budget.fraction", fraction),
-                                            "wandb.enabled=false"], fit_dir), fit_dir)
+                fit_run(
+                    compose_cfg(
+                        "fit",
+                        [
+                            override("run_dir", run_dir),
+                            override("policy", policy),
+                            override("budget.fraction", fraction),
+                            "wandb.enabled=false",
+                        ],
+                        fit_dir,
+                    ),
+                    fit_dir,
+                )
             if not ExportRun(export_dir).finished():
                 export(compose_cfg("export", [override("policy_dir", fit_dir)], export_dir), export_dir)
             rt = Runtime(export_dir, threads=threads)
             engine = EarlyExitEngine(network, FitRun(fit_dir).policy())
             for bs in args.batch_sizes:
-                xs = x if bs > 1 else x[:args.single_samples]
+                xs = x if bs > 1 else x[: args.single_samples]
                 decision = decision_graph_us(rt, network, xs.numpy(), export_dir) if bs == 1 else None
-                row = {"policy": policy, "budget_fraction": fraction,
-                       **measure(rt, engine, xs, bs, args.repeats, decision)}
+                row = {
+                    "policy": policy,
+                    "budget_fraction": fraction,
+                    **measure(rt, engine, xs, bs, args.repeats, decision),
+                }
                 row["acceptance"] = acceptance(row)
                 result["cases"].append(row)
-                print(f"{tag:14s} batch {bs:3d}: exits {np.round(row['exit_fractions'], 3).tolist()}  realised "
-                      f"{row['realised_speedup']:.3f}x  predicted {row['predicted_speedup']:.3f}x  ratio "
-                      f"{row['realised_over_predicted']:.3f}  router {row['router_pct']:.2f}% "
-                      f"({row['router_us_per_sample']:.1f} us/sample)  eager "
-                      f"{row['eager_speedup_over_plain_onnx']:.3f}x  {row['acceptance']}", flush=True)
+                print(
+                    f"{tag:14s} batch {bs:3d}: exits {np.round(row['exit_fractions'], 3).tolist()}  realised "
+                    f"{row['realised_speedup']:.3f}x  predicted {row['predicted_speedup']:.3f}x  ratio "
+                    f"{row['realised_over_predicted']:.3f}  router {row['router_pct']:.2f}% "
+                    f"({row['router_us_per_sample']:.1f} us/sample)  eager "
+                    f"{row['eager_speedup_over_plain_onnx']:.3f}x  {row['acceptance']}",
+                    flush=True,
+                )
     result["acceptance"] = {
         name: all(c["acceptance"][name] for c in result["cases"] if name in c["acceptance"])
         for name in ("realised_at_least_0.9x_predicted", "router_at_most_1pct", "not_slower_than_plain_onnx")

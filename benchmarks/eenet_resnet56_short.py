@@ -43,9 +43,15 @@ BASELINES = {"BranchyNet": {"name": "entropy"}, "MSDNet": {"name": "maxprob"}, "
 
 def stage1(epochs: int, run_dir: Path, extra: list[str]) -> dict:
     overrides = [
-        "experiment=eenet_resnet56_cifar10", "data=cifar10_small", "data.val_size=2000", "logger=csv",
-        override("trainer.max_epochs", epochs), override("training.scheduler.milestones", [epochs // 3, 2 * epochs // 3]),
-        override("training.warmup_epochs", round(epochs * 20 / 150)), "trainer.enable_progress_bar=false", *extra,
+        "experiment=eenet_resnet56_cifar10",
+        "data=cifar10_small",
+        "data.val_size=2000",
+        "logger=csv",
+        override("trainer.max_epochs", epochs),
+        override("training.scheduler.milestones", [epochs // 3, 2 * epochs // 3]),
+        override("training.warmup_epochs", round(epochs * 20 / 150)),
+        "trainer.enable_progress_bar=false",
+        *extra,
     ]
     cfg = compose_cfg("train", overrides, run_dir)
     start = time.perf_counter()
@@ -65,11 +71,17 @@ def stage2(run_dir: Path, experiment_stage2: dict, unit: str) -> list[dict]:
             # latency: clamp as eenn-fit does, and say so
             budget = max(fraction * full, policy.cheapest_cost(val, unit))
             result = evaluate(policy.fit(val, budget, unit), test, unit)
-            rows.append({"budget_fraction": fraction, "clamped_to": budget / full if budget > fraction * full else None,
-                         "method": method, "test_accuracy": result["accuracy"],
-                         "test_cost_fraction": result["avg_cost_fraction"],
-                         # what deciding costs beside the network (EENet's g_k), which budgets exclude
-                         "scheduler_cost_fraction": policy.info.get("scheduler_cost_fraction")})
+            rows.append(
+                {
+                    "budget_fraction": fraction,
+                    "clamped_to": budget / full if budget > fraction * full else None,
+                    "method": method,
+                    "test_accuracy": result["accuracy"],
+                    "test_cost_fraction": result["avg_cost_fraction"],
+                    # what deciding costs beside the network (EENet's g_k), which budgets exclude
+                    "scheduler_cost_fraction": policy.info.get("scheduler_cost_fraction"),
+                }
+            )
     return rows
 
 
@@ -77,18 +89,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--run-dir", type=Path, default=REPO / "outputs" / "bench_eenet_resnet56")
-    parser.add_argument("--cost", default="latency_ms", choices=["latency_ms", "flops"],
-                        help="budget unit: EENet's latency (noisy on a busy CPU) or FLOPs")
+    parser.add_argument(
+        "--cost",
+        default="latency_ms",
+        choices=["latency_ms", "flops"],
+        help="budget unit: EENet's latency (noisy on a busy CPU) or FLOPs",
+    )
     parser.add_argument("--skip-training", action="store_true", help="reuse the predictions in --run-dir")
-    parser.add_argument("--override", action="append", default=[],
-                        help="a further stage-1 Hydra override (repeatable), e.g. 'training.scheduler.milestones=[6,8]'")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="a further stage-1 Hydra override (repeatable), e.g. 'training.scheduler.milestones=[6,8]'",
+    )
     add_output_args(parser)
     args = parser.parse_args()
     out = output_path(args, OUT)
     if args.quick:  # 2 batches of one epoch, FLOPs budgets, in the JSON's folder
         args.epochs, args.run_dir, args.cost = 3, out.parent / "run", "flops"
-        args.override = [*args.override, "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
-                         "cost.latency=false"]
+        args.override = [
+            *args.override,
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=2",
+            "cost.latency=false",
+        ]
     if not CIFAR10_SMALL.is_file():
         raise SystemExit(f"{CIFAR10_SMALL} is absent: this benchmark needs the offline CIFAR-10 subset.")
     trained = None if args.skip_training else stage1(args.epochs, args.run_dir, args.override)
@@ -97,11 +121,28 @@ def main() -> None:
     print(f"{'budget':>8} {'method':>10} {'test acc':>9} {'cost':>6}")
     for r in rows:
         clamped = f"  (clamped to {r['clamped_to']:.3f})" if r["clamped_to"] else ""
-        print(f"{r['budget_fraction']:8.3f} {r['method']:>10} {r['test_accuracy']:9.4f} {r['test_cost_fraction']:6.3f}{clamped}")
-    write_result(out, {"machine": platform.platform(), "processor": platform.processor(), "epochs": args.epochs,
-                     "cost": args.cost, "run_dir": str(args.run_dir), "stage1": trained, "stage2": rows,
-                     "paper_table1": {"base": 93.90, "EENet": [93.84, 92.90, 88.90], "BranchyNet": [93.76, 92.57, 87.55],
-                                      "MSDNet": [93.81, 92.79, 88.76], "PABEE": [93.69, 91.85, 84.39]}})
+        print(
+            f"{r['budget_fraction']:8.3f} {r['method']:>10} {r['test_accuracy']:9.4f} {r['test_cost_fraction']:6.3f}{clamped}"
+        )
+    write_result(
+        out,
+        {
+            "machine": platform.platform(),
+            "processor": platform.processor(),
+            "epochs": args.epochs,
+            "cost": args.cost,
+            "run_dir": str(args.run_dir),
+            "stage1": trained,
+            "stage2": rows,
+            "paper_table1": {
+                "base": 93.90,
+                "EENet": [93.84, 92.90, 88.90],
+                "BranchyNet": [93.76, 92.57, 87.55],
+                "MSDNet": [93.81, 92.79, 88.76],
+                "PABEE": [93.69, 91.85, 84.39],
+            },
+        },
+    )
 
 
 if __name__ == "__main__":

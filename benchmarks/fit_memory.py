@@ -51,10 +51,11 @@ def write_predictions(folder: Path, n: int, k: int, c: int, chunk: int = 10_000)
         logits = torch.empty(n, k, c)
         for a in range(0, n, chunk):
             block = torch.randn(min(chunk, n - a), k, c, generator=g)
-            block[torch.arange(len(block)), :, labels[a:a + chunk]] += sharp
-            logits[a:a + chunk] = block
-        Predictions(logits=logits, labels=labels, costs=torch.arange(1, k + 1, dtype=torch.float64) * 1e9,
-                    split=split).save(folder / f"{split}.safetensors")
+            block[torch.arange(len(block)), :, labels[a : a + chunk]] += sharp
+            logits[a : a + chunk] = block
+        Predictions(
+            logits=logits, labels=labels, costs=torch.arange(1, k + 1, dtype=torch.float64) * 1e9, split=split
+        ).save(folder / f"{split}.safetensors")
         del logits
     return (folder / "val.safetensors").stat().st_size
 
@@ -73,17 +74,31 @@ runpy.run_module("eenn.cli.fit", run_name="__main__")
 def fit_peak(folder: Path, policy: str, overrides: list[str]) -> dict:
     """Run eenn-fit on the two files in ``folder`` in a child process; its peak resident memory."""
     out, peak = folder / f"fit_{policy}", folder / f"{policy}.peak"
-    cmd = [sys.executable, "-c", RUN_FIT, str(peak), override("predictions.val", folder / 'val.safetensors'),
-           override("predictions.test", folder / 'test.safetensors'), override("policy", policy), "budget.fraction=0.5",
-           override("hydra.run.dir", out), *overrides]
+    cmd = [
+        sys.executable,
+        "-c",
+        RUN_FIT,
+        str(peak),
+        override("predictions.val", folder / "val.safetensors"),
+        override("predictions.test", folder / "test.safetensors"),
+        override("policy", policy),
+        "budget.fraction=0.5",
+        override("hydra.run.dir", out),
+        *overrides,
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
     with open(folder / f"{policy}.log", "w") as log:
         code = subprocess.run(cmd, stdout=log, stderr=log, env=env).returncode
     ok = code == 0 and FitRun(out).finished()
-    return {"policy": policy, "overrides": overrides, "completed": ok, "peak_rss_bytes": int(peak.read_text()),
-            "seconds": round(time.perf_counter() - t0, 1),
-            "log_tail": "" if ok else (folder / f"{policy}.log").read_text()[-2000:]}
+    return {
+        "policy": policy,
+        "overrides": overrides,
+        "completed": ok,
+        "peak_rss_bytes": int(peak.read_text()),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "log_tail": "" if ok else (folder / f"{policy}.log").read_text()[-2000:],
+    }
 
 
 def main() -> None:
@@ -93,7 +108,9 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--policies", nargs="+", default=["maxprob", "eenet"])
     ap.add_argument("--eenet-epochs", type=int, default=3)
-    ap.add_argument("--tmp", type=Path, default=None, help="where the two predictions files go (default: the system's temp dir)")
+    ap.add_argument(
+        "--tmp", type=Path, default=None, help="where the two predictions files go (default: the system's temp dir)"
+    )
     add_output_args(ap)
     args = ap.parse_args()
     results = output_path(args, RESULTS)
@@ -116,10 +133,17 @@ def main() -> None:
             fit["within_target"] = fit["completed"] and fit["peak_over_split"] <= TARGET_RATIO
             fits.append(fit)
     out = {
-        "samples": args.samples, "exits": args.exits, "classes": args.classes,
-        "split_bytes": split_bytes, "split_gib": round(split_bytes / 2**30, 3), "target_peak_over_split": TARGET_RATIO,
+        "samples": args.samples,
+        "exits": args.exits,
+        "classes": args.classes,
+        "split_bytes": split_bytes,
+        "split_gib": round(split_bytes / 2**30, 3),
+        "target_peak_over_split": TARGET_RATIO,
         "fits": fits,
-        "machine": {"cpus": os.cpu_count(), "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        },
     }
     write_result(results, out)
     print(json.dumps(out, indent=2))

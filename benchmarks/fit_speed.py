@@ -100,7 +100,11 @@ def main() -> None:
     heuristic_max = max(r["fit_s_median"] for r in rows if r["policy"] != "eenet")
     eval_max = max(r["eval_test_10k_s_median"] for r in rows)
     summary = {"eenet_fit_s_max": eenet_max, "heuristic_fit_s_max": heuristic_max, "offline_eval_10k_s_max": eval_max}
-    passed = eenet_max < LIMITS["eenet_fit_s"] and heuristic_max < LIMITS["heuristic_fit_s"] and eval_max < LIMITS["offline_eval_10k_s"]
+    passed = (
+        eenet_max < LIMITS["eenet_fit_s"]
+        and heuristic_max < LIMITS["heuristic_fit_s"]
+        and eval_max < LIMITS["offline_eval_10k_s"]
+    )
     write_result(
         out,
         {

@@ -109,7 +109,9 @@ def compare_exits(engine: torch.Tensor, offline: torch.Tensor, ties: torch.Tenso
     }
 
 
-def engine_exits(train_dir: Path, policy: ExitPolicy, device: str, batch_size: int = 128) -> tuple[torch.Tensor, float | None]:
+def engine_exits(
+    train_dir: Path, policy: ExitPolicy, device: str, batch_size: int = 128
+) -> tuple[torch.Tensor, float | None]:
     """(N,) the exit the engine takes for each test sample, in order, on ``device``, with the run's
     best checkpoint and the batch size eenn-infer uses by default; and, on CUDA, its host-device
     syncs per batch of that run (None on the CPU)."""
@@ -137,17 +139,22 @@ def acceptance(result: dict[str, Any]) -> dict[str, Any]:
         for method, bar in (("joint", 0.9), ("bilevel", 0.85)):
             for compiled in ("", "_compiled"):
                 ratio = speed.get(method, {}).get(f"eenn{compiled}_over_plain_tuned{compiled}")
-                bars[f"train {backbone} {method}{compiled}: eenn / plain_tuned >= {bar}"] = \
+                bars[f"train {backbone} {method}{compiled}: eenn / plain_tuned >= {bar}"] = (
                     None if ratio is None else {"measured": ratio, "met": ratio >= bar}
+                )
     for row in result.get("inference_speed", {}).get("rows", []):
         if row["mode"] != "engine" or row["batch_size"] != 128:
             continue
         if row["backbone"] == "timm_resnet50_224px":
-            bars[f"engine {row['backbone']} {row['exit_mix']}: realised / latency-predicted >= 0.9"] = \
-                {"measured": row["latency_ratio"], "met": row["latency_ratio"] >= 0.9}
+            bars[f"engine {row['backbone']} {row['exit_mix']}: realised / latency-predicted >= 0.9"] = {
+                "measured": row["latency_ratio"],
+                "met": row["latency_ratio"] >= 0.9,
+            }
         else:
-            bars[f"engine {row['backbone']} {row['exit_mix']}: realised speedup >= 1"] = \
-                {"measured": row["realised_speedup"], "met": row["realised_speedup"] >= 1.0}
+            bars[f"engine {row['backbone']} {row['exit_mix']}: realised speedup >= 1"] = {
+                "measured": row["realised_speedup"],
+                "met": row["realised_speedup"] >= 1.0,
+            }
     return bars
 
 
@@ -169,8 +176,18 @@ def main() -> None:
         write_result(out, result)
         raise
     write_result(out, result)
-    keys = ("device", "gpu", "engine_equals_offline", "exit_disagreements", "near_ties", "disagreements_outside_ties",
-            "engine_equals_offline_up_to_ties", "train_seconds", "engine_syncs_per_batch", "acceptance")
+    keys = (
+        "device",
+        "gpu",
+        "engine_equals_offline",
+        "exit_disagreements",
+        "near_ties",
+        "disagreements_outside_ties",
+        "engine_equals_offline_up_to_ties",
+        "train_seconds",
+        "engine_syncs_per_batch",
+        "acceptance",
+    )
     print(json.dumps({k: result[k] for k in keys}, indent=1), f"-> {out}")
 
 
@@ -179,18 +196,49 @@ def check(args: argparse.Namespace, out: Path, result: dict[str, Any]) -> None:
     work = out.parent / "gpu_check_runs"
     work.mkdir(parents=True, exist_ok=True)
     data = ["data=cifar10_small", override("data.path", CIFAR10_SMALL)] if CIFAR10_SMALL.is_file() else ["data=digits"]
-    epochs = ["trainer.max_epochs=2", "trainer.limit_train_batches=4"] if args.quick else [override("trainer.max_epochs", args.epochs)]
+    epochs = (
+        ["trainer.max_epochs=2", "trainer.limit_train_batches=4"]
+        if args.quick
+        else [override("trainer.max_epochs", args.epochs)]
+    )
     train_dir, fit_dir, infer_dir = work / "train", work / "fit", work / "infer"
     device = result["device"]
     trainer = ["trainer=gpu", "trainer.precision=bf16-mixed"] if device == "cuda" else ["trainer=cpu"]
-    result["train_seconds"] = run([*app("train"), *data, "backbone=resnet20", "exits=stages", *trainer,
-                                   "logger=csv", "trainer.enable_progress_bar=false",
-                                   *epochs, override("hydra.run.dir", train_dir)], work / "train.log")
+    result["train_seconds"] = run(
+        [
+            *app("train"),
+            *data,
+            "backbone=resnet20",
+            "exits=stages",
+            *trainer,
+            "logger=csv",
+            "trainer.enable_progress_bar=false",
+            *epochs,
+            override("hydra.run.dir", train_dir),
+        ],
+        work / "train.log",
+    )
     result["train_metrics"] = Stage1Run(train_dir).metrics()
-    run([*app("fit"), override("run_dir", train_dir), "policy=maxprob", "budget.fraction=0.7", "wandb.enabled=false",
-         override("hydra.run.dir", fit_dir)], work / "fit.log")
-    run([*app("infer"), override("policy_dir", fit_dir), override("device", device), override("hydra.run.dir", infer_dir)],
-        work / "infer.log")
+    run(
+        [
+            *app("fit"),
+            override("run_dir", train_dir),
+            "policy=maxprob",
+            "budget.fraction=0.7",
+            "wandb.enabled=false",
+            override("hydra.run.dir", fit_dir),
+        ],
+        work / "fit.log",
+    )
+    run(
+        [
+            *app("infer"),
+            override("policy_dir", fit_dir),
+            override("device", device),
+            override("hydra.run.dir", infer_dir),
+        ],
+        work / "infer.log",
+    )
     infer = InferRun(infer_dir).result()
     result["infer"] = {k: infer[k] for k in ("device", "accuracy", "agreement", "timing", "exit_fractions")}
     # per sample: on CUDA (TF32 convolutions, kernels chosen per batch size) the logits of the
@@ -204,25 +252,52 @@ def check(args: argparse.Namespace, out: Path, result: dict[str, Any]) -> None:
 
     # 4: training throughput, eager and compiled (on the CPU a smoke run on digits, eager only)
     quick = ["--quick"] if args.quick else []
-    gpu = ["--device", "cuda", "--precision", "bf16-mixed", "--compile", "--windows", "5", "--window", "5"] if device == "cuda" else []
+    gpu = (
+        ["--device", "cuda", "--precision", "bf16-mixed", "--compile", "--windows", "5", "--window", "5"]
+        if device == "cuda"
+        else []
+    )
     result["train_speed"] = {}
     for backbone in ("resnet20", "resnet56") if device == "cuda" else ("resnet20",):
-        result["train_speed"][backbone] = bench("train_speed.py", [*quick, *gpu, "--loop-only", "--backbone", backbone],
-                                                out.parent / f"train_speed_cuda_{backbone}.json" if device == "cuda"
-                                                else work / f"train_speed_{backbone}.json", work / f"train_speed_{backbone}.log")
+        result["train_speed"][backbone] = bench(
+            "train_speed.py",
+            [*quick, *gpu, "--loop-only", "--backbone", backbone],
+            out.parent / f"train_speed_cuda_{backbone}.json"
+            if device == "cuda"
+            else work / f"train_speed_{backbone}.json",
+            work / f"train_speed_{backbone}.log",
+        )
         write_result(out, result)
     # 5: the engine at batch 128, realised against predicted
-    inference = ["--device", "cuda", "--repeats", "10", "--backbones", "cifar_resnet56", "timm_resnet50_224px"] \
-        if device == "cuda" else ["--backbones", "cifar_resnet56"]
-    result["inference_speed"] = bench("inference_speed.py", [*quick, *inference, "--batch-sizes", "128"],
-                                      out.parent / "inference_speed_cuda.json" if device == "cuda" else work / "inference_speed.json",
-                                      work / "inference_speed.log")
+    inference = (
+        ["--device", "cuda", "--repeats", "10", "--backbones", "cifar_resnet56", "timm_resnet50_224px"]
+        if device == "cuda"
+        else ["--backbones", "cifar_resnet56"]
+    )
+    result["inference_speed"] = bench(
+        "inference_speed.py",
+        [*quick, *inference, "--batch-sizes", "128"],
+        out.parent / "inference_speed_cuda.json" if device == "cuda" else work / "inference_speed.json",
+        work / "inference_speed.log",
+    )
     write_result(out, result)
     # 6: syncs per training step
-    result["step_syncs"] = bench("step_overhead.py", [*quick, "--device", device, "--phases", "syncs", "--methods", "joint",
-                                                      "bilevel", *(["--precision", "bf16-mixed"] if device == "cuda" else [])],
-                                 out.parent / "step_overhead_cuda.json" if device == "cuda" else work / "step_overhead.json",
-                                 work / "step_overhead.log")
+    result["step_syncs"] = bench(
+        "step_overhead.py",
+        [
+            *quick,
+            "--device",
+            device,
+            "--phases",
+            "syncs",
+            "--methods",
+            "joint",
+            "bilevel",
+            *(["--precision", "bf16-mixed"] if device == "cuda" else []),
+        ],
+        out.parent / "step_overhead_cuda.json" if device == "cuda" else work / "step_overhead.json",
+        work / "step_overhead.log",
+    )
     result["acceptance"] = acceptance(result)
     write_result(out, result)
 

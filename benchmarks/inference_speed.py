@@ -56,15 +56,27 @@ from eenn.utils.syncs import SyncCounter
 
 OUT = Path(__file__).resolve().parent / "results" / "inference_speed.json"
 BACKBONES: dict[str, dict[str, Any]] = {
-    "cifar_resnet56": {"backbone": {"name": "cifar_resnet", "depth": 56},
-                       "exits": {"at": "stages", "head": {"name": "conv_pool"}}, "shape": (3, 32, 32)},
-    "timm_resnet18_64px": {"backbone": {"name": "timm", "model": "resnet18"},
-                           "exits": {"at": ["layer1", "layer2"], "head": {"name": "conv_pool"}}, "shape": (3, 64, 64)},
-    "deit_tiny_32px": {"backbone": {"name": "deit_tiny_patch16_224", "img_size": 32, "patch_size": 4},
-                       "exits": {"at": [4, 8], "head": {"name": "token"}}, "shape": (3, 32, 32)},
+    "cifar_resnet56": {
+        "backbone": {"name": "cifar_resnet", "depth": 56},
+        "exits": {"at": "stages", "head": {"name": "conv_pool"}},
+        "shape": (3, 32, 32),
+    },
+    "timm_resnet18_64px": {
+        "backbone": {"name": "timm", "model": "resnet18"},
+        "exits": {"at": ["layer1", "layer2"], "head": {"name": "conv_pool"}},
+        "shape": (3, 64, 64),
+    },
+    "deit_tiny_32px": {
+        "backbone": {"name": "deit_tiny_patch16_224", "img_size": 32, "patch_size": 4},
+        "exits": {"at": [4, 8], "head": {"name": "token"}},
+        "shape": (3, 32, 32),
+    },
     # compute-bound on a GPU, where early exit should pay (gpu_check.py); hours on one CPU thread
-    "timm_resnet50_224px": {"backbone": {"name": "timm", "model": "resnet50"},
-                            "exits": {"at": ["layer2", "layer3"], "head": {"name": "conv_pool"}}, "shape": (3, 224, 224)},
+    "timm_resnet50_224px": {
+        "backbone": {"name": "timm", "model": "resnet50"},
+        "exits": {"at": ["layer2", "layer3"], "head": {"name": "conv_pool"}},
+        "shape": (3, 224, 224),
+    },
 }
 CPU_BACKBONES = ["cifar_resnet56", "timm_resnet18_64px", "deit_tiny_32px"]
 MIXES = {"40/30/30": (0.4, 0.3, 0.3), "60/20/20": (0.6, 0.2, 0.2)}
@@ -89,7 +101,7 @@ class FixedMixPolicy(ExitPolicy):
         return self
 
     def init_state(self, n: int) -> State:
-        state = {"plan": self.plan[self.cursor:self.cursor + n]}
+        state = {"plan": self.plan[self.cursor : self.cursor + n]}
         self.cursor += n
         return state
 
@@ -127,8 +139,16 @@ def profile_pass(net: MultiExitNetwork, batches: list[torch.Tensor]) -> tuple[li
     return stage, head
 
 
-def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, repeats: int, seed: int,
-                   compile: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
+def bench_backbone(
+    name: str,
+    spec: dict[str, Any],
+    batch_size: int,
+    n: int,
+    repeats: int,
+    seed: int,
+    compile: bool = False,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
     torch.manual_seed(seed)
     net = build_multi_exit(spec["backbone"], spec["exits"], num_classes=10, input_shape=spec["shape"]).eval()
     flops = profile_costs(net, spec["shape"], latency=False)
@@ -140,7 +160,10 @@ def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, rep
         modes.append("engine_compiled")
 
     policies = {mix: FixedMixPolicy(draw_plan(n, f, seed), 10) for mix, f in MIXES.items()}
-    runners: dict[str, Callable[[], Any]] = {"plain": lambda: time_backbone(net, batches), "profile": lambda: profile_pass(net, batches)}
+    runners: dict[str, Callable[[], Any]] = {
+        "plain": lambda: time_backbone(net, batches),
+        "profile": lambda: profile_pass(net, batches),
+    }
     engines: dict[str, EarlyExitEngine] = {}
     for mix, policy in policies.items():  # an engine on a GPU decides with its own copy of the policy: reset that one
         engines[mix] = engine = EarlyExitEngine(net, policy)
@@ -189,30 +212,32 @@ def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, rep
             base_s = plain_compiled_s if mode == "engine_compiled" else plain_s
             realised = base_s / run_s
             last = runs[-1][1]
-            rows.append({
-                "backbone": name,
-                "mode": mode,
-                "batch_size": batch_size,
-                "exit_mix": mix,
-                "flops_predicted_speedup": flops_pred,
-                "latency_predicted_speedup": lat_pred,
-                "realised_speedup": realised,
-                "latency_ratio": realised / lat_pred,
-                "flops_ratio": realised / flops_pred,
-                "policy_overhead_pct": 100 * policy_s / base_s,
-                # context
-                "realised_exit_fractions": last.exit_fractions(),
-                "n_samples": n,
-                "repeats": repeats,
-                "plain_ms_per_sample": 1e3 * plain_s / n,
-                "run_ms_per_sample": 1e3 * run_s / n,
-                "stage_ms_per_sample": [1e3 * t / n for t in stage_s],
-                "head_ms_per_sample": [1e3 * t / n for t in head_s],
-                "flops_fraction_per_stage": _stage_fractions(flops),
-                "mean_stage_batch": [sum(b) / len(b) if b else None for b in last.stage_batch_sizes],
-                "plain_s_spread": [min(t for t, _ in samples["plain"]), max(t for t, _ in samples["plain"])],
-                "run_s_spread": [min(t for t, _ in runs), max(t for t, _ in runs)],
-            })
+            rows.append(
+                {
+                    "backbone": name,
+                    "mode": mode,
+                    "batch_size": batch_size,
+                    "exit_mix": mix,
+                    "flops_predicted_speedup": flops_pred,
+                    "latency_predicted_speedup": lat_pred,
+                    "realised_speedup": realised,
+                    "latency_ratio": realised / lat_pred,
+                    "flops_ratio": realised / flops_pred,
+                    "policy_overhead_pct": 100 * policy_s / base_s,
+                    # context
+                    "realised_exit_fractions": last.exit_fractions(),
+                    "n_samples": n,
+                    "repeats": repeats,
+                    "plain_ms_per_sample": 1e3 * plain_s / n,
+                    "run_ms_per_sample": 1e3 * run_s / n,
+                    "stage_ms_per_sample": [1e3 * t / n for t in stage_s],
+                    "head_ms_per_sample": [1e3 * t / n for t in head_s],
+                    "flops_fraction_per_stage": _stage_fractions(flops),
+                    "mean_stage_batch": [sum(b) / len(b) if b else None for b in last.stage_batch_sizes],
+                    "plain_s_spread": [min(t for t, _ in samples["plain"]), max(t for t, _ in samples["plain"])],
+                    "run_s_spread": [min(t for t, _ in runs), max(t for t, _ in runs)],
+                }
+            )
             if mode == "engine" and x.is_cuda:  # the engine's host-device syncs, from PyTorch's sync debug mode
                 engine = engines[mix]
                 engine.policy.reset()
@@ -221,9 +246,13 @@ def bench_backbone(name: str, spec: dict[str, Any], batch_size: int, n: int, rep
                 rows[-1]["syncs_per_batch"] = syncs.total / len(batches)
             if mode == "engine_compiled":
                 eager_s = statistics.median(t for t, _ in samples[f"engine {mix}"])
-                rows[-1].update({"speedup_over_eager_engine": eager_s / run_s,
-                                 "plain_compiled_speedup_over_eager_plain": plain_s / plain_compiled_s,
-                                 "plain_compiled_ms_per_sample": 1e3 * plain_compiled_s / n})
+                rows[-1].update(
+                    {
+                        "speedup_over_eager_engine": eager_s / run_s,
+                        "plain_compiled_speedup_over_eager_plain": plain_s / plain_compiled_s,
+                        "plain_compiled_ms_per_sample": 1e3 * plain_compiled_s / n,
+                    }
+                )
     return rows
 
 
@@ -233,7 +262,7 @@ def _stage_fractions(flops: Any) -> list[float]:
     heads = flops.per_head("flops")
     stages, prev = [], 0.0
     for k in range(len(through)):
-        upto = through[k] - sum(heads[:k + 1])
+        upto = through[k] - sum(heads[: k + 1])
         stages.append(upto - prev)
         prev = upto
     stages[-1] += heads[-1]
@@ -251,18 +280,33 @@ MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, this machine's cores)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's, this machine's cores)"
+    )
     ap.add_argument("--backbones", nargs="*", default=CPU_BACKBONES, choices=list(BACKBONES))
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: inputs, network and decisions on the GPU")
     ap.add_argument("--batch-sizes", nargs="*", type=int, default=[128, 1], choices=[128, 1])
-    ap.add_argument("--samples", type=int, default=None, help="stream length (a multiple of 10; default 1280 at batch 128, 100 at 1)")
-    ap.add_argument("--update", action="store_true", help="replace only the rows of the backbones, batch sizes and modes run here in --out")
-    ap.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc settings (see MALLOC_TUNED)")
+    ap.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="stream length (a multiple of 10; default 1280 at batch 128, 100 at 1)",
+    )
+    ap.add_argument(
+        "--update",
+        action="store_true",
+        help="replace only the rows of the backbones, batch sizes and modes run here in --out",
+    )
+    ap.add_argument(
+        "--default-malloc", action="store_true", help="keep glibc's default malloc settings (see MALLOC_TUNED)"
+    )
     ap.add_argument("--compile", action="store_true", help="add the torch.compile rows (engine_compiled)")
     add_output_args(ap)
     args = ap.parse_args()
     if not args.default_malloc and any(os.environ.get(k) != v for k, v in MALLOC_TUNED.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_TUNED})  # glibc reads them at start
+        os.execve(
+            sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_TUNED}
+        )  # glibc reads them at start
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 2 if args.quick else args.repeats
@@ -274,28 +318,42 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for name in args.backbones:
         for batch_size, n in sizes.items():
-            new = bench_backbone(name, BACKBONES[name], batch_size, n, repeats, seed=0, compile=args.compile,
-                                 device=args.device)
+            new = bench_backbone(
+                name, BACKBONES[name], batch_size, n, repeats, seed=0, compile=args.compile, device=args.device
+            )
             for r in new:
-                print(f"{r['backbone']:>20} {r['mode']:>8} b={r['batch_size']:<4} {r['exit_mix']}  predicted flops "
-                      f"{r['flops_predicted_speedup']:.3f} latency {r['latency_predicted_speedup']:.3f}  realised "
-                      f"{r['realised_speedup']:.3f}  ratio {r['latency_ratio']:.3f}  policy {r['policy_overhead_pct']:.3f}%",
-                      flush=True)
+                print(
+                    f"{r['backbone']:>20} {r['mode']:>8} b={r['batch_size']:<4} {r['exit_mix']}  predicted flops "
+                    f"{r['flops_predicted_speedup']:.3f} latency {r['latency_predicted_speedup']:.3f}  realised "
+                    f"{r['realised_speedup']:.3f}  ratio {r['latency_ratio']:.3f}  policy {r['policy_overhead_pct']:.3f}%",
+                    flush=True,
+                )
             rows += new
-    env = {"malloc": "glibc default" if args.default_malloc else MALLOC_TUNED, "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-           "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "device": args.device,
-           "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
+    env = {
+        "malloc": "glibc default" if args.default_malloc else MALLOC_TUNED,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+    }
     for r in rows:
         r["env"] = env
     out = output_path(args, OUT)
     if args.update and out.is_file():
         ran = {(r["backbone"], r["batch_size"], r["mode"]) for r in rows}
-        rows += [r for r in json.loads(out.read_text())["rows"] if (r["backbone"], r["batch_size"], r["mode"]) not in ran]
+        rows += [
+            r for r in json.loads(out.read_text())["rows"] if (r["backbone"], r["batch_size"], r["mode"]) not in ran
+        ]
         rows.sort(key=lambda r: (list(BACKBONES).index(r["backbone"]), -r["batch_size"], r["exit_mix"], r["mode"]))
     write_result(out, {"rows": rows})
-    print(f"wrote {out} (load average before {load_before[0]:.2f}, after {env['load_avg_after'][0]:.2f} "
-          f"on {env['cores']} cores, {env['threads']} threads)")
+    print(
+        f"wrote {out} (load average before {load_before[0]:.2f}, after {env['load_avg_after'][0]:.2f} "
+        f"on {env['cores']} cores, {env['threads']} threads)"
+    )
 
 
 if __name__ == "__main__":

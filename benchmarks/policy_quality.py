@@ -63,17 +63,33 @@ TIGHTEST = 2
 
 
 def train_stage1(data: str, backbone: str, epochs: int, run_dir: Path, extra: list[str]) -> dict[str, Any]:
-    overrides = [override("data", data), override("backbone", backbone), "exits=stages", "training=joint", "logger=csv",
-                 override("trainer.max_epochs", epochs), "trainer.accelerator=cpu", "cost.latency=false",
-                 "trainer.enable_progress_bar=false", "seed=0", *extra]
+    overrides = [
+        override("data", data),
+        override("backbone", backbone),
+        "exits=stages",
+        "training=joint",
+        "logger=csv",
+        override("trainer.max_epochs", epochs),
+        "trainer.accelerator=cpu",
+        "cost.latency=false",
+        "trainer.enable_progress_bar=false",
+        "seed=0",
+        *extra,
+    ]
     metrics = train(compose_cfg("train", overrides, run_dir))
     metrics["overrides"] = overrides
     return metrics
 
 
 def fit(run_dir: Path, policy: str, fraction: float, out: Path, extra: list[str]) -> dict[str, Any]:
-    return fit_run(compose_cfg("fit", [override("run_dir", run_dir), override("policy", policy), override("budget.fraction", fraction), *extra],
-                               out), out)
+    return fit_run(
+        compose_cfg(
+            "fit",
+            [override("run_dir", run_dir), override("policy", policy), override("budget.fraction", fraction), *extra],
+            out,
+        ),
+        out,
+    )
 
 
 def acceptance(acc: dict[str, list[float]]) -> dict[str, Any]:
@@ -81,14 +97,19 @@ def acceptance(acc: dict[str, list[float]]) -> dict[str, Any]:
     diff = [100 * (e - m) for e, m in zip(acc["eenet"], acc["maxprob"])]
     within = all(d >= -TOLERANCE_POINTS for d in diff)
     better = all(d > 0 for d in diff[:TIGHTEST])
-    return {"eenet_minus_maxprob_points": diff, "within_tolerance_everywhere": within,
-            "better_at_tightest_two": better, "holds": within and better,
-            "criterion": f"eenet >= maxprob - {TOLERANCE_POINTS} points at every budget and > maxprob at the "
-                         f"tightest {TIGHTEST}"}
+    return {
+        "eenet_minus_maxprob_points": diff,
+        "within_tolerance_everywhere": within,
+        "better_at_tightest_two": better,
+        "holds": within and better,
+        "criterion": f"eenet >= maxprob - {TOLERANCE_POINTS} points at every budget and > maxprob at the "
+        f"tightest {TIGHTEST}",
+    }
 
 
-def detach_ablation(run_dir: Path, fractions: list[float], seeds: int, fit_root: Path, extra: list[str],
-                    full_cost: float) -> dict[str, Any]:
+def detach_ablation(
+    run_dir: Path, fractions: list[float], seeds: int, fit_root: Path, extra: list[str], full_cost: float
+) -> dict[str, Any]:
     """EENet fitted with detach_scores true and false at each budget and scheduler seed: test
     accuracy and cost fraction per setting (budget x seed), and per budget the paired difference
     true - false in accuracy points over the seeds."""
@@ -99,29 +120,42 @@ def detach_ablation(run_dir: Path, fractions: list[float], seeds: int, fit_root:
             acc.append([])
             cost.append([])
             for seed in range(seeds):
-                m = fit(run_dir, "eenet", f, fit_root / f"eenet_detach_{str(detach).lower()}_{i}_s{seed}",
-                        [*extra, override("policy.detach_scores", detach), override("policy.seed", seed)])
+                m = fit(
+                    run_dir,
+                    "eenet",
+                    f,
+                    fit_root / f"eenet_detach_{str(detach).lower()}_{i}_s{seed}",
+                    [*extra, override("policy.detach_scores", detach), override("policy.seed", seed)],
+                )
                 acc[-1].append(m["test"]["accuracy"])
                 cost[-1].append(m["test"]["avg_cost"] / full_cost)
-                print(f"eenet detach_scores={str(detach).lower():5s} budget {f:.3f} seed {seed}: test acc {100 * acc[-1][-1]:.2f}% "
-                      f"at cost {cost[-1][-1]:.3f}", flush=True)
+                print(
+                    f"eenet detach_scores={str(detach).lower():5s} budget {f:.3f} seed {seed}: test acc {100 * acc[-1][-1]:.2f}% "
+                    f"at cost {cost[-1][-1]:.3f}",
+                    flush=True,
+                )
         runs[str(detach).lower()] = {"test_accuracy": acc, "test_cost_fraction": cost}
-    return {**runs, "detached_minus_not_points": detach_differences(runs["true"]["test_accuracy"],
-                                                                    runs["false"]["test_accuracy"])}
+    return {
+        **runs,
+        "detached_minus_not_points": detach_differences(runs["true"]["test_accuracy"], runs["false"]["test_accuracy"]),
+    }
 
 
 def detach_differences(detached: list[list[float]], not_detached: list[list[float]]) -> list[dict[str, Any]]:
     """Per budget, the paired difference detached - not detached of the test accuracies (budget x
     seed, fractions) in points over the seeds, with its t interval."""
-    return [paired_difference([100 * a for a in t], [100 * a for a in f]).as_dict()
-            for t, f in zip(detached, not_detached)]
+    return [
+        paired_difference([100 * a for a in t], [100 * a for a in f]).as_dict() for t, f in zip(detached, not_detached)
+    ]
 
 
 def detach_table(result: dict[str, Any]) -> str:
     """A Markdown table: per budget, the mean test accuracy (%) and cost of each setting and the
     paired difference with its interval."""
-    lines = ["| budget | detached (authors) acc % (cost) | with gradient acc % (cost) | detached - with gradient, points [95 % CI] |",
-             "|---:|---:|---:|---|"]
+    lines = [
+        "| budget | detached (authors) acc % (cost) | with gradient acc % (cost) | detached - with gradient, points [95 % CI] |",
+        "|---:|---:|---:|---|",
+    ]
     for i, f in enumerate(result["budget_fractions"]):
         cells = []
         for detach in ("true", "false"):
@@ -139,10 +173,14 @@ def table(result: dict[str, Any]) -> str:
     head = "| policy | " + " | ".join(f"{f:.3f}" for f in fr) + " |"
     lines = [head, "|---|" + "---:|" * len(fr)]
     for p in result["policies"]:
-        cells = [f"{100 * a:.2f} ({c:.3f})" for a, c in zip(result["test_accuracy"][p], result["test_cost_fraction"][p])]
+        cells = [
+            f"{100 * a:.2f} ({c:.3f})" for a, c in zip(result["test_accuracy"][p], result["test_cost_fraction"][p])
+        ]
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
-    static = ", ".join(f"{n} {100 * a:.2f}% at {c:.3f}" for n, a, c in
-                       zip(result["exit_names"], result["static_test_accuracy"], result["exit_cost_fractions"]))
+    static = ", ".join(
+        f"{n} {100 * a:.2f}% at {c:.3f}"
+        for n, a, c in zip(result["exit_names"], result["static_test_accuracy"], result["exit_cost_fractions"])
+    )
     lines.append(f"\nstatic exits (test accuracy at cost): {static}")
     return "\n".join(lines)
 
@@ -151,14 +189,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--backbone", default="resnet20")
-    parser.add_argument("--data", default=None, help="a conf/data preset (default: cifar10_small if present, else digits)")
+    parser.add_argument(
+        "--data", default=None, help="a conf/data preset (default: cifar10_small if present, else digits)"
+    )
     parser.add_argument("--run-dir", type=Path, default=None, help="an existing stage-1 run dir: skip training")
     parser.add_argument("--train-overrides", nargs="*", default=[], help="extra eenn-train overrides")
     parser.add_argument("--fit-overrides", nargs="*", default=[], help="extra eenn-fit overrides for every policy")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (training and fitting)")
     parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_policy_quality")
-    parser.add_argument("--eenet-detach", action="store_true",
-                        help="compare EENet's policy.detach_scores=true and false instead of the policies")
+    parser.add_argument(
+        "--eenet-detach",
+        action="store_true",
+        help="compare EENet's policy.detach_scores=true and false instead of the policies",
+    )
     parser.add_argument("--seeds", type=int, default=3, help="scheduler seeds per setting (--eenet-detach)")
     add_output_args(parser)
     args = parser.parse_args()
@@ -185,14 +228,24 @@ def main() -> None:
 
     if args.eenet_detach:
         seeds = 1 if args.quick else args.seeds
-        ablation = detach_ablation(run_dir, fractions, seeds, args.workdir / "fit", args.fit_overrides, float(costs[-1]))
+        ablation = detach_ablation(
+            run_dir, fractions, seeds, args.workdir / "fit", args.fit_overrides, float(costs[-1])
+        )
         result = {
             "benchmark": "eenet_detach",
             "command": " ".join([".venv/bin/python", "benchmarks/policy_quality.py", *sys.argv[1:]]),
-            "stage1_run_dir": str(run_dir), "dataset": stage1.get("data"), "backbone": stage1.get("backbone"),
-            "epochs": stage1.get("epochs"), "val_size": int(val.labels.numel()), "test_size": int(test.labels.numel()),
-            "exit_cost_fractions": (costs / costs[-1]).tolist(), "budget_fractions": fractions, "seeds": seeds,
-            "fit_overrides": args.fit_overrides, **ablation, "total_seconds": time.perf_counter() - t0,
+            "stage1_run_dir": str(run_dir),
+            "dataset": stage1.get("data"),
+            "backbone": stage1.get("backbone"),
+            "epochs": stage1.get("epochs"),
+            "val_size": int(val.labels.numel()),
+            "test_size": int(test.labels.numel()),
+            "exit_cost_fractions": (costs / costs[-1]).tolist(),
+            "budget_fractions": fractions,
+            "seeds": seeds,
+            "fit_overrides": args.fit_overrides,
+            **ablation,
+            "total_seconds": time.perf_counter() - t0,
             "code": code_version(),
         }
         write_result(out, result)
@@ -208,14 +261,23 @@ def main() -> None:
             m = fit(run_dir, p, f, fit_root / f"{p}_{i}", args.fit_overrides)
             acc[p].append(m["test"]["accuracy"])
             cost[p].append(m["test"]["avg_cost"] / float(costs[-1]))
-            details[p].append({
-                "budget_fraction": m["budget_fraction"], "val_accuracy": m["val"]["accuracy"],
-                "val_cost_fraction": m["val"]["avg_cost"] / float(costs[-1]),
-                "val_exit_fractions": m["val"]["exit_fractions"], "test_exit_fractions": m["test"]["exit_fractions"],
-                "fit_seconds": m["fit_seconds"], "warnings": m["warnings"], "fitted": m["fitted"],
-            })
-            print(f"{p:14s} budget {f:.3f}: test acc {100 * acc[p][-1]:.2f}% at cost {cost[p][-1]:.3f} "
-                  f"(val {100 * m['val']['accuracy']:.2f}% at {details[p][-1]['val_cost_fraction']:.3f})", flush=True)
+            details[p].append(
+                {
+                    "budget_fraction": m["budget_fraction"],
+                    "val_accuracy": m["val"]["accuracy"],
+                    "val_cost_fraction": m["val"]["avg_cost"] / float(costs[-1]),
+                    "val_exit_fractions": m["val"]["exit_fractions"],
+                    "test_exit_fractions": m["test"]["exit_fractions"],
+                    "fit_seconds": m["fit_seconds"],
+                    "warnings": m["warnings"],
+                    "fitted": m["fitted"],
+                }
+            )
+            print(
+                f"{p:14s} budget {f:.3f}: test acc {100 * acc[p][-1]:.2f}% at cost {cost[p][-1]:.3f} "
+                f"(val {100 * m['val']['accuracy']:.2f}% at {details[p][-1]['val_cost_fraction']:.3f})",
+                flush=True,
+            )
 
     result: dict[str, Any] = {
         "benchmark": "policy_quality",
@@ -241,15 +303,22 @@ def main() -> None:
         "details": details,
         "acceptance": acceptance(acc),
         "total_seconds": time.perf_counter() - t0,
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "load_avg_before": load_before,
-                    "load_avg_after": os.getloadavg()[0]},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "load_avg_before": load_before,
+            "load_avg_after": os.getloadavg()[0],
+        },
     }
     write_result(out, result)
     print(table(result))
     a = result["acceptance"]
-    print(f"eenet - maxprob (points): {[round(d, 2) for d in a['eenet_minus_maxprob_points']]}; "
-          f"acceptance {'holds' if a['holds'] else 'does NOT hold'} -> {out}")
+    print(
+        f"eenet - maxprob (points): {[round(d, 2) for d in a['eenet_minus_maxprob_points']]}; "
+        f"acceptance {'holds' if a['holds'] else 'does NOT hold'} -> {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -36,10 +36,20 @@ def resume_equality(tmp: Path) -> dict[str, bool]:
     from eenn.tasks.train import train
     from tests.reliability.crash import SimulatedCrash
 
-    small = ["logger=csv", "trainer.max_epochs=3", "trainer.limit_train_batches=6", "cost.latency=false",
-             "trainer.enable_progress_bar=false", "data.augment=cifar"]
+    small = [
+        "logger=csv",
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=6",
+        "cost.latency=false",
+        "trainer.enable_progress_bar=false",
+        "data.augment=cifar",
+    ]
     train(compose_cfg("train", small, tmp / "whole"))
-    crash = ["+callbacks.crash._target_=tests.reliability.crash.CrashAt", "+callbacks.crash.epoch=2", "+callbacks.crash.batch=3"]
+    crash = [
+        "+callbacks.crash._target_=tests.reliability.crash.CrashAt",
+        "+callbacks.crash.epoch=2",
+        "+callbacks.crash.batch=3",
+    ]
     crashed = False
     try:
         train(compose_cfg("train", [*small, *crash], tmp / "resumed"))
@@ -47,12 +57,19 @@ def resume_equality(tmp: Path) -> dict[str, bool]:
         crashed = True
     train(compose_cfg("train", [*small, "ckpt_path=last"], tmp / "resumed"))
     whole, resumed = Stage1Run(tmp / "whole"), Stage1Run(tmp / "resumed")
-    same_predictions = all(torch.equal(resumed.predictions(s).logits, whole.predictions(s).logits) for s in ("val", "test"))
+    same_predictions = all(
+        torch.equal(resumed.predictions(s).logits, whole.predictions(s).logits) for s in ("val", "test")
+    )
     last = [torch.load(r.checkpoint("last"), weights_only=True) for r in (whole, resumed)]
     same_last = last[0]["global_step"] == last[1]["global_step"] and all(
-        torch.equal(v, last[1]["state_dict"][k]) for k, v in last[0]["state_dict"].items())
-    return {"crashed": crashed, "same_predictions": same_predictions, "same_last_checkpoint": same_last,
-            "resume_equal": crashed and same_predictions and same_last}
+        torch.equal(v, last[1]["state_dict"][k]) for k, v in last[0]["state_dict"].items()
+    )
+    return {
+        "crashed": crashed,
+        "same_predictions": same_predictions,
+        "same_last_checkpoint": same_last,
+        "resume_equal": crashed and same_predictions and same_last,
+    }
 
 
 def ddp_coverage(tmp: Path) -> bool:
@@ -63,9 +80,23 @@ def ddp_coverage(tmp: Path) -> bool:
     from eenn.tasks.build import datamodule, load_network
 
     env = {**os.environ, "EENN_ROOT": str(tmp / "ddp")}
-    subprocess.run([str(BIN / "eenn-train"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                    "trainer.max_epochs=1", "cost.latency=false", "logger=csv", "trainer.enable_progress_bar=false"],
-                   env=env, cwd=tmp, check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            str(BIN / "eenn-train"),
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.max_epochs=1",
+            "cost.latency=false",
+            "logger=csv",
+            "trainer.enable_progress_bar=false",
+        ],
+        env=env,
+        cwd=tmp,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     (path,) = (tmp / "ddp" / "outputs" / "train" / "runs").iterdir()
     run = Stage1Run(path)
     dm = datamodule(run)
@@ -93,7 +124,10 @@ def main() -> None:
         out = {
             "resume": resume_equality(tmp / "r"),
             "ddp_each_sample_once": ddp_coverage(tmp),
-            "machine": {"cpus": os.cpu_count(), "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            },
         }
     write_result(results, out)
     print(json.dumps(out, indent=2))

@@ -78,12 +78,18 @@ def pool(run_dir: Path | None) -> tuple[Predictions, str]:
         parts = [run.predictions("val"), run.predictions("test")]
         source = str(Path(run_dir).resolve())
     a, b = parts
-    return Predictions(logits=torch.cat([a.logits, b.logits]), labels=torch.cat([a.labels, b.labels]), costs=a.costs,
-                       cost_unit=a.cost_unit, exit_names=a.exit_names), source
+    return Predictions(
+        logits=torch.cat([a.logits, b.logits]),
+        labels=torch.cat([a.labels, b.labels]),
+        costs=a.costs,
+        cost_unit=a.cost_unit,
+        exit_names=a.exit_names,
+    ), source
 
 
-def rule_table(preds: Predictions, grid: torch.Tensor,
-               temperature: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def rule_table(
+    preds: Predictions, grid: torch.Tensor, temperature: torch.Tensor | None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per sample and candidate (N, M): each loss (float64 0/1) and the cost (fraction of the full
     cost) of the shared-threshold rule on ``preds``'s logits divided by ``temperature``."""
     scaled = preds.scaled(temperature)
@@ -121,8 +127,9 @@ def clopper_pearson(k: int, n: int, level: float = LEVEL) -> tuple[float, float]
     return lo, hi
 
 
-def outcome(j: torch.Tensor, pool_risk: torch.Tensor, pool_cost: torch.Tensor, epsilon: float,
-            delta: float) -> dict[str, Any]:
+def outcome(
+    j: torch.Tensor, pool_risk: torch.Tensor, pool_cost: torch.Tensor, epsilon: float, delta: float
+) -> dict[str, Any]:
     """The violations of the choices ``j`` (D,) of D draws, given each draw's per-candidate risk and
     cost on the pool (D, M); j = -1 is everyone at the final exit: no loss, the full cost."""
     d = torch.arange(len(j))
@@ -166,13 +173,15 @@ def draw_tables(preds: Predictions, draws: int, n: int, seed: int) -> dict[str, 
                 fit_on, cal = (idx[temp_rows], idx[cal_rows]) if mode == "calibrated" else (idx, idx)
                 T = fit_temperatures(preds.select(fit_on))
                 losses, cost = rule_table(preds, grid, T)
-            rows[mode].append({
-                "cal_loss": {loss: L[cal].sum(0) for loss, L in losses.items()},
-                "cal_cost": cost[cal].mean(0),
-                "pool_risk": {loss: L.mean(0) for loss, L in losses.items()},
-                "pool_cost": cost.mean(0),
-                "temperature": T,
-            })
+            rows[mode].append(
+                {
+                    "cal_loss": {loss: L[cal].sum(0) for loss, L in losses.items()},
+                    "cal_cost": cost[cal].mean(0),
+                    "pool_risk": {loss: L.mean(0) for loss, L in losses.items()},
+                    "pool_cost": cost.mean(0),
+                    "temperature": T,
+                }
+            )
             sizes[mode] = len(cal)
             if d == 0:
                 first[mode] = (preds.select(cal), T)
@@ -184,7 +193,8 @@ def draw_tables(preds: Predictions, draws: int, n: int, seed: int) -> dict[str, 
             "cal_cost": torch.stack([r["cal_cost"] for r in rs]),
             "pool_risk": {loss: torch.stack([r["pool_risk"][loss] for r in rs]) for loss in LOSSES},
             "pool_cost": torch.stack([r["pool_cost"] for r in rs]),
-            "mean_temperature": None if rs[0]["temperature"] is None
+            "mean_temperature": None
+            if rs[0]["temperature"] is None
             else torch.stack([r["temperature"] for r in rs]).mean(0).tolist(),
             "first": first[mode],
         }
@@ -203,15 +213,21 @@ def run(preds: Predictions, draws: int, n: int, epsilons: tuple[float, ...], del
                 ltt = chosen(ltt_passed(t["cal_loss"][loss], n_cal, eps, delta), t["cal_cost"])
                 base = chosen(uncertified_passed(t["cal_loss"][loss], n_cal, eps), t["cal_cost"])
                 check_against_the_policy(*t["first"], loss, eps, delta, int(ltt[0]))
-                r = {"epsilon": eps, "delta": delta,
-                     "ltt": outcome(ltt, t["pool_risk"][loss], t["pool_cost"], eps, delta),
-                     "uncertified_maxprob": outcome(base, t["pool_risk"][loss], t["pool_cost"], eps, delta)}
+                r = {
+                    "epsilon": eps,
+                    "delta": delta,
+                    "ltt": outcome(ltt, t["pool_risk"][loss], t["pool_cost"], eps, delta),
+                    "uncertified_maxprob": outcome(base, t["pool_risk"][loss], t["pool_cost"], eps, delta),
+                }
                 rows.append(r)
-                print(f"{mode:>16} {loss:>12} eps={eps:<6} LTT: P(violation) {r['ltt']['violation_rate']:.3f} "
-                      f"[{r['ltt']['ci95'][0]:.3f}, {r['ltt']['ci95'][1]:.3f}], saved {r['ltt']['mean_cost_saved']:.3f}"
-                      f" | uncertified: {r['uncertified_maxprob']['violation_rate']:.3f} "
-                      f"[{r['uncertified_maxprob']['ci95'][0]:.3f}, {r['uncertified_maxprob']['ci95'][1]:.3f}], saved "
-                      f"{r['uncertified_maxprob']['mean_cost_saved']:.3f}", flush=True)
+                print(
+                    f"{mode:>16} {loss:>12} eps={eps:<6} LTT: P(violation) {r['ltt']['violation_rate']:.3f} "
+                    f"[{r['ltt']['ci95'][0]:.3f}, {r['ltt']['ci95'][1]:.3f}], saved {r['ltt']['mean_cost_saved']:.3f}"
+                    f" | uncertified: {r['uncertified_maxprob']['violation_rate']:.3f} "
+                    f"[{r['uncertified_maxprob']['ci95'][0]:.3f}, {r['uncertified_maxprob']['ci95'][1]:.3f}], saved "
+                    f"{r['uncertified_maxprob']['mean_cost_saved']:.3f}",
+                    flush=True,
+                )
             by_loss[loss] = rows
         results[mode] = {"n_calibration": n_cal, "mean_temperature": t["mean_temperature"], "results": by_loss}
     return {"modes": results, "acceptance": acceptance(results)}
@@ -220,14 +236,24 @@ def run(preds: Predictions, draws: int, n: int, epsilons: tuple[float, ...], del
 def acceptance(results: dict[str, Any]) -> dict[str, Any]:
     """Over the modes whose guarantee holds: whether LTT is within delta in every row, and the rows
     where the uncertified baseline is above it (the check's power)."""
-    rows = [(mode, loss, r) for mode in CERTIFIED_MODES if mode in results
-            for loss, rs in results[mode]["results"].items() for r in rs]
-    above = [{"mode": m, "loss": loss, "epsilon": r["epsilon"]} for m, loss, r in rows if r["uncertified_maxprob"]["above_delta"]]
+    rows = [
+        (mode, loss, r)
+        for mode in CERTIFIED_MODES
+        if mode in results
+        for loss, rs in results[mode]["results"].items()
+        for r in rs
+    ]
+    above = [
+        {"mode": m, "loss": loss, "epsilon": r["epsilon"]}
+        for m, loss, r in rows
+        if r["uncertified_maxprob"]["above_delta"]
+    ]
     return {
         "modes": [m for m in CERTIFIED_MODES if m in results],
         "ltt_within_delta_everywhere": all(r["ltt"]["within_delta"] for _, _, r in rows),
-        "ltt_rows_above_delta": [{"mode": m, "loss": loss, "epsilon": r["epsilon"]} for m, loss, r in rows
-                                 if not r["ltt"]["within_delta"]],
+        "ltt_rows_above_delta": [
+            {"mode": m, "loss": loss, "epsilon": r["epsilon"]} for m, loss, r in rows if not r["ltt"]["within_delta"]
+        ],
         "uncertified_above_delta_somewhere": bool(above),
         "uncertified_rows_above_delta": above,
     }
@@ -236,16 +262,22 @@ def acceptance(results: dict[str, Any]) -> dict[str, Any]:
 def markdown_table(results: dict[str, Any]) -> str:
     """The README's table: per mode, loss and epsilon, each rule's P(violation) with its interval,
     mean pool risk and cost saved, in %."""
+
     def pct(x: float, digits: int = 1) -> str:
         return f"{100 * x:.{digits}f}"
 
     def cell(o: dict[str, Any]) -> list[str]:
-        return [f"{pct(o['violation_rate'])} [{pct(o['ci95'][0])}, {pct(o['ci95'][1])}]", pct(o["mean_pool_risk"], 2),
-                pct(o["mean_cost_saved"])]
+        return [
+            f"{pct(o['violation_rate'])} [{pct(o['ci95'][0])}, {pct(o['ci95'][1])}]",
+            pct(o["mean_pool_risk"], 2),
+            pct(o["mean_cost_saved"]),
+        ]
 
-    lines = ["| mode | loss | ε % | LTT P(violation) % [95 % CI] | LTT mean risk % | LTT cost saved % "
-             "| uncertified P(violation) % [95 % CI] | uncertified mean risk % | uncertified cost saved % |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | loss | ε % | LTT P(violation) % [95 % CI] | LTT mean risk % | LTT cost saved % "
+        "| uncertified P(violation) % [95 % CI] | uncertified mean risk % | uncertified cost saved % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for mode, m in results.items():
         for loss, rows in m["results"].items():
             for r in rows:
@@ -254,14 +286,16 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def check_against_the_policy(cal: Predictions, temperature: torch.Tensor | None, loss: str, eps: float, delta: float,
-                             j: int) -> None:
+def check_against_the_policy(
+    cal: Predictions, temperature: torch.Tensor | None, loss: str, eps: float, delta: float, j: int
+) -> None:
     """Draw 0 fitted by policy=risk itself, on the same calibration part and temperatures: the
     vectorised choice must be the policy's."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a refusal warns; here it is an outcome like any other
         policy = build_policy("risk", epsilon=eps, delta=delta, loss=loss, candidates=CANDIDATES).fit(
-            cal, None, cal.cost_unit, temperature=temperature)
+            cal, None, cal.cost_unit, temperature=temperature
+        )
     got = -1 if policy.info["candidate"] is None else policy.info["candidate"]
     if got != j:
         raise RuntimeError(f"{loss} eps={eps}: the benchmark chose candidate {j}, policy=risk chose {got}")
@@ -269,7 +303,9 @@ def check_against_the_policy(cal: Predictions, temperature: torch.Tensor | None,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run-dir", type=Path, default=None, help="a finished stage-1 run (its val + test predictions)")
+    parser.add_argument(
+        "--run-dir", type=Path, default=None, help="a finished stage-1 run (its val + test predictions)"
+    )
     parser.add_argument("--draws", type=int, default=1000, help="calibration sets drawn from the pool")
     parser.add_argument("--n", type=int, default=None, help="samples per draw (default: half the pool)")
     parser.add_argument("--seed", type=int, default=0)
@@ -298,10 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         "epsilons": list(EPSILONS),
         "calibrate_split": CALIBRATE_SPLIT,
         "design": "calibration sets of draw_size drawn with replacement from the pooled val + test predictions; "
-                  "the truth is the chosen rule's risk on the whole pool",
+        "the truth is the chosen rule's risk on the whole pool",
         "violation": "pool risk of the chosen rule > epsilon",
         "interval": "exact (Clopper-Pearson) 95 % interval of P(violation) over the draws; within_delta: its lower "
-                    "end <= delta; above_delta: its lower end > delta",
+        "end <= delta; above_delta: its lower end > delta",
         **result,
         "seconds": seconds,
         "host": platform.node(),
@@ -312,8 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     write_result(path, out)
     a = result["acceptance"]
     print(markdown_table(result["modes"]))
-    print(f"{draws} draws in {seconds:.1f} s -> {path}\nLTT within delta everywhere: {a['ltt_within_delta_everywhere']}; "
-          f"uncertified above delta in {len(a['uncertified_rows_above_delta'])} rows")
+    print(
+        f"{draws} draws in {seconds:.1f} s -> {path}\nLTT within delta everywhere: {a['ltt_within_delta_everywhere']}; "
+        f"uncertified above delta in {len(a['uncertified_rows_above_delta'])} rows"
+    )
     return 0
 
 

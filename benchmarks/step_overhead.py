@@ -70,6 +70,7 @@ from eenn.utils.syncs import SyncCounter  # noqa: E402
 OUT = Path(__file__).resolve().parent / "results" / "step_overhead.json"
 CONTESTANTS = ["eenn", "plain_tuned"]
 
+
 class CpuTurns(Turns):
     """:class:`Turns` that also records each window's CPU time in the contestant's thread."""
 
@@ -113,7 +114,9 @@ def module_parts() -> list[tuple[Any, str, str]]:
     """The module's per-exit metric updates, under whichever name this version of eenn has them;
     and the code Lightning runs inside the optimiser's step (its closure: training_step, backward),
     which would otherwise count as the optimiser's."""
-    metrics = [(MultiExitModule, n, "per-exit metrics") for n in ("_update", "accumulate") if n in vars(MultiExitModule)]
+    metrics = [
+        (MultiExitModule, n, "per-exit metrics") for n in ("_update", "accumulate") if n in vars(MultiExitModule)
+    ]
     return [*metrics, (Closure, "closure", REST)]
 
 
@@ -179,9 +182,15 @@ def build(method: str, cfg: Any, batches: int, callbacks: list[pl.Callback]) -> 
     pl.seed_everything(0)
     net = build_network(cfg, dm)
     module = build_module(cfg, net, dm.num_classes, profile_costs(net, dm.input_shape, latency=False))
-    trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False,
-                          callbacks=[*instantiate_group(cfg.get("callbacks")), *callbacks],
-                          max_epochs=1, limit_train_batches=batches, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = instantiate(
+        cfg.trainer,
+        logger=instantiate_group(cfg.get("logger")) or False,
+        callbacks=[*instantiate_group(cfg.get("callbacks")), *callbacks],
+        max_epochs=1,
+        limit_train_batches=batches,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     return trainer, module, dm
 
 
@@ -194,9 +203,12 @@ def side_by_side(method: str, cfg: Any, windows: int, window: int, timer: bool, 
     trainer, module, dm = build(method, cfg, batches + 1, [WindowTimer(turns, window)])
     if len(dm.train_set) < batches * dm.batch_size:
         raise SystemExit(f"{batches} batches of {dm.batch_size} need more than the {len(dm.train_set)} training images")
-    runs = {"eenn": lambda: trainer.fit(module, datamodule=dm),
-            "plain_tuned": plain_loop("plain_tuned", method, cfg, dm, turns, batches, window, torch.device(device),
-                                      cfg.trainer.precision)}
+    runs = {
+        "eenn": lambda: trainer.fit(module, datamodule=dm),
+        "plain_tuned": plain_loop(
+            "plain_tuned", method, cfg, dm, turns, batches, window, torch.device(device), cfg.trainer.precision
+        ),
+    }
     parts = PartTimer(turns) if timer else contextlib.nullcontext()
     with parts, open(os.devnull, "w") as null, contextlib.redirect_stderr(null):  # the progress bar draws to nowhere
         threads = [threading.Thread(target=runs[n], name=n) for n in CONTESTANTS]
@@ -204,8 +216,8 @@ def side_by_side(method: str, cfg: Any, windows: int, window: int, timer: bool, 
             t.start()
         for t in threads:
             t.join()
-    seconds = {n: s[1:windows + 1] for n, s in turns.seconds.items()}  # window 0 warms up
-    cpu = {n: s[1:windows + 1] for n, s in turns.cpu_seconds.items()}
+    seconds = {n: s[1 : windows + 1] for n, s in turns.seconds.items()}  # window 0 warms up
+    cpu = {n: s[1 : windows + 1] for n, s in turns.cpu_seconds.items()}
     out: dict[str, Any] = {"window_seconds": seconds, "window_cpu_seconds": cpu}
     if timer:
         steps = windows * window
@@ -248,7 +260,10 @@ def overhead(timing: dict[str, Any], key: str, window: int) -> dict[str, Any]:
     eenn, plain = timing[key]["eenn"], timing[key]["plain_tuned"]
     ratio = [(e - p) / p for e, p in zip(eenn, plain)]
     return {
-        "step_ms": {"eenn": 1e3 * statistics.median(eenn) / window, "plain_tuned": 1e3 * statistics.median(plain) / window},
+        "step_ms": {
+            "eenn": 1e3 * statistics.median(eenn) / window,
+            "plain_tuned": 1e3 * statistics.median(plain) / window,
+        },
         "overhead_us_per_step": 1e6 * statistics.median((e - p) / window for e, p in zip(eenn, plain)),
         "overhead_pct_of_plain_step": 100 * statistics.median(ratio),
         "overhead_pct_per_window": [100 * r for r in ratio],
@@ -278,18 +293,32 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed on a GPU")
-    parser.add_argument("--phases", nargs="+", default=["time", "syncs"], choices=["time", "syncs"],
-                        help="time: phases 1 and 2 (time, parts); syncs: phase 3")
+    parser.add_argument(
+        "--phases",
+        nargs="+",
+        default=["time", "syncs"],
+        choices=["time", "syncs"],
+        help="time: phases 1 and 2 (time, parts); syncs: phase 3",
+    )
     parser.add_argument("--override", action="append", default=[], help="a train config override for every run")
     add_output_args(parser)
     args = parser.parse_args()
     windows, window = (2, 2) if args.quick else (args.windows, args.window)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    result: dict[str, Any] = {"dataset": "digits", "backbone": "resnet20", "exits": "stages", "batch_size": args.batch_size,
-                              "threads": args.threads, "windows": windows, "batches_per_window": window,
-                              "overrides": args.override, "device": args.device, "precision": args.precision,
-                              "phases": args.phases}
+    result: dict[str, Any] = {
+        "dataset": "digits",
+        "backbone": "resnet20",
+        "exits": "stages",
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "windows": windows,
+        "batches_per_window": window,
+        "overrides": args.override,
+        "device": args.device,
+        "precision": args.precision,
+        "phases": args.phases,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
             extra = [override("data.batch_size", args.batch_size), *args.override]
@@ -301,19 +330,29 @@ def main() -> None:
                 row = summarise(timing, parts, window)
                 for clock in ("cpu", "wall"):
                     c = row[clock]
-                    print(f"{method:15s} {clock:4s} step eenn {c['step_ms']['eenn']:.2f} ms, plain_tuned "
-                          f"{c['step_ms']['plain_tuned']:.2f} ms; overhead {c['overhead_us_per_step']:.0f} us/step = "
-                          f"{c['overhead_pct_of_plain_step']:.1f} % of plain_tuned's step")
+                    print(
+                        f"{method:15s} {clock:4s} step eenn {c['step_ms']['eenn']:.2f} ms, plain_tuned "
+                        f"{c['step_ms']['plain_tuned']:.2f} ms; overhead {c['overhead_us_per_step']:.0f} us/step = "
+                        f"{c['overhead_pct_of_plain_step']:.1f} % of plain_tuned's step"
+                    )
                 share = row["overhead_share_pct"] or {}
                 print(f"{'':15s} " + ", ".join(f"{p} {s:.0f} %" for p, s in sorted(share.items(), key=lambda t: -t[1])))
             if "syncs" in args.phases:
                 row["syncs"] = count_syncs(method, cfg, windows, window, cuda=args.device == "cuda")
-                print(f"{method:15s} syncs/step {row['syncs']['per_step_mean']:.2f} (max {row['syncs']['per_step_max']})")
+                print(
+                    f"{method:15s} syncs/step {row['syncs']['per_step_mean']:.2f} (max {row['syncs']['per_step_max']})"
+                )
             result[method] = row
-    result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                         "lightning": pl.__version__, "torch_threads": torch.get_num_threads(),
-                         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-                         "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
+    result["machine"] = {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+    }
     out = output_path(args, OUT)
     write_result(out, result)
     print(f"-> {out} (load average {load_before[0]:.1f} before, {result['machine']['load_avg_after'][0]:.1f} after)")

@@ -81,10 +81,21 @@ OUT = REPO / "benchmarks" / "results" / "train_speed.json"
 CIFAR10_SMALL = Path(os.environ.get("EENN_SHARED", REPO.parent / "shared")) / "datasets" / "cifar10_small.npz"
 
 
-def make_cfg(method: str, data: str, out: Path, device: str, precision: str, extra: list[str],
-             backbone: str = "resnet20") -> DictConfig:
-    overrides = [override("training", method), override("data", data), override("backbone", backbone), "exits=stages", "logger=csv",
-                 "cost.latency=false", override("trainer.accelerator", device), override("trainer.precision", precision), "seed=0", *extra]
+def make_cfg(
+    method: str, data: str, out: Path, device: str, precision: str, extra: list[str], backbone: str = "resnet20"
+) -> DictConfig:
+    overrides = [
+        override("training", method),
+        override("data", data),
+        override("backbone", backbone),
+        "exits=stages",
+        "logger=csv",
+        "cost.latency=false",
+        override("trainer.accelerator", device),
+        override("trainer.precision", precision),
+        "seed=0",
+        *extra,
+    ]
     cfg = compose_cfg("train", overrides, out)
     with open_dict(cfg):
         if data == "cifar10_small":
@@ -118,8 +129,11 @@ class Turns:
             live = [n for n in self.names if n not in self.done]
             if live:
                 i = self.names.index(name)
-                self.now = next(self.names[(i + j) % len(self.names)] for j in range(1, len(self.names) + 1)
-                                if self.names[(i + j) % len(self.names)] in live)
+                self.now = next(
+                    self.names[(i + j) % len(self.names)]
+                    for j in range(1, len(self.names) + 1)
+                    if self.names[(i + j) % len(self.names)] in live
+                )
             self.cond.notify_all()
 
 
@@ -142,8 +156,9 @@ class WindowTimer(pl.Callback):
         self.turns.finish(self.name)
 
 
-def warm_up_compiled(forward: Callable[[torch.Tensor], torch.Tensor], net: torch.nn.Module, x: torch.Tensor,
-                     precision: str) -> None:
+def warm_up_compiled(
+    forward: Callable[[torch.Tensor], torch.Tensor], net: torch.nn.Module, x: torch.Tensor, precision: str
+) -> None:
     """Compile ``forward`` (and its backward) on a training batch ``x``, then restore ``net``'s
     weights and batch-norm statistics and drop its gradients."""
     state = {k: v.clone() for k, v in net.state_dict().items()}
@@ -159,8 +174,14 @@ class TextbookTransform(Dataset):
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, mean: list[float], std: list[float]) -> None:
         self.x, self.y = x, y
-        self.tf = v2.Compose([v2.RandomCrop(x.shape[-1], padding=4), v2.RandomHorizontalFlip(),
-                              v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+        self.tf = v2.Compose(
+            [
+                v2.RandomCrop(x.shape[-1], padding=4),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean, std),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.y)
@@ -169,14 +190,17 @@ class TextbookTransform(Dataset):
         return self.tf(self.x[i]), self.y[i]
 
 
-def plain_batches(name: str, dm: Any, batches: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def plain_batches(
+    name: str, dm: Any, batches: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The training batches of a plain loop, augmented the textbook way or eenn's way."""
     x, y = dm.train_set.x, dm.train_set.y
     mean_l, std_l = dm.normalisation
     g = torch.Generator().manual_seed(0)
     if name == "plain":
-        loader = DataLoader(TextbookTransform(x, y, mean_l, std_l), batch_size=dm.batch_size, shuffle=True,
-                            drop_last=True, generator=g)
+        loader = DataLoader(
+            TextbookTransform(x, y, mean_l, std_l), batch_size=dm.batch_size, shuffle=True, drop_last=True, generator=g
+        )
         for i, (xb, yb) in enumerate(loader):
             if i == batches:
                 return
@@ -190,8 +214,17 @@ def plain_batches(name: str, dm: Any, batches: int, device: torch.device) -> Ite
         yield aug(xb.to(device, non_blocking=True)), yb.to(device, non_blocking=True)
 
 
-def plain_loop(name: str, method: str, cfg: DictConfig, dm: Any, turns: Turns, batches: int, window: int,
-               device: torch.device, precision: str) -> Callable[[], None]:
+def plain_loop(
+    name: str,
+    method: str,
+    cfg: DictConfig,
+    dm: Any,
+    turns: Turns,
+    batches: int,
+    window: int,
+    device: torch.device,
+    precision: str,
+) -> Callable[[], None]:
     """A plain PyTorch training loop (joint: mean of the exits' CE; bilevel: eq. 4 then eq. 10)."""
     pl.seed_everything(0)
     net = build_network(cfg, dm).to(device)
@@ -203,7 +236,9 @@ def plain_loop(name: str, method: str, cfg: DictConfig, dm: Any, turns: Turns, b
         xb = next(plain_batches(name, dm, 1, device))[0]
         warm_up_compiled(forward, net, xb, precision)
     o = cfg.training.optimizer
-    opt = torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+    opt = torch.optim.SGD(
+        net.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
+    )
     gater = gater_opt = costs = None
     if method == "bilevel":
         t = cfg.training
@@ -232,20 +267,27 @@ def plain_loop(name: str, method: str, cfg: DictConfig, dm: Any, turns: Turns, b
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = forward(x)
                 b, k, c = logits.shape
-                ce = F.cross_entropy(logits.float().reshape(b * k, c), y.repeat_interleave(k), reduction="none").view(b, k)
+                ce = F.cross_entropy(logits.float().reshape(b * k, c), y.repeat_interleave(k), reduction="none").view(
+                    b, k
+                )
                 if table is not None:  # SoftThresholdTraining's loss, written out
                     with torch.no_grad():
                         budget = low + (high - low) * torch.rand((), device=device)
                         pi = fractions_for_budget(budget, table).float()
-                        a = soft_exit_distribution(torch.softmax(logits.detach().float(), -1).amax(-1), pi,
-                                                   cfg.training.softness)
+                        a = soft_exit_distribution(
+                            torch.softmax(logits.detach().float(), -1).amax(-1), pi, cfg.training.softness
+                        )
                     loss = ((a + 1) / (k + 1) * ce).sum(1).mean()
                 elif gater is None:
                     loss = ce.mean(0).mean()
                 else:
                     gater.requires_grad_(False)
-                    through = cfg.training.grad_through_gater  # as eenn's module: A detached unless eq. 11's gradient is on
-                    a = gater.exit_distribution((logits if through else logits.detach()).float(), cfg.training.temperature)
+                    through = (
+                        cfg.training.grad_through_gater
+                    )  # as eenn's module: A detached unless eq. 11's gradient is on
+                    a = gater.exit_distribution(
+                        (logits if through else logits.detach()).float(), cfg.training.temperature
+                    )
                     loss = ((a + 1) * (ce + cfg.training.cost_weight * costs)).sum(1).mean()
             opt.zero_grad()
             loss.backward()
@@ -263,8 +305,9 @@ def plain_loop(name: str, method: str, cfg: DictConfig, dm: Any, turns: Turns, b
     return run
 
 
-def eenn_contestant(name: str, cfg: DictConfig, dm: Any, turns: Turns, batches: int, window: int,
-                    precision: str) -> Callable[[], None]:
+def eenn_contestant(
+    name: str, cfg: DictConfig, dm: Any, turns: Turns, batches: int, window: int, precision: str
+) -> Callable[[], None]:
     """eenn-train's Trainer and module for ``cfg`` (compiled, warmed up, for ``eenn_compiled``)."""
     pl.seed_everything(0)
     net = build_network(cfg, dm)
@@ -274,20 +317,40 @@ def eenn_contestant(name: str, cfg: DictConfig, dm: Any, turns: Turns, batches: 
         module.to(device)
         xb = dm.train_batch_transform(next(iter(dm.train_dataloader()))[0].to(device))
         warm_up_compiled(lambda x: module.train_forward(x), net, xb, precision)
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False,
-                                      callbacks=[*instantiate_group(cfg.get("callbacks")), WindowTimer(turns, window, name)],
-                                      max_epochs=1, limit_train_batches=batches, limit_val_batches=0,
-                                      num_sanity_val_steps=0)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        logger=instantiate_group(cfg.get("logger")) or False,
+        callbacks=[*instantiate_group(cfg.get("callbacks")), WindowTimer(turns, window, name)],
+        max_epochs=1,
+        limit_train_batches=batches,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     return lambda: trainer.fit(module, datamodule=dm)
 
 
 #: (faster, slower?) pairs whose speed ratio the JSON gives, when both ran
-RATIOS = [("eenn", "plain"), ("eenn", "plain_tuned"), ("eenn_compiled", "eenn"), ("plain_tuned_compiled", "plain_tuned"),
-          ("eenn_compiled", "plain_tuned_compiled")]
+RATIOS = [
+    ("eenn", "plain"),
+    ("eenn", "plain_tuned"),
+    ("eenn_compiled", "eenn"),
+    ("plain_tuned_compiled", "plain_tuned"),
+    ("eenn_compiled", "plain_tuned_compiled"),
+]
 
 
-def throughput(method: str, data: str, windows: int, window: int, device: str, precision: str, tmp: Path,
-               extra: list[str], compile: bool = False, backbone: str = "resnet20") -> dict[str, Any]:
+def throughput(
+    method: str,
+    data: str,
+    windows: int,
+    window: int,
+    device: str,
+    precision: str,
+    tmp: Path,
+    extra: list[str],
+    compile: bool = False,
+    backbone: str = "resnet20",
+) -> dict[str, Any]:
     cfg = make_cfg(method, data, tmp / f"speed_{method}", device, precision, extra, backbone)
     batches = (windows + 1) * window
     dm = instantiate(cfg.data, _convert_="all")
@@ -300,17 +363,29 @@ def throughput(method: str, data: str, windows: int, window: int, device: str, p
 
     runs = {"eenn": eenn_contestant("eenn", cfg, dm, turns, batches, window, precision)}
     if compile:
-        compiled_cfg = make_cfg(method, data, tmp / f"speed_{method}_compiled", device, precision,
-                                [*extra, "training.compile=true"], backbone)
+        compiled_cfg = make_cfg(
+            method,
+            data,
+            tmp / f"speed_{method}_compiled",
+            device,
+            precision,
+            [*extra, "training.compile=true"],
+            backbone,
+        )
         runs["eenn_compiled"] = eenn_contestant("eenn_compiled", compiled_cfg, dm, turns, batches, window, precision)
-    runs.update({n: plain_loop(n, method, cfg, dm, turns, batches, window, torch_device, precision)
-                 for n in names if n.startswith("plain")})
+    runs.update(
+        {
+            n: plain_loop(n, method, cfg, dm, turns, batches, window, torch_device, precision)
+            for n in names
+            if n.startswith("plain")
+        }
+    )
     threads = [threading.Thread(target=runs[n], name=n) for n in names]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    seconds = {n: s[1:windows + 1] for n, s in turns.seconds.items()}  # window 0 warms up
+    seconds = {n: s[1 : windows + 1] for n, s in turns.seconds.items()}  # window 0 warms up
     images = window * dm.batch_size
     out: dict[str, Any] = {"images_per_s": {n: images / statistics.median(s) for n, s in seconds.items()}}
     for a, b in RATIOS:
@@ -334,12 +409,19 @@ class FirstLast(pl.Callback):
         self.last = time.perf_counter()
 
 
-def start_and_end(method: str, data: str, device: str, precision: str, tmp: Path, extra: list[str],
-                  backbone: str = "resnet20") -> dict[str, float]:
+def start_and_end(
+    method: str, data: str, device: str, precision: str, tmp: Path, extra: list[str], backbone: str = "resnet20"
+) -> dict[str, float]:
     """eenn-train's fixed costs around the loop: time to the first step and after the last one."""
-    cfg = make_cfg(method, data, tmp / f"run_{method}", device, precision,
-                   [*extra, "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.enable_progress_bar=false"],
-                   backbone)
+    cfg = make_cfg(
+        method,
+        data,
+        tmp / f"run_{method}",
+        device,
+        precision,
+        [*extra, "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.enable_progress_bar=false"],
+        backbone,
+    )
     probe = FirstLast()
     with open_dict(cfg):
         cfg.callbacks.first_last = {"_target_": f"{__name__}.FirstLast"}
@@ -362,23 +444,38 @@ def start_and_end(method: str, data: str, device: str, precision: str, tmp: Path
 
 def import_seconds() -> float:
     code = "import time; t = time.perf_counter(); import eenn.tasks.train; print(time.perf_counter() - t)"
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout.strip())
+    return float(
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        ).stdout.strip()
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["joint", "bilevel"])
     parser.add_argument("--windows", type=int, default=7, help="timed windows per contestant (after one warm-up)")
-    parser.add_argument("--window", type=int, default=7,
-                        help="batches per window (a multiple of gater_every); (windows + 1) x window batches must fit in one epoch")
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=7,
+        help="batches per window (a multiple of gater_every); (windows + 1) x window batches must fit in one epoch",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed on a GPU")
     parser.add_argument("--override", action="append", default=[], help="a train config override for every run")
-    parser.add_argument("--compile", action="store_true", help="add the torch.compile contestants (eenn_compiled, plain_tuned_compiled)")
+    parser.add_argument(
+        "--compile", action="store_true", help="add the torch.compile contestants (eenn_compiled, plain_tuned_compiled)"
+    )
     parser.add_argument("--backbone", default="resnet20", help="a conf/backbone config (resnet20, resnet56, ...)")
-    parser.add_argument("--loop-only", action="store_true", help="time the loops only (no start/end run, no import time)")
+    parser.add_argument(
+        "--loop-only", action="store_true", help="time the loops only (no start/end run, no import time)"
+    )
     add_output_args(parser)
     args = parser.parse_args()
     if args.quick:
@@ -390,27 +487,59 @@ def main() -> None:
     out_path = output_path(args, OUT)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
-    result: dict[str, Any] = {"dataset": data, "backbone": args.backbone, "exits": "stages", "device": args.device,
-                              "precision": args.precision, "windows": windows, "batches_per_window": window,
-                              "overrides": extra, "compile": args.compile}
+    result: dict[str, Any] = {
+        "dataset": data,
+        "backbone": args.backbone,
+        "exits": "stages",
+        "device": args.device,
+        "precision": args.precision,
+        "windows": windows,
+        "batches_per_window": window,
+        "overrides": extra,
+        "compile": args.compile,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
-            speed = throughput(method, data, windows, window, args.device, args.precision, Path(tmp), extra, args.compile,
-                               args.backbone)
+            speed = throughput(
+                method,
+                data,
+                windows,
+                window,
+                args.device,
+                args.precision,
+                Path(tmp),
+                extra,
+                args.compile,
+                args.backbone,
+            )
             if not args.loop_only:
                 speed.update(start_and_end(method, data, args.device, args.precision, Path(tmp), extra, args.backbone))
             result[method] = speed
-            print(f"{method:8s} images/s " + "  ".join(f"{n} {v:.0f}" for n, v in speed["images_per_s"].items())
-                  + f"  | eenn/plain {speed['eenn_over_plain']:.3f}  eenn/plain_tuned {speed['eenn_over_plain_tuned']:.3f}"
-                  + ("" if args.loop_only else f"  | first step after {speed['to_first_step_s']:.1f} s, "
-                     f"{speed['after_last_step_s']:.1f} s after the last")
-                  + "".join(f"  | {a}/{b} {speed[f'{a}_over_{b}']:.3f}" for a, b in RATIOS[2:] if f"{a}_over_{b}" in speed))
+            print(
+                f"{method:8s} images/s "
+                + "  ".join(f"{n} {v:.0f}" for n, v in speed["images_per_s"].items())
+                + f"  | eenn/plain {speed['eenn_over_plain']:.3f}  eenn/plain_tuned {speed['eenn_over_plain_tuned']:.3f}"
+                + (
+                    ""
+                    if args.loop_only
+                    else f"  | first step after {speed['to_first_step_s']:.1f} s, "
+                    f"{speed['after_last_step_s']:.1f} s after the last"
+                )
+                + "".join(
+                    f"  | {a}/{b} {speed[f'{a}_over_{b}']:.3f}" for a, b in RATIOS[2:] if f"{a}_over_{b}" in speed
+                )
+            )
     if not args.loop_only:
         result["import_seconds"] = import_seconds()
-    result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                         "torch_threads": torch.get_num_threads(), "load_avg_before": load_before,
-                         "load_avg_after": os.getloadavg()[0],
-                         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+    result["machine"] = {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg()[0],
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+    }
     write_result(out_path, result)
     print(f"-> {out_path}")
 

@@ -106,8 +106,10 @@ class EarlyExitModel:
 
     def __repr__(self) -> str:
         policy = self.policy.name if self.policy is not None else None
-        return (f"EarlyExitModel({self.config['backbone'].get('name')}, exits={self.exit_names}, "
-                f"classes={len(self.class_names)}, policy={policy!r}, device={str(self.device)!r})")
+        return (
+            f"EarlyExitModel({self.config['backbone'].get('name')}, exits={self.exit_names}, "
+            f"classes={len(self.class_names)}, policy={policy!r}, device={str(self.device)!r})"
+        )
 
     # ------------------------------------------------------------------ what it is
     @property
@@ -142,8 +144,10 @@ class EarlyExitModel:
 
         norm = self.config.get("normalisation")
         if not norm:
-            raise EENNError("this model records no input normalisation (config.json's 'normalisation'); "
-                            "pass normalised inputs to predict().")
+            raise EENNError(
+                "this model records no input normalisation (config.json's 'normalisation'); "
+                "pass normalised inputs to predict()."
+            )
         x = images if images.ndim == 4 else images.unsqueeze(1)
         if x.dtype != torch.uint8:
             x = (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
@@ -152,11 +156,15 @@ class EarlyExitModel:
     def _input(self, x: Any) -> torch.Tensor:
         x = torch.as_tensor(x)
         if x.ndim != 1 + len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape:
-            raise EENNError(f"inputs must have shape (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}; "
-                            "raw images go through model.normalise() first.")
+            raise EENNError(
+                f"inputs must have shape (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}; "
+                "raw images go through model.normalise() first."
+            )
         if not x.is_floating_point():
-            raise EENNError(f"inputs must be normalised float tensors, got {x.dtype}; raw images go through "
-                            "model.normalise() first.")
+            raise EENNError(
+                f"inputs must be normalised float tensors, got {x.dtype}; raw images go through "
+                "model.normalise() first."
+            )
         return x.float()
 
     # ------------------------------------------------------------------ predicting
@@ -165,16 +173,24 @@ class EarlyExitModel:
         each batch runs stage by stage and a sample leaves at the first exit the policy lets it.
         ``unit``: the cost unit of ``Output.cost`` (default: the policy's)."""
         if self.policy is None:
-            raise EENNError("this model has no exit policy: pass policy= to eenn.load, use model.with_policy(...), "
-                            "or model.anytime(x) for every exit's logits.")
+            raise EENNError(
+                "this model has no exit policy: pass policy= to eenn.load, use model.with_policy(...), "
+                "or model.anytime(x) for every exit's logits."
+            )
         x = self._input(x)
         unit = unit or self.policy.cost_unit or "flops"
         if unit not in self.costs:
             raise EENNError(f"unit={unit!r}: this model's cost profile holds {sorted(self.costs)}.")
         engine = EarlyExitEngine(self.network, self.policy, device=self.device)
         result = engine.run(batches_of(x, batch_size))
-        return Output(result.predictions, result.exit_index, result.logits, result.cost(self.cost_profile, unit), unit,
-                      result.heads_evaluated)
+        return Output(
+            result.predictions,
+            result.exit_index,
+            result.logits,
+            result.cost(self.cost_profile, unit),
+            unit,
+            result.heads_evaluated,
+        )
 
     @torch.inference_mode()
     def anytime(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -186,8 +202,16 @@ class EarlyExitModel:
     def with_policy(self, policy: PolicyLike) -> EarlyExitModel:
         """The same network (shared, not copied) with another fitted policy: an ExitPolicy, a
         policy file, an eenn-fit run dir, or the name of a policy saved with the model."""
-        return EarlyExitModel(self.network, self.cost_profile, self.config, self._check_policy(policy, "policy"),
-                              self.device, self.policies, self.card_metrics, self.run_dir)
+        return EarlyExitModel(
+            self.network,
+            self.cost_profile,
+            self.config,
+            self._check_policy(policy, "policy"),
+            self.device,
+            self.policies,
+            self.card_metrics,
+            self.run_dir,
+        )
 
     def _check_policy(self, policy: PolicyLike, key: str) -> ExitPolicy:
         if not isinstance(policy, ExitPolicy):
@@ -196,15 +220,25 @@ class EarlyExitModel:
         if policy.num_exits is None:
             raise EENNError(f"{key}: policy {policy.name!r} is not fitted; fit it first (eenn.fit_policy).")
         if (policy.num_exits, policy.num_classes) != (self.num_exits, len(self.class_names)):
-            raise EENNError(f"{key}: policy {policy.name!r} was fitted on {policy.num_exits} exits and {policy.num_classes} "
-                            f"classes, but this model has {self.num_exits} and {len(self.class_names)}.")
+            raise EENNError(
+                f"{key}: policy {policy.name!r} was fitted on {policy.num_exits} exits and {policy.num_classes} "
+                f"classes, but this model has {self.num_exits} and {len(self.class_names)}."
+            )
         if not policy.online:
-            raise EENNError(f"{key}: policy {policy.name!r} reads the labels (an oracle), so it cannot run on new inputs.")
+            raise EENNError(
+                f"{key}: policy {policy.name!r} reads the labels (an oracle), so it cannot run on new inputs."
+            )
         return policy
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, save_directory: str | os.PathLike, policies: Mapping[str, PolicyLike] | None = None,
-                        push_to_hub: bool = False, repo_id: str | None = None, **hub_kwargs: Any) -> Path:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        policies: Mapping[str, PolicyLike] | None = None,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **hub_kwargs: Any,
+    ) -> Path:
         """Write a self-contained model dir: config.json, model.safetensors, costs.json, the
         model's policy and ``policies`` (by name) under policies/, metrics.json and a README.md
         model card. The dir is written beside its destination and renamed into place, so a
@@ -223,8 +257,13 @@ class EarlyExitModel:
         if self.policy is not None:
             named.setdefault(self.policy.name, self.policy)
         metrics = self._card_metrics(named)
-        config = {**self.config, "format": FORMAT, "eenn_version": _version(),
-                  "policy": self.policy.name if self.policy is not None else None, "policies": sorted(named)}
+        config = {
+            **self.config,
+            "format": FORMAT,
+            "eenn_version": _version(),
+            "policy": self.policy.name if self.policy is not None else None,
+            "policies": sorted(named),
+        }
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
@@ -247,8 +286,13 @@ class EarlyExitModel:
             _push(out, repo_id, **hub_kwargs)
         return out
 
-    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
-                    commit_message: str = "Upload eenn model") -> str:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload eenn model",
+    ) -> str:
         """Save the model dir and upload it as Hugging Face Hub model repo ``repo_id`` (created if
         missing); returns the commit's URL. Needs network and huggingface_hub (``eenn[hub]``)."""
         with tempfile.TemporaryDirectory() as tmp:
@@ -263,16 +307,24 @@ class EarlyExitModel:
         if self.run_dir is not None:
             return card_metrics(self.run_dir, policies)
         if self.card_metrics is None:
-            raise EENNError("this model came from neither a run dir nor a model dir, so it has no metrics for its model card.")
+            raise EENNError(
+                "this model came from neither a run dir nor a model dir, so it has no metrics for its model card."
+            )
         known = {p["name"] for p in self.card_metrics["policies"]}
         added = [unscored(name, p) for name, p in sorted(policies.items()) if name not in known]
         return {**self.card_metrics, "policies": [*self.card_metrics["policies"], *added]}
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, model_id: str | os.PathLike, policy: str | PolicyLike | None = "default",
-                        device: str | torch.device = "cpu", revision: str | None = None, token: str | None = None,
-                        cache_dir: str | os.PathLike | None = None) -> EarlyExitModel:
+    def from_pretrained(
+        cls,
+        model_id: str | os.PathLike,
+        policy: str | PolicyLike | None = "default",
+        device: str | torch.device = "cpu",
+        revision: str | None = None,
+        token: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> EarlyExitModel:
         """A model dir written by :meth:`save_pretrained`, or a Hub repo id (``<user>/<repo>``,
         downloaded into the Hub's cache; offline, only a cached one). ``policy``: ``"default"``
         (the policy it was saved with, if any), the name of one saved with it, a policy file or
@@ -296,8 +348,12 @@ class EarlyExitModel:
 
 
 # ---------------------------------------------------------------------------- functions
-def load(run_dir: str | os.PathLike, policy: PolicyLike | None = None, device: str | torch.device = "cpu",
-         checkpoint: str = "best") -> EarlyExitModel:
+def load(
+    run_dir: str | os.PathLike,
+    policy: PolicyLike | None = None,
+    device: str | torch.device = "cpu",
+    checkpoint: str = "best",
+) -> EarlyExitModel:
     """A stage-1 run's model (an eenn-train run dir, or an eenn-pipeline dir: its ``train/``) with
     its ``checkpoint`` (best, last or a path), ready on ``device``; ``policy`` (optional): an
     eenn-fit run dir, a policy file or a fitted ExitPolicy."""
@@ -320,8 +376,11 @@ def load(run_dir: str | os.PathLike, policy: PolicyLike | None = None, device: s
         "exit_names": network.exit_names,
         "normalisation": {"mean": list(mean), "std": list(std)},
         "train_config": _training_config(resolved),
-        "source": {"run_dir": str(run.path.resolve()), "checkpoint": str(run.checkpoint(checkpoint).resolve()),
-                   "code": run.metrics().get("code") if run.finished() else None},
+        "source": {
+            "run_dir": str(run.path.resolve()),
+            "checkpoint": str(run.checkpoint(checkpoint).resolve()),
+            "code": run.metrics().get("code") if run.finished() else None,
+        },
     }
     model = EarlyExitModel(network, run.costs(), config, None, device, run_dir=run.path)
     return model if policy is None else model.with_policy(policy)
@@ -345,9 +404,16 @@ def load_split(run_dir: str | os.PathLike, split: str = "test") -> tuple[torch.T
     return whole_split(dm, split)
 
 
-def fit_policy(source: Predictions | str | os.PathLike | EarlyExitModel, policy: str = "maxprob", budget: float | None = 0.5,
-               *, budget_value: float | None = None, cost: str | None = None, calibrate: bool = False,
-               **hparams: Any) -> ExitPolicy:
+def fit_policy(
+    source: Predictions | str | os.PathLike | EarlyExitModel,
+    policy: str = "maxprob",
+    budget: float | None = 0.5,
+    *,
+    budget_value: float | None = None,
+    cost: str | None = None,
+    calibrate: bool = False,
+    **hparams: Any,
+) -> ExitPolicy:
     """Fit exit policy ``policy`` (a registered name: maxprob, entropy, patience, eenet, ...; its
     options as keywords) on validation predictions, as eenn-fit does: ``source`` is validation
     Predictions, a predictions file, a stage-1 run dir (its ``predictions/val.safetensors``), or a
@@ -362,8 +428,15 @@ def fit_policy(source: Predictions | str | os.PathLike | EarlyExitModel, policy:
     val = _val_predictions(source)
     p = build_policy(policy, **hparams)
     # eenn-fit's defaults: a risk-controlled policy gets its temperatures from a split of validation
-    cfg = OmegaConf.create({"cost": cost, "budget": {"fraction": budget, "value": budget_value, "point": None},
-                            "calibrate": calibrate, "calibrate_split": 0.2, "calibrate_seed": 0})
+    cfg = OmegaConf.create(
+        {
+            "cost": cost,
+            "budget": {"fraction": budget, "value": budget_value, "point": None},
+            "calibrate": calibrate,
+            "calibrate_split": 0.2,
+            "calibrate_seed": 0,
+        }
+    )
     unit = cost_unit(cfg, val)
     amount = None
     if budget is not None or budget_value is not None:
@@ -372,8 +445,9 @@ def fit_policy(source: Predictions | str | os.PathLike | EarlyExitModel, policy:
     return p
 
 
-def evaluate(policy: ExitPolicy, source: Predictions | str | os.PathLike, split: str = "test",
-             unit: str | None = None) -> dict[str, Any]:
+def evaluate(
+    policy: ExitPolicy, source: Predictions | str | os.PathLike, split: str = "test", unit: str | None = None
+) -> dict[str, Any]:
     """A fitted policy simulated offline on saved predictions (a Predictions object, a predictions
     file or a stage-1 run dir's ``split``), as eenn-fit's metrics report it: accuracy,
     avg_cost, avg_cost_fraction, exit_fractions, exit_accuracy, confusion, risk."""
@@ -389,8 +463,9 @@ def build_network(config: Mapping[str, Any]) -> MultiExitNetwork:
     missing = [k for k in ("backbone", "exits", "num_classes", "input_shape") if k not in config]
     if missing:
         raise EENNError(f"model config lacks {missing}: it is not an eenn model dir's config.json.")
-    return build_multi_exit(dict(config["backbone"]), dict(config["exits"]), int(config["num_classes"]),
-                            list(config["input_shape"]))
+    return build_multi_exit(
+        dict(config["backbone"]), dict(config["exits"]), int(config["num_classes"]), list(config["input_shape"])
+    )
 
 
 def load_network_weights(network: MultiExitNetwork, path: Path) -> None:
@@ -404,7 +479,9 @@ def load_network_weights(network: MultiExitNetwork, path: Path) -> None:
         load_model(network, str(path), strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0].rstrip(":.")
-        raise EENNError(f"model weights {str(path)!r} do not fit the network config.json describes ({first}).") from None
+        raise EENNError(
+            f"model weights {str(path)!r} do not fit the network config.json describes ({first})."
+        ) from None
 
 
 def read_policy(policy: str | os.PathLike, key: str = "policy") -> ExitPolicy:
@@ -418,7 +495,9 @@ def read_policy(policy: str | os.PathLike, key: str = "policy") -> ExitPolicy:
             raise EENNError(f"{key}={str(path)!r} holds no {fit.policy_file.name}: it is not an eenn-fit run dir.")
         return fit.policy()
     if not path.is_file():
-        raise EENNError(f"{key}={str(policy)!r} is neither a policy file, an eenn-fit run dir nor a policy saved with the model.")
+        raise EENNError(
+            f"{key}={str(policy)!r} is neither a policy file, an eenn-fit run dir nor a policy saved with the model."
+        )
     return ExitPolicy.load(path)
 
 
@@ -441,8 +520,9 @@ def _predictions(source: Predictions | str | os.PathLike | EarlyExitModel, split
         return source
     if isinstance(source, EarlyExitModel):
         if source.run_dir is None:
-            raise EENNError("this model came from a model dir, which holds no predictions; pass its run dir or a "
-                            "predictions file.")
+            raise EENNError(
+                "this model came from a model dir, which holds no predictions; pass its run dir or a predictions file."
+            )
         source = source.run_dir
     path = Path(source)
     if path.is_file():
@@ -453,8 +533,10 @@ def _predictions(source: Predictions | str | os.PathLike | EarlyExitModel, split
 def _val_predictions(source: Predictions | str | os.PathLike | EarlyExitModel) -> Predictions:
     val = _predictions(source, "val")
     if val.split == "test":
-        raise EENNError("fit_policy: these are test predictions; a policy is fitted on validation predictions "
-                        "(the run's predictions/val.safetensors) and only evaluated on test.")
+        raise EENNError(
+            "fit_policy: these are test predictions; a policy is fitted on validation predictions "
+            "(the run's predictions/val.safetensors) and only evaluated on test."
+        )
     return val
 
 
@@ -500,21 +582,32 @@ def _download(repo_id: str, revision: str | None, token: str | None, cache_dir: 
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
     except ImportError:
-        raise EENNError(f"model_id={repo_id!r} is not a local directory, and loading from the Hugging Face Hub needs "
-                        "huggingface_hub: pip install 'eenn[hub]'.") from None
+        raise EENNError(
+            f"model_id={repo_id!r} is not a local directory, and loading from the Hugging Face Hub needs "
+            "huggingface_hub: pip install 'eenn[hub]'."
+        ) from None
     try:
         return Path(snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        raise EENNError(f"model_id={repo_id!r} is not a local directory nor in the Hugging Face Hub's cache, and the Hub "
-                        "cannot be reached (offline, or HF_HUB_OFFLINE=1): give a local model dir, or load it once "
-                        "with network.") from None
+        raise EENNError(
+            f"model_id={repo_id!r} is not a local directory nor in the Hugging Face Hub's cache, and the Hub "
+            "cannot be reached (offline, or HF_HUB_OFFLINE=1): give a local model dir, or load it once "
+            "with network."
+        ) from None
     except (HfHubHTTPError, ValueError, OSError) as exc:
-        raise EENNError(f"model_id={repo_id!r} is not a local directory, and the Hugging Face Hub did not give it: "
-                        f"{str(exc).strip().splitlines()[0]}") from None
+        raise EENNError(
+            f"model_id={repo_id!r} is not a local directory, and the Hugging Face Hub did not give it: "
+            f"{str(exc).strip().splitlines()[0]}"
+        ) from None
 
 
-def _push(path: Path, repo_id: str, private: bool | None = None, token: str | None = None,
-          commit_message: str = "Upload eenn model") -> str:
+def _push(
+    path: Path,
+    repo_id: str,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload eenn model",
+) -> str:
     try:
         from huggingface_hub import HfApi
         from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
@@ -525,9 +618,10 @@ def _push(path: Path, repo_id: str, private: bool | None = None, token: str | No
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         info = api.upload_folder(repo_id=repo_id, folder_path=str(path), commit_message=commit_message)
     except OfflineModeIsEnabled:
-        raise EENNError(f"push_to_hub: cannot upload to {repo_id!r} while offline (HF_HUB_OFFLINE=1); unset it "
-                        "on a machine with network.") from None
+        raise EENNError(
+            f"push_to_hub: cannot upload to {repo_id!r} while offline (HF_HUB_OFFLINE=1); unset it "
+            "on a machine with network."
+        ) from None
     except (HfHubHTTPError, OSError) as exc:
         raise EENNError(f"push_to_hub: uploading to {repo_id!r} failed: {str(exc).strip().splitlines()[0]}") from None
     return str(getattr(info, "commit_url", info))
-

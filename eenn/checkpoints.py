@@ -33,12 +33,21 @@ def _fitting_weights(module: nn.Module, path: str | Path, key: str, prefix: str)
     weights = {k.removeprefix(prefix): v for k, v in checkpoint_state(path, key).items() if k.startswith(prefix)}
     own = module.state_dict()
     missing = sorted(set(own) - set(weights))
-    wrong = [(k, tuple(weights[k].shape), tuple(v.shape)) for k, v in own.items() if k in weights and weights[k].shape != v.shape]
+    wrong = [
+        (k, tuple(weights[k].shape), tuple(v.shape))
+        for k, v in own.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
     if missing or wrong:
-        detail = (f"{len(wrong)} tensors differ in shape, e.g. {wrong[0][0]}: checkpoint {wrong[0][1]} vs model {wrong[0][2]}"
-                  if wrong else f"{len(missing)} tensors are missing, e.g. {missing[0]}")
-        raise EENNError(f"{key}={str(path)!r} does not fit this model ({detail}); was it trained with another "
-                        "backbone, exits or number of classes?")
+        detail = (
+            f"{len(wrong)} tensors differ in shape, e.g. {wrong[0][0]}: checkpoint {wrong[0][1]} vs model {wrong[0][2]}"
+            if wrong
+            else f"{len(missing)} tensors are missing, e.g. {missing[0]}"
+        )
+        raise EENNError(
+            f"{key}={str(path)!r} does not fit this model ({detail}); was it trained with another "
+            "backbone, exits or number of classes?"
+        )
     return weights
 
 

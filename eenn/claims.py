@@ -201,15 +201,19 @@ class Claimable:
         shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
         if saved != self.APP:
             what = f"an eenn-{saved} run" if saved else "files of no eenn run"
-            raise EENNError(f"run dir {str(self.path)!r} holds {what} ({shown}): eenn-{self.APP} never writes into "
-                            "it, force=true included; choose another hydra.run.dir.")
+            raise EENNError(
+                f"run dir {str(self.path)!r} holds {what} ({shown}): eenn-{self.APP} never writes into "
+                "it, force=true included; choose another hydra.run.dir."
+            )
         if force:  # before resume: force=true redoes a run even where the job would resume it
             return
         if not resume:
             state = "finished" if self.finished() else "started"
-            raise EENNError(f"run dir {str(self.path)!r} holds a {state} eenn-{self.APP} run, which is never written "
-                            f"into again{self.resume_hint()}: add force=true to overwrite it, or choose another "
-                            "hydra.run.dir.")
+            raise EENNError(
+                f"run dir {str(self.path)!r} holds a {state} eenn-{self.APP} run, which is never written "
+                f"into again{self.resume_hint()}: add force=true to overwrite it, or choose another "
+                "hydra.run.dir."
+            )
 
     def remove_if_only_hydra_files(self) -> None:
         """Remove the run dir of a refused job when it holds nothing but Hydra's config and log

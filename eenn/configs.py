@@ -37,14 +37,22 @@ def config_differences(saved: Any, now: dict[str, Any], may_change: tuple[str, .
     """The keys (and both values, up to four) where two resolved configs of one run differ, beyond
     ``may_change`` and the task's name; "" when none. Paths inside the run dir (its checkpoints...)
     follow the dir when it is moved or copied."""
+
     def relative(flat: dict[str, Any]) -> dict[str, Any]:
         root = flat.get("paths.output_dir")  # absent from a config saved unresolved
-        return {k: v.replace(str(root), "<run dir>") if isinstance(v, str) and root else v
-                for k, v in flat.items() if k != "task_name"}
+        return {
+            k: v.replace(str(root), "<run dir>") if isinstance(v, str) and root else v
+            for k, v in flat.items()
+            if k != "task_name"
+        }
 
     before, after = relative(flatten(saved)), relative(flatten(now))
-    differ = [k for k in sorted(set(before) | set(after)) if before.get(k, "<unset>") != after.get(k, "<unset>")
-              and not any(k == p or k.startswith(p + ".") for p in may_change)]
+    differ = [
+        k
+        for k in sorted(set(before) | set(after))
+        if before.get(k, "<unset>") != after.get(k, "<unset>")
+        and not any(k == p or k.startswith(p + ".") for p in may_change)
+    ]
     shown = "; ".join(f"{k}: {before.get(k, '<unset>')!r} -> {after.get(k, '<unset>')!r}" for k in differ[:4])
     return shown + (f" (and {len(differ) - 4} more)" if len(differ) > 4 else "")
 

@@ -66,11 +66,27 @@ class CostProfile:
         rows = []
         for e in self.exits:
             lat = "-" if e.latency_ms is None else f"{e.latency_ms:.3f}"
-            rows.append([e.name, f"{e.macs / 1e6:.2f}", f"{e.flops / full:.3f}", f"{e.params / 1e6:.3f}",
-                         f"{e.head_macs / 1e6:.3f}", lat])
+            rows.append(
+                [
+                    e.name,
+                    f"{e.macs / 1e6:.2f}",
+                    f"{e.flops / full:.3f}",
+                    f"{e.params / 1e6:.3f}",
+                    f"{e.head_macs / 1e6:.3f}",
+                    lat,
+                ]
+            )
         lat = self.backbone.get("latency_ms")
-        rows.append(["backbone (no exits)", f"{self.backbone['macs'] / 1e6:.2f}", "1.000",
-                     f"{self.backbone['params'] / 1e6:.3f}", "-", "-" if lat is None else f"{lat:.3f}"])
+        rows.append(
+            [
+                "backbone (no exits)",
+                f"{self.backbone['macs'] / 1e6:.2f}",
+                "1.000",
+                f"{self.backbone['params'] / 1e6:.3f}",
+                "-",
+                "-" if lat is None else f"{lat:.3f}",
+            ]
+        )
         return rows
 
     table_columns = ["exit", "MMACs (cumulative)", "x backbone FLOPs", "Mparams", "head MMACs", "latency ms"]
@@ -165,12 +181,19 @@ def profile_costs(
         cum["params"] += stage_params[k] + head_params[k]
         if latency:
             cum["ms"] += stage_ms[k] + head_ms[k]
-        exits.append(ExitCost(
-            name=name, flops=cum["flops"], macs=cum["flops"] // 2, params=cum["params"],
-            latency_ms=cum["ms"] if latency else None,
-            head_flops=head_flops[k], head_macs=head_flops[k] // 2, head_params=head_params[k],
-            head_latency_ms=head_ms[k] if latency else None,
-        ))
+        exits.append(
+            ExitCost(
+                name=name,
+                flops=cum["flops"],
+                macs=cum["flops"] // 2,
+                params=cum["params"],
+                latency_ms=cum["ms"] if latency else None,
+                head_flops=head_flops[k],
+                head_macs=head_flops[k] // 2,
+                head_params=head_params[k],
+                head_latency_ms=head_ms[k] if latency else None,
+            )
+        )
     last = network.num_exits - 1
     backbone_flops = sum(stage_flops) + head_flops[last]
     backbone = {
@@ -180,6 +203,9 @@ def profile_costs(
         "latency_ms": (sum(stage_ms) + head_ms[last]) if latency else None,
     }
     return CostProfile(
-        exits=exits, backbone=backbone, input_shape=list(input_shape),
-        latency_batch_size=latency_batch_size if latency else None, device=str(device),
+        exits=exits,
+        backbone=backbone,
+        input_shape=list(input_shape),
+        latency_batch_size=latency_batch_size if latency else None,
+        device=str(device),
     )

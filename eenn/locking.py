@@ -51,5 +51,7 @@ def lock_holder(path: Path) -> str | None:
 
 def in_use(path: Path, holder: str) -> EENNError:
     """The refusal of a dir another job holds."""
-    return EENNError(f"run dir {str(path)!r} is in use by another job (pid {holder}): two jobs never share "
-                     "a run dir; wait for it to end, or choose another hydra.run.dir.")
+    return EENNError(
+        f"run dir {str(path)!r} is in use by another job (pid {holder}): two jobs never share "
+        "a run dir; wait for it to end, or choose another hydra.run.dir."
+    )

@@ -103,7 +103,7 @@ class Predictions:
         file's pages are handed back behind each block, so a whole pass holds one block."""
         rows = block_rows(self.logits)
         for a in range(0, self.num_samples, rows):
-            yield a, self.logits[a:a + rows]
+            yield a, self.logits[a : a + rows]
             # every row so far, not the block's only: on a fault the kernel maps the page's
             # neighbours too, some of which lie behind the block
             self.release(slice(0, a + rows))
@@ -143,13 +143,16 @@ class Predictions:
         division :meth:`eenn.policies.base.ExitPolicy.decide` makes); themselves for None."""
         if temperature is None:
             return self
-        return dataclasses.replace(self, logits=self.logits / temperature.to(torch.float32)[None, :, None], mapping=None)
+        return dataclasses.replace(
+            self, logits=self.logits / temperature.to(torch.float32)[None, :, None], mapping=None
+        )
 
     def select(self, rows: torch.Tensor) -> Predictions:
         """These predictions restricted to ``rows`` (int64 indices, in that order; repeats allowed),
         the logits copied out of any memory map."""
-        return dataclasses.replace(self, logits=self.logits.index_select(0, rows), labels=self.labels.index_select(0, rows),
-                                   mapping=None)
+        return dataclasses.replace(
+            self, logits=self.logits.index_select(0, rows), labels=self.labels.index_select(0, rows), mapping=None
+        )
 
     def accuracy_per_exit(self) -> torch.Tensor:
         return (self.logits.argmax(-1) == self.labels[:, None]).double().mean(0)
@@ -170,13 +173,18 @@ class Predictions:
         if bad:
             raise EENNError(f"{source}: logits hold NaN or Inf values in {bad} of {n} samples.")
         if self.labels.min() < 0 or self.labels.max() >= c:
-            raise EENNError(f"{source}: labels must lie in [0, {c}), got [{int(self.labels.min())}, {int(self.labels.max())}].")
+            raise EENNError(
+                f"{source}: labels must lie in [0, {c}), got [{int(self.labels.min())}, {int(self.labels.max())}]."
+            )
         if not torch.isfinite(self.costs).all() or (self.costs <= 0).any():
             raise EENNError(f"{source}: costs must be finite and positive, got {self.costs.tolist()}.")
         if (self.costs[1:] < self.costs[:-1]).any():
             raise EENNError(f"{source}: costs must not decrease with the exit index, got {self.costs.tolist()}.")
-        tables = [("head_costs", self.head_costs), *[(f"cost_table.{u}", v) for u, v in self.cost_table.items()],
-                  *[(f"head_cost_table.{u}", v) for u, v in self.head_cost_table.items()]]
+        tables = [
+            ("head_costs", self.head_costs),
+            *[(f"cost_table.{u}", v) for u, v in self.cost_table.items()],
+            *[(f"head_cost_table.{u}", v) for u, v in self.head_cost_table.items()],
+        ]
         for name, vec in tables:
             if vec is not None and tuple(vec.shape) != (k,):
                 raise EENNError(f"{source}: {name} must have shape ({k},), got {tuple(vec.shape)}.")
@@ -208,12 +216,16 @@ class Predictions:
     def load(cls, path: str | os.PathLike) -> Predictions:
         tensors, metadata, mapping = map_safetensors(path, "predictions file")
         if metadata.get("format") != FORMAT:
-            raise EENNError(f"predictions file {str(path)!r} has format {metadata.get('format')!r}, expected {FORMAT!r}.")
+            raise EENNError(
+                f"predictions file {str(path)!r} has format {metadata.get('format')!r}, expected {FORMAT!r}."
+            )
         missing = [k for k in ("logits", "labels", "costs") if k not in tensors]
         if missing:
             raise EENNError(f"predictions file {str(path)!r} lacks the tensors {missing}.")
         if tensors["labels"].is_floating_point() or tensors["labels"].dtype == torch.bool:
-            raise EENNError(f"predictions file {str(path)!r} has {tensors['labels'].dtype} labels, expected int64 class indices.")
+            raise EENNError(
+                f"predictions file {str(path)!r} has {tensors['labels'].dtype} labels, expected int64 class indices."
+            )
         try:
             exit_names = json.loads(metadata.get("exit_names", "[]"))
             class_names = json.loads(metadata.get("class_names", "[]"))
@@ -230,9 +242,7 @@ class Predictions:
             source_run=metadata.get("source_run", ""),
             cost_table={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("cost_table.")},
             head_costs=tensors.get("head_costs"),
-            head_cost_table={
-                k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("head_cost_table.")
-            },
+            head_cost_table={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("head_cost_table.")},
             mapping=mapping,
         )
         preds.validate(f"predictions file {str(path)!r}")
@@ -258,4 +268,6 @@ def check_compatible(val: Predictions, test: Predictions) -> None:
             f"classes, test has K={test.num_exits} and C={test.num_classes}."
         )
     if not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(val.costs.tolist(), test.costs.tolist())):
-        raise EENNError(f"val and test predictions have different per-exit costs: {val.costs.tolist()} vs {test.costs.tolist()}.")
+        raise EENNError(
+            f"val and test predictions have different per-exit costs: {val.costs.tolist()} vs {test.costs.tolist()}."
+        )

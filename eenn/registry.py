@@ -24,8 +24,9 @@ class Registry(Generic[T]):
         self._meta: dict[str, dict[str, Any]] = {}
         self._namespaces: list[tuple[str, str, Callable[[str], bool], str]] = []
 
-    def register(self, *names: str, example: dict[str, Any] | None = None,
-                 **meta: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(
+        self, *names: str, example: dict[str, Any] | None = None, **meta: Any
+    ) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Make the factory buildable by ``names`` (default: its own name). ``example``: small
         arguments it builds with, for the contract tests (tests/contracts); ``meta``: what the
         registry's users need to know of the part before building it (:meth:`meta`)."""
@@ -56,8 +57,10 @@ class Registry(Generic[T]):
                     given = kwargs.get(argument)
                     if given is not None and given != key:
                         group = self.config_key.rsplit(".", 1)[0]
-                        raise EENNError(f"{self.config_key}={key!r} names one model and {group}.{argument}={given!r} "
-                                        "another; give one of them.")
+                        raise EENNError(
+                            f"{self.config_key}={key!r} names one model and {group}.{argument}={given!r} "
+                            "another; give one of them."
+                        )
                     return family, {**kwargs, argument: key}
         self.get(key)  # an unknown name is refused here
         return key, kwargs
@@ -71,7 +74,9 @@ class Registry(Generic[T]):
     def get(self, key: str) -> Callable[..., T]:
         if key not in self._factories:
             spaces = "".join(f", or {what}" for *_, what in self._namespaces)
-            raise EENNError(f"{self.config_key}={key!r} is not a known {self.kind}; valid: {', '.join(self.names())}{spaces}.")
+            raise EENNError(
+                f"{self.config_key}={key!r} is not a known {self.kind}; valid: {', '.join(self.names())}{spaces}."
+            )
         return self._factories[key]
 
     def example(self, key: str) -> dict[str, Any]:

@@ -85,7 +85,9 @@ class RunDir(Claimable):
     def config(self) -> DictConfig:
         """The job's composed config, as Hydra saved it (in today's key names)."""
         if not self.has_config():
-            raise EENNError(f"{str(self.path)!r} holds no {HYDRA_DIR}/config.yaml: it is not the run dir of an eenn app.")
+            raise EENNError(
+                f"{str(self.path)!r} holds no {HYDRA_DIR}/config.yaml: it is not the run dir of an eenn app."
+            )
         cfg: DictConfig = OmegaConf.load(self.config_file)  # type: ignore[assignment]
         rename_registry_keys(cfg)
         return cfg
@@ -98,7 +100,9 @@ class RunDir(Claimable):
         """The command-line overrides the job was started with, as Hydra saved them; a dir without
         them is an EENNError naming ``key``."""
         if not self.overrides_file.is_file():
-            raise EENNError(f"{key}={str(self.path)!r} is not an eenn-{self.APP} run dir (no {HYDRA_DIR}/overrides.yaml in it).")
+            raise EENNError(
+                f"{key}={str(self.path)!r} is not an eenn-{self.APP} run dir (no {HYDRA_DIR}/overrides.yaml in it)."
+            )
         return [str(o) for o in OmegaConf.load(self.overrides_file)]
 
     def write_config(self, cfg: DictConfig) -> None:
@@ -123,8 +127,9 @@ class RunDir(Claimable):
         expected (a dir of no app is left to the checks of the files it lacks)."""
         saved = self.saved_app()
         if saved is not None and saved != self.APP:
-            raise EENNError(f"{key}={str(self.path)!r} is an eenn-{saved} run dir; {key} takes an eenn-{self.APP} "
-                            "run dir.")
+            raise EENNError(
+                f"{key}={str(self.path)!r} is an eenn-{saved} run dir; {key} takes an eenn-{self.APP} run dir."
+            )
 
     # -------------------------------------------------------------------- metrics
     @property
@@ -152,12 +157,15 @@ class RunDir(Claimable):
     def write_error(self, exc: BaseException, overrides: list[str]) -> None:
         """Record a failed job of a sweep (eenn-compare lists it): a bad input is its one sentence,
         anything else carries its traceback."""
-        write_json(self.error_file, {
-            "type": type(exc).__name__,
-            "message": str(exc),
-            "overrides": overrides,
-            "traceback": "" if isinstance(exc, EENNError) else traceback.format_exc(),
-        })
+        write_json(
+            self.error_file,
+            {
+                "type": type(exc).__name__,
+                "message": str(exc),
+                "overrides": overrides,
+                "traceback": "" if isinstance(exc, EENNError) else traceback.format_exc(),
+            },
+        )
 
     def clear_error(self) -> None:
         self.error_file.unlink(missing_ok=True)
@@ -206,8 +214,19 @@ class Stage1Run(RunDir):
         return " but to resume it (resume=<run dir>)"
 
     #: what a resumed run may set otherwise than the run did: how and where it trains on, not what
-    RESUME_MAY_CHANGE = ("resume", "force", "ckpt_path", "trainer", "callbacks", "logger", "wandb", "paths", "data.root",
-                         "data.num_workers", "cost")
+    RESUME_MAY_CHANGE = (
+        "resume",
+        "force",
+        "ckpt_path",
+        "trainer",
+        "callbacks",
+        "logger",
+        "wandb",
+        "paths",
+        "data.root",
+        "data.num_workers",
+        "cost",
+    )
 
     def check_resumable(self, force: bool = False) -> None:
         """``resume=<this dir>``: refused, naming the dir, when it is not an eenn-train run and,
@@ -220,34 +239,44 @@ class Stage1Run(RunDir):
         if force:
             return
         if self.finished():
-            raise EENNError(f"resume={str(self.path)!r}: the run is finished; there is nothing to resume (force=true "
-                            "redoes it).")
+            raise EENNError(
+                f"resume={str(self.path)!r}: the run is finished; there is nothing to resume (force=true redoes it)."
+            )
         if not self.last_checkpoint.is_file() and "SLURM_JOB_ID" not in os.environ:
-            raise EENNError(f"resume={str(self.path)!r}: the run stopped before its first checkpoint, so there is "
-                            "nothing to resume; add force=true to restart it from scratch with its own overrides.")
+            raise EENNError(
+                f"resume={str(self.path)!r}: the run stopped before its first checkpoint, so there is "
+                "nothing to resume; add force=true to restart it from scratch with its own overrides."
+            )
 
     def check_resume(self, cfg: DictConfig) -> None:
         """``resume=<this dir>``: the job must run in this dir with the config the run was made
         with, up to :attr:`RESUME_MAY_CHANGE`; another config is refused, naming the keys."""
         if Path(str(cfg.paths.output_dir)).resolve() != self.path.resolve():
-            raise EENNError(f"resume={str(self.path)!r} runs in that dir, but paths.output_dir is "
-                            f"{str(cfg.paths.output_dir)!r}.")
+            raise EENNError(
+                f"resume={str(self.path)!r} runs in that dir, but paths.output_dir is {str(cfg.paths.output_dir)!r}."
+            )
         if not self.has_config():
-            raise EENNError(f"resume={str(self.path)!r} holds no saved config ({HYDRA_DIR}/config.yaml): it is not a "
-                            "stage-1 run that started training.")
+            raise EENNError(
+                f"resume={str(self.path)!r} holds no saved config ({HYDRA_DIR}/config.yaml): it is not a "
+                "stage-1 run that started training."
+            )
         saved, unresolved = OmegaConf.load(self.config_file), set()
         try:  # saved resolved once training started; a run that crashed before holds Hydra's own
             before = flatten(OmegaConf.to_container(saved, resolve=True))
         except OmegaConfBaseException:  # with interpolations only Hydra resolves (${hydra:...}): those not compared
             before = flatten(OmegaConf.to_container(saved))
             unresolved = {k for k, v in before.items() if isinstance(v, str) and "${" in v}
-        before, now = ({k: v for k, v in flat.items() if k not in unresolved}
-                       for flat in (before, flatten(resolved_config(cfg, self.path))))
+        before, now = (
+            {k: v for k, v in flat.items() if k not in unresolved}
+            for flat in (before, flatten(resolved_config(cfg, self.path)))
+        )
         differ = config_differences(before, now, self.RESUME_MAY_CHANGE)
         if differ:
-            raise EENNError(f"resume={str(self.path)!r}: today's configs compose differently from the run's saved "
-                            f"config ({differ}); resume with the eenn the run was made with, or set those keys "
-                            "back on the command line.")
+            raise EENNError(
+                f"resume={str(self.path)!r}: today's configs compose differently from the run's saved "
+                f"config ({differ}); resume with the eenn the run was made with, or set those keys "
+                "back on the command line."
+            )
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -281,11 +310,15 @@ class Stage1Run(RunDir):
             return None
         if ckpt_path == "last" and not self.last_checkpoint.is_file():
             if "SLURM_JOB_ID" not in os.environ:
-                raise EENNError(f"ckpt_path=last: {str(self.last_checkpoint)!r} does not exist, so there is "
-                                "nothing to resume; to continue a crashed run pass resume=<its run dir>, to start a "
-                                "new one leave ckpt_path out.")
-            log.info("ckpt_path=last: no last checkpoint in %s yet (the job's first start), training from scratch",
-                     self.checkpoint_dir)
+                raise EENNError(
+                    f"ckpt_path=last: {str(self.last_checkpoint)!r} does not exist, so there is "
+                    "nothing to resume; to continue a crashed run pass resume=<its run dir>, to start a "
+                    "new one leave ckpt_path out."
+                )
+            log.info(
+                "ckpt_path=last: no last checkpoint in %s yet (the job's first start), training from scratch",
+                self.checkpoint_dir,
+            )
             return None
         path = self.checkpoint(ckpt_path, key="ckpt_path")
         checkpoint_state(path, "ckpt_path")
@@ -323,8 +356,9 @@ class Stage1Run(RunDir):
     def predictions(self, split: str) -> Predictions:
         path = self.predictions_file(split)
         if not path.is_file():
-            raise EENNError(f"stage-1 run dir {str(self.path)!r} lacks {str(path)!r}: is it an eenn-train run dir "
-                            "of this version?")
+            raise EENNError(
+                f"stage-1 run dir {str(self.path)!r} lacks {str(path)!r}: is it an eenn-train run dir of this version?"
+            )
         return Predictions.load(path)
 
     def write_predictions(self, preds: Predictions) -> None:
@@ -366,16 +400,23 @@ class FitRun(RunDir):
         m = super().metrics()
         missing = [k for k in self.METRICS_KEYS if not isinstance(m, dict) or k not in m]
         if not missing:
-            missing = [f"{s}.{k}" for s in SPLITS for k in self.SPLIT_KEYS if not isinstance(m[s], dict) or k not in m[s]]
+            missing = [
+                f"{s}.{k}" for s in SPLITS for k in self.SPLIT_KEYS if not isinstance(m[s], dict) or k not in m[s]
+            ]
         if missing:
             raise EENNError(f"metrics file {str(self.metrics_file)!r} is not an eenn-fit result (it lacks {missing}).")
         # checked as read: a comparison formats them, and would fail halfway through its outputs
         wrong = [f"{s}.{k}" for s in SPLITS for k in ("accuracy", "avg_cost") if not is_number(m[s][k])]
-        wrong += [f"{s}.exit_fractions" for s in SPLITS if not isinstance(m[s]["exit_fractions"], list)
-                  or not all(is_number(f) for f in m[s]["exit_fractions"])]
+        wrong += [
+            f"{s}.exit_fractions"
+            for s in SPLITS
+            if not isinstance(m[s]["exit_fractions"], list) or not all(is_number(f) for f in m[s]["exit_fractions"])
+        ]
         if wrong:
-            raise EENNError(f"metrics file {str(self.metrics_file)!r} holds no number in {wrong[0]} (got "
-                            f"{flatten(m).get(wrong[0])!r}): was it edited by hand?")
+            raise EENNError(
+                f"metrics file {str(self.metrics_file)!r} holds no number in {wrong[0]} (got "
+                f"{flatten(m).get(wrong[0])!r}): was it edited by hand?"
+            )
         return m
 
     @property
@@ -438,9 +479,11 @@ class SweepDir(RunDir):
     def _check_outputs(self, force: bool, resume: bool) -> None:
         jobs = self.outputs()
         if jobs and not force:
-            raise EENNError(f"sweep dir {str(self.path)!r} holds {len(jobs)} jobs of an earlier sweep: a sweep is "
-                            "never re-run into its dir, as its finished jobs would be recomputed, not skipped; start "
-                            "a new sweep (leave hydra.sweep.dir to its default), or add force=true to recompute them.")
+            raise EENNError(
+                f"sweep dir {str(self.path)!r} holds {len(jobs)} jobs of an earlier sweep: a sweep is "
+                "never re-run into its dir, as its finished jobs would be recomputed, not skipped; start "
+                "a new sweep (leave hydra.sweep.dir to its default), or add force=true to recompute them."
+            )
 
     def _replace_or_restore(self, aside: Path, discard: Path) -> None:
         """Job by job: a job of the earlier sweep that finished comes back unless the forced sweep's
@@ -514,7 +557,7 @@ class CompareRun(RunDir):
         of the whole, so two figures never share a file."""
         stem = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
         if len(stem) > FIGURE_STEM:
-            stem = f"{stem[:FIGURE_STEM - 9]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+            stem = f"{stem[: FIGURE_STEM - 9]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
         return self.path / f"{stem}.png"
 
     def results(self) -> list[dict[str, Any]]:
@@ -537,8 +580,19 @@ class PipelineRun(RunDir):
     TRAIN = "train"
     #: what a re-run may change: it adds fits (new names) and logs elsewhere; anything else would
     #: mix results of two configs under one name
-    RERUN_MAY_CHANGE = ("force", "ckpt_path", "pipeline.policies", "pipeline.budgets", "pipeline.num_budgets",
-                        "wandb", "logger", "paths", "data.root", "trainer.enable_progress_bar", "compare")
+    RERUN_MAY_CHANGE = (
+        "force",
+        "ckpt_path",
+        "pipeline.policies",
+        "pipeline.budgets",
+        "pipeline.num_budgets",
+        "wandb",
+        "logger",
+        "paths",
+        "data.root",
+        "trainer.enable_progress_bar",
+        "compare",
+    )
 
     def stage1_config(self, cfg: DictConfig) -> DictConfig:
         """The pipeline's config as its stage-1 run (``train/``) takes it. A re-run picks up a
@@ -560,11 +614,16 @@ class PipelineRun(RunDir):
         saved = self.train if self.train.has_config() else self
         if not saved.has_config():
             return False
-        differ = config_differences(OmegaConf.to_container(OmegaConf.load(saved.config_file)),  # as saved: no renames
-                                    resolved_config(self.stage1_config(cfg), self.train.path), self.RERUN_MAY_CHANGE)
+        differ = config_differences(
+            OmegaConf.to_container(OmegaConf.load(saved.config_file)),  # as saved: no renames
+            resolved_config(self.stage1_config(cfg), self.train.path),
+            self.RERUN_MAY_CHANGE,
+        )
         if differ:
-            raise EENNError(f"pipeline dir {str(self.path)!r} was made with another config ({differ}): choose "
-                            "another pipeline.name, or add force=true to redo it all with this one.")
+            raise EENNError(
+                f"pipeline dir {str(self.path)!r} was made with another config ({differ}): choose "
+                "another pipeline.name, or add force=true to redo it all with this one."
+            )
         return True
 
     @property
@@ -595,6 +654,6 @@ class PipelineRun(RunDir):
 
 
 #: the run dir of each app, by its config's task_name
-RUN_TYPES: dict[str, type[RunDir]] = {t.APP: t for t in (Stage1Run, FitRun, InferRun, ExportRun, CompareRun, PipelineRun)}
-
-
+RUN_TYPES: dict[str, type[RunDir]] = {
+    t.APP: t for t in (Stage1Run, FitRun, InferRun, ExportRun, CompareRun, PipelineRun)
+}

@@ -10,8 +10,12 @@ from tests.contracts import checks
 
 
 def _net(depth, exits=None, head="conv_pool"):
-    return build_multi_exit({"name": "cifar_resnet", "depth": depth}, exits or {"at": "stages", "head": {"name": head}},
-                            num_classes=10, input_shape=(3, 32, 32))
+    return build_multi_exit(
+        {"name": "cifar_resnet", "depth": depth},
+        exits or {"at": "stages", "head": {"name": head}},
+        num_classes=10,
+        input_shape=(3, 32, 32),
+    )
 
 
 @pytest.mark.parametrize("option, published_mmacs", [("resnet20", 41), ("resnet56", 125)])
@@ -35,7 +39,9 @@ def test_costs_accumulate_stages_and_every_earlier_head():
     # the last exit = the plain backbone + every earlier head's overhead, exactly
     assert costs.exits[-1].flops == costs.backbone["flops"] + sum(heads[:-1])
     assert costs.exits[-1].params == costs.backbone["params"] + sum(costs.per_head("params")[:-1])
-    assert costs.exits[-1].latency_ms == pytest.approx(costs.backbone["latency_ms"] + sum(costs.per_head("latency_ms")[:-1]))
+    assert costs.exits[-1].latency_ms == pytest.approx(
+        costs.backbone["latency_ms"] + sum(costs.per_head("latency_ms")[:-1])
+    )
 
 
 def test_profile_round_trips_through_dict_and_prints_a_table():
@@ -70,8 +76,12 @@ def test_attention_flops_are_counted_on_cpu():
 def test_a_vit_costs_its_blocks_attention_included_and_has_a_latency_per_block():
     # DeiT-tiny's blocks at 32 px with 4-px patches: N = 65 tokens of width D = 192; a block's
     # multiply-adds are 12 N D^2 (qkv, projection, MLP) + 2 N^2 D (QK^T and AV)
-    net = build_multi_exit({"name": "deit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "depth": 4},
-                           {"at": "stages"}, num_classes=10, input_shape=(3, 32, 32))
+    net = build_multi_exit(
+        {"name": "deit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "depth": 4},
+        {"at": "stages"},
+        num_classes=10,
+        input_shape=(3, 32, 32),
+    )
     costs = profile_costs(net, (3, 32, 32), latency=True, repeats=2, warmup=1)
     assert [e.name for e in costs.exits] == ["blocks.0", "blocks.1", "blocks.2", "final"]
     n, d = 65, 192

@@ -29,14 +29,29 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "conf" / "experiment"
 SLOW = {"eenet_msdnet35_imagenet", "bilevel_msdnet_imagenet"}
 SLOW_SMOKE = SLOW | {"distiller_resnet50_imagenet", "vit_cifar10_small"}  # the ViT's smoke twin runs by default
 # the paper's image shape and class count per dataset config (what the smoke runs must imitate)
-PAPER_DATA = {"cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "imagefolder": ((3, 224, 224), 1000),
-              "npz": ((3, 32, 32), 10), "random": ((3, 32, 32), 10)}  # cifar10_small and its random stand-in
+PAPER_DATA = {
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+    "imagefolder": ((3, 224, 224), 1000),
+    "npz": ((3, 32, 32), 10),
+    "random": ((3, 32, 32), 10),
+}  # cifar10_small and its random stand-in
 # exits per paper setting (K)
-NUM_EXITS = {"branchynet_alexnet_cifar10": 3, "distiller_resnet32_cifar10": 2, "distiller_resnet50_imagenet": 3,
-             "deex_alexnet_cifar10_binary": 3, "deex_alexnet_cifar10": 3, "eenet_resnet56_cifar10": 3,
-             "eenet_densenet121_cifar100": 4, "eenet_msdnet35_imagenet": 5, "bilevel_msdnet_cifar10": 7,
-             "bilevel_msdnet_cifar100": 7, "bilevel_msdnet_imagenet": 5, "vit_cifar10_small": 6,
-             "vit_cifar10_small_smoke": 3}
+NUM_EXITS = {
+    "branchynet_alexnet_cifar10": 3,
+    "distiller_resnet32_cifar10": 2,
+    "distiller_resnet50_imagenet": 3,
+    "deex_alexnet_cifar10_binary": 3,
+    "deex_alexnet_cifar10": 3,
+    "eenet_resnet56_cifar10": 3,
+    "eenet_densenet121_cifar100": 4,
+    "eenet_msdnet35_imagenet": 5,
+    "bilevel_msdnet_cifar10": 7,
+    "bilevel_msdnet_cifar100": 7,
+    "bilevel_msdnet_imagenet": 5,
+    "vit_cifar10_small": 6,
+    "vit_cifar10_small_smoke": 3,
+}
 
 
 def _params(names: set[str], slow: set[str]) -> list:
@@ -51,6 +66,7 @@ def test_every_paper_setting_is_listed():
 def test_experiment_composes_builds_runs_and_profiles(name, compose_cfg):
     cfg = compose_cfg("train", [f"experiment={name}"])
     smoke = compose_cfg("train", [f"experiment={name}", "debug=smoke"])
+
     # the smoke run differs in data, trainer, logger, cost and (no download) pretrained weights
     # only, and imitates the paper's data: the form its data config declares
     def model(c):
@@ -63,8 +79,12 @@ def test_experiment_composes_builds_runs_and_profiles(name, compose_cfg):
     assert tuple(cfg.data.meta.input_shape) == shape and cfg.data.meta.num_classes == classes
     assert smoke.data.name == "random" and smoke.data.meta == cfg.data.meta and smoke.data.classes is None
 
-    dm = EENNDataModule(name="random", val_size=2, source_kwargs={"train_size": 4, "test_size": 2},
-                        meta=OmegaConf.to_container(smoke.data.meta, resolve=True))
+    dm = EENNDataModule(
+        name="random",
+        val_size=2,
+        source_kwargs={"train_size": 4, "test_size": 2},
+        meta=OmegaConf.to_container(smoke.data.meta, resolve=True),
+    )
     network = build_network(smoke, dm)
     assert network.num_exits == NUM_EXITS[name]
     network.eval()
@@ -149,9 +169,12 @@ def test_the_vit_settings_smoke_twin_is_its_recipe_on_a_small_vit_and_trains(com
     full = compose_cfg("train", ["experiment=vit_cifar10_small"])
     cfg = compose_cfg("train", ["experiment=vit_cifar10_small_smoke", "trainer.enable_progress_bar=false"])
     # the same recipe: only the model's size, the data and the length of the run differ
-    assert {k: v for k, v in cfg.training.items() if k != "scheduler"} == \
-        {k: v for k, v in full.training.items() if k != "scheduler"}
-    assert cfg.training.scheduler._target_ == full.training.scheduler._target_ == "eenn.training.schedules.warmup_cosine"
+    assert {k: v for k, v in cfg.training.items() if k != "scheduler"} == {
+        k: v for k, v in full.training.items() if k != "scheduler"
+    }
+    assert (
+        cfg.training.scheduler._target_ == full.training.scheduler._target_ == "eenn.training.schedules.warmup_cosine"
+    )
     assert full.training.optimizer._target_ == "torch.optim.AdamW" and full.training.mixup_alpha > 0
     assert full.training.cutmix_alpha > 0 and full.training.label_smoothing > 0
     assert (full.backbone.name, full.backbone.img_size, full.backbone.patch_size) == ("deit_tiny_patch16_224", 32, 4)

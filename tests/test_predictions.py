@@ -10,9 +10,15 @@ from eenn.predictions import Predictions, check_compatible
 
 def _preds(n=6, k=3, c=4, **kw):
     torch.manual_seed(0)
-    return Predictions(logits=torch.randn(n, k, c), labels=torch.randint(0, c, (n,)),
-                       costs=torch.tensor([1.0, 2.0, 3.0][:k]), head_costs=torch.tensor([0.1, 0.1, 0.01][:k]),
-                       cost_table={"latency_ms": torch.tensor([0.5, 0.9, 1.2][:k])}, split="val", **kw)
+    return Predictions(
+        logits=torch.randn(n, k, c),
+        labels=torch.randint(0, c, (n,)),
+        costs=torch.tensor([1.0, 2.0, 3.0][:k]),
+        head_costs=torch.tensor([0.1, 0.1, 0.01][:k]),
+        cost_table={"latency_ms": torch.tensor([0.5, 0.9, 1.2][:k])},
+        split="val",
+        **kw,
+    )
 
 
 def test_round_trip_keeps_everything(tmp_path):

@@ -83,8 +83,12 @@ def test_the_one_loader_loads_a_checkpoints_network_and_refuses_another_models(t
 def test_configs_saved_before_the_registry_keys_were_name_read_as_today(tmp_path):
     run = Stage1Run(tmp_path)
     run.config_file.parent.mkdir()
-    OmegaConf.save(OmegaConf.create({"backbone": {"family": "timm", "name": "resnet18"},
-                                     "exits": {"at": "stages", "head": {"type": "linear"}}}), run.config_file)
+    OmegaConf.save(
+        OmegaConf.create(
+            {"backbone": {"family": "timm", "name": "resnet18"}, "exits": {"at": "stages", "head": {"type": "linear"}}}
+        ),
+        run.config_file,
+    )
     cfg = run.config()
     assert OmegaConf.to_container(cfg.backbone) == {"model": "resnet18", "name": "timm"}
     assert cfg.exits.head.name == "linear" and "type" not in cfg.exits.head
@@ -128,7 +132,8 @@ def test_pipeline_results_parse_the_numbers(tmp_path: Path):
     pipe.compare.path.mkdir()
     pipe.compare.results_file.write_text(
         "policy,budget_fraction,budget,val_accuracy,test_accuracy,val_avg_cost,test_avg_cost,test_exit_fractions\n"
-        'maxprob,0.5,1.0,0.9,0.8,1.0,1.0,"[0.5, 0.5]"\n')
+        'maxprob,0.5,1.0,0.9,0.8,1.0,1.0,"[0.5, 0.5]"\n'
+    )
     (row,) = pipe.results()
     assert row["test_accuracy"] == 0.8 and row["test_exit_fractions"] == [0.5, 0.5]
 

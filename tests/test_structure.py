@@ -36,22 +36,30 @@ def _imported(tree: ast.AST) -> set[str]:
 
 @pytest.mark.parametrize("package", DOMAIN)
 def test_domain_packages_import_no_job_library(package: str) -> None:
-    offenders = {str(f.relative_to(EENN)): sorted(_imported(ast.parse(f.read_text())) & set(JOB_LIBRARIES))
-                 for f in _modules(package)}
+    offenders = {
+        str(f.relative_to(EENN)): sorted(_imported(ast.parse(f.read_text())) & set(JOB_LIBRARIES))
+        for f in _modules(package)
+    }
     assert {f: libs for f, libs in offenders.items() if libs} == {}
 
 
 def test_policies_depend_on_torch_alone() -> None:
     # a learned scheduler is a plain torch loop, not a Trainer inside a policy
-    offenders = {str(f.relative_to(EENN)): sorted(_imported(ast.parse(f.read_text())) & {"lightning", "pytorch_lightning", *JOB_LIBRARIES})
-                 for f in _modules("policies")}
+    offenders = {
+        str(f.relative_to(EENN)): sorted(
+            _imported(ast.parse(f.read_text())) & {"lightning", "pytorch_lightning", *JOB_LIBRARIES}
+        )
+        for f in _modules("policies")
+    }
     assert {f: libs for f, libs in offenders.items() if libs} == {}
 
 
 def test_importing_the_domain_packages_loads_no_hydra_or_omegaconf() -> None:
     # wandb is left out: timm imports it for its own logging
-    code = ("import sys; import eenn.policies, eenn.inference.edge_cloud, eenn.inference.report, eenn.evaluation.plots, "
-            "eenn.evaluation.report, eenn.models, eenn.deploy.export; print(sorted(m for m in ('hydra', 'omegaconf') if m in sys.modules))")
+    code = (
+        "import sys; import eenn.policies, eenn.inference.edge_cloud, eenn.inference.report, eenn.evaluation.plots, "
+        "eenn.evaluation.report, eenn.models, eenn.deploy.export; print(sorted(m for m in ('hydra', 'omegaconf') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip() == "[]"
 
@@ -71,15 +79,20 @@ FORMAT_MODULES = ("rundir.py", "deploy/bundle.py", "api.py")
 def test_run_dir_file_names_are_spelled_in_the_run_dir_module_only() -> None:
     # the benchmarks too: a script that spells a file by hand breaks when the layout changes
     files = [*_modules(), *sorted((EENN.parent / "benchmarks").rglob("*.py"))]
-    found = [f"{f.relative_to(EENN.parent)}:{i}: {line.strip()}" for f in files
-             if str(f.relative_to(EENN.parent)) not in {f"eenn/{m}" for m in FORMAT_MODULES}
-             for i, line in enumerate(f.read_text().splitlines(), 1) if RUN_DIR_NAMES.search(line)]
+    found = [
+        f"{f.relative_to(EENN.parent)}:{i}: {line.strip()}"
+        for f in files
+        if str(f.relative_to(EENN.parent)) not in {f"eenn/{m}" for m in FORMAT_MODULES}
+        for i, line in enumerate(f.read_text().splitlines(), 1)
+        if RUN_DIR_NAMES.search(line)
+    ]
     assert found == []
 
 
 def _name_checks(tree: ast.AST, names: set[str]) -> list[int]:
     """Lines that compare a policy (``policy``, ``.name``, ``["policy"]``...) with a registered
     policy's name: ==, !=, in, startswith, endswith."""
+
     def named(node: ast.AST, part: bool = False) -> bool:
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             return node.value in names or (part and len(node.value) > 2 and any(node.value in n for n in names))
@@ -95,22 +108,33 @@ def _name_checks(tree: ast.AST, names: set[str]) -> list[int]:
             sides = [node.left, *node.comparators]
             if any(named(c) for c in sides) and any(a_policy(c) for c in sides):
                 lines.append(node.lineno)
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and a_policy(node.func.value)
-              and node.func.attr in ("startswith", "endswith") and any(named(a, part=True) for a in node.args)):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and a_policy(node.func.value)
+            and node.func.attr in ("startswith", "endswith")
+            and any(named(a, part=True) for a in node.args)
+        ):
             lines.append(node.lineno)
     return lines
 
 
 def test_no_policy_name_checks_outside_the_policies_package() -> None:
     names = set(POLICIES.names())
-    found = {str(f.relative_to(EENN)): lines for f in _modules() if "policies" not in f.relative_to(EENN).parts
-             if (lines := _name_checks(ast.parse(f.read_text()), names))}
+    found = {
+        str(f.relative_to(EENN)): lines
+        for f in _modules()
+        if "policies" not in f.relative_to(EENN).parts
+        if (lines := _name_checks(ast.parse(f.read_text()), names))
+    }
     assert found == {}
 
 
 def test_the_name_check_finder_finds_the_checks_it_is_for() -> None:
-    code = ('a = p.name == "deex"\nb = r["policy"] != "static"\nc = policy.startswith("oracle")\n'
-            'd = policy in ("vote",)\ne = unit == "flops"\nf = "margin" in features')
+    code = (
+        'a = p.name == "deex"\nb = r["policy"] != "static"\nc = policy.startswith("oracle")\n'
+        'd = policy in ("vote",)\ne = unit == "flops"\nf = "margin" in features'
+    )
     assert _name_checks(ast.parse(code), set(POLICIES.names())) == [1, 2, 3, 4]
 
 
@@ -125,13 +149,26 @@ def _built_overrides(tree: ast.AST) -> list[int]:
     for node in ast.walk(tree):
         if isinstance(node, ast.JoinedStr) and len(node.values) == 2:
             head, tail = node.values
-            if isinstance(head, ast.Constant) and OVERRIDE_KEY.match(str(head.value)) and isinstance(tail, ast.FormattedValue):
+            if (
+                isinstance(head, ast.Constant)
+                and OVERRIDE_KEY.match(str(head.value))
+                and isinstance(tail, ast.FormattedValue)
+            ):
                 lines.append(node.lineno)
-        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add) and isinstance(node.left, ast.Constant) \
-                and OVERRIDE_KEY.match(str(node.left.value)):
+        elif (
+            isinstance(node, ast.BinOp)
+            and isinstance(node.op, ast.Add)
+            and isinstance(node.left, ast.Constant)
+            and OVERRIDE_KEY.match(str(node.left.value))
+        ):
             lines.append(node.lineno)
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "format" \
-                and isinstance(node.func.value, ast.Constant) and re.match(r"^[\w.+~]+=\{\}$", str(node.func.value.value)):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "format"
+            and isinstance(node.func.value, ast.Constant)
+            and re.match(r"^[\w.+~]+=\{\}$", str(node.func.value.value))
+        ):
             lines.append(node.lineno)
     return lines
 
@@ -139,13 +176,20 @@ def _built_overrides(tree: ast.AST) -> list[int]:
 def test_overrides_built_from_values_go_through_the_quoting_helper() -> None:
     # a path's own = and , (a sweep job's dir) would be read as override syntax unquoted
     files = [*_modules(), *sorted(BENCHMARKS.rglob("*.py"))]
-    found = {str(f): lines for f in files if f.name != "overrides.py" if (lines := _built_overrides(ast.parse(f.read_text())))}
+    found = {
+        str(f): lines
+        for f in files
+        if f.name != "overrides.py"
+        if (lines := _built_overrides(ast.parse(f.read_text())))
+    }
     assert found == {}
 
 
 def test_the_override_finder_finds_hand_built_overrides() -> None:
-    code = ('a = f"run_dir={path}"\nb = "data.path=" + str(p)\nc = "policy_dir={}".format(d)\n'
-            'd = f"run_dir={p!r} is not a directory"\ne = override("run_dir", p)\nf = f"+policy.x={v:.3f}"')
+    code = (
+        'a = f"run_dir={path}"\nb = "data.path=" + str(p)\nc = "policy_dir={}".format(d)\n'
+        'd = f"run_dir={p!r} is not a directory"\ne = override("run_dir", p)\nf = f"+policy.x={v:.3f}"'
+    )
     assert _built_overrides(ast.parse(code)) == [1, 2, 3, 6]
 
 
@@ -158,8 +202,12 @@ def _unit(module: str) -> str:
 def _eenn_imports(path: Path) -> set[str]:
     """The eenn modules a file imports, at the top or inside functions (not under TYPE_CHECKING)."""
     tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-            for n in ast.walk(node)}
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for n in ast.walk(node)
+    }
     out = set()
     for node in ast.walk(tree):
         if id(node) in skip:

@@ -38,7 +38,9 @@ def conf_dir() -> str:
     """The repository's ``conf/`` folder (eenn is installed editable from its checkout)."""
     here = Path(__file__).resolve().parents[2] / "conf"
     if not here.is_dir():
-        raise RuntimeError(f"eenn's config folder {here} is missing: install eenn from its checkout (pip install -e .).")
+        raise RuntimeError(
+            f"eenn's config folder {here} is missing: install eenn from its checkout (pip install -e .)."
+        )
     return str(here)
 
 
@@ -97,8 +99,10 @@ def cli(app: Callable[[], Any], rewrite_args: Callable[[list[str]], list[str]] |
             check_group_values(sys.argv[1:])
             app()
         except KeyboardInterrupt:
-            print("error: interrupted; jobs that finished keep their run dirs, the one that was running is "
-                  "incomplete.", file=sys.stderr)
+            print(
+                "error: interrupted; jobs that finished keep their run dirs, the one that was running is incomplete.",
+                file=sys.stderr,
+            )
             sys.exit(INTERRUPTED)
         except (EENNError, Refused) as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -135,11 +139,17 @@ def check_group_values(args: list[str]) -> None:
         if override.is_delete() or not group.is_dir():
             continue
         values = list(override.sweep_iterator()) if override.is_discrete_sweep() else [override.value()]
-        bad = [v for v in values if not isinstance(v, str) and not (isinstance(v, list) and all(isinstance(e, str) for e in v))]
+        bad = [
+            v
+            for v in values
+            if not isinstance(v, str) and not (isinstance(v, list) and all(isinstance(e, str) for e in v))
+        ]
         if bad:
             options = sorted(p.stem for p in group.glob("*.yaml"))
-            raise EENNError(f"{override.key_or_group} is a config group: give the name of one of its options "
-                            f"({', '.join(options)}), got {bad[0]!r}.")
+            raise EENNError(
+                f"{override.key_or_group} is a config group: give the name of one of its options "
+                f"({', '.join(options)}), got {bad[0]!r}."
+            )
 
 
 def hydra_error_text(exc: BaseException) -> str:
@@ -153,8 +163,10 @@ def hydra_error_text(exc: BaseException) -> str:
     options = getattr(exc, "options", None) if isinstance(exc, MissingConfigException) else None
     text = " ".join(lines) + (f"; options: {', '.join(options)}." if options else "")
     if isinstance(exc, OverrideParseException):
-        text += (" A value holding = , [ ] ' or spaces (a sweep job's dir) must be quoted for Hydra: "
-                 "in the shell, \"run_dir='<dir>'\".")
+        text += (
+            " A value holding = , [ ] ' or spaces (a sweep job's dir) must be quoted for Hydra: "
+            "in the shell, \"run_dir='<dir>'\"."
+        )
     return text
 
 
@@ -190,7 +202,17 @@ def report_errors(task: Callable[..., Any]) -> Callable[..., Any]:
 #: config nodes that take keys added with ``+`` (``+trainer.gradient_clip_val=1``): each is passed
 #: whole to something that refuses a key it does not take (Lightning's Trainer, the data module, a
 #: backbone, a policy...). A key added anywhere else would be read by nobody.
-OPEN_KEYS = ("trainer", "data", "training", "backbone", "exits", "callbacks", "logger", "policy", "pipeline.policy_overrides")
+OPEN_KEYS = (
+    "trainer",
+    "data",
+    "training",
+    "backbone",
+    "exits",
+    "callbacks",
+    "logger",
+    "policy",
+    "pipeline.policy_overrides",
+)
 
 
 def check_added_keys(config: DictConfig) -> None:
@@ -208,8 +230,10 @@ def check_added_keys(config: DictConfig) -> None:
         known = [k for k in flatten(OmegaConf.to_container(config)) if not k.startswith("hydra.") and k != key]
         close = difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise EENNError(f"+{key}: eenn-{config.task_name} reads no key {key!r}{hint}; keys are added with + only "
-                        f"under {', '.join(OPEN_KEYS)}.")
+        raise EENNError(
+            f"+{key}: eenn-{config.task_name} reads no key {key!r}{hint}; keys are added with + only "
+            f"under {', '.join(OPEN_KEYS)}."
+        )
 
 
 #: keys whose default is a boolean but that take more: Lightning's trainer.deterministic="warn" and
@@ -227,20 +251,28 @@ def check_flags(config: DictConfig) -> None:
 
     groups = set(config.hydra.runtime.choices)
     overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-    values = [o for o in overrides if o.key_or_group not in groups and not o.is_delete()
-              and o.key_or_group.split(".")[0] != "hydra" and o.key_or_group not in NOT_ONLY_BOOLEAN]
+    values = [
+        o
+        for o in overrides
+        if o.key_or_group not in groups
+        and not o.is_delete()
+        and o.key_or_group.split(".")[0] != "hydra"
+        and o.key_or_group not in NOT_ONLY_BOOLEAN
+    ]
     if not values:
         return
-    defaults = compose(config.hydra.job.config_name, overrides=[
-        o.input_line for o in overrides if o.key_or_group in groups and not o.is_sweep_override()])
+    defaults = compose(
+        config.hydra.job.config_name,
+        overrides=[o.input_line for o in overrides if o.key_or_group in groups and not o.is_sweep_override()],
+    )
     for o in values:
         if isinstance(OmegaConf.select(defaults, o.key_or_group), bool):
-            for value in (o.sweep_iterator() if o.is_discrete_sweep() else [o.value()]):
+            for value in o.sweep_iterator() if o.is_discrete_sweep() else [o.value()]:
                 check_flag(value, o.key_or_group)
 
 
 def _slurm_launcher(config: DictConfig) -> str | None:
-    """"hydra/launcher <choice>" where the choice submits to Slurm, else None."""
+    """ "hydra/launcher <choice>" where the choice submits to Slurm, else None."""
     if "SlurmLauncher" not in str(config.hydra.launcher.get("_target_", "")):
         return None
     return f"hydra/launcher {config.hydra.runtime.choices.get('hydra/launcher')}"
@@ -254,12 +286,15 @@ def check_one_run(config: DictConfig) -> None:
     swept = {k: v for k, v in (config.hydra.sweeper.get("params") or {}).items() if k not in given}
     if swept:
         shown = "; ".join(f"{k}: {v}" for k, v in swept.items())
-        raise EENNError(f"the config sweeps {shown} (hydra.sweeper.params, set by a preset such as budget=sweep5), "
-                        f"which only a multirun does: add -m, or set {next(iter(swept))} to run one of its values.")
+        raise EENNError(
+            f"the config sweeps {shown} (hydra.sweeper.params, set by a preset such as budget=sweep5), "
+            f"which only a multirun does: add -m, or set {next(iter(swept))} to run one of its values."
+        )
     launcher = _slurm_launcher(config)
     if launcher:
-        raise EENNError(f"{launcher} submits the jobs of a multirun to Slurm, and without -m this job would run "
-                        "here: add -m.")
+        raise EENNError(
+            f"{launcher} submits the jobs of a multirun to Slurm, and without -m this job would run here: add -m."
+        )
 
 
 def check_slurm(config: DictConfig) -> None:
@@ -269,16 +304,20 @@ def check_slurm(config: DictConfig) -> None:
     if launcher is None:
         return
     if shutil.which("srun") is None or shutil.which("scontrol") is None:
-        raise EENNError(f"{launcher}: Slurm is not installed here (no srun or scontrol command); run on the "
-                        "cluster, or leave hydra/launcher out to run the sweep here.")
+        raise EENNError(
+            f"{launcher}: Slurm is not installed here (no srun or scontrol command); run on the "
+            "cluster, or leave hydra/launcher out to run the sweep here."
+        )
     try:
         ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
         up = ping.returncode == 0 and " UP" in ping.stdout
     except subprocess.TimeoutExpired:
         up = False
     if not up:
-        raise EENNError(f"{launcher}: no Slurm controller is reachable (scontrol ping says it is down); start it, or "
-                        "leave hydra/launcher out to run the sweep here.")
+        raise EENNError(
+            f"{launcher}: no Slurm controller is reachable (scontrol ping says it is down); start it, or "
+            "leave hydra/launcher out to run the sweep here."
+        )
 
 
 class Refused(BaseException):
@@ -351,6 +390,8 @@ class SweepSummary(Callback):
         sweep = Path(config.hydra.sweep.dir)
         failed = failed_jobs(sweep)
         if failed:
-            print(f"error: {len(failed)} job(s) of the sweep in {sweep} failed: {', '.join(failed)} (see their {ERROR_FILE})",
-                  file=sys.stderr)
+            print(
+                f"error: {len(failed)} job(s) of the sweep in {sweep} failed: {', '.join(failed)} (see their {ERROR_FILE})",
+                file=sys.stderr,
+            )
             sys.exit(1)

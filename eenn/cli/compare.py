@@ -17,8 +17,14 @@ def app(cfg: DictConfig) -> None:
     from eenn.tasks.compare import compare  # after Hydra parsed the command line: --help stays fast
 
     quiet_environment()
-    compare(_paths(cfg.sweeps), _paths(cfg.runs), cfg.paths.output_dir, cfg.wandb,
-            force=check_flag(cfg.force, "force"), baseline=cfg.compare.baseline)
+    compare(
+        _paths(cfg.sweeps),
+        _paths(cfg.runs),
+        cfg.paths.output_dir,
+        cfg.wandb,
+        force=check_flag(cfg.force, "force"),
+        baseline=cfg.compare.baseline,
+    )
 
 
 def _paths(value: Any) -> list[str]:

@@ -1,8 +1,8 @@
 """``eenn-infer``: run a stage-1 network with a fitted exit policy, skipping layers for real.
 
-    eenn-infer policy_dir=<eenn-fit run dir>
-    eenn-infer run_dir=<stage-1 run dir> policy_file=<policy file> mode=rebatch
-    eenn-infer -m policy_dir=<a>,<b> batch_size=1,128
+eenn-infer policy_dir=<eenn-fit run dir>
+eenn-infer run_dir=<stage-1 run dir> policy_file=<policy file> mode=rebatch
+eenn-infer -m policy_dir=<a>,<b> batch_size=1,128
 """
 
 from __future__ import annotations

@@ -21,7 +21,10 @@ def app(cfg: DictConfig) -> None:
     comp = run_pipeline(cfg)
     if comp.failures:  # as eenn-fit -m ends when jobs of its sweep failed
         names = ", ".join(sorted(Path(f["run"]).name for f in comp.failures))
-        print(f"error: {len(comp.failures)} fit(s) of the pipeline failed: {names} (see their {ERROR_FILE}).", file=sys.stderr)
+        print(
+            f"error: {len(comp.failures)} fit(s) of the pipeline failed: {names} (see their {ERROR_FILE}).",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

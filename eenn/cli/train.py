@@ -61,8 +61,14 @@ def expand_resume(args: list[str]) -> list[str]:
         return [*saved, override("resume", run_dir), override("hydra.run.dir", run_dir), *rest]
     # no .hydra/ from Hydra for this job: the run's saved config is what the job checks itself
     # against (then saves its own), and its overrides.yaml stays the run's
-    return [*saved, override("resume", run_dir), override("hydra.run.dir", run_dir), "hydra.output_subdir=null",
-            "ckpt_path=last", *rest]
+    return [
+        *saved,
+        override("resume", run_dir),
+        override("hydra.run.dir", run_dir),
+        "hydra.output_subdir=null",
+        "ckpt_path=last",
+        *rest,
+    ]
 
 
 def given_value(parser: OverridesParser, arg: str) -> str:

@@ -54,7 +54,9 @@ class BatchAugment(nn.Module):
             x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # channels-last, as the crop's result
         return x.float().mul_(self.scale).add_(self.shift)
 
-    def _crop_flip(self, x: torch.Tensor, rows0: torch.Tensor, cols0: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    def _crop_flip(
+        self, x: torch.Tensor, rows0: torch.Tensor, cols0: torch.Tensor, flips: torch.Tensor
+    ) -> torch.Tensor:
         """One gather from the zero-padded batch: sample b's pixel (i, j) comes from padded row
         rows0[b] + i and column cols0[b] + j, or cols0[b] + W - 1 - j when it is flipped."""
         b, _, h, w = x.shape

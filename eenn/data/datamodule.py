@@ -127,7 +127,9 @@ class EENNDataModule(pl.LightningDataModule):
         if augment not in AUGMENTATIONS:
             raise EENNError(f"data.augment must be one of {AUGMENTATIONS}, got {augment!r}.")
         if randaugment is not None and not str(randaugment).startswith("rand"):
-            raise EENNError(f"data.randaugment must be a timm RandAugment string such as 'rand-m9-mstd0.5-inc1', got {randaugment!r}.")
+            raise EENNError(
+                f"data.randaugment must be a timm RandAugment string such as 'rand-m9-mstd0.5-inc1', got {randaugment!r}."
+            )
         if not 0.0 <= random_erasing <= 1.0:
             raise EENNError(f"data.random_erasing is a probability in [0, 1], got {random_erasing!r}.")
         check_number(batch_size, "data.batch_size", 1, integer=True)
@@ -143,7 +145,12 @@ class EENNDataModule(pl.LightningDataModule):
         self.batch_augment: BatchAugment | None = None  # set by setup() for in-memory arrays
         self._eval_collate: BatchTransformCollate | None = None
         self._erasing: Any = None
-        self.batch_size, self.eval_batch_size, self.num_workers, self.seed = batch_size, eval_batch_size, num_workers, seed
+        self.batch_size, self.eval_batch_size, self.num_workers, self.seed = (
+            batch_size,
+            eval_batch_size,
+            num_workers,
+            seed,
+        )
         self.source_kwargs = dict(source_kwargs or {})
         self.meta = dict(meta or {})
         self._src: Source | None = None
@@ -157,8 +164,9 @@ class EENNDataModule(pl.LightningDataModule):
         # every source is told the declared form: the random stand-in makes it, the others read theirs
         declared = {"image_shape": self.meta.get("input_shape"), "num_classes": self.meta.get("num_classes")}
         kwargs = {**{k: v for k, v in declared.items() if v is not None}, **self.source_kwargs}
-        return SOURCES.build(self.name, root=str(Path(self.root)), download=download, path=self.path,
-                             seed=self.seed, **kwargs)
+        return SOURCES.build(
+            self.name, root=str(Path(self.root)), download=download, path=self.path, seed=self.seed, **kwargs
+        )
 
     def _load(self) -> Source:
         if self._src is None:
@@ -203,8 +211,10 @@ class EENNDataModule(pl.LightningDataModule):
         have = {int(c): int((labels[train_pos] == c).sum()) for c in classes}
         short = {c: have[c] for c in quota if have[c] < quota[c]}
         if short:
-            raise EENNError(f"data.train_subset={n} asks for {max(quota.values())} training images per class, but the "
-                            f"training split (after data.val_size) has fewer of classes {sorted(short)} ({short}).")
+            raise EENNError(
+                f"data.train_subset={n} asks for {max(quota.values())} training images per class, but the "
+                f"training split (after data.val_size) has fewer of classes {sorted(short)} ({short})."
+            )
         taken, keep = dict.fromkeys(quota, 0), []
         for pos in train_pos.tolist():
             c = int(labels[pos])
@@ -226,8 +236,9 @@ class EENNDataModule(pl.LightningDataModule):
         if isinstance(src, FolderSource):
             size = int(self.input_shape[-1])
             train = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
-            return v2.Compose([*train, *self._recipe_transforms(size, mean, tail)]), v2.Compose([v2.Resize(round(size / 0.875), antialias=True),
-                                                            v2.CenterCrop(size), *tail])
+            return v2.Compose([*train, *self._recipe_transforms(size, mean, tail)]), v2.Compose(
+                [v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size), *tail]
+            )
         h = int(self.input_shape[-1])
         train = [v2.RandomCrop(h, padding=4), v2.RandomHorizontalFlip()] if self.augment == "cifar" else []
         return v2.Compose([*train, *self._recipe_transforms(h, mean, tail)]), v2.Compose(tail)
@@ -285,8 +296,9 @@ class EENNDataModule(pl.LightningDataModule):
         self.normalisation = (mean, std)  # per-channel, of pixels in [0, 1]
         if self._batched(src):
             train_tf = eval_tf = torch.nn.Identity()
-            self.batch_augment = BatchAugment(mean, std, crop_padding=4 if self.augment == "cifar" else 0,
-                                              flip=self.augment == "cifar")
+            self.batch_augment = BatchAugment(
+                mean, std, crop_padding=4 if self.augment == "cifar" else 0, flip=self.augment == "cifar"
+            )
             self._eval_collate = BatchTransformCollate(BatchAugment(mean, std))
             self._erasing = self._random_erasing()
         else:

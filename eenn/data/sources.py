@@ -116,9 +116,13 @@ def digits(test_fraction: float = 0.2, seed: int = 0, **_: object) -> ArraySourc
     d = load_digits()
     x = np.round(d.images * (255 / 16)).astype(np.uint8)  # 0..16 grey levels -> 8-bit pixels
     xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=test_fraction, random_state=seed, stratify=d.target)
-    return ArraySource(_nchw(xtr, "digits"), torch.as_tensor(ytr, dtype=torch.int64),
-                       _nchw(xte, "digits"), torch.as_tensor(yte, dtype=torch.int64),
-                       [str(c) for c in range(10)])
+    return ArraySource(
+        _nchw(xtr, "digits"),
+        torch.as_tensor(ytr, dtype=torch.int64),
+        _nchw(xte, "digits"),
+        torch.as_tensor(yte, dtype=torch.int64),
+        [str(c) for c in range(10)],
+    )
 
 
 def _fetch(name: str, root: str, download: bool, holds: str, load: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
@@ -137,11 +141,14 @@ def _fetch(name: str, root: str, download: bool, holds: str, load: Callable[[], 
 
 def _torchvision(cls_name: str, root: str, download: bool, name: str) -> ArraySource:
     cls = getattr(torchvision.datasets, cls_name)
-    train, test = _fetch(name, root, download, "it",
-                         lambda: tuple(cls(root, train=t, download=download) for t in (True, False)))
+    train, test = _fetch(
+        name, root, download, "it", lambda: tuple(cls(root, train=t, download=download) for t in (True, False))
+    )
     return ArraySource(
-        _nchw(np.asarray(train.data), name), torch.as_tensor(train.targets, dtype=torch.int64),
-        _nchw(np.asarray(test.data), name), torch.as_tensor(test.targets, dtype=torch.int64),
+        _nchw(np.asarray(train.data), name),
+        torch.as_tensor(train.targets, dtype=torch.int64),
+        _nchw(np.asarray(test.data), name),
+        torch.as_tensor(test.targets, dtype=torch.int64),
         list(train.classes),
     )
 
@@ -160,11 +167,18 @@ def cifar100(root: str, download: bool = False, **_: object) -> ArraySource:
 def svhn(root: str, download: bool = False, **_: object) -> ArraySource:
     """SVHN's train (73,257) and test (26,032) digits through torchvision (the 531k ``extra`` images
     are not used); the digit 0 is class 0."""
-    train, test = _fetch("svhn", root, download, "train_32x32.mat and test_32x32.mat",
-                         lambda: tuple(SVHN(root, split=s, download=download) for s in ("train", "test")))
+    train, test = _fetch(
+        "svhn",
+        root,
+        download,
+        "train_32x32.mat and test_32x32.mat",
+        lambda: tuple(SVHN(root, split=s, download=download) for s in ("train", "test")),
+    )
     return ArraySource(
-        _nchw(train.data, "svhn"), torch.as_tensor(train.labels, dtype=torch.int64),
-        _nchw(test.data, "svhn"), torch.as_tensor(test.labels, dtype=torch.int64),
+        _nchw(train.data, "svhn"),
+        torch.as_tensor(train.labels, dtype=torch.int64),
+        _nchw(test.data, "svhn"),
+        torch.as_tensor(test.labels, dtype=torch.int64),
         [str(c) for c in range(10)],
     )
 
@@ -181,8 +195,10 @@ def random_images(
     """Seeded random uint8 images of ``image_shape`` (C, H, W) with balanced random labels: a
     stand-in of the right shape for smoke runs of configs whose dataset is not at hand."""
     if len(image_shape) != 3 or min(image_shape) < 1 or num_classes < 1 or min(train_size, test_size) < 1:
-        raise EENNError(f"data.source_kwargs: random images need image_shape [C, H, W], num_classes >= 1 and "
-                        f"positive sizes, got {list(image_shape)}, {num_classes}, {train_size}, {test_size}.")
+        raise EENNError(
+            f"data.source_kwargs: random images need image_shape [C, H, W], num_classes >= 1 and "
+            f"positive sizes, got {list(image_shape)}, {num_classes}, {train_size}, {test_size}."
+        )
     g = torch.Generator().manual_seed(seed)
 
     def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,8 +222,11 @@ def npz(path: str, **_: object) -> ArraySource:
         num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
         names = [str(c) for c in f["classes"]] if "classes" in f.files else [str(c) for c in range(num_classes)]
     return ArraySource(
-        _nchw(arrays["x_train"], path), torch.as_tensor(arrays["y_train"], dtype=torch.int64),
-        _nchw(arrays["x_test"], path), torch.as_tensor(arrays["y_test"], dtype=torch.int64), names,
+        _nchw(arrays["x_train"], path),
+        torch.as_tensor(arrays["y_train"], dtype=torch.int64),
+        _nchw(arrays["x_test"], path),
+        torch.as_tensor(arrays["y_test"], dtype=torch.int64),
+        names,
     )
 
 
@@ -221,8 +240,12 @@ def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
     from PIL import Image
 
-    return np.stack([np.asarray(Image.open(io.BytesIO(blob[a:b].tobytes())).convert("RGB"))
-                     for a, b in zip(offsets[:-1], offsets[1:])])
+    return np.stack(
+        [
+            np.asarray(Image.open(io.BytesIO(blob[a:b].tobytes())).convert("RGB"))
+            for a, b in zip(offsets[:-1], offsets[1:])
+        ]
+    )
 
 
 @SOURCES.register("cifar10_jpeg")
@@ -237,9 +260,11 @@ def cifar10_jpeg(path: str, root: str = "data", **_: object) -> ArraySource:
     import tempfile
 
     if not path or not Path(path).is_file():
-        raise EENNError(f"data.path={path!r} is not a file; data=cifar10_full reads the full CIFAR-10 as JPEG bytes "
-                        "(../shared/datasets/cifar10_jpeg.npz); point data.path at it, or use data=cifar10 "
-                        "data.download=true where there is network.")
+        raise EENNError(
+            f"data.path={path!r} is not a file; data=cifar10_full reads the full CIFAR-10 as JPEG bytes "
+            "(../shared/datasets/cifar10_jpeg.npz); point data.path at it, or use data=cifar10 "
+            "data.download=true where there is network."
+        )
     digest = hashlib.md5(Path(path).read_bytes()).hexdigest()[:12]
     cache = Path(root) / f"cifar10_jpeg-{digest}.npz"
     keys = ("x_train", "y_train", "x_test", "y_test")
@@ -251,8 +276,12 @@ def cifar10_jpeg(path: str, root: str = "data", **_: object) -> ArraySource:
             missing = [k for k in JPEG_ARRAYS if k not in f.files]
             if missing:
                 raise EENNError(f"data.path={path!r} lacks the arrays {missing}; it is not cifar10_jpeg.npz.")
-            arrays = {"x_train": _decode_jpegs(f["train_jpeg"], f["train_offsets"]), "y_train": f["train_labels"],
-                      "x_test": _decode_jpegs(f["test_jpeg"], f["test_offsets"]), "y_test": f["test_labels"]}
+            arrays = {
+                "x_train": _decode_jpegs(f["train_jpeg"], f["train_offsets"]),
+                "y_train": f["train_labels"],
+                "x_test": _decode_jpegs(f["test_jpeg"], f["test_offsets"]),
+                "y_test": f["test_labels"],
+            }
             names = [str(c) for c in f["classes"]]
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -262,11 +291,15 @@ def cifar10_jpeg(path: str, root: str = "data", **_: object) -> ArraySource:
             os.chmod(tmp, 0o644)
             os.replace(tmp, cache)
         except OSError as exc:
-            logging.getLogger("eenn.data").warning("data.root=%r: could not cache the decoded CIFAR-10 (%s); "
-                                                   "it is decoded again next time.", root, exc)
+            logging.getLogger("eenn.data").warning(
+                "data.root=%r: could not cache the decoded CIFAR-10 (%s); it is decoded again next time.", root, exc
+            )
     return ArraySource(
-        _nchw(arrays["x_train"], path), torch.as_tensor(arrays["y_train"], dtype=torch.int64),
-        _nchw(arrays["x_test"], path), torch.as_tensor(arrays["y_test"], dtype=torch.int64), names,
+        _nchw(arrays["x_train"], path),
+        torch.as_tensor(arrays["y_train"], dtype=torch.int64),
+        _nchw(arrays["x_test"], path),
+        torch.as_tensor(arrays["y_test"], dtype=torch.int64),
+        names,
     )
 
 
@@ -281,6 +314,9 @@ def imagefolder(root: str, test_dir: str = "val", **_: object) -> FolderSource:
     if train.classes != test.classes:
         raise EENNError(f"data.root={root!r}: train/ and {test_dir}/ have different class folders.")
     return FolderSource(
-        [p for p, _ in train.samples], torch.as_tensor(train.targets, dtype=torch.int64),
-        [p for p, _ in test.samples], torch.as_tensor(test.targets, dtype=torch.int64), list(train.classes),
+        [p for p, _ in train.samples],
+        torch.as_tensor(train.targets, dtype=torch.int64),
+        [p for p, _ in test.samples],
+        torch.as_tensor(test.targets, dtype=torch.int64),
+        list(train.classes),
     )

@@ -71,17 +71,23 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
     data = path.read_bytes()
     try:
         (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8:8 + n])
+        header = json.loads(data[8 : 8 + n])
         out = {}
         for name, info in header.items():
             if name == "__metadata__":
                 continue
             a, b = info["data_offsets"]
             dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
-            out[name] = np.frombuffer(data[8 + n + a:8 + n + b], dtype=dtype).reshape(info["shape"]).astype(dtype.newbyteorder("="))
+            out[name] = (
+                np.frombuffer(data[8 + n + a : 8 + n + b], dtype=dtype)
+                .reshape(info["shape"])
+                .astype(dtype.newbyteorder("="))
+            )
         return out
     except (struct.error, ValueError, KeyError, TypeError) as exc:
-        raise EENNError(f"{str(path)!r} is not a safetensors file this runtime reads ({type(exc).__name__}: {exc}).") from None
+        raise EENNError(
+            f"{str(path)!r} is not a safetensors file this runtime reads ({type(exc).__name__}: {exc})."
+        ) from None
 
 
 class Bundle:
@@ -101,8 +107,10 @@ class Bundle:
         if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
             got = self.manifest.get("format") if isinstance(self.manifest, dict) else type(self.manifest).__name__
             older = isinstance(got, str) and got.startswith("eenn.bundle/") and got < FORMAT
-            raise EENNError(f"{str(path / MANIFEST)!r} has format {got!r}, expected {FORMAT!r}"
-                            + (": an older eenn-export wrote it; export the bundle again." if older else "."))
+            raise EENNError(
+                f"{str(path / MANIFEST)!r} has format {got!r}, expected {FORMAT!r}"
+                + (": an older eenn-export wrote it; export the bundle again." if older else ".")
+            )
         for key in ("files", "input", "exits", "num_classes", "policy"):
             if key not in self.manifest:
                 raise EENNError(f"{str(path / MANIFEST)!r} lacks the key {key!r}.")
@@ -132,8 +140,10 @@ class Bundle:
         for name, digest in files.items():
             p = self.file(name)
             if sha256(p) != digest:
-                raise EENNError(f"{str(p)!r} does not match the sha256 its manifest records: the file was changed "
-                                "after export; export the bundle again.")
+                raise EENNError(
+                    f"{str(p)!r} does not match the sha256 its manifest records: the file was changed "
+                    "after export; export the bundle again."
+                )
 
     # ---------------------------------------------------------------- contents
     @property
@@ -191,8 +201,10 @@ class Bundle:
             raise EENNError(f"{str(spec_path)!r} is not valid JSON ({exc}).") from None
         if not isinstance(spec, dict) or spec.get("name") != self.manifest["policy"].get("name"):
             got = spec.get("name") if isinstance(spec, dict) else type(spec).__name__
-            raise EENNError(f"{str(spec_path)!r} names the policy {got!r}, but the manifest's graphs were exported "
-                            f"with {self.manifest['policy'].get('name')!r}.")
+            raise EENNError(
+                f"{str(spec_path)!r} names the policy {got!r}, but the manifest's graphs were exported "
+                f"with {self.manifest['policy'].get('name')!r}."
+            )
         arrays = read_arrays(self.file(POLICY_ARRAYS)) if POLICY_ARRAYS in self.manifest["files"] else {}
         return {**spec, "arrays": arrays}
 

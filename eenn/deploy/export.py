@@ -90,8 +90,9 @@ class _Part(nn.Module):
     the stage's output (unless ``stage_out`` is False), the head's logits (if any) and the
     decision's outputs (if any) out, flat."""
 
-    def __init__(self, stage: nn.Module | None, head: nn.Module | None, stage_out: bool,
-                 decision: _Decision | None = None) -> None:
+    def __init__(
+        self, stage: nn.Module | None, head: nn.Module | None, stage_out: bool, decision: _Decision | None = None
+    ) -> None:
         super().__init__()
         self.stage, self.head, self.stage_out, self.decision = stage, head, stage_out, decision
 
@@ -116,8 +117,9 @@ def _flat(h: Features) -> list[torch.Tensor]:
     return [h] if isinstance(h, torch.Tensor) else list(h)
 
 
-def _export_graph(module: nn.Module, args: tuple[Any, ...], path: Path, input_names: list[str],
-                  output_names: list[str], opset: int) -> None:
+def _export_graph(
+    module: nn.Module, args: tuple[Any, ...], path: Path, input_names: list[str], output_names: list[str], opset: int
+) -> None:
     batch = torch.export.Dim("batch", min=1)
     h = args[0]
     dynamic: dict[str, Any] = {"h": {0: batch} if isinstance(h, torch.Tensor) else [{0: batch}] * len(h)}
@@ -132,9 +134,19 @@ def _export_graph(module: nn.Module, args: tuple[Any, ...], path: Path, input_na
         for log in loggers:
             log.setLevel(logging.WARNING)
         try:
-            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
-                              opset_version=opset, dynamo=True, dynamic_shapes=dynamic, external_data=False,
-                              verbose=False, optimize=True)
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                input_names=input_names,
+                output_names=output_names,
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=dynamic,
+                external_data=False,
+                verbose=False,
+                optimize=True,
+            )
         except Exception as exc:  # the exporter raises many types; the first line says what it could not trace
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EENNError(f"exporting {path.name} to ONNX failed: {reason}") from exc
@@ -146,7 +158,9 @@ def _export_graph(module: nn.Module, args: tuple[Any, ...], path: Path, input_na
     # an opset it cannot convert to is logged and left at the exporter's own: the manifest would lie
     written = next((o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")), None)
     if written != opset:
-        raise EENNError(f"opset={opset}: the exporter wrote {path.name} at opset {written}; choose an opset it converts to.")
+        raise EENNError(
+            f"opset={opset}: the exporter wrote {path.name} at opset {written}; choose an opset it converts to."
+        )
 
 
 #: how many samples of a validation batch an exported decision (a bool or integer output) may
@@ -165,8 +179,16 @@ class _Checker:
         self.ort, self.atol, self.rtol = ort, atol, rtol
         self.graphs: dict[str, dict[str, float]] = {}
 
-    def export(self, module: nn.Module, args: tuple[Any, ...], path: Path, input_names: list[str],
-               output_names: list[str], opset: int, expected: Sequence[torch.Tensor]) -> None:
+    def export(
+        self,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        path: Path,
+        input_names: list[str],
+        output_names: list[str],
+        opset: int,
+        expected: Sequence[torch.Tensor],
+    ) -> None:
         """Export ``module`` on ``args`` to ``path`` and check it against ``expected``."""
         _export_graph(module, args, path, input_names, output_names, opset)
         self.check(path, _flat(args[0]) + (list(args[1]) if len(args) > 1 else []), expected)
@@ -181,20 +203,25 @@ class _Checker:
                 outs = session.run(None, feeds)
             except Exception as exc:  # onnxruntime's own exception types; a fixed batch axis, typically
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise EENNError(f"{path.name} does not run in ONNX Runtime on {len(inputs[0][rows])} "
-                                f"validation samples ({reason}).") from None
+                raise EENNError(
+                    f"{path.name} does not run in ONNX Runtime on {len(inputs[0][rows])} validation samples ({reason})."
+                ) from None
             for name, got, want in zip(names, outs, expected):
                 want = want[rows].numpy()
                 if got.shape != want.shape:
-                    raise EENNError(f"{path.name}'s output {name!r} has shape {got.shape} in ONNX Runtime, "
-                                    f"PyTorch gives {want.shape}.")
+                    raise EENNError(
+                        f"{path.name}'s output {name!r} has shape {got.shape} in ONNX Runtime, "
+                        f"PyTorch gives {want.shape}."
+                    )
                 if want.dtype.kind in "biu":  # a decision: equal, but for ties
                     differ = int((got != want).reshape(len(want), -1).any(1).sum())
                     worst[name] = max(worst.get(name, 0.0), differ / len(want))
                     if differ > max(1, int(MAX_DECISIONS_DIFFERING * len(want))):
-                        raise EENNError(f"{path.name}'s output {name!r} differs from PyTorch on {differ} of "
-                                        f"{len(want)} validation samples, more than ties explain: the policy's "
-                                        "decision does not export faithfully.")
+                        raise EENNError(
+                            f"{path.name}'s output {name!r} differs from PyTorch on {differ} of "
+                            f"{len(want)} validation samples, more than ties explain: the policy's "
+                            "decision does not export faithfully."
+                        )
                     continue
                 err = np.abs(got.astype(np.float64) - want)
                 bad = err > self.atol + self.rtol * np.abs(want)
@@ -211,13 +238,17 @@ class _Checker:
 def check_exportable(policy: ExitPolicy, network: MultiExitNetwork) -> None:
     """Refuse, by name, a policy the runtime cannot run."""
     if not policy.online:
-        raise EENNError(f"policy {policy.name!r} reads the labels (an oracle), so it cannot be deployed; "
-                        "export a policy fitted to run online (maxprob, eenet, ...).")
+        raise EENNError(
+            f"policy {policy.name!r} reads the labels (an oracle), so it cannot be deployed; "
+            "export a policy fitted to run online (maxprob, eenet, ...)."
+        )
     if policy.num_exits != network.num_exits:
         raise EENNError(f"the policy was fitted on {policy.num_exits} exits but the network has {network.num_exits}.")
 
 
-def _walk_decisions(policy: ExitPolicy, logits: list[torch.Tensor]) -> list[tuple[dict[str, torch.Tensor], list[torch.Tensor]]]:
+def _walk_decisions(
+    policy: ExitPolicy, logits: list[torch.Tensor]
+) -> list[tuple[dict[str, torch.Tensor], list[torch.Tensor]]]:
     """For exits 0..K-2: the state every sample of the check batch holds on reaching exit k, had
     each been sent there, and the decision's outputs from it (the graphs' inputs and expected outputs)."""
     K = len(logits)
@@ -283,21 +314,45 @@ def export_bundle(
             out_names = ([] if last else _names("h_out", h_out)) + ["logits"]
             if decision is not None:
                 in_names, out_names = in_names + decision.input_names(), out_names + decision.output_names()
-            checker.export(_Part(network.stages[k], network.heads[k], not last, decision), args,
-                           tmp / segment_file(k), in_names, out_names, opset,
-                           ([] if last else _flat(h_out)) + [logits] + decided)
+            checker.export(
+                _Part(network.stages[k], network.heads[k], not last, decision),
+                args,
+                tmp / segment_file(k),
+                in_names,
+                out_names,
+                opset,
+                ([] if last else _flat(h_out)) + [logits] + decided,
+            )
             if policy.jumps and 0 < k < K - 1:
-                checker.export(_Part(network.stages[k], None, True), (h_in,), tmp / stage_file(k), in_names[:len(_flat(h_in))],
-                               _names("h_out", h_out), opset, _flat(h_out))
-                checker.export(_Part(None, network.heads[k], False, decision), (h_out, tuple(state_in)) if state_in else (h_out,),
-                               tmp / exit_file(k), _names("h_in", h_out) + decision.input_names(),
-                               ["logits"] + decision.output_names(), opset, [logits] + decided)
+                checker.export(
+                    _Part(network.stages[k], None, True),
+                    (h_in,),
+                    tmp / stage_file(k),
+                    in_names[: len(_flat(h_in))],
+                    _names("h_out", h_out),
+                    opset,
+                    _flat(h_out),
+                )
+                checker.export(
+                    _Part(None, network.heads[k], False, decision),
+                    (h_out, tuple(state_in)) if state_in else (h_out,),
+                    tmp / exit_file(k),
+                    _names("h_in", h_out) + decision.input_names(),
+                    ["logits"] + decision.output_names(),
+                    opset,
+                    [logits] + decided,
+                )
             e = profile.exits[k]
-            exits.append({
-                "name": network.exit_names[k], "segment": segment_file(k), "inputs": in_names, "outputs": out_names,
-                "cost": {u: getattr(e, u) for u in ("macs", "flops", "params", "latency_ms")},
-                "head_cost": {u: getattr(e, f"head_{u}") for u in ("macs", "flops", "params", "latency_ms")},
-            })
+            exits.append(
+                {
+                    "name": network.exit_names[k],
+                    "segment": segment_file(k),
+                    "inputs": in_names,
+                    "outputs": out_names,
+                    "cost": {u: getattr(e, u) for u in ("macs", "flops", "params", "latency_ms")},
+                    "head_cost": {u: getattr(e, f"head_{u}") for u in ("macs", "flops", "params", "latency_ms")},
+                }
+            )
         if backbone:  # its logits are the last segment's
             checker.export(_Backbone(network), (eager[0],), tmp / BACKBONE, ["image"], ["logits"], opset, [logits])
 
@@ -305,8 +360,16 @@ def export_bundle(
         arrays = {k: v.detach().cpu().numpy() for k, v in policy.tensors().items()}
         if policy.temperature is not None:
             arrays["temperature"] = policy.temperature.detach().cpu().numpy()
-        spec = {"name": policy.name, "num_exits": K, "num_classes": policy.num_classes, "hparams": policy.hparams(),
-                "cost_unit": policy.cost_unit, "budget": policy.budget, "state": names, "jumps": policy.jumps}
+        spec = {
+            "name": policy.name,
+            "num_exits": K,
+            "num_classes": policy.num_classes,
+            "hparams": policy.hparams(),
+            "cost_unit": policy.cost_unit,
+            "budget": policy.budget,
+            "state": names,
+            "jumps": policy.jumps,
+        }
         (tmp / POLICY_JSON).write_text(json.dumps(spec, indent=2, allow_nan=False) + "\n")
         if arrays:
             from safetensors.numpy import save_file
@@ -319,15 +382,28 @@ def export_bundle(
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
             "opset": opset,
-            "input": {"name": "image", "shape": list(batch.shape[1:]), "dtype": "float32", "layout": "NCHW",
-                      "normalisation": None if normalisation is None else
-                      {"scale": 1 / 255, "mean": list(normalisation[0]), "std": list(normalisation[1])}},
+            "input": {
+                "name": "image",
+                "shape": list(batch.shape[1:]),
+                "dtype": "float32",
+                "layout": "NCHW",
+                "normalisation": None
+                if normalisation is None
+                else {"scale": 1 / 255, "mean": list(normalisation[0]), "std": list(normalisation[1])},
+            },
             "num_classes": policy.num_classes,
             "class_names": list(class_names) if class_names is not None else None,
             "exits": exits,
             "backbone": {"file": BACKBONE, "cost": dict(profile.backbone)} if backbone else None,
-            "policy": {"name": policy.name, "file": POLICY_JSON, "arrays": POLICY_ARRAYS if arrays else None,
-                       "jumps": policy.jumps, "state": names, "cost_unit": policy.cost_unit, "budget": policy.budget},
+            "policy": {
+                "name": policy.name,
+                "file": POLICY_JSON,
+                "arrays": POLICY_ARRAYS if arrays else None,
+                "jumps": policy.jumps,
+                "state": names,
+                "cost_unit": policy.cost_unit,
+                "budget": policy.budget,
+            },
             "source": source or {},
             "check": {"batch_size": int(batch.shape[0]), "atol": atol, "rtol": rtol, "max_abs_error": checker.graphs},
             "files": {p.name: sha256(p) for p in sorted(tmp.iterdir())},

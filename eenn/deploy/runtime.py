@@ -32,8 +32,9 @@ def _onnxruntime() -> Any:
     try:
         import onnxruntime
     except ImportError:
-        raise EENNError("the eenn.deploy runtime needs onnxruntime: pip install onnxruntime "
-                        "(or pip install 'eenn[deploy]').") from None
+        raise EENNError(
+            "the eenn.deploy runtime needs onnxruntime: pip install onnxruntime (or pip install 'eenn[deploy]')."
+        ) from None
     return onnxruntime
 
 
@@ -64,8 +65,13 @@ class _Group:
     heads: np.ndarray
 
     def take(self, idx: np.ndarray) -> _Group:
-        return _Group([a[idx] for a in self.h], self.ids[idx], self.next_exit[idx],
-                      {k: v[idx] for k, v in self.state.items()}, self.heads[idx])
+        return _Group(
+            [a[idx] for a in self.h],
+            self.ids[idx],
+            self.next_exit[idx],
+            {k: v[idx] for k, v in self.state.items()},
+            self.heads[idx],
+        )
 
 
 @dataclass
@@ -95,8 +101,13 @@ class Runtime:
     ``providers``: ONNX Runtime execution providers (default: the CPU's); ``threads``: intra-op
     threads per session (default: ONNX Runtime's choice)."""
 
-    def __init__(self, bundle: str | Path | Bundle, providers: list[str] | None = None, threads: int | None = None,
-                 verify: bool = True) -> None:
+    def __init__(
+        self,
+        bundle: str | Path | Bundle,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        verify: bool = True,
+    ) -> None:
         ort = _onnxruntime()
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, verify=verify)
         self.policy = self.bundle.policy()  # the record of what the graphs decide with, checked against the manifest
@@ -134,8 +145,10 @@ class Runtime:
         outputs = {o.name: i for i, o in enumerate(session.get_outputs())}
         missing = [n for n in self.state_names if "exit" in outputs and f"state_out_{n}" not in outputs]
         if missing:
-            raise EENNError(f"{str(self.bundle.path / MANIFEST)!r}: 'policy.state' names {missing[0]!r}, but "
-                            f"{path.name} has no output 'state_out_{missing[0]}'.")
+            raise EENNError(
+                f"{str(self.bundle.path / MANIFEST)!r}: 'policy.state' names {missing[0]!r}, but "
+                f"{path.name} has no output 'state_out_{missing[0]}'."
+            )
         return _Graph(session, [i.name for i in session.get_inputs()], outputs, self.state_names)
 
     @property
@@ -146,18 +159,24 @@ class Runtime:
     def check_input(self, x: Any) -> np.ndarray:
         """``x`` as the float32 (N, *input.shape) array the bundle takes, else an EENNError."""
         if not isinstance(x, np.ndarray):
-            raise EENNError(f"the runtime takes a numpy array of shape (N, {', '.join(map(str, self.bundle.input_shape))}), "
-                            f"got {type(x).__name__}.")
+            raise EENNError(
+                f"the runtime takes a numpy array of shape (N, {', '.join(map(str, self.bundle.input_shape))}), "
+                f"got {type(x).__name__}."
+            )
         shape = self.bundle.input_shape
         if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
-            raise EENNError(f"input of shape {tuple(x.shape)} does not match the manifest's input.shape {list(shape)} "
-                            "(with a leading batch axis).")
+            raise EENNError(
+                f"input of shape {tuple(x.shape)} does not match the manifest's input.shape {list(shape)} "
+                "(with a leading batch axis)."
+            )
         if x.shape[0] == 0:
             raise EENNError("the input holds no samples.")
         if x.dtype != np.float32:
             if x.dtype == np.uint8:
-                raise EENNError("the input is uint8 images: normalise them first (Runtime.bundle.normalise) into the "
-                                "manifest's input.dtype float32.")
+                raise EENNError(
+                    "the input is uint8 images: normalise them first (Runtime.bundle.normalise) into the "
+                    "manifest's input.dtype float32."
+                )
             x = x.astype(np.float32)
         return np.ascontiguousarray(x)
 
@@ -183,10 +202,11 @@ class Runtime:
         else:
             for a in range(0, n, bs):
                 b = min(n, a + bs) - a
-                arrival[a:a + b] = time.perf_counter()
+                arrival[a : a + b] = time.perf_counter()
                 # exit 0's graph builds the policy's initial state itself
-                g = _Group([x[a:a + b]], np.arange(a, a + b), np.zeros(b, dtype=np.int64), {},
-                           np.zeros((b, K), dtype=bool))
+                g = _Group(
+                    [x[a : a + b]], np.arange(a, a + b), np.zeros(b, dtype=np.int64), {}, np.zeros((b, K), dtype=bool)
+                )
                 for k in range(K):
                     sizes[k].append(len(g.ids))
                     g = self._advance(k, g, exits, logits, heads, done)
@@ -195,15 +215,23 @@ class Runtime:
         wall = time.perf_counter() - t0
         return Prediction(logits.argmax(-1), exits, logits, heads, (done - arrival) * 1e3, wall, self.decision_s, sizes)
 
-    def _predict_single(self, x: np.ndarray, exits: np.ndarray, logits: np.ndarray, heads: np.ndarray,
-                        done: np.ndarray, arrival: np.ndarray, sizes: list[list[int]]) -> None:
+    def _predict_single(
+        self,
+        x: np.ndarray,
+        exits: np.ndarray,
+        logits: np.ndarray,
+        heads: np.ndarray,
+        done: np.ndarray,
+        arrival: np.ndarray,
+        sizes: list[list[int]],
+    ) -> None:
         """One request at a time: no groups to compact, so none of the batch path's array
         bookkeeping between graphs, which at batch 1 costs as much as a small segment's last layers."""
         last = self.num_exits - 1
         jumps = self.bundle.jumps
         for i in range(x.shape[0]):
             arrival[i] = time.perf_counter()
-            h: list[np.ndarray] = [x[i:i + 1]]
+            h: list[np.ndarray] = [x[i : i + 1]]
             state: list[np.ndarray] = []
             k = 0
             while True:
@@ -218,7 +246,7 @@ class Runtime:
                 nxt = int(outs[graph.next_exit][0]) if jumps else k + 1
                 state = [outs[j] for j in graph.state_out]
                 self.decision_s += time.perf_counter() - t
-                h = outs[:graph.logits]
+                h = outs[: graph.logits]
                 for j in range(k + 1, nxt):  # sent past these exits: their stages without the heads
                     h = self.stages[j].run(h)
                     sizes[j].append(1)
@@ -227,8 +255,9 @@ class Runtime:
             logits[i] = outs[graph.logits][0]
             done[i] = time.perf_counter()
 
-    def _advance(self, k: int, g: _Group, exits: np.ndarray, logits: np.ndarray, heads: np.ndarray,
-                 done: np.ndarray) -> _Group | None:
+    def _advance(
+        self, k: int, g: _Group, exits: np.ndarray, logits: np.ndarray, heads: np.ndarray, done: np.ndarray
+    ) -> _Group | None:
         """Stage k, with exit k's head and decision for the samples bound to it; the exited samples
         written out; the continuing samples' group, or None."""
         here = g.next_exit == k
@@ -238,7 +267,7 @@ class Runtime:
         if n_here == len(g.ids):
             graph = self.segments[k]
             outs = graph.run(g.h + state)
-            h, sel = outs[:graph.logits], None
+            h, sel = outs[: graph.logits], None
         else:
             h = self.stages[k].run(g.h)
             if n_here == 0:  # all sent past this exit: no head runs
@@ -288,4 +317,4 @@ class Runtime:
             self._backbone = self._session(BACKBONE)
         x = self.check_input(x)
         bs = x.shape[0] if batch_size is None else int(batch_size)
-        return np.concatenate([self._backbone.run([x[a:a + bs]])[0] for a in range(0, x.shape[0], bs)])
+        return np.concatenate([self._backbone.run([x[a : a + bs]])[0] for a in range(0, x.shape[0], bs)])

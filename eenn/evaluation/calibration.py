@@ -38,8 +38,12 @@ def fit_temperatures(preds: Predictions) -> torch.Tensor:
     temps = []
     for k in range(preds.num_exits):
         z = preds.logits[:, k].double()
-        res = minimize_scalar(lambda s, z=z: _nll(z, preds.labels, s), bounds=(-LOG_T_SPAN, LOG_T_SPAN),
-                              method="bounded", options={"xatol": 1e-4})
+        res = minimize_scalar(
+            lambda s, z=z: _nll(z, preds.labels, s),
+            bounds=(-LOG_T_SPAN, LOG_T_SPAN),
+            method="bounded",
+            options={"xatol": 1e-4},
+        )
         temps.append(math.exp(float(res.x)))
     return torch.tensor(temps, dtype=torch.float32)
 
@@ -50,19 +54,27 @@ def temperature_rows(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, 
     and seed), each part in ascending order."""
     n_temp = round(fraction * n)
     if not 0 < n_temp < n:
-        raise EENNError(f"calibrate_split={fraction} leaves one part of the {n} validation samples empty; "
-                        f"it must keep at least one sample for the temperatures and one for the policy.")
+        raise EENNError(
+            f"calibrate_split={fraction} leaves one part of the {n} validation samples empty; "
+            f"it must keep at least one sample for the temperatures and one for the policy."
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     # file order within each part: the policy then sees its samples as the file holds them
     return perm[:n_temp].sort().values, perm[n_temp:].sort().values
 
 
-def temperature_split(preds: Predictions, fraction: float, seed: int) -> tuple[Predictions, Predictions, dict[str, Any]]:
+def temperature_split(
+    preds: Predictions, fraction: float, seed: int
+) -> tuple[Predictions, Predictions, dict[str, Any]]:
     """``preds`` split by :func:`temperature_rows` into the temperatures' part and the policy's,
     with a record of the split for the fit's metrics."""
     temp_rows, cal_rows = temperature_rows(preds.num_samples, fraction, seed)
-    info = {"temperature_fraction": fraction, "seed": seed, "temperature_samples": len(temp_rows),
-            "calibration_samples": len(cal_rows)}
+    info = {
+        "temperature_fraction": fraction,
+        "seed": seed,
+        "temperature_samples": len(temp_rows),
+        "calibration_samples": len(cal_rows),
+    }
     return preds.select(temp_rows), preds.select(cal_rows), info
 
 
@@ -90,8 +102,12 @@ def calibration_report(temperature: torch.Tensor, splits: dict[str, Predictions]
     out: dict[str, Any] = {"temperatures": temperature.tolist(), "bins": BINS}
     for name, preds in splits.items():
         out[name] = {
-            "ece_before": [expected_calibration_error(preds.logits[:, k], preds.labels) for k in range(preds.num_exits)],
-            "ece_after": [expected_calibration_error(preds.logits[:, k] / temperature[k], preds.labels)
-                          for k in range(preds.num_exits)],
+            "ece_before": [
+                expected_calibration_error(preds.logits[:, k], preds.labels) for k in range(preds.num_exits)
+            ],
+            "ece_after": [
+                expected_calibration_error(preds.logits[:, k] / temperature[k], preds.labels)
+                for k in range(preds.num_exits)
+            ],
         }
     return out

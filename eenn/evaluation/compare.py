@@ -28,22 +28,84 @@ from eenn.predictions import Predictions
 from eenn.utils.io import atomic_path
 
 CSV_COLUMNS = [
-    "model", "training", "policy", "settings", "requested_fraction", "budget_fraction", "budget", "cost_unit", "val_accuracy", "test_accuracy",
-    "val_avg_cost", "test_avg_cost", "test_exit_fractions", "fit_seconds", "run",
+    "model",
+    "training",
+    "policy",
+    "settings",
+    "requested_fraction",
+    "budget_fraction",
+    "budget",
+    "cost_unit",
+    "val_accuracy",
+    "test_accuracy",
+    "val_avg_cost",
+    "test_avg_cost",
+    "test_exit_fractions",
+    "fit_seconds",
+    "run",
     # the seed group's statistics at this row's policy, unit and budget (the same on every seed's row)
-    "group", "seed", "group_n", "group_mean", "group_std", "group_ci_low", "group_ci_high",
+    "group",
+    "seed",
+    "group_n",
+    "group_mean",
+    "group_std",
+    "group_ci_low",
+    "group_ci_high",
     # the paired difference of the group to the baseline group (empty without compare.baseline)
-    "baseline", "diff_n", "diff_mean", "diff_ci_low", "diff_ci_high", "diff_p_t", "diff_p_sign_flip", "verdict",
+    "baseline",
+    "diff_n",
+    "diff_mean",
+    "diff_ci_low",
+    "diff_ci_high",
+    "diff_p_t",
+    "diff_p_sign_flip",
+    "verdict",
 ]
 GROUP_CSV_COLUMNS = [
-    "group", "policy", "cost_unit", "requested_fraction", "seeds", "n", "mean", "std", "ci_low", "ci_high",
-    "mean_test_avg_cost", "baseline", "diff_n", "diff_mean", "diff_ci_low", "diff_ci_high", "diff_p_t",
-    "diff_p_sign_flip", "detectable", "verdict",
+    "group",
+    "policy",
+    "cost_unit",
+    "requested_fraction",
+    "seeds",
+    "n",
+    "mean",
+    "std",
+    "ci_low",
+    "ci_high",
+    "mean_test_avg_cost",
+    "baseline",
+    "diff_n",
+    "diff_mean",
+    "diff_ci_low",
+    "diff_ci_high",
+    "diff_p_t",
+    "diff_p_sign_flip",
+    "detectable",
+    "verdict",
 ]
 #: config keys that say where and how a run was logged, not what it trained: a group ignores them
-NOT_TRAINING = ("seed", "data.seed", "paths", "hydra", "logger", "callbacks", "wandb", "pipeline", "compare", "task_name",
-                "resume", "ckpt_path", "force", "cost", "data.root", "data.num_workers", "trainer.default_root_dir",
-                "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
+NOT_TRAINING = (
+    "seed",
+    "data.seed",
+    "paths",
+    "hydra",
+    "logger",
+    "callbacks",
+    "wandb",
+    "pipeline",
+    "compare",
+    "task_name",
+    "resume",
+    "ckpt_path",
+    "force",
+    "cost",
+    "data.root",
+    "data.num_workers",
+    "trainer.default_root_dir",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+)
 
 
 @dataclass
@@ -67,8 +129,10 @@ class Model:
     def static_points(self, unit: str) -> list[dict[str, Any]]:
         costs = self.test.costs_in(unit)
         acc = self.test.accuracy_per_exit()
-        return [{"exit": n, "avg_cost": float(c), "accuracy": float(a)}
-                for n, c, a in zip(self.test.exit_names, costs.tolist(), acc.tolist())]
+        return [
+            {"exit": n, "avg_cost": float(c), "accuracy": float(a)}
+            for n, c, a in zip(self.test.exit_names, costs.tolist(), acc.tolist())
+        ]
 
     def oracle_curve(self, unit: str, points: int = 12) -> list[dict[str, Any]]:
         """The best accuracy any exit assignment reaches at each average cost, on the test set."""
@@ -131,8 +195,9 @@ def distinguish(comp: Comparison) -> None:
     for r in comp.rows:
         groups[(r["model"], r["policy"], r["cost_unit"])].append(r)
     for rows in groups.values():
-        settings = [{**fits[r["run"]].get("hparams", {}), "calibrate": bool(fits[r["run"]].get("calibration"))}
-                    for r in rows]
+        settings = [
+            {**fits[r["run"]].get("hparams", {}), "calibrate": bool(fits[r["run"]].get("calibration"))} for r in rows
+        ]
         keys = sorted({k for s in settings for k in s})
         varying = [k for k in keys if len({_text(s.get(k)) for s in settings}) > 1]
         for r, s in zip(rows, settings):
@@ -196,13 +261,23 @@ def risk_points(comp: Comparison) -> list[dict[str, Any]]:
         val = temperature_split(model.val, split["temperature_fraction"], split["seed"])[1] if split else model.val
         base = policy.uncertified().fit(val, None, unit, temperature=policy.temperature)  # type: ignore[attr-defined]
         S = evaluate(base, model.test, unit)
-        points.append({
-            "model": model.name, "loss": loss, "epsilon": info["epsilon"], "delta": info["delta"],
-            "calibration_size": info["calibration_size"], "certified": info["certified"], "threshold": info["threshold"],
-            "calibrated": policy.temperature is not None, "test_risk": fit["test"]["risk"][loss],
-            "cost_saved": 1 - fit["test"]["avg_cost_fraction"], "uncertified_threshold": base.info["threshold"],
-            "uncertified_test_risk": S["risk"][loss], "uncertified_cost_saved": 1 - S["avg_cost_fraction"],
-        })
+        points.append(
+            {
+                "model": model.name,
+                "loss": loss,
+                "epsilon": info["epsilon"],
+                "delta": info["delta"],
+                "calibration_size": info["calibration_size"],
+                "certified": info["certified"],
+                "threshold": info["threshold"],
+                "calibrated": policy.temperature is not None,
+                "test_risk": fit["test"]["risk"][loss],
+                "cost_saved": 1 - fit["test"]["avg_cost_fraction"],
+                "uncertified_threshold": base.info["threshold"],
+                "uncertified_test_risk": S["risk"][loss],
+                "uncertified_cost_saved": 1 - S["avg_cost_fraction"],
+            }
+        )
     return sorted(points, key=lambda p: (p["model"], p["loss"], p["calibrated"], p["epsilon"]))
 
 
@@ -221,11 +296,22 @@ def write_group_csv(comp: Comparison, path: Path) -> Path:
         writer.writeheader()
         for g in comp.group_stats:
             a = g.accuracy
-            writer.writerow({
-                "group": g.group, "policy": g.policy, "cost_unit": g.cost_unit, "requested_fraction": g.requested_fraction,
-                "seeds": " ".join(str(sd) for sd in g.seeds), "n": a.n, "mean": a.mean, "std": _blank(a.std),
-                "ci_low": _blank(a.ci_low), "ci_high": _blank(a.ci_high), "mean_test_avg_cost": g.mean_test_avg_cost,
-                **_difference_columns(g)})
+            writer.writerow(
+                {
+                    "group": g.group,
+                    "policy": g.policy,
+                    "cost_unit": g.cost_unit,
+                    "requested_fraction": g.requested_fraction,
+                    "seeds": " ".join(str(sd) for sd in g.seeds),
+                    "n": a.n,
+                    "mean": a.mean,
+                    "std": _blank(a.std),
+                    "ci_low": _blank(a.ci_low),
+                    "ci_high": _blank(a.ci_high),
+                    "mean_test_avg_cost": g.mean_test_avg_cost,
+                    **_difference_columns(g),
+                }
+            )
     return path
 
 
@@ -237,9 +323,17 @@ def _difference_columns(g: GroupStat) -> dict[str, Any]:
     d = g.difference
     if d is None:
         return {"baseline": g.baseline or "", "verdict": NO_SPREAD if g.accuracy.n == 1 else ""}
-    return {"baseline": g.baseline, "diff_n": d.n, "diff_mean": d.mean, "diff_ci_low": _blank(d.ci_low),
-            "diff_ci_high": _blank(d.ci_high), "diff_p_t": _blank(d.p_t), "diff_p_sign_flip": _blank(d.p_sign_flip),
-            "detectable": _blank(d.detectable), "verdict": d.verdict}
+    return {
+        "baseline": g.baseline,
+        "diff_n": d.n,
+        "diff_mean": d.mean,
+        "diff_ci_low": _blank(d.ci_low),
+        "diff_ci_high": _blank(d.ci_high),
+        "diff_p_t": _blank(d.p_t),
+        "diff_p_sign_flip": _blank(d.p_sign_flip),
+        "detectable": _blank(d.detectable),
+        "verdict": d.verdict,
+    }
 
 
 # ----------------------------------------------------------------------------- seeds as an axis
@@ -286,7 +380,9 @@ def group_seeds(comp: Comparison) -> None:
     its training and the settings that tell it from the others (``bilevel (lr=0.05)``); a model
     without a saved config is a group of its own. Fills each model's ``group`` and each row's
     ``group`` and ``seed``."""
-    keys = {name: _training_keys(m.config) if m.config else {"run": json.dumps(name)} for name, m in comp.models.items()}
+    keys = {
+        name: _training_keys(m.config) if m.config else {"run": json.dumps(name)} for name, m in comp.models.items()
+    }
     groups: dict[tuple[tuple[str, str], ...], list[Model]] = defaultdict(list)
     for name, m in comp.models.items():
         groups[tuple(sorted(keys[name].items()))].append(m)
@@ -329,21 +425,37 @@ def seed_statistics(comp: Comparison, baseline: str | None = None) -> None:
     comp.group_stats = []
     for (group, policy, unit, fraction), rows in sorted(cells.items()):
         acc = summarise([float(r["test_accuracy"]) for r in rows])
-        stat = GroupStat(group, policy, unit, fraction, [r["seed"] if r["seed"] != "" else None for r in rows], acc,
-                         sum(float(r["test_avg_cost"]) for r in rows) / len(rows), comp.baseline)
+        stat = GroupStat(
+            group,
+            policy,
+            unit,
+            fraction,
+            [r["seed"] if r["seed"] != "" else None for r in rows],
+            acc,
+            sum(float(r["test_avg_cost"]) for r in rows) / len(rows),
+            comp.baseline,
+        )
         base_rows = cells.get((comp.baseline, policy, unit, fraction), []) if comp.baseline else []
         if comp.baseline and group != comp.baseline and base_rows:
             stat.difference = _paired(rows, base_rows)
         comp.group_stats.append(stat)
         for r in rows:
-            r.update({"group_n": acc.n, "group_mean": acc.mean, "group_std": _blank(acc.std),
-                      "group_ci_low": _blank(acc.ci_low), "group_ci_high": _blank(acc.ci_high)})
+            r.update(
+                {
+                    "group_n": acc.n,
+                    "group_mean": acc.mean,
+                    "group_std": _blank(acc.std),
+                    "group_ci_low": _blank(acc.ci_low),
+                    "group_ci_high": _blank(acc.ci_high),
+                }
+            )
             r.update({k: v for k, v in _difference_columns(stat).items() if k != "detectable"})
 
 
 def _paired(rows: list[dict[str, Any]], base_rows: list[dict[str, Any]]) -> Difference | None:
     """The paired difference over the seeds both groups ran once each (a seed run twice in a
     group is ambiguous to pair, and is left out)."""
+
     def by_seed(rs: list[dict[str, Any]]) -> dict[Any, float]:
         seeds = [r["seed"] for r in rs]
         return {r["seed"]: float(r["test_accuracy"]) for r in rs if r["seed"] != "" and seeds.count(r["seed"]) == 1}
@@ -363,4 +475,6 @@ def resolve_baseline(comp: Comparison, baseline: str) -> str:
     model = next((m for m in comp.models.values() if m.name == baseline), None)
     if model is not None and model.group:
         return model.group
-    raise EENNError(f"compare.baseline={baseline!r} is neither a group nor a model of this comparison; groups: {names}.")
+    raise EENNError(
+        f"compare.baseline={baseline!r} is neither a group nor a model of this comparison; groups: {names}."
+    )

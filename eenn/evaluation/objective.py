@@ -58,5 +58,11 @@ def exit_overhead(last_exit_cost: float, backbone_cost: float) -> float:
 def search_objective(val: Predictions, backbone_cost: float, unit: str = "flops") -> dict[str, object]:
     """Both objectives and what they come from, for a training run's metrics."""
     acc = accuracy_at_budgets(val, unit)
-    return {"val_auc": budget_auc(acc), "exit_overhead": exit_overhead(float(val.costs_in(unit)[-1]), backbone_cost),
-            "budgets": list(BUDGETS), "val_accuracy_at_budgets": acc, "policy": POLICY, "unit": unit}
+    return {
+        "val_auc": budget_auc(acc),
+        "exit_overhead": exit_overhead(float(val.costs_in(unit)[-1]), backbone_cost),
+        "budgets": list(BUDGETS),
+        "val_accuracy_at_budgets": acc,
+        "policy": POLICY,
+        "unit": unit,
+    }

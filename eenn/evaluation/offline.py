@@ -25,8 +25,9 @@ def summarize(preds: Predictions, exit_idx: torch.Tensor, heads: torch.Tensor, u
     n, K, C = preds.logits.shape
     costs = preds.costs_in(unit)
     cost = realised_cost(exit_idx, heads, costs, preds.head_costs_in(unit))
-    pred = torch.cat([block[torch.arange(len(block)), exit_idx[a:a + len(block)]].argmax(-1)
-                      for a, block in preds.row_blocks()])
+    pred = torch.cat(
+        [block[torch.arange(len(block)), exit_idx[a : a + len(block)]].argmax(-1) for a, block in preds.row_blocks()]
+    )
     final = torch.cat([block[:, -1].argmax(-1) for _, block in preds.row_blocks()])
     correct = pred == preds.labels
     per_exit = torch.bincount(exit_idx, minlength=K)
@@ -41,6 +42,8 @@ def summarize(preds: Predictions, exit_idx: torch.Tensor, heads: torch.Tensor, u
         "exit_accuracy": [float(r) / int(m) if m else None for r, m in zip(right.tolist(), per_exit.tolist())],
         "confusion": confusion.tolist(),
         # the losses policy=risk bounds, against the final exit: its right answers lost, its answers changed
-        "risk": {"drop": float(((final == preds.labels) & ~correct).double().mean()),
-                 "disagreement": float((pred != final).double().mean())},
+        "risk": {
+            "drop": float(((final == preds.labels) & ~correct).double().mean()),
+            "disagreement": float((pred != final).double().mean()),
+        },
     }

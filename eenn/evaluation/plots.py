@@ -22,8 +22,12 @@ from eenn.evaluation.compare import Comparison, Model, per_exit, policy_label, t
 from eenn.policies import budget_ceiling, policy_class
 from eenn.utils.io import atomic_path
 
-UNIT_LABEL = {"flops": "average FLOPs per sample", "macs": "average MACs per sample",
-              "latency_ms": "average latency per sample (ms)", "params": "average parameters touched"}
+UNIT_LABEL = {
+    "flops": "average FLOPs per sample",
+    "macs": "average MACs per sample",
+    "latency_ms": "average latency per sample (ms)",
+    "params": "average parameters touched",
+}
 
 
 def _scale(unit: str, values: list[float]) -> tuple[list[float], str]:
@@ -54,12 +58,24 @@ def accuracy_vs_cost(comp: Comparison, model: Model, unit: str, ax: Axes) -> Non
         style = {"linestyle": "--", "color": "black", "marker": None} if ceiling else {"marker": "o"}
         ax.plot([p["test_avg_cost"] / div for p in pts], [100 * p["test_accuracy"] for p in pts], label=policy, **style)
     static = model.static_points(unit)
-    ax.scatter([p["avg_cost"] / div for p in static], [100 * p["accuracy"] for p in static], marker="*", s=160,
-               color="crimson", zorder=5, label="static (each exit)")
+    ax.scatter(
+        [p["avg_cost"] / div for p in static],
+        [100 * p["accuracy"] for p in static],
+        marker="*",
+        s=160,
+        color="crimson",
+        zorder=5,
+        label="static (each exit)",
+    )
     if budget_ceiling() not in by_policy:
         oracle = model.oracle_curve(unit)
-        ax.plot([p["avg_cost"] / div for p in oracle], [100 * p["accuracy"] for p in oracle], linestyle=":",
-                color="grey", label="oracle ceiling")
+        ax.plot(
+            [p["avg_cost"] / div for p in oracle],
+            [100 * p["accuracy"] for p in oracle],
+            linestyle=":",
+            color="grey",
+            label="oracle ceiling",
+        )
     ax.set_xlabel(label)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{model.name} [{model.training}]")
@@ -71,7 +87,9 @@ def plot_accuracy_vs_cost(comp: Comparison) -> list[tuple[str, Figure]]:
     """One figure per cost unit (FLOPs, and milliseconds where runs used measured latency)."""
     figures = []
     for unit in sorted({r["cost_unit"] for r in comp.rows}):
-        models = [m for m in comp.models.values() if any(r["model"] == m.name and r["cost_unit"] == unit for r in comp.rows)]
+        models = [
+            m for m in comp.models.values() if any(r["model"] == m.name and r["cost_unit"] == unit for r in comp.rows)
+        ]
         if not models:
             continue
         fig = Figure(figsize=(6.5 * len(models), 4.5))
@@ -105,23 +123,36 @@ def plot_seed_groups(comp: Comparison) -> list[tuple[str, Figure]]:
             n = sorted({g.accuracy.n for g in pts})
             tag = "1 seed: no spread" if n == [1] else f"{'/'.join(map(str, n))} seeds"
             x = [g.mean_test_avg_cost / div for g in pts]
-            line, = axes[0].plot(x, [100 * g.accuracy.mean for g in pts], marker="o", label=f"{group} · {policy} ({tag})")
+            (line,) = axes[0].plot(
+                x, [100 * g.accuracy.mean for g in pts], marker="o", label=f"{group} · {policy} ({tag})"
+            )
             band = [(g.accuracy.ci_low, g.accuracy.ci_high) for g in pts]
             if all(lo is not None for lo, _ in band):
-                axes[0].fill_between(x, [100 * lo for lo, _ in band], [100 * hi for _, hi in band],
-                                     color=line.get_color(), alpha=0.15)
+                axes[0].fill_between(
+                    x, [100 * lo for lo, _ in band], [100 * hi for _, hi in band], color=line.get_color(), alpha=0.15
+                )
             dpts = [g for g in pts if g.difference is not None]
             if diffs and dpts:
                 dx = [g.requested_fraction for g in dpts]
-                line, = axes[1].plot(dx, [100 * g.difference.mean for g in dpts], marker="o", label=f"{group} · {policy}")
+                (line,) = axes[1].plot(
+                    dx, [100 * g.difference.mean for g in dpts], marker="o", label=f"{group} · {policy}"
+                )
                 if all(g.difference.ci_low is not None for g in dpts):
-                    axes[1].fill_between(dx, [100 * g.difference.ci_low for g in dpts],
-                                         [100 * g.difference.ci_high for g in dpts], color=line.get_color(), alpha=0.15)
+                    axes[1].fill_between(
+                        dx,
+                        [100 * g.difference.ci_low for g in dpts],
+                        [100 * g.difference.ci_high for g in dpts],
+                        color=line.get_color(),
+                        alpha=0.15,
+                    )
         axes[0].set(xlabel=label, ylabel="test accuracy (%)", title="seed groups: mean and 95 % CI over seeds")
         if diffs:
             axes[1].axhline(0, color="black", lw=0.8)
-            axes[1].set(xlabel="budget (fraction of the full cost)", ylabel=f"test accuracy - {comp.baseline} (points)",
-                        title="paired difference to the baseline (by seed), 95 % CI")
+            axes[1].set(
+                xlabel="budget (fraction of the full cost)",
+                ylabel=f"test accuracy - {comp.baseline} (points)",
+                title="paired difference to the baseline (by seed), 95 % CI",
+            )
         for ax in axes:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
@@ -142,8 +173,10 @@ def plot_exit_distributions(comp: Comparison) -> list[tuple[str, Figure]]:
     fig = Figure(figsize=(5 * cols, 3.2 * nrows))
     axes = fig.subplots(nrows, cols, squeeze=False)
     for ax, (model, policy, unit) in zip(axes.flat, keys):
-        pts = sorted((r for r in rows if (r["model"], policy_label(r), r["cost_unit"]) == (model, policy, unit)),
-                     key=lambda r: r["budget_fraction"])
+        pts = sorted(
+            (r for r in rows if (r["model"], policy_label(r), r["cost_unit"]) == (model, policy, unit)),
+            key=lambda r: r["budget_fraction"],
+        )
         fractions = [json.loads(r["test_exit_fractions"]) for r in pts]
         x = range(len(pts))  # one bar per budget, labelled by it (numeric positions: no category axis)
         bottom = [0.0] * len(pts)
@@ -156,7 +189,7 @@ def plot_exit_distributions(comp: Comparison) -> list[tuple[str, Figure]]:
         ax.set_xlabel("budget (fraction of full cost)")
         ax.set_ylabel("share of samples")
         ax.tick_params(axis="x", labelrotation=45, labelsize=7)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
@@ -166,9 +199,16 @@ def plot_exit_distributions(comp: Comparison) -> list[tuple[str, Figure]]:
 def crossing_point(comp: Comparison, model: Model) -> dict[str, Any] | None:
     """DEEx's crossing point: the cheapest ``deex`` run whose edge exits answer at least as
     accurately as the backbone exit does for the samples it receives."""
-    fits = sorted((f for f in comp.fits if policy_class(f["policy"]).has_p_d_curve and Path(f["run"]).exists()
-                   and any(r["run"] == f["run"] and r["model"] == model.name for r in comp.rows)),
-                  key=lambda f: f["budget"])
+    fits = sorted(
+        (
+            f
+            for f in comp.fits
+            if policy_class(f["policy"]).has_p_d_curve
+            and Path(f["run"]).exists()
+            and any(r["run"] == f["run"] and r["model"] == model.name for r in comp.rows)
+        ),
+        key=lambda f: f["budget"],
+    )
     for f in fits:
         acc, frac = f["test"]["exit_accuracy"], f["test"]["exit_fractions"]
         edge = [(a, w) for a, w in zip(acc[:-1], frac[:-1]) if a is not None and w > 0]
@@ -188,11 +228,15 @@ def plot_confusions(comp: Comparison) -> list[tuple[str, Figure]]:
 def confusion_figure(comp: Comparison, model: Model) -> Figure:
     """DEEx Fig. 6/7: confusion matrices with every sample at the first exit, at the last exit,
     and at the crossing point of the deex policy (when a deex sweep is present)."""
-    panels = [(f"all at {model.test.exit_names[0]}", model.confusion(0)),
-              (f"all at {model.test.exit_names[-1]}", model.confusion(model.test.num_exits - 1))]
+    panels = [
+        (f"all at {model.test.exit_names[0]}", model.confusion(0)),
+        (f"all at {model.test.exit_names[-1]}", model.confusion(model.test.num_exits - 1)),
+    ]
     cross = crossing_point(comp, model)
     if cross is not None:
-        panels.append((f"{cross['policy']} crossing point (budget {cross['budget_fraction']:.2f})", cross["test"]["confusion"]))
+        panels.append(
+            (f"{cross['policy']} crossing point (budget {cross['budget_fraction']:.2f})", cross["test"]["confusion"])
+        )
     c = model.test.num_classes
     fig = Figure(figsize=(4.2 * len(panels), 4))
     axes = fig.subplots(1, len(panels), squeeze=False)
@@ -250,19 +294,30 @@ def plot_risk_curves(points: list[dict[str, Any]]) -> list[tuple[str, Figure]]:
     keys = sorted({(p["model"], p["loss"], p["calibrated"]) for p in points})
     figures = []
     for model, loss, calibrated in keys:
-        pts = sorted((p for p in points if (p["model"], p["loss"], p["calibrated"]) == (model, loss, calibrated)),
-                     key=lambda p: p["epsilon"])
+        pts = sorted(
+            (p for p in points if (p["model"], p["loss"], p["calibrated"]) == (model, loss, calibrated)),
+            key=lambda p: p["epsilon"],
+        )
         eps = [100 * p["epsilon"] for p in pts]
         fig = Figure(figsize=(10, 4))
         risk_ax, cost_ax = fig.subplots(1, 2)
-        risk_ax.plot(eps, [100 * p["test_risk"] for p in pts], marker="o", label=f"Learn then Test (δ = {pts[0]['delta']:g})")
-        risk_ax.plot(eps, [100 * p["uncertified_test_risk"] for p in pts], marker="s", label="maxprob at the validation risk (no guarantee)")
+        risk_ax.plot(
+            eps, [100 * p["test_risk"] for p in pts], marker="o", label=f"Learn then Test (δ = {pts[0]['delta']:g})"
+        )
+        risk_ax.plot(
+            eps,
+            [100 * p["uncertified_test_risk"] for p in pts],
+            marker="s",
+            label="maxprob at the validation risk (no guarantee)",
+        )
         top = max(eps)
         risk_ax.plot([0, top], [0, top], linestyle="--", color="grey", label="risk = ε")
         risk_ax.set_xlabel("ε (%)")
         risk_ax.set_ylabel(f"realised test {loss} (%)")
         cost_ax.plot(eps, [100 * p["cost_saved"] for p in pts], marker="o", label="Learn then Test")
-        cost_ax.plot(eps, [100 * p["uncertified_cost_saved"] for p in pts], marker="s", label="maxprob at the validation risk")
+        cost_ax.plot(
+            eps, [100 * p["uncertified_cost_saved"] for p in pts], marker="s", label="maxprob at the validation risk"
+        )
         cost_ax.set_xlabel("ε (%)")
         cost_ax.set_ylabel("test cost saved (% of the full cost)")
         for ax in (risk_ax, cost_ax):

@@ -32,7 +32,9 @@ def _img(path: Path) -> str:
 def _table(header: list[str], rows: list[list[object]], left: int = 1) -> str:
     th = "".join(f'<th class="{"l" if i < left else ""}">{html.escape(h)}</th>' for i, h in enumerate(header))
     body = "".join(
-        "<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{html.escape(str(v))}</td>' for i, v in enumerate(r)) + "</tr>"
+        "<tr>"
+        + "".join(f'<td class="{"l" if i < left else ""}">{html.escape(str(v))}</td>' for i, v in enumerate(r))
+        + "</tr>"
         for r in rows
     )
     return f"<table><tr>{th}</tr>{body}</table>"
@@ -46,7 +48,9 @@ def accuracy_table(comp: Comparison) -> tuple[list[str], list[list[object]]]:
     fractions = sorted({round(r["requested_fraction"], 3) for r in rows})
     cells: dict[tuple[str, str, str], dict[float, str]] = defaultdict(dict)
     for r in rows:
-        cells[(r["model"], policy_label(r), r["cost_unit"])][round(r["requested_fraction"], 3)] = f"{100 * r['test_accuracy']:.2f}"
+        cells[(r["model"], policy_label(r), r["cost_unit"])][round(r["requested_fraction"], 3)] = (
+            f"{100 * r['test_accuracy']:.2f}"
+        )
     header = ["model", "policy", "unit", *[f"{f:.2f}" for f in fractions]]
     rows = [[m, p, u, *[c.get(f, "") for f in fractions]] for (m, p, u), c in sorted(cells.items())]
     return header, rows
@@ -88,42 +92,93 @@ def seed_table(comp: Comparison) -> tuple[list[str], list[list[object]]]:
     rows: list[list[object]] = []
     for (group, policy, unit), by_f in sorted(cells.items()):
         seeds = sorted({str(sd) for g in by_f.values() for sd in g.seeds})
-        rows.append([group, policy, unit, " ".join(seeds), *[_accuracy_cell(by_f[f]) if f in by_f else "" for f in fractions]])
+        rows.append(
+            [group, policy, unit, " ".join(seeds), *[_accuracy_cell(by_f[f]) if f in by_f else "" for f in fractions]]
+        )
         if any(g.difference is not None for g in by_f.values()):
-            rows.append([group, policy, unit, f"- {comp.baseline}",
-                         *[_difference_cell(by_f[f]) if f in by_f else "" for f in fractions]])
+            rows.append(
+                [
+                    group,
+                    policy,
+                    unit,
+                    f"- {comp.baseline}",
+                    *[_difference_cell(by_f[f]) if f in by_f else "" for f in fractions],
+                ]
+            )
     return header, rows
 
 
 def risk_table(points: list[dict[str, object]]) -> tuple[list[str], list[list[object]]]:
     """The risk-controlled fits (:func:`eenn.evaluation.compare.risk_points`), one row per ε."""
-    header = ["model", "loss", "calibrated", "ε %", "δ", "n cal", "certified", "threshold", "test risk %", "cost saved %",
-              "uncertified threshold", "uncertified test risk %", "uncertified cost saved %"]
+    header = [
+        "model",
+        "loss",
+        "calibrated",
+        "ε %",
+        "δ",
+        "n cal",
+        "certified",
+        "threshold",
+        "test risk %",
+        "cost saved %",
+        "uncertified threshold",
+        "uncertified test risk %",
+        "uncertified cost saved %",
+    ]
     pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
     thr = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    rows = [[p["model"], p["loss"], p["calibrated"], pct(p["epsilon"]), p["delta"], p["calibration_size"], p["certified"],
-             thr(p["threshold"]), pct(p["test_risk"]), pct(p["cost_saved"]), thr(p["uncertified_threshold"]),
-             pct(p["uncertified_test_risk"]), pct(p["uncertified_cost_saved"])] for p in points]
+    rows = [
+        [
+            p["model"],
+            p["loss"],
+            p["calibrated"],
+            pct(p["epsilon"]),
+            p["delta"],
+            p["calibration_size"],
+            p["certified"],
+            thr(p["threshold"]),
+            pct(p["test_risk"]),
+            pct(p["cost_saved"]),
+            thr(p["uncertified_threshold"]),
+            pct(p["uncertified_test_risk"]),
+            pct(p["uncertified_cost_saved"]),
+        ]
+        for p in points
+    ]
     return header, rows
 
 
-def write_report(comp: Comparison, images: list[Path], out_path: Path, risk: list[dict[str, object]] | None = None,
-                 title: str = "eenn: exit policies compared") -> Path:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
-    parts.append(f"<p>{len(comp.rows)} stage-2 runs, policies: {html.escape(', '.join(comp.policies))}; "
-                 f"models: {html.escape(', '.join(m.name for m in comp.models.values()))}.</p>")
+def write_report(
+    comp: Comparison,
+    images: list[Path],
+    out_path: Path,
+    risk: list[dict[str, object]] | None = None,
+    title: str = "eenn: exit policies compared",
+) -> Path:
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+    ]
+    parts.append(
+        f"<p>{len(comp.rows)} stage-2 runs, policies: {html.escape(', '.join(comp.policies))}; "
+        f"models: {html.escape(', '.join(m.name for m in comp.models.values()))}.</p>"
+    )
     if comp.failures:
         parts.append("<h2 class='fail'>Missing or failed runs</h2>")
         parts.append(_table(["run", "reason"], [[f["run"], f["reason"]] for f in comp.failures], left=2))
     parts.append("<h2>Stage-1 models: per-exit test accuracy (anytime prediction)</h2>")
     for m in comp.models.values():
         costs = m.test.costs.tolist()
-        rows = [[n, f"{c / costs[-1]:.3f}", f"{100 * a:.2f}"] for n, c, a in zip(m.test.exit_names, costs, m.test.accuracy_per_exit().tolist())]
+        rows = [
+            [n, f"{c / costs[-1]:.3f}", f"{100 * a:.2f}"]
+            for n, c, a in zip(m.test.exit_names, costs, m.test.accuracy_per_exit().tolist())
+        ]
         parts.append(f"<h3>{html.escape(m.name)} [{html.escape(m.training)}]</h3>")
         parts.append(_table(["exit", "cost (x last exit)", "test accuracy %"], rows))
-    parts.append("<h2>Accuracy vs cost (interactive)</h2><p>Hover a point for its numbers; click a legend entry to "
-                 "hide or show its curve (a seed group's 95 % CI band goes with its mean).</p>")
+    parts.append(
+        "<h2>Accuracy vs cost (interactive)</h2><p>Hover a point for its numbers; click a legend entry to "
+        "hide or show its curve (a seed group's 95 % CI band goes with its mean).</p>"
+    )
     parts.append(interactive_html(comp))
     parts.append("<h2>Plots</h2>")
     parts += [_img(p) for p in images]
@@ -132,33 +187,62 @@ def write_report(comp: Comparison, images: list[Path], out_path: Path, risk: lis
     parts.append(_table(header, rows, left=3))
     if comp.group_stats:
         parts.append("<h2>Seeds: test accuracy (%) over each group's seeds, mean [95 % CI]</h2>")
-        parts.append("<p>Runs whose configs differ only in their seed form a group. "
-                     + (f"Rows marked “- {html.escape(comp.baseline)}” give each group's paired difference to that "
-                        "baseline, by seed, in points: mean [95 % t interval], the t-test's p and the exact sign-flip "
-                        f"test's; where the interval holds 0 the study shows {NO_DIFFERENCE}, and says how large an "
-                        "effect it could have seen (80 % power)." if comp.baseline else
-                        "Name a baseline (compare.baseline=&lt;group&gt;) for paired differences to it.")
-                     + f" A group of one seed has “{NO_SPREAD}”: it says nothing about the spread.</p>")
+        parts.append(
+            "<p>Runs whose configs differ only in their seed form a group. "
+            + (
+                f"Rows marked “- {html.escape(comp.baseline)}” give each group's paired difference to that "
+                "baseline, by seed, in points: mean [95 % t interval], the t-test's p and the exact sign-flip "
+                f"test's; where the interval holds 0 the study shows {NO_DIFFERENCE}, and says how large an "
+                "effect it could have seen (80 % power)."
+                if comp.baseline
+                else "Name a baseline (compare.baseline=&lt;group&gt;) for paired differences to it."
+            )
+            + f" A group of one seed has “{NO_SPREAD}”: it says nothing about the spread.</p>"
+        )
         parts.append(_table(*seed_table(comp), left=4))
     if risk:
         parts.append("<h2>Risk control: realised test risk and cost saved at each ε</h2>")
-        parts.append("<p>Learn then Test certifies that the loss against the final exit is at most ε with probability "
-                     "1 - δ; the uncertified baseline takes the same rule at the same empirical risk on validation.</p>")
+        parts.append(
+            "<p>Learn then Test certifies that the loss against the final exit is at most ε with probability "
+            "1 - δ; the uncertified baseline takes the same rule at the same empirical risk on validation.</p>"
+        )
         parts.append(_table(*risk_table(risk), left=3))
     calibrated = [f for f in comp.fits if f.get("calibration")]
     if calibrated:
         parts.append("<h2>Calibration: test ECE per exit before / after temperature scaling</h2>")
         by_model = {f["model"]: f for f in calibrated}  # a model's fits share their validation set, so their T
-        rows = [[m, n, f"{t:.3f}", f"{b:.4f}", f"{a:.4f}"] for m, f in by_model.items()
-                for n, t, b, a in zip(f["exit_names"], f["calibration"]["temperatures"],
-                                      f["calibration"]["test"]["ece_before"], f["calibration"]["test"]["ece_after"])]
+        rows = [
+            [m, n, f"{t:.3f}", f"{b:.4f}", f"{a:.4f}"]
+            for m, f in by_model.items()
+            for n, t, b, a in zip(
+                f["exit_names"],
+                f["calibration"]["temperatures"],
+                f["calibration"]["test"]["ece_before"],
+                f["calibration"]["test"]["ece_after"],
+            )
+        ]
         parts.append(_table(["model", "exit", "T", "ECE before", "ECE after"], rows, left=2))
     parts.append("<h2>All runs</h2>")
-    run_rows = [[r["model"], policy_label(r), r["cost_unit"], f"{r['budget_fraction']:.3f}", f"{100 * r['val_accuracy']:.2f}",
-                 f"{100 * r['test_accuracy']:.2f}", f"{r['test_avg_cost']:.4g}",
-                 ", ".join(f"{f:.2f}" for f in json.loads(r["test_exit_fractions"]))] for r in comp.rows]
-    parts.append(_table(["model", "policy", "unit", "budget", "val acc %", "test acc %", "test avg cost", "test exit fractions"],
-                        run_rows, left=3))
+    run_rows = [
+        [
+            r["model"],
+            policy_label(r),
+            r["cost_unit"],
+            f"{r['budget_fraction']:.3f}",
+            f"{100 * r['val_accuracy']:.2f}",
+            f"{100 * r['test_accuracy']:.2f}",
+            f"{r['test_avg_cost']:.4g}",
+            ", ".join(f"{f:.2f}" for f in json.loads(r["test_exit_fractions"])),
+        ]
+        for r in comp.rows
+    ]
+    parts.append(
+        _table(
+            ["model", "policy", "unit", "budget", "val acc %", "test acc %", "test avg cost", "test exit fractions"],
+            run_rows,
+            left=3,
+        )
+    )
     parts.append("</body></html>")
     with atomic_path(out_path) as tmp:
         tmp.write_text("\n".join(parts))

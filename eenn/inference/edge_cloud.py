@@ -91,7 +91,9 @@ def measure_partition(
             maps = [h] if isinstance(h, torch.Tensor) else h  # MSDNet stages hand on every scale
             sizes.append(sum(int(t[0].numel()) for t in maps) * bytes_per_element)
     network.train(was_training)
-    return Partition(split, [t / batch_size for t in stage_ms], [t / batch_size for t in head_ms], sizes, link, cloud_speedup)
+    return Partition(
+        split, [t / batch_size for t in stage_ms], [t / batch_size for t in head_ms], sizes, link, cloud_speedup
+    )
 
 
 def sample_times(p: Partition, exit_index: torch.Tensor, heads_evaluated: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -106,8 +108,13 @@ def sample_times(p: Partition, exit_index: torch.Tensor, heads_evaluated: torch.
     cloud = (upto @ (stage * (1 - on_edge)) + heads_evaluated.double() @ (head * (1 - on_edge))) / p.cloud_speedup
     offloaded = exit_index > p.split
     transfer = offloaded.double() * p.link.transfer_ms(p.sent_bytes)
-    return {"edge_ms": edge, "transfer_ms": transfer, "cloud_ms": cloud, "total_ms": edge + transfer + cloud,
-            "offloaded": offloaded}
+    return {
+        "edge_ms": edge,
+        "transfer_ms": transfer,
+        "cloud_ms": cloud,
+        "total_ms": edge + transfer + cloud,
+        "offloaded": offloaded,
+    }
 
 
 def edge_cloud_report(
@@ -140,9 +147,7 @@ def edge_cloud_report(
     return out
 
 
-def p_d_time_curve(
-    p: Partition, preds: Predictions, p_ds: Sequence[float], policy: ExitPolicy
-) -> list[dict[str, Any]]:
+def p_d_time_curve(p: Partition, preds: Predictions, p_ds: Sequence[float], policy: ExitPolicy) -> list[dict[str, Any]]:
     """DEEx's Fig. 4 (with Fig. 3's exit fractions and Fig. 5's accuracy) for a policy whose
     decision threshold p_d trades edge for cloud (``has_p_d_curve``): for each p_d, the time to
     infer the whole set, the offload ratio and the accuracy, from saved predictions (offline: the
@@ -154,6 +159,13 @@ def p_d_time_curve(
         exit_index, heads = simulate(variant, preds.logits)
         pred = preds.logits[torch.arange(n), exit_index].argmax(-1)
         row = edge_cloud_report(p, exit_index, heads, pred, preds.labels)
-        curve.append({"p_d": float(p_d), **{k: row[k] for k in ("total_time_s", "time_ms", "offload_ratio",
-                                                                   "bytes_sent", "exit_fractions", "accuracy")}})
+        curve.append(
+            {
+                "p_d": float(p_d),
+                **{
+                    k: row[k]
+                    for k in ("total_time_s", "time_ms", "offload_ratio", "bytes_sent", "exit_fractions", "accuracy")
+                },
+            }
+        )
     return curve

@@ -74,8 +74,13 @@ class Group:
 
     def small(self) -> dict[str, torch.Tensor]:
         """The per-sample tensors (everything but the features)."""
-        return {"ids": self.ids, "next_exit": self.next_exit, "heads": self.heads, "arrival": self.arrival,
-                **{f"state.{k}": v for k, v in self.state.items()}}
+        return {
+            "ids": self.ids,
+            "next_exit": self.next_exit,
+            "heads": self.heads,
+            "arrival": self.arrival,
+            **{f"state.{k}": v for k, v in self.state.items()},
+        }
 
     @staticmethod
     def from_small(h: Features, small: dict[str, torch.Tensor], n_here: int | None = None) -> Group:
@@ -155,9 +160,13 @@ class Collector:
         done = torch.cat([torch.full((p.ids.numel(),), p.done, dtype=torch.float64) for p in self.parts])
         latency = (done - torch.cat([p.arrival for p in self.parts]).cpu()) * 1e3
         return ExitResult(
-            predictions=logits.argmax(-1)[order], exit_index=exits[order],
+            predictions=logits.argmax(-1)[order],
+            exit_index=exits[order],
             heads_evaluated=torch.cat([p.heads for p in self.parts]).cpu()[order],
-            logits=logits[order], latency_ms=latency[order], wall_s=wall_s, policy_s=policy_s,
+            logits=logits[order],
+            latency_ms=latency[order],
+            wall_s=wall_s,
+            policy_s=policy_s,
             labels=torch.cat(self.labels) if self.labels else None,
             stage_batch_sizes=self.stage_batch_sizes,
         )
@@ -173,7 +182,7 @@ def split_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
 def batches_of(x: torch.Tensor, batch_size: int, y: torch.Tensor | None = None) -> Iterator[Batch]:
     """Stream a tensor in batches (batch_size 1: single-sample requests)."""
     for i in range(0, x.shape[0], batch_size):
-        yield x[i:i + batch_size] if y is None else (x[i:i + batch_size], y[i:i + batch_size])
+        yield x[i : i + batch_size] if y is None else (x[i : i + batch_size], y[i : i + batch_size])
 
 
 class EarlyExitEngine:
@@ -184,14 +193,23 @@ class EarlyExitEngine:
     different batch size: one graph serves them all, plus one for batches of one); a segment that
     does not compile runs eagerly, with one warning line."""
 
-    def __init__(self, network: MultiExitNetwork, policy: ExitPolicy, device: torch.device | str | None = None,
-                 compile: bool = False) -> None:
+    def __init__(
+        self,
+        network: MultiExitNetwork,
+        policy: ExitPolicy,
+        device: torch.device | str | None = None,
+        compile: bool = False,
+    ) -> None:
         if policy.num_exits is None:
             raise EENNError(f"policy {policy.name!r} is not fitted: fit it (eenn-fit) before inference.")
         if policy.num_exits != network.num_exits:
-            raise EENNError(f"the policy was fitted on {policy.num_exits} exits but the network has {network.num_exits}.")
+            raise EENNError(
+                f"the policy was fitted on {policy.num_exits} exits but the network has {network.num_exits}."
+            )
         if not policy.online:
-            raise EENNError(f"policy {policy.name!r} reads the labels (an oracle): it runs on saved predictions only, not online.")
+            raise EENNError(
+                f"policy {policy.name!r} reads the labels (an oracle): it runs on saved predictions only, not online."
+            )
         self.device = torch.device(device) if device is not None else next(network.parameters()).device
         self.network = network.to(self.device).eval()
         # decisions run where the logits are: a copy of the policy moves there (the caller's stays put)
@@ -253,18 +271,24 @@ class EarlyExitEngine:
         bad = ~d.exit & ((d.next_exit <= k) | (d.next_exit >= self.num_exits))
         n_on, n_next, n_bad = torch.stack([carry_on.sum(), (carry_on & (next_exit == k + 1)).sum(), bad.sum()]).tolist()
         if n_bad:
-            raise RuntimeError(f"policy {self.policy.name!r} sent samples at exit {k} to an exit outside {k + 1}..{self.num_exits - 1}")
+            raise RuntimeError(
+                f"policy {self.policy.name!r} sent samples at exit {k} to an exit outside {k + 1}..{self.num_exits - 1}"
+            )
         n_exited = len(g) - n_on
         if n_exited:
             everyone = n_on == 0
             pos = None if everyone else first_true(exited, n_exited)
             at_k = None if everyone and sel is None else first_true(d.exit, n_exited)
-            out.parts.append(Exited(
-                g.ids if pos is None else g.ids.index_select(0, pos), k,
-                logits if at_k is None else logits.index_select(0, at_k),
-                heads if pos is None else heads.index_select(0, pos),
-                g.arrival if pos is None else g.arrival.index_select(0, pos), time.perf_counter(),
-            ))
+            out.parts.append(
+                Exited(
+                    g.ids if pos is None else g.ids.index_select(0, pos),
+                    k,
+                    logits if at_k is None else logits.index_select(0, at_k),
+                    heads if pos is None else heads.index_select(0, pos),
+                    g.arrival if pos is None else g.arrival.index_select(0, pos),
+                    time.perf_counter(),
+                )
+            )
         if n_on == 0:
             return None
         g = Group(h, g.ids, next_exit, new_state, heads, g.arrival, n_next)
@@ -324,8 +348,9 @@ class EarlyExitEngine:
 
 
 @torch.inference_mode()
-def time_backbone(network: MultiExitNetwork, batches: Iterable[Batch],
-                  forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+def time_backbone(
+    network: MultiExitNetwork, batches: Iterable[Batch], forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> float:
     """Seconds for the plain backbone (no early-exit heads) over the batches: the speedup baseline.
     ``forward``: what runs it (default ``network.forward_backbone``; an engine's ``backbone``, compiled with it)."""
     device = next(network.parameters()).device

@@ -66,7 +66,9 @@ def _gather(pieces: list[tuple[Group, torch.Tensor | None]]) -> Group:
         parts = [(g.h[scale] if multiscale else g.h, idx) for g, idx in pieces]
         maps.append(_gather_map(parts, sizes))
     h = maps if multiscale else maps[0]
-    smalls = [g.small() if idx is None else {k: v.index_select(0, idx) for k, v in g.small().items()} for g, idx in pieces]
+    smalls = [
+        g.small() if idx is None else {k: v.index_select(0, idx) for k, v in g.small().items()} for g, idx in pieces
+    ]
     here = [g.n_here for g, _ in pieces]
     n_here = None if None in here else sum(here)  # type: ignore[arg-type]
     return Group.from_small(h, {k: torch.cat([s[k] for s in smalls]) for k in smalls[0]}, n_here)
@@ -78,9 +80,9 @@ def _gather_map(parts: list[tuple[torch.Tensor, torch.Tensor | None]], sizes: li
     start = 0
     for (t, idx), n in zip(parts, sizes):
         if idx is None:
-            h[start:start + n].copy_(t)
+            h[start : start + n].copy_(t)
         else:
-            torch.index_select(t, 0, idx.to(t.device), out=h[start:start + n])
+            torch.index_select(t, 0, idx.to(t.device), out=h[start : start + n])
         start += n
     return h
 

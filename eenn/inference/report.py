@@ -49,15 +49,17 @@ def cost_report(
     for k, e in enumerate(profile.exits):
         last = k == K - 1
         mine = cost[exit_index == k]
-        per_exit.append({
-            "name": e.name,
-            "overhead": 0.0 if last else float(head[k]),  # the last head is the backbone's own classifier
-            "through": float(through[k]),
-            "fraction": int(counts[k]) / n,
-            "avg_cost": float(mine.mean()) if mine.numel() else None,  # what its samples paid
-            "contribution": float(mine.sum()) / n,  # fraction x avg_cost: the sum is the average cost
-            "savings_after": 0.0 if last else standard - float(stages_upto[k]),
-        })
+        per_exit.append(
+            {
+                "name": e.name,
+                "overhead": 0.0 if last else float(head[k]),  # the last head is the backbone's own classifier
+                "through": float(through[k]),
+                "fraction": int(counts[k]) / n,
+                "avg_cost": float(mine.mean()) if mine.numel() else None,  # what its samples paid
+                "contribution": float(mine.sum()) / n,  # fraction x avg_cost: the sum is the average cost
+                "savings_after": 0.0 if last else standard - float(stages_upto[k]),
+            }
+        )
     average = float(cost.mean())
     return {
         "unit": unit,
@@ -116,14 +118,17 @@ def format_report(columns: dict[str, dict[str, Any]], extra: Sequence[tuple[str,
     rows = [("", *columns)] + [(label, *(t[i][1] for t in tables)) for i, label in enumerate(labels)]
     rows += [(label, *values) for label, values in extra]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join([r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:]))]) for r in rows
-    )
+    return "\n".join("  ".join([r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:]))]) for r in rows)
 
 
 def latency_stats(t: torch.Tensor) -> dict[str, float]:
     """Mean, median, 95th percentile and maximum of per-sample times."""
-    return {"mean": float(t.mean()), "p50": float(t.quantile(0.5)), "p95": float(t.quantile(0.95)), "max": float(t.max())}
+    return {
+        "mean": float(t.mean()),
+        "p50": float(t.quantile(0.5)),
+        "p95": float(t.quantile(0.95)),
+        "max": float(t.max()),
+    }
 
 
 def expected_vs_realised(
@@ -165,7 +170,9 @@ def timing_summary(results: Sequence[ExitResult], backbone_s: Sequence[float] | 
         "ms_per_sample": 1e3 * engine_s / n,
         "latency_ms": latency_stats(mid.latency_ms),
         "policy_s": statistics.median(r.policy_s for r in results),
-        "stage_batches": [{"count": len(b), "mean_size": (sum(b) / len(b)) if b else None} for b in mid.stage_batch_sizes],
+        "stage_batches": [
+            {"count": len(b), "mean_size": (sum(b) / len(b)) if b else None} for b in mid.stage_batch_sizes
+        ],
         "backbone_s": None,
         "backbone_s_passes": None,
         "realised_speedup": None,

@@ -38,7 +38,11 @@ def reads(name: str) -> str:
 
 
 def _conv_bn_relu(cin: int, cout: int, bn: bool) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=not bn), *([nn.BatchNorm2d(cout)] if bn else []), nn.ReLU(inplace=True)]
+    return [
+        nn.Conv2d(cin, cout, 3, padding=1, bias=not bn),
+        *([nn.BatchNorm2d(cout)] if bn else []),
+        nn.ReLU(inplace=True),
+    ]
 
 
 @_head("linear", reads="maps")
@@ -84,7 +88,9 @@ class TokenPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.tokens
-        return global_pool_nlc(x, pool_type=t.pool, num_prefix_tokens=t.prefix_tokens, reduce_include_prefix=t.include_prefix)
+        return global_pool_nlc(
+            x, pool_type=t.pool, num_prefix_tokens=t.prefix_tokens, reduce_include_prefix=t.include_prefix
+        )
 
 
 @_head("token", reads="tokens")
@@ -99,8 +105,14 @@ def token_mlp_head(in_shape: tuple[int, ...], num_classes: int, tokens: Tokens, 
     """LayerNorm, the model's pooling, then a two-layer GELU MLP (``hidden`` units; default the width)."""
     dim = in_shape[-1]
     hidden = hidden or dim
-    return nn.Sequential(AsTokens(), nn.LayerNorm(dim), TokenPool(tokens), nn.Linear(dim, hidden), nn.GELU(),
-                         nn.Linear(hidden, num_classes))
+    return nn.Sequential(
+        AsTokens(),
+        nn.LayerNorm(dim),
+        TokenPool(tokens),
+        nn.Linear(dim, hidden),
+        nn.GELU(),
+        nn.Linear(hidden, num_classes),
+    )
 
 
 @_head("token_attn", reads="tokens")
@@ -112,12 +124,17 @@ def token_attn_head(
     dim = in_shape[-1]
     if dim % num_heads:
         raise EENNError(f"exits.head.num_heads={num_heads} does not divide the token width {dim}.")
-    return nn.Sequential(AsTokens(), nn.LayerNorm(dim),
-                         AttentionPoolLatent(dim, num_heads=num_heads, mlp_ratio=mlp_ratio, norm_layer=nn.LayerNorm),
-                         nn.Linear(dim, num_classes))
+    return nn.Sequential(
+        AsTokens(),
+        nn.LayerNorm(dim),
+        AttentionPoolLatent(dim, num_heads=num_heads, mlp_ratio=mlp_ratio, norm_layer=nn.LayerNorm),
+        nn.Linear(dim, num_classes),
+    )
 
 
-def build_head(name: str, in_shape: tuple[int, ...], num_classes: int, tokens: Tokens | None, **kwargs: Any) -> nn.Module:
+def build_head(
+    name: str, in_shape: tuple[int, ...], num_classes: int, tokens: Tokens | None, **kwargs: Any
+) -> nn.Module:
     """Exit head ``name`` (``auto``: the default for the features) for features of shape ``in_shape``
     (without the batch), tokens pooled per ``tokens`` or, if it is None, feature maps."""
     kind = "maps" if tokens is None else "tokens"
@@ -125,6 +142,10 @@ def build_head(name: str, in_shape: tuple[int, ...], num_classes: int, tokens: T
     factory = HEADS.get(name)
     if reads(name) != kind:
         fits = ", ".join(n for n in HEADS.names() if reads(n) == kind)
-        raise EENNError(f"exits.head.name={name!r} reads {FEATURES[reads(name)]}, but this backbone's exits get "
-                        f"{FEATURES[kind]}; use one of {fits} (or auto).")
-    return factory(in_shape=in_shape, num_classes=num_classes, **({} if tokens is None else {"tokens": tokens}), **kwargs)
+        raise EENNError(
+            f"exits.head.name={name!r} reads {FEATURES[reads(name)]}, but this backbone's exits get "
+            f"{FEATURES[kind]}; use one of {fits} (or auto)."
+        )
+    return factory(
+        in_shape=in_shape, num_classes=num_classes, **({} if tokens is None else {"tokens": tokens}), **kwargs
+    )

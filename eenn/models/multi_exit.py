@@ -87,7 +87,9 @@ def resolve_exit_blocks(
         if at:
             raise EENNError("exits.at and exits.spacing=even both set; give one of them.")
         if first is None or count is None or count < 1 or not 1 <= first <= n:
-            raise EENNError(f"exits.spacing=even needs exits.first in [1, {n}] and exits.count >= 1, got first={first}, count={count}.")
+            raise EENNError(
+                f"exits.spacing=even needs exits.first in [1, {n}] and exits.count >= 1, got first={first}, count={count}."
+            )
         delta = (n - first) // count
         if delta < 1 and count > 1:
             raise EENNError(f"exits.count={count} exits from block {first} do not fit in the backbone's {n} blocks.")
@@ -119,7 +121,9 @@ def resolve_exit_blocks(
     if positions != sorted(positions):
         raise EENNError(f"exits.at must go deeper with each exit (increasing), got {list(at)}.")
     if names and names[-1] == last_unit:
-        raise EENNError(f"exits.at: {names[-1]!r} is the backbone's last block, where its own classifier already exits.")
+        raise EENNError(
+            f"exits.at: {names[-1]!r} is the backbone's last block, where its own classifier already exits."
+        )
     return names
 
 
@@ -171,8 +175,10 @@ def build_multi_exit(
     if unknown:
         raise EENNError(f"exits has unknown keys {sorted(unknown)}; expected at, spacing, first, count, head.")
     if head_type == "native" and parts.exit_head is None:
-        raise EENNError(f"exits.head.name=native: backbone.name={family!r} has no exit heads of its own; "
-                        f"use one of {', '.join(HEADS.names())}.")
+        raise EENNError(
+            f"exits.head.name=native: backbone.name={family!r} has no exit heads of its own; "
+            f"use one of {', '.join(HEADS.names())}."
+        )
     exit_blocks = resolve_exit_blocks(parts, **exits)
     if parts.check is not None:
         parts.check(input_shape)

@@ -148,7 +148,9 @@ class ExitPolicy:
         self.device = torch.device("cpu")  # where its fitted tensors and new states live
 
     # ----------------------------------------------------------------- fitting
-    def fit(self, val: Predictions, budget: float | None, cost_unit: str, temperature: torch.Tensor | None = None) -> Self:
+    def fit(
+        self, val: Predictions, budget: float | None, cost_unit: str, temperature: torch.Tensor | None = None
+    ) -> Self:
         """Fit on validation predictions for an average ``budget`` per sample (absolute, in
         ``cost_unit``; None where the policy's own config fixes its thresholds); with
         ``temperature`` (K,), on the logits divided by it, as the fitted policy will decide."""
@@ -203,7 +205,9 @@ class ExitPolicy:
             if t.is_floating_point() and name not in self.infinite_tensors and not bool(t.isfinite().all()):
                 raise ValueError(f"its tensor {name!r} holds inf, which fitting never writes there")
         T = self.temperature
-        if T is not None and (tuple(T.shape) != (self.num_exits,) or not bool((T > 0).all()) or not bool(T.isfinite().all())):
+        if T is not None and (
+            tuple(T.shape) != (self.num_exits,) or not bool((T > 0).all()) or not bool(T.isfinite().all())
+        ):
             raise ValueError(f"its 'temperature' must be {self.num_exits} finite positive values")
 
     def to(self, device: str | torch.device) -> Self:
@@ -295,7 +299,9 @@ class ExitPolicy:
             policy.load_tensors(tensors)
             policy.check_fitted()
         except KeyError as exc:
-            raise EENNError(f"policy file {str(path)!r} lacks the tensor {exc} of a fitted {policy.name!r} policy.") from None
+            raise EENNError(
+                f"policy file {str(path)!r} lacks the tensor {exc} of a fitted {policy.name!r} policy."
+            ) from None
         except (ValueError, RuntimeError, IndexError, TypeError) as exc:
             reason = str(exc).strip().splitlines()[0].rstrip(":.")
             raise EENNError(f"policy file {str(path)!r} is not a fitted {policy.name!r} policy: {reason}.") from None

@@ -62,7 +62,9 @@ class DEExPolicy(ExitPolicy):
     def _fit(self, val: Predictions, costs: torch.Tensor, heads: torch.Tensor, budget: float | None) -> None:
         K = val.num_exits
         if K < 2:
-            raise EENNError(f"policy 'deex' needs at least 2 exits (an edge exit and the backbone), the predictions have {K}.")
+            raise EENNError(
+                f"policy 'deex' needs at least 2 exits (an edge exit and the backbone), the predictions have {K}."
+            )
         if self.p_d is None:
             if budget is None:
                 raise EENNError("policy 'deex' needs a budget or policy.p_d.")
@@ -70,7 +72,9 @@ class DEExPolicy(ExitPolicy):
         self.info["p_d"] = self.fitted_p_d
         check_realised_budget(self, val, costs, heads, budget if self.p_d is None else None)
 
-    def _schedules(self, val: Predictions, costs: torch.Tensor, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _schedules(
+        self, val: Predictions, costs: torch.Tensor, heads: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every distinct p_d at once: the realised validation cost with the m lowest-scoring
         samples offloaded, m = 0..N, (N+1,), and the exit-0 scores sorted ascending (N,);
         p_d = sorted[m] offloads exactly those m, where sorted[m-1] < sorted[m]."""

@@ -66,6 +66,7 @@ from eenn.predictions import Predictions
 if TYPE_CHECKING:
     from eenn.policies.eenet_scheduler import EENetScheduler
 
+
 def exit_inputs(logits_k: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
     """The label-free part of x_k, (B, C + 3): softmax, max prob, entropy score and vote; ``preds``
     (B, k+1) are the argmax predictions of exits 0..k."""
@@ -140,8 +141,10 @@ class EENetPolicy(ThresholdPolicy):
             raw = self.scheduler.linear_score(k, exit_inputs(logits_k, seen), scores[:, :k])
         # column k written by concatenation, not into a copy: the same values, and in an exported
         # graph a few slices instead of index arithmetic and a scatter per state tensor
-        return raw, {"preds": torch.cat([seen, preds[:, k + 1:]], 1),
-                     "scores": torch.cat([scores[:, :k], raw.clamp(0.0, 1.0)[:, None], scores[:, k + 1:]], 1)}
+        return raw, {
+            "preds": torch.cat([seen, preds[:, k + 1 :]], 1),
+            "scores": torch.cat([scores[:, :k], raw.clamp(0.0, 1.0)[:, None], scores[:, k + 1 :]], 1),
+        }
 
     def _fit(self, val: Predictions, costs: torch.Tensor, heads: torch.Tensor, budget: float | None) -> None:
         if budget is None:
@@ -181,15 +184,18 @@ class EENetPolicy(ThresholdPolicy):
         correct = (preds == val.labels[:, None]).float()
         with torch.random.fork_rng(devices=[]):  # h's init is seeded without touching the global RNG
             torch.manual_seed(self.seed)
-            self.scheduler = EENetScheduler(K, C, self.hidden_ratio, self.beta_h, self.alpha_cost, self.lr,
-                                            self.detach_scores)
+            self.scheduler = EENetScheduler(
+                K, C, self.hidden_ratio, self.beta_h, self.alpha_cost, self.lr, self.detach_scores
+            )
         self.scheduler.costs, self.scheduler.budget = costs.double(), budget
         batches = Batches(inputs, correct, self.batch_size, self.seed)
         threads = torch.get_num_threads()
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
         try:
-            epochs = self.scheduler.fit(batches, self.max_epochs, self.patience, self.min_delta, self.enable_progress_bar)
+            epochs = self.scheduler.fit(
+                batches, self.max_epochs, self.patience, self.min_delta, self.enable_progress_bar
+            )
         finally:
             torch.set_num_threads(threads)
         self.scheduler.eval()
@@ -232,4 +238,6 @@ class EENetPolicy(ThresholdPolicy):
     def check_fitted(self) -> None:
         super().check_fitted()
         if tuple(self.exit_distribution.shape) != (self.num_exits,):
-            raise ValueError(f"'exit_distribution' has shape {tuple(self.exit_distribution.shape)}, expected ({self.num_exits},)")
+            raise ValueError(
+                f"'exit_distribution' has shape {tuple(self.exit_distribution.shape)}, expected ({self.num_exits},)"
+            )

@@ -36,7 +36,9 @@ class EENetScheduler(nn.Module):
         dims = [num_classes + 3 + k for k in range(num_exits)]
         self.g = nn.ModuleList(nn.Linear(d, 1) for d in dims)
         self.h = nn.ModuleList(
-            nn.Sequential(nn.Linear(d, max(1, round(hidden_ratio * d))), nn.ReLU(), nn.Linear(max(1, round(hidden_ratio * d)), 1))
+            nn.Sequential(
+                nn.Linear(d, max(1, round(hidden_ratio * d))), nn.ReLU(), nn.Linear(max(1, round(hidden_ratio * d)), 1)
+            )
             for d in dims
         )
         with torch.no_grad():
@@ -76,7 +78,9 @@ class EENetScheduler(nn.Module):
         for k in range(self.num_exits):
             first, relu, last = self.h[k]
             width = inputs.shape[2]
-            z = F.linear(inputs[:, k], first.weight[:, :width], first.bias) + F.linear(q[:, :k], first.weight[:, width:])
+            z = F.linear(inputs[:, k], first.weight[:, :width], first.bias) + F.linear(
+                q[:, :k], first.weight[:, width:]
+            )
             logits.append(last(relu(z))[:, 0])
         return torch.stack(logits, 1)
 

@@ -28,7 +28,9 @@ class PatiencePolicy(ExitPolicy):
     def __init__(self, patience: int | None = None) -> None:
         super().__init__()
         if patience is not None and (not is_number(patience, integer=True) or patience < 0):
-            raise EENNError(f"policy.patience must be a non-negative integer or null (fit to the budget), got {patience!r}.")
+            raise EENNError(
+                f"policy.patience must be a non-negative integer or null (fit to the budget), got {patience!r}."
+            )
         self.patience = patience
         self.fitted_patience: int | None = patience
 
@@ -58,7 +60,9 @@ class PatiencePolicy(ExitPolicy):
                 if best is None or acc > best[0]:
                     best = (acc, p)
             if best is None:
-                raise EENNError(f"budget {budget:g} is below the cheapest patience schedule (patience 0: everyone at exit 0).")
+                raise EENNError(
+                    f"budget {budget:g} is below the cheapest patience schedule (patience 0: everyone at exit 0)."
+                )
             self.fitted_patience = best[1]
         self.info["patience"] = self.fitted_patience
         check_realised_budget(self, val, costs, heads, budget if self.patience is None else None)

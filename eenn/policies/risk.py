@@ -96,11 +96,14 @@ class RiskPolicy(MaxProbPolicy):
     # its decisions are fitted to epsilon, not to a budget: a budget is a ceiling it keeps or refuses
     budgeted: ClassVar[bool] = False
     examples: ClassVar[tuple[dict[str, Any], ...]] = (
-        {"epsilon": 0.05}, {"epsilon": 0.1, "loss": "disagreement", "candidates": 20}, {"epsilon": 0.05, "certify": False},
+        {"epsilon": 0.05},
+        {"epsilon": 0.1, "loss": "disagreement", "candidates": 20},
+        {"epsilon": 0.05, "certify": False},
     )
 
-    def __init__(self, epsilon: float = 0.02, delta: float = 0.1, loss: str = "drop", candidates: int = 100,
-                 certify: bool = True) -> None:
+    def __init__(
+        self, epsilon: float = 0.02, delta: float = 0.1, loss: str = "drop", candidates: int = 100, certify: bool = True
+    ) -> None:
         super().__init__(None)
         if not is_number(epsilon) or not 0 < epsilon < 1:
             raise EENNError(f"risk.epsilon must be a number in (0, 1), got {epsilon!r}.")
@@ -116,8 +119,13 @@ class RiskPolicy(MaxProbPolicy):
         self.candidates, self.certify = int(candidates), certify
 
     def hparams(self) -> dict[str, Any]:
-        return {"epsilon": self.epsilon, "delta": self.delta, "loss": self.loss, "candidates": self.candidates,
-                "certify": self.certify}
+        return {
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "loss": self.loss,
+            "candidates": self.candidates,
+            "certify": self.certify,
+        }
 
     def uncertified(self) -> RiskPolicy:
         """This rule, unfitted, with certify=False: the baseline fitted to the same empirical risk."""
@@ -128,7 +136,9 @@ class RiskPolicy(MaxProbPolicy):
         grid = candidate_grid(self.candidates)
         scores = torch.cat([self.score_matrix(block) for _, block in val.row_blocks()])
         exits = candidate_exits(scores, grid)  # (N, M)
-        per_exit = torch.cat([exit_losses(block, val.labels[a:a + len(block)], self.loss) for a, block in val.row_blocks()])
+        per_exit = torch.cat(
+            [exit_losses(block, val.labels[a : a + len(block)], self.loss) for a, block in val.row_blocks()]
+        )
         losses = per_exit.gather(1, exits).sum(0)  # (M,)
         mean_cost = costs[exits].mean(0)  # a threshold rule evaluates every head up to its exit
         if self.certify:
@@ -137,8 +147,16 @@ class RiskPolicy(MaxProbPolicy):
             passed[: int(fixed_sequence(pvalues, self.delta))] = True
         else:
             passed = losses <= self.epsilon * n
-        self.info.update({"epsilon": self.epsilon, "delta": self.delta, "loss": self.loss, "certify": self.certify,
-                          "calibration_size": n, "certified_candidates": int(passed.sum())})
+        self.info.update(
+            {
+                "epsilon": self.epsilon,
+                "delta": self.delta,
+                "loss": self.loss,
+                "certify": self.certify,
+                "calibration_size": n,
+                "certified_candidates": int(passed.sum()),
+            }
+        )
         if not bool(passed.any()):
             self._refuse(n, costs, budget)
         else:
@@ -153,8 +171,15 @@ class RiskPolicy(MaxProbPolicy):
                 )
             j = int(torch.where(feasible, mean_cost, torch.full_like(mean_cost, math.inf)).argmin())
             self.thresholds = torch.cat([grid[j].repeat(K - 1), torch.tensor([-math.inf])])
-            self.info.update({"threshold": float(grid[j]), "candidate": j, "calibration_risk": float(losses[j]) / n,
-                              "certified": self.certify, "risk_bound": self.epsilon if self.certify else None})
+            self.info.update(
+                {
+                    "threshold": float(grid[j]),
+                    "candidate": j,
+                    "calibration_risk": float(losses[j]) / n,
+                    "certified": self.certify,
+                    "risk_bound": self.epsilon if self.certify else None,
+                }
+            )
             if self.certify:
                 self.info["p_value"] = float(pvalues[j])
         check_realised_budget(self, val, costs, heads, budget)
@@ -163,14 +188,24 @@ class RiskPolicy(MaxProbPolicy):
         """Nothing certified (or passing): every sample at the final exit, loss 0, with a warning;
         an EENNError where a budget rules the final exit out too."""
         need = min_calibration_size(self.epsilon, self.delta)
-        reason = (f"policy risk: no candidate is {'certified at' if self.certify else 'within'} risk.epsilon={self.epsilon:g} "
-                  f"(risk.delta={self.delta:g}, risk.loss={self.loss}) on {n} calibration samples"
-                  + (f" (even with no loss observed it takes at least {need})" if self.certify and n < need else ""))
+        reason = (
+            f"policy risk: no candidate is {'certified at' if self.certify else 'within'} risk.epsilon={self.epsilon:g} "
+            f"(risk.delta={self.delta:g}, risk.loss={self.loss}) on {n} calibration samples"
+            + (f" (even with no loss observed it takes at least {need})" if self.certify and n < need else "")
+        )
         if budget is not None and not within_budget(float(costs[-1]), budget):
             raise EENNError(f"{reason}, and the final exit exceeds the budget {budget:g}: no exit rule meets both.")
         msg = f"{reason}; every sample answers at the final exit."
         warnings.warn(msg, stacklevel=4)  # at the caller of fit()
         self.thresholds = torch.full((len(costs),), math.inf)
         self.thresholds[-1] = -math.inf
-        self.info.update({"threshold": None, "candidate": None, "certified": False, "risk_bound": 0.0,
-                          "calibration_risk": 0.0, "warnings": [msg]})
+        self.info.update(
+            {
+                "threshold": None,
+                "candidate": None,
+                "certified": False,
+                "risk_bound": 0.0,
+                "calibration_risk": 0.0,
+                "warnings": [msg],
+            }
+        )

@@ -44,8 +44,13 @@ def simulate(
     return exit_idx, heads
 
 
-def _walk(policy: ExitPolicy, logits: torch.Tensor, state: dict[str, torch.Tensor], exit_idx: torch.Tensor,
-          heads: torch.Tensor) -> None:
+def _walk(
+    policy: ExitPolicy,
+    logits: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    exit_idx: torch.Tensor,
+    heads: torch.Tensor,
+) -> None:
     """Walk exits 0..K-1 for the samples of ``logits``, writing into ``exit_idx`` and ``heads``."""
     n, K, _ = logits.shape
     next_exit = torch.zeros(n, dtype=torch.int64, device=logits.device)

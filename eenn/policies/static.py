@@ -35,11 +35,15 @@ class StaticPolicy(ExitPolicy):
     def _fit(self, val: Predictions, costs: torch.Tensor, heads: torch.Tensor, budget: float | None) -> None:
         K = val.num_exits
         if not -K <= self.exit < K:
-            raise EENNError(f"policy.exit={self.exit} is out of range for {K} exits (use 0..{K - 1} or -1 for the last).")
+            raise EENNError(
+                f"policy.exit={self.exit} is out of range for {K} exits (use 0..{K - 1} or -1 for the last)."
+            )
         check_realised_budget(self, val, costs, heads, None)
 
     def _decide(self, k: int, logits_k: torch.Tensor, state: State) -> Decision:
-        return continue_to_next(k, torch.full((logits_k.shape[0],), k >= self.target, dtype=torch.bool, device=logits_k.device), state)
+        return continue_to_next(
+            k, torch.full((logits_k.shape[0],), k >= self.target, dtype=torch.bool, device=logits_k.device), state
+        )
 
     def hparams(self) -> dict[str, Any]:
         return {"exit": self.exit}

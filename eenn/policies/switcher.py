@@ -29,9 +29,7 @@ class BudgetSwitcher:
         self.budgets = torch.tensor([p.budget for p in self.policies], dtype=torch.float64)
 
     @classmethod
-    def fit(
-        cls, val: Predictions, budgets: Sequence[float], cost_unit: str, name: str, **cfg: Any
-    ) -> BudgetSwitcher:
+    def fit(cls, val: Predictions, budgets: Sequence[float], cost_unit: str, name: str, **cfg: Any) -> BudgetSwitcher:
         """Fit policy ``name`` (hyper-parameters ``cfg``) once per budget on ``val``."""
         return cls([build_policy(name, **cfg).fit(val, b, cost_unit) for b in budgets])
 

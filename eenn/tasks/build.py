@@ -24,7 +24,9 @@ def instantiate(cfg: Any, **kwargs: Any) -> Any:
     except InstantiationException as exc:
         cause = exc.__cause__
         while cause is not None and not isinstance(cause, EENNError):
-            unknown = re.search(r"unexpected keyword argument '(\w+)'", str(cause)) if isinstance(cause, TypeError) else None
+            unknown = (
+                re.search(r"unexpected keyword argument '(\w+)'", str(cause)) if isinstance(cause, TypeError) else None
+            )
             if unknown and isinstance(cfg, DictConfig):  # a key added with + that the target does not take
                 node = cfg._get_full_key(None) or "the config"
                 raise EENNError(f"{node}.{unknown[1]}: {cfg.get('_target_')} takes no option {unknown[1]!r}.") from None

@@ -87,11 +87,22 @@ def add_fit(comp: Comparison, job: FitRun) -> None:
         if key not in comp.models and source.has_predictions():
             comp.models[key] = load_model(source)
         model = comp.models.get(key)
-    row = fit_row(metrics, job.path, model.name if model else (source.path.name if source else "unknown"),
-                  model.training if model else "unknown")
+    row = fit_row(
+        metrics,
+        job.path,
+        model.name if model else (source.path.name if source else "unknown"),
+        model.training if model else "unknown",
+    )
     row["model_dir"] = str(source.path.resolve()) if source is not None else ""  # who it is, beyond its name
-    comp.fits.append({**metrics, "run": str(job.path), "model": row["model"], "policy_file": str(job.policy_file),
-                      "hparams": job.policy().hparams()})
+    comp.fits.append(
+        {
+            **metrics,
+            "run": str(job.path),
+            "model": row["model"],
+            "policy_file": str(job.policy_file),
+            "hparams": job.policy().hparams(),
+        }
+    )
     comp.rows.append(row)
 
 
@@ -123,8 +134,12 @@ def name_models_apart(comp: Comparison) -> None:
 
 
 def compare(
-    sweeps: Sequence[str | Path], runs: Sequence[str | Path], out_dir: str | Path,
-    wandb_cfg: Mapping[str, Any] | None = None, group: str | None = None, force: bool = False,
+    sweeps: Sequence[str | Path],
+    runs: Sequence[str | Path],
+    out_dir: str | Path,
+    wandb_cfg: Mapping[str, Any] | None = None,
+    group: str | None = None,
+    force: bool = False,
     baseline: str | None = None,
 ) -> Comparison:
     """Compare the fits of ``sweeps`` into ``out_dir``; ``wandb_cfg`` is the ``wandb:`` config every
@@ -135,8 +150,11 @@ def compare(
     comp = collect(sweeps, runs, baseline)
     with out.claimed(force=force):
         if not out.has_config():  # made in-process (eenn-pipeline's): the dir still says whose it is
-            out.write_config(OmegaConf.create({"task_name": CompareRun.APP, "sweeps": [str(s) for s in sweeps],
-                                               "runs": [str(r) for r in runs]}))
+            out.write_config(
+                OmegaConf.create(
+                    {"task_name": CompareRun.APP, "sweeps": [str(s) for s in sweeps], "runs": [str(r) for r in runs]}
+                )
+            )
         _write(comp, out, wandb_cfg, group)
     return comp
 
@@ -147,8 +165,14 @@ def _write(comp: Comparison, out: CompareRun, wandb_cfg: Mapping[str, Any] | Non
     write_csv(comp, out.results_file)
     write_group_csv(comp, out.group_results_file)
     risk = risk_points(comp)
-    figures = [*plot_accuracy_vs_cost(comp), *plot_seed_groups(comp), *plot_exit_distributions(comp),
-               *plot_confusions(comp), *plot_reliability(comp), *plot_risk_curves(risk)]
+    figures = [
+        *plot_accuracy_vs_cost(comp),
+        *plot_seed_groups(comp),
+        *plot_exit_distributions(comp),
+        *plot_confusions(comp),
+        *plot_reliability(comp),
+        *plot_risk_curves(risk),
+    ]
     images = [save_png(fig, out.figure_file(name)) for name, fig in figures]
     write_report(comp, images, out.report_file, risk)
     if isinstance(wandb_cfg, DictConfig):
@@ -167,7 +191,7 @@ def wandb_key(prefix: str, name: str, limit: int = 96) -> str:
     if len(key) <= limit:
         return key
     digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-    return f"{key[:limit - 9]}~{digest}"
+    return f"{key[: limit - 9]}~{digest}"
 
 
 def log_to_wandb(run: Any, comp: Comparison, images: list[Path]) -> None:
@@ -182,14 +206,29 @@ def log_to_wandb(run: Any, comp: Comparison, images: list[Path]) -> None:
             series = sorted({(policy_label(r), r["cost_unit"]) for r in comp.rows if r["model"] == model.name})
             xs, ys, keys = [], [], []
             for policy, unit in series:
-                pts = sorted((r for r in comp.rows if (r["model"], policy_label(r), r["cost_unit"]) == (model.name, policy, unit)),
-                             key=lambda r: r["test_avg_cost"])
+                pts = sorted(
+                    (
+                        r
+                        for r in comp.rows
+                        if (r["model"], policy_label(r), r["cost_unit"]) == (model.name, policy, unit)
+                    ),
+                    key=lambda r: r["test_avg_cost"],
+                )
                 xs.append([r["test_avg_cost"] for r in pts])
                 ys.append([r["test_accuracy"] for r in pts])
                 keys.append(f"{policy} [{unit}]")
             if keys:
-                run.log({wandb_key("accuracy_vs_cost", model.name): wandb.plot.line_series(
-                    xs=xs, ys=ys, keys=keys, title=f"{model.name}: test accuracy vs average cost", xname="average cost")})
+                run.log(
+                    {
+                        wandb_key("accuracy_vs_cost", model.name): wandb.plot.line_series(
+                            xs=xs,
+                            ys=ys,
+                            keys=keys,
+                            title=f"{model.name}: test accuracy vs average cost",
+                            xname="average cost",
+                        )
+                    }
+                )
         header, rows = accuracy_table(comp)
         run.log({"accuracy_by_budget": wandb.Table(columns=header, data=rows)})
         header, rows = seed_table(comp)

@@ -36,7 +36,9 @@ def check_config(cfg: DictConfig) -> None:
     check_flag(cfg.get("force", False), "force")
     missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
     if missing:
-        raise EENNError(f"eenn-export needs {', '.join(missing)}: pip install 'eenn[deploy]' (or pip install {' '.join(missing)}).")
+        raise EENNError(
+            f"eenn-export needs {', '.join(missing)}: pip install 'eenn[deploy]' (or pip install {' '.join(missing)})."
+        )
     import onnx.defs  # only now that it is known to be there
 
     newest = onnx.defs.onnx_opset_version()
@@ -64,8 +66,10 @@ def _export(cfg: DictConfig, out: ExportRun) -> dict[str, Any]:
     network = load_network(run, str(cfg.checkpoint), dm)
     check_exportable(policy, network)
     if policy.num_classes != dm.num_classes:
-        raise EENNError(f"policy file {str(policy_file)!r} was fitted on {policy.num_classes} classes; run_dir's "
-                        f"network has {dm.num_classes}.")
+        raise EENNError(
+            f"policy file {str(policy_file)!r} was fitted on {policy.num_classes} classes; run_dir's "
+            f"network has {dm.num_classes}."
+        )
     need = int(cfg.check.batch_size)
     xs, n = [], 0
     for x, _ in dm.split_loader(str(cfg.check.split)):
@@ -76,20 +80,38 @@ def _export(cfg: DictConfig, out: ExportRun) -> dict[str, Any]:
     batch = torch.cat(xs)[:need]
     checkpoint = run.checkpoint(str(cfg.checkpoint))
     # the run is known by its checkpoint's bytes too: eenn-infer checks a run_dir given with the bundle
-    source = {"run_dir": str(run.path), "checkpoint": str(checkpoint), "checkpoint_sha256": sha256(checkpoint),
-              "policy_file": str(Path(policy_file).resolve()), "policy_sha256": sha256(Path(policy_file))}
+    source = {
+        "run_dir": str(run.path),
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": sha256(checkpoint),
+        "policy_file": str(Path(policy_file).resolve()),
+        "policy_sha256": sha256(Path(policy_file)),
+    }
     bundle = export_bundle(
-        network, policy, run.costs(), batch, out.bundle_dir,
-        class_names=dm.class_names, normalisation=getattr(dm, "normalisation", None), source=source,
-        opset=int(cfg.opset), backbone=cfg.baseline, atol=float(cfg.check.atol), rtol=float(cfg.check.rtol),
+        network,
+        policy,
+        run.costs(),
+        batch,
+        out.bundle_dir,
+        class_names=dm.class_names,
+        normalisation=getattr(dm, "normalisation", None),
+        source=source,
+        opset=int(cfg.opset),
+        backbone=cfg.baseline,
+        atol=float(cfg.check.atol),
+        rtol=float(cfg.check.rtol),
         replace=cfg.get("force", False),
     )
     out.write_config(cfg)
     m = bundle.manifest
     sizes = {name: (bundle.path / name).stat().st_size for name in m["files"]}
-    print(f"bundle: {bundle.path}  ({len(sizes)} files, {sum(sizes.values()) / 1e6:.2f} MB; policy {policy.name}, "
-          f"{bundle.num_exits} exits, opset {m['opset']})")
+    print(
+        f"bundle: {bundle.path}  ({len(sizes)} files, {sum(sizes.values()) / 1e6:.2f} MB; policy {policy.name}, "
+        f"{bundle.num_exits} exits, opset {m['opset']})"
+    )
     worst = max((e for errs in m["check"]["max_abs_error"].values() for e in errs.values()), default=0.0)
-    print(f"checked in ONNX Runtime against PyTorch on {m['check']['batch_size']} {cfg.check.split} samples: "
-          f"largest difference {worst:.2g} (atol {m['check']['atol']:g}, rtol {m['check']['rtol']:g})")
+    print(
+        f"checked in ONNX Runtime against PyTorch on {m['check']['batch_size']} {cfg.check.split} samples: "
+        f"largest difference {worst:.2g} (atol {m['check']['atol']:g}, rtol {m['check']['rtol']:g})"
+    )
     return m

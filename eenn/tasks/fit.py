@@ -39,8 +39,10 @@ def check_config(cfg: DictConfig) -> None:
     given = [o for o in cfg.hydra.overrides.task if o.lstrip("+").startswith("risk.")] if "hydra" in cfg else []
     policy = OmegaConf.to_container(cfg.policy, resolve=False)
     if given and not any(isinstance(v, str) and "${risk." in v for v in policy.values()):  # type: ignore[union-attr]
-        raise EENNError(f"{given[0]}: the risk.* keys configure policy=risk, and policy={policy.get('name')} reads "  # type: ignore[union-attr]
-                        "none of them; add policy=risk, or leave them out.")
+        raise EENNError(
+            f"{given[0]}: the risk.* keys configure policy=risk, and policy={policy.get('name')} reads "  # type: ignore[union-attr]
+            "none of them; add policy=risk, or leave them out."
+        )
 
 
 def load_split_predictions(cfg: DictConfig) -> tuple[Predictions, Predictions]:
@@ -50,9 +52,7 @@ def load_split_predictions(cfg: DictConfig) -> tuple[Predictions, Predictions]:
     for split in SPLITS:
         given = cfg.predictions.get(split)
         if given is None and cfg.get("run_dir") is None:
-            raise EENNError(
-                f"no {split} predictions: set run_dir=<stage-1 run dir> or predictions.{split}=<file>."
-            )
+            raise EENNError(f"no {split} predictions: set run_dir=<stage-1 run dir> or predictions.{split}=<file>.")
         paths[split] = Path(given) if given is not None else Stage1Run(cfg.run_dir).predictions_file(split)
     if cfg.get("run_dir") is not None:
         if not Path(cfg.run_dir).is_dir():
@@ -114,9 +114,13 @@ def resolve_budget(
     # within 1e-4 of a bound is that bound (e.g. the first exit's fraction printed with 4 digits),
     # not a request to warn about
     if budget < lo * (1 - 1e-4):
-        warnings.append(f"{key}={raw} gives budget {budget:g} {unit}, below the cheapest the policy can do on validation ({lo:g}); clamped to {lo:g}.")
+        warnings.append(
+            f"{key}={raw} gives budget {budget:g} {unit}, below the cheapest the policy can do on validation ({lo:g}); clamped to {lo:g}."
+        )
     elif budget > full * (1 + 1e-4):
-        warnings.append(f"{key}={raw} gives budget {budget:g} {unit}, above the full model's cost; clamped to {full:g}.")
+        warnings.append(
+            f"{key}={raw} gives budget {budget:g} {unit}, above the full model's cost; clamped to {full:g}."
+        )
     budget = min(max(budget, lo), full)
     for w in warnings:
         log.warning("%s", w)
@@ -152,12 +156,20 @@ def log_fit(run: Any, policy: ExitPolicy, metrics: dict[str, Any]) -> None:
     fractions (as a list and one key per exit) into its summary."""
     run.config.update({"hparams": policy.hparams(), "fitted": metrics["fitted"]}, allow_val_change=True)
     summary: dict[str, Any] = {
-        "budget": metrics["budget"], "budget_fraction": metrics["budget_fraction"], "fit_seconds": metrics["fit_seconds"],
+        "budget": metrics["budget"],
+        "budget_fraction": metrics["budget_fraction"],
+        "fit_seconds": metrics["fit_seconds"],
     }
     for split in ("val", "test"):
         s = metrics[split]
-        summary.update({f"{split}/accuracy": s["accuracy"], f"{split}/avg_cost": s["avg_cost"],
-                        f"{split}/avg_cost_fraction": s["avg_cost_fraction"], f"{split}/exit_fractions": s["exit_fractions"]})
+        summary.update(
+            {
+                f"{split}/accuracy": s["accuracy"],
+                f"{split}/avg_cost": s["avg_cost"],
+                f"{split}/avg_cost_fraction": s["avg_cost_fraction"],
+                f"{split}/exit_fractions": s["exit_fractions"],
+            }
+        )
         summary.update({f"{split}/exit_fraction/{n}": f for n, f in zip(metrics["exit_names"], s["exit_fractions"])})
     run.summary.update(summary)
 
@@ -189,8 +201,10 @@ def resolve_request(cfg: DictConfig) -> FitRequest:
     check_flag(cfg.get("calibrate"), "calibrate")
     split = cfg.get("calibrate_split")
     if cfg.calibrate and policy.risk_controlled and not (is_number(split) and 0 < split < 1):
-        raise EENNError(f"calibrate_split must be a number in (0, 1) (the share of validation the temperatures are "
-                        f"fitted on), got {split!r}.")
+        raise EENNError(
+            f"calibrate_split must be a number in (0, 1) (the share of validation the temperatures are "
+            f"fitted on), got {split!r}."
+        )
     if cfg.calibrate and policy.risk_controlled and not is_number(cfg.get("calibrate_seed"), integer=True):
         raise EENNError(f"calibrate_seed must be an integer, got {cfg.get('calibrate_seed')!r}.")
     val, test = load_split_predictions(cfg)
@@ -200,18 +214,32 @@ def resolve_request(cfg: DictConfig) -> FitRequest:
         temperature_samples = len(temperature_rows(val.num_samples, float(split), int(cfg.calibrate_seed))[0])
     if cfg.calibrate and temperature_samples < MIN_TEMPERATURE_SAMPLES:
         share = f" (calibrate_split={split} of {val.num_samples})" if policy.risk_controlled else ""
-        raise EENNError(f"calibrate=true would fit temperatures on {temperature_samples} validation samples{share}; they "
-                        f"need at least {MIN_TEMPERATURE_SAMPLES} (fewer pin them at the search's bounds): leave "
-                        "calibrate off, or use a larger validation split (data.val_size).")
+        raise EENNError(
+            f"calibrate=true would fit temperatures on {temperature_samples} validation samples{share}; they "
+            f"need at least {MIN_TEMPERATURE_SAMPLES} (fewer pin them at the search's bounds): leave "
+            "calibrate off, or use a larger validation split (data.val_size)."
+        )
     unit = cost_unit(cfg, val)
     requested = requested_fraction(cfg, val.costs_in(unit))
     budget, warnings = resolve_budget(cfg, policy, val, unit, requested)
     if val.num_samples < MIN_VAL_SAMPLES:
-        warnings.append(f"validation holds {val.num_samples} samples: thresholds fitted on fewer than "
-                        f"{MIN_VAL_SAMPLES} can miss the budget on test by far (a larger data.val_size fixes it).")
+        warnings.append(
+            f"validation holds {val.num_samples} samples: thresholds fitted on fewer than "
+            f"{MIN_VAL_SAMPLES} can miss the budget on test by far (a larger data.val_size fixes it)."
+        )
         log.warning("%s", warnings[-1])
-    return FitRequest(policy, policy_cfg, val, test, unit, budget, budget / float(val.costs_in(unit)[-1]), requested,
-                      stage1_source(cfg, val), warnings)
+    return FitRequest(
+        policy,
+        policy_cfg,
+        val,
+        test,
+        unit,
+        budget,
+        budget / float(val.costs_in(unit)[-1]),
+        requested,
+        stage1_source(cfg, val),
+        warnings,
+    )
 
 
 def fit_run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
@@ -257,15 +285,27 @@ def _fit(cfg: DictConfig, fit: FitRun, req: FitRequest) -> dict[str, Any]:
         log.warning("%s", w)
     req.warnings = [*req.warnings, *policy.info.get("warnings", [])]
     # the wandb run always finishes, failed or not: the next job of an in-process sweep gets its own run
-    run = start_wandb_run(cfg.get("wandb"), fit.path, job_type=policy.name, name=f"{policy.name}_{req.fraction:.3f}",
-                          group=req.source.name if req.source else "unknown", config={
-        "policy": req.policy_cfg, "budget": req.budget, "budget_fraction": req.fraction,
-        "budget_request": OmegaConf.to_container(cfg.budget, resolve=True), "cost_unit": req.unit,
-        "stage1": stage1_info(req.source),
-    })
+    run = start_wandb_run(
+        cfg.get("wandb"),
+        fit.path,
+        job_type=policy.name,
+        name=f"{policy.name}_{req.fraction:.3f}",
+        group=req.source.name if req.source else "unknown",
+        config={
+            "policy": req.policy_cfg,
+            "budget": req.budget,
+            "budget_fraction": req.fraction,
+            "budget_request": OmegaConf.to_container(cfg.budget, resolve=True),
+            "cost_unit": req.unit,
+            "stage1": stage1_info(req.source),
+        },
+    )
     try:
-        calibration = None if temperature is None else {
-            **calibration_report(temperature, {"val": req.val, "test": req.test}), "split": split}
+        calibration = (
+            None
+            if temperature is None
+            else {**calibration_report(temperature, {"val": req.val, "test": req.test}), "split": split}
+        )
         metrics = _evaluate_and_write(cfg, fit, req, fit_seconds, calibration)
         if run is not None:
             log_fit(run, policy, metrics)
@@ -279,15 +319,22 @@ def _fit(cfg: DictConfig, fit: FitRun, req: FitRequest) -> dict[str, Any]:
 
 
 def _evaluate_and_write(
-    cfg: DictConfig, fit: FitRun, req: FitRequest, fit_seconds: float, calibration: dict[str, Any] | None,
+    cfg: DictConfig,
+    fit: FitRun,
+    req: FitRequest,
+    fit_seconds: float,
+    calibration: dict[str, Any] | None,
 ) -> dict[str, Any]:
     policy, val, unit, budget, warnings = req.policy, req.val, req.unit, req.budget, req.warnings
     val_summary = evaluate(policy, val, unit)
     if not within_budget(val_summary["avg_cost"], budget):
         # a policy whose config fixes its decisions (explicit thresholds, patience, p_d) spends
         # what they cost: say so, as the budget promise holds only for policies fitted to it
-        warnings = [*warnings, f"the realised validation cost {val_summary['avg_cost']:g} {unit} exceeds the budget "
-                               f"{budget:g}: the policy's config fixes its decisions, they were not fitted to the budget."]
+        warnings = [
+            *warnings,
+            f"the realised validation cost {val_summary['avg_cost']:g} {unit} exceeds the budget "
+            f"{budget:g}: the policy's config fixes its decisions, they were not fitted to the budget.",
+        ]
         log.warning("%s", warnings[-1])
     fit.write_policy(policy)
     metrics = {
@@ -298,8 +345,12 @@ def _evaluate_and_write(
         # the stage-1 run the predictions came from: eenn-compare groups fits by it
         "source_run": str(Path(cfg.run_dir).resolve()) if cfg.get("run_dir") else val.source_run,
         # a sweep point's fraction as computed: eenn-compare lines policies up by it
-        "budget_request": {"fraction": req.requested_fraction, "value": cfg.budget.get("value"),
-                           "point": cfg.budget.get("point"), "points": cfg.budget.get("points")},
+        "budget_request": {
+            "fraction": req.requested_fraction,
+            "value": cfg.budget.get("value"),
+            "point": cfg.budget.get("point"),
+            "points": cfg.budget.get("points"),
+        },
         "exit_names": val.exit_names,
         "fit_seconds": fit_seconds,
         "warnings": warnings,
@@ -312,7 +363,14 @@ def _evaluate_and_write(
     fit.write_metrics(metrics)
     log.info(
         "%s at budget %.4g %s (%.3f of full): val accuracy %.4f, cost %.4g; test accuracy %.4f, cost %.4g (%s)",
-        policy.name, budget, unit, metrics["budget_fraction"], metrics["val"]["accuracy"], metrics["val"]["avg_cost"],
-        metrics["test"]["accuracy"], metrics["test"]["avg_cost"], fit.path,
+        policy.name,
+        budget,
+        unit,
+        metrics["budget_fraction"],
+        metrics["val"]["accuracy"],
+        metrics["val"]["avg_cost"],
+        metrics["test"]["accuracy"],
+        metrics["test"]["avg_cost"],
+        fit.path,
     )
     return metrics

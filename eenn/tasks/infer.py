@@ -39,8 +39,10 @@ def resolve_policy_file(cfg: DictConfig, default: str | None = None) -> Path:
     """``policy_file``, else ``policy_dir``'s policy, else ``default`` (a bundle's source policy)."""
     if not cfg.get("policy_file") and not cfg.get("policy_dir") and default:
         if not Path(default).is_file():
-            raise EENNError(f"the bundle's source policy file {default!r} does not exist here; set policy_dir or "
-                            "policy_file to the policy it was exported with.")
+            raise EENNError(
+                f"the bundle's source policy file {default!r} does not exist here; set policy_dir or "
+                "policy_file to the policy it was exported with."
+            )
         return Path(default)
     if cfg.get("policy_file"):
         path = Path(cfg.policy_file)
@@ -52,7 +54,9 @@ def resolve_policy_file(cfg: DictConfig, default: str | None = None) -> Path:
         fit.settle()
         fit.check_app("policy_dir")
         if not fit.policy_file.is_file():
-            raise EENNError(f"policy_dir={str(cfg.policy_dir)!r} holds no {fit.policy_file.name}: it is not an eenn-fit run dir.")
+            raise EENNError(
+                f"policy_dir={str(cfg.policy_dir)!r} holds no {fit.policy_file.name}: it is not an eenn-fit run dir."
+            )
         return fit.policy_file
     raise EENNError("no policy: set policy_dir=<eenn-fit run dir> or policy_file=<policy file>.")
 
@@ -72,8 +76,10 @@ def check_config(cfg: DictConfig) -> None:
         if str(cfg.device) != "cpu":
             raise EENNError(f"device={cfg.device!r}: runtime=onnxruntime runs on the CPU here (device=cpu).")
         if check_flag(cfg.get("compile", False), "compile"):
-            raise EENNError("compile=true compiles the torch engine's segments; runtime=onnxruntime runs the bundle's "
-                            "own graphs (set compile=false).")
+            raise EENNError(
+                "compile=true compiles the torch engine's segments; runtime=onnxruntime runs the bundle's "
+                "own graphs (set compile=false)."
+            )
     elif cfg.get("bundle"):
         raise EENNError("bundle= is read by runtime=onnxruntime only; add runtime=onnxruntime.")
     check_flag(cfg.get("force", False), "force")
@@ -117,7 +123,9 @@ def resolve_run(cfg: DictConfig, default: str | None = None) -> Stage1Run:
     else:
         run = FitRun(cfg.policy_dir).source_run() if cfg.get("policy_dir") else None
         if run is None:
-            raise EENNError("no run_dir: set run_dir=<stage-1 run dir> (the policy dir does not name the run it was fitted on).")
+            raise EENNError(
+                "no run_dir: set run_dir=<stage-1 run dir> (the policy dir does not name the run it was fitted on)."
+            )
     run.settle()
     run.check_app("run_dir")
     if not run.has_config():
@@ -137,8 +145,10 @@ def check_bundle_source(bundle: Any, source: dict[str, Any], run: Stage1Run) -> 
     else:
         same = Path(str(source.get("run_dir"))).resolve() == run.path.resolve()
     if not same:
-        raise EENNError(f"run_dir={str(run.path)!r} is not the run bundle {str(bundle.path)!r} was exported from "
-                        f"({source.get('run_dir')!r}, by its checkpoint's sha256): give that run, or leave run_dir out.")
+        raise EENNError(
+            f"run_dir={str(run.path)!r} is not the run bundle {str(bundle.path)!r} was exported from "
+            f"({source.get('run_dir')!r}, by its checkpoint's sha256): give that run, or leave run_dir out."
+        )
 
 
 def load_split(dm: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,14 +187,18 @@ def _infer(cfg: DictConfig, out_run: InferRun) -> dict[str, Any]:
     if bundle is not None:
         check_bundle_source(bundle, source, run)
     if bundle is not None and source.get("policy_sha256") not in (None, sha256(policy_file)):
-        raise EENNError(f"policy file {str(policy_file)!r} is not the one bundle {str(bundle.path)!r} was exported with "
-                        "(its sha256 differs from the manifest's source.policy_sha256): give that policy.")
+        raise EENNError(
+            f"policy file {str(policy_file)!r} is not the one bundle {str(bundle.path)!r} was exported with "
+            "(its sha256 differs from the manifest's source.policy_sha256): give that policy."
+        )
     network = load_network(run, str(cfg.checkpoint), dm) if bundle is None else None
     profile = run.costs()
     unit = str(cfg.report_unit)
     if profile.backbone.get(unit) is None:
-        raise EENNError(f"report_unit={unit!r}: the run's cost profile has none (latency is measured only when "
-                        f"training ran with cost.latency=true); use report_unit=macs or flops.")
+        raise EENNError(
+            f"report_unit={unit!r}: the run's cost profile has none (latency is measured only when "
+            f"training ran with cost.latency=true); use report_unit=macs or flops."
+        )
     preds = run.predictions(cfg.split)
     x, y = load_split(dm, cfg.split)
     if preds.num_samples != len(y) or not torch.equal(preds.labels, y):
@@ -193,24 +207,34 @@ def _infer(cfg: DictConfig, out_run: InferRun) -> dict[str, Any]:
             f"({preds.num_samples}); were data overrides given that change the split?"
         )
     if (policy.num_exits, policy.num_classes) != (preds.num_exits, preds.num_classes):
-        raise EENNError(f"policy file {str(policy_file)!r} was fitted on {policy.num_exits} exits and {policy.num_classes} "
-                        f"classes; run_dir's network has {preds.num_exits} and {preds.num_classes}.")
+        raise EENNError(
+            f"policy file {str(policy_file)!r} was fitted on {policy.num_exits} exits and {policy.num_classes} "
+            f"classes; run_dir's network has {preds.num_exits} and {preds.num_classes}."
+        )
 
     bs = 1 if cfg.mode == "single" else int(cfg.batch_size)
     if bundle is not None:
-        if (bundle.num_exits, bundle.num_classes) != (preds.num_exits, preds.num_classes) or \
-                bundle.input_shape != tuple(x.shape[1:]):
-            raise EENNError(f"bundle {str(bundle.path)!r} takes input {list(bundle.input_shape)} with {bundle.num_exits} "
-                            f"exits and {bundle.num_classes} classes; run_dir's data and network have "
-                            f"{list(x.shape[1:])}, {preds.num_exits} and {preds.num_classes}.")
+        if (bundle.num_exits, bundle.num_classes) != (
+            preds.num_exits,
+            preds.num_classes,
+        ) or bundle.input_shape != tuple(x.shape[1:]):
+            raise EENNError(
+                f"bundle {str(bundle.path)!r} takes input {list(bundle.input_shape)} with {bundle.num_exits} "
+                f"exits and {bundle.num_classes} classes; run_dir's data and network have "
+                f"{list(x.shape[1:])}, {preds.num_exits} and {preds.num_classes}."
+            )
         return _infer_bundle(cfg, out_run, bundle, policy, policy_file, run, preds, profile, x, y, bs)
 
     ec = cfg.edge_cloud
     split = network.num_exits - 2 if ec.split is None else int(ec.split)
     if ec.enabled and not -1 <= split < network.num_exits:
-        raise EENNError(f"edge_cloud.split={split} must lie in -1..{network.num_exits - 1} (the stage after which to cut).")
+        raise EENNError(
+            f"edge_cloud.split={split} must lie in -1..{network.num_exits - 1} (the stage after which to cut)."
+        )
 
-    engine = EarlyExitEngine(network, policy, device=cfg.device, compile=check_flag(cfg.get("compile", False), "compile"))
+    engine = EarlyExitEngine(
+        network, policy, device=cfg.device, compile=check_flag(cfg.get("compile", False), "compile")
+    )
     runner = Rebatcher(engine, bs).run if cfg.mode == "rebatch" else engine.run
     runner(batches_of(x[:bs], bs))  # warm-up: first calls allocate and pick kernels
     results: list[ExitResult] = []
@@ -221,16 +245,37 @@ def _infer(cfg: DictConfig, out_run: InferRun) -> dict[str, Any]:
         passes.append(lambda: backbone_s.append(time_backbone(engine.network, batches_of(x, bs), engine.backbone)))
     interleaved(passes, int(cfg.timing_repeats))
     result = results[0]  # every pass takes the same exits; only the times differ
-    out = record(cfg, run, policy_file, policy, preds, profile, results, backbone_s, bs,
-                 {"runtime": "torch", "device": str(engine.device), "threads": torch.get_num_threads(),
-                  "compiled": bool(cfg.get("compile", False))})
+    out = record(
+        cfg,
+        run,
+        policy_file,
+        policy,
+        preds,
+        profile,
+        results,
+        backbone_s,
+        bs,
+        {
+            "runtime": "torch",
+            "device": str(engine.device),
+            "threads": torch.get_num_threads(),
+            "compiled": bool(cfg.get("compile", False)),
+        },
+    )
     if ec.enabled:
         partition = measure_partition(
-            engine.network, dm.input_shape, split,
-            Link(float(ec.bandwidth_mbps), float(ec.rtt_ms)), float(ec.cloud_speedup),
-            int(ec.latency_batch_size), int(ec.bytes_per_element), int(ec.repeats),
+            engine.network,
+            dm.input_shape,
+            split,
+            Link(float(ec.bandwidth_mbps), float(ec.rtt_ms)),
+            float(ec.cloud_speedup),
+            int(ec.latency_batch_size),
+            int(ec.bytes_per_element),
+            int(ec.repeats),
         )
-        out["edge_cloud"] = edge_cloud_report(partition, result.exit_index, result.heads_evaluated, result.predictions, y)
+        out["edge_cloud"] = edge_cloud_report(
+            partition, result.exit_index, result.heads_evaluated, result.predictions, y
+        )
         if policy.has_p_d_curve and ec.p_d_sweep:
             out["edge_cloud"]["p_d_curve"] = p_d_time_curve(partition, preds, list(ec.p_d_sweep), policy)
 
@@ -245,8 +290,18 @@ def interleaved(passes: list[Callable[[], None]], repeats: int) -> None:
             run_pass()
 
 
-def record(cfg: DictConfig, run: Stage1Run, policy_file: Path, policy: ExitPolicy, preds: Any, profile: Any,
-           results: list[ExitResult], backbone_s: list[float], bs: int, where: dict[str, Any]) -> dict[str, Any]:
+def record(
+    cfg: DictConfig,
+    run: Stage1Run,
+    policy_file: Path,
+    policy: ExitPolicy,
+    preds: Any,
+    profile: Any,
+    results: list[ExitResult],
+    backbone_s: list[float],
+    bs: int,
+    where: dict[str, Any],
+) -> dict[str, Any]:
     """What an inference run records: the run, the policy, ``where`` it ran (runtime, device, threads...),
     expected next to realised, and the timing (every pass takes the same exits; only times differ)."""
     result = results[0]
@@ -273,8 +328,19 @@ def finish(cfg: DictConfig, out_run: InferRun, out: dict[str, Any]) -> dict[str,
     return out
 
 
-def _infer_bundle(cfg: DictConfig, out_run: InferRun, bundle: Any, policy: ExitPolicy, policy_file: Path, run: Stage1Run,
-                  preds: Any, profile: Any, x: torch.Tensor, y: torch.Tensor, bs: int) -> dict[str, Any]:
+def _infer_bundle(
+    cfg: DictConfig,
+    out_run: InferRun,
+    bundle: Any,
+    policy: ExitPolicy,
+    policy_file: Path,
+    run: Stage1Run,
+    preds: Any,
+    profile: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    bs: int,
+) -> dict[str, Any]:
     """runtime=onnxruntime: the bundle in ONNX Runtime, next to offline simulation of the policy it
     was exported with, timed against the plain network in ONNX Runtime (its backbone.onnx)."""
     from eenn.deploy import Runtime
@@ -288,12 +354,19 @@ def _infer_bundle(cfg: DictConfig, out_run: InferRun, bundle: Any, policy: ExitP
 
     def bundle_pass() -> None:
         p = rt.predict(xn, bs)
-        results.append(ExitResult(
-            predictions=torch.from_numpy(p.classes), exit_index=torch.from_numpy(p.exits),
-            heads_evaluated=torch.from_numpy(p.heads), logits=torch.from_numpy(p.logits),
-            latency_ms=torch.from_numpy(p.latency_ms), wall_s=p.wall_s, policy_s=p.decision_s, labels=y,
-            stage_batch_sizes=p.stage_batch_sizes,
-        ))
+        results.append(
+            ExitResult(
+                predictions=torch.from_numpy(p.classes),
+                exit_index=torch.from_numpy(p.exits),
+                heads_evaluated=torch.from_numpy(p.heads),
+                logits=torch.from_numpy(p.logits),
+                latency_ms=torch.from_numpy(p.latency_ms),
+                wall_s=p.wall_s,
+                policy_s=p.decision_s,
+                labels=y,
+                stage_batch_sizes=p.stage_batch_sizes,
+            )
+        )
 
     def backbone_pass() -> None:
         t = time.perf_counter()
@@ -306,8 +379,12 @@ def _infer_bundle(cfg: DictConfig, out_run: InferRun, bundle: Any, policy: ExitP
         passes.append(backbone_pass)
     interleaved(passes, int(cfg.timing_repeats))
     # no edge/cloud partition: it is measured on the torch network (runtime=torch)
-    where = {"runtime": "onnxruntime", "bundle": str(bundle.path), "device": "cpu (onnxruntime)",
-             "threads": rt.options.intra_op_num_threads or "onnxruntime's default"}
+    where = {
+        "runtime": "onnxruntime",
+        "bundle": str(bundle.path),
+        "device": "cpu (onnxruntime)",
+        "threads": rt.options.intra_op_num_threads or "onnxruntime's default",
+    }
     return finish(cfg, out_run, record(cfg, run, policy_file, policy, preds, profile, results, backbone_s, bs, where))
 
 
@@ -323,16 +400,27 @@ def summary_text(out: dict[str, Any]) -> str:
     extra = [
         ("Accuracy", [fmt(out["accuracy"]["expected"], ".4f"), fmt(out["accuracy"]["realised"], ".4f")]),
         ("Same exit as offline simulation", ["", f"{100 * out['agreement']['exit_index']:.2f}%"]),
-        (f"Wall time engine / plain backbone (s, {passes})", ["", f"{t['engine_s']:.3f} / {fmt(t['backbone_s'], '.3f')}"]),
+        (
+            f"Wall time engine / plain backbone (s, {passes})",
+            ["", f"{t['engine_s']:.3f} / {fmt(t['backbone_s'], '.3f')}"],
+        ),
         (f"Measured wall-time speedup ({passes})", ["", fmt(t["realised_speedup"], ".3f")]),
         ("Policy overhead (% of backbone time)", ["", fmt(t["policy_overhead_pct"], ".3f")]),
     ]
     ec = out["edge_cloud"]
     if ec is not None:
         extra += [
-            (f"Edge/cloud: split after stage {ec['partition']['split']}, mean ms/sample", ["", f"{ec['time_ms']['mean']:.3f}"]),
-            ("Edge/cloud: offload ratio, MB sent", ["", f"{100 * ec['offload_ratio']:.2f}%, {ec['bytes_sent'] / 1e6:.3f}"]),
+            (
+                f"Edge/cloud: split after stage {ec['partition']['split']}, mean ms/sample",
+                ["", f"{ec['time_ms']['mean']:.3f}"],
+            ),
+            (
+                "Edge/cloud: offload ratio, MB sent",
+                ["", f"{100 * ec['offload_ratio']:.2f}%, {ec['bytes_sent'] / 1e6:.3f}"],
+            ),
         ]
-    head = (f"{out['policy']['name']} on {out['split']} ({out['num_samples']} samples), mode {out['mode']}, "
-            f"batch {out['batch_size']}, {out['device']} x{out['threads']} threads")
+    head = (
+        f"{out['policy']['name']} on {out['split']} ({out['num_samples']} samples), mode {out['mode']}, "
+        f"batch {out['batch_size']}, {out['device']} x{out['threads']} threads"
+    )
     return head + "\n" + format_report(out["cost_report"], extra)

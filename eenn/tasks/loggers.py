@@ -61,8 +61,16 @@ def wandb_logger(
     mode = resolve_wandb_mode(mode)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return WandbLogger(
-        project=project, save_dir=save_dir, name=name or job_type, group=group, job_type=job_type, tags=tags,
-        entity=entity, offline=mode == "offline", mode=mode, **kwargs,
+        project=project,
+        save_dir=save_dir,
+        name=name or job_type,
+        group=group,
+        job_type=job_type,
+        tags=tags,
+        entity=entity,
+        offline=mode == "offline",
+        mode=mode,
+        **kwargs,
     )
 
 
@@ -82,12 +90,22 @@ def init_wandb_run(
 
     mode = resolve_wandb_mode(mode, key)
     Path(dir).mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=project, dir=str(dir), mode=mode, reinit="finish_previous",
-                      settings=wandb.Settings(console="off", silent=True), **kwargs)
+    return wandb.init(
+        project=project,
+        dir=str(dir),
+        mode=mode,
+        reinit="finish_previous",
+        settings=wandb.Settings(console="off", silent=True),
+        **kwargs,
+    )
 
 
 def start_wandb_run(
-    settings: Mapping[str, Any] | None, dir: str | Path, job_type: str, name: str, group: str | None,  # noqa: A002
+    settings: Mapping[str, Any] | None,
+    dir: str | Path,
+    job_type: str,
+    name: str,
+    group: str | None,  # noqa: A002
     config: dict[str, Any] | None = None,
 ) -> Any:
     """The wandb run of a job outside Lightning, from the ``wandb:`` config every app shares
@@ -96,9 +114,16 @@ def start_wandb_run(
     if not settings or not settings.get("enabled", True):
         return None
     return init_wandb_run(
-        project=settings.get("project", "eenn"), dir=dir, mode=settings.get("mode", "auto"), key="wandb.mode",
-        entity=settings.get("entity"), group=settings.get("group") or group, job_type=job_type,
-        name=settings.get("name") or name, tags=list(settings.get("tags") or []), config=config,
+        project=settings.get("project", "eenn"),
+        dir=dir,
+        mode=settings.get("mode", "auto"),
+        key="wandb.mode",
+        entity=settings.get("entity"),
+        group=settings.get("group") or group,
+        job_type=job_type,
+        name=settings.get("name") or name,
+        tags=list(settings.get("tags") or []),
+        config=config,
     )
 
 
@@ -122,8 +147,13 @@ def tensorboard_logger(save_dir: str, name: str = "tensorboard", version: str = 
     return TensorBoardLogger(save_dir=save_dir, name=name, version=version, default_hp_metric=False)
 
 
-def mlflow_logger(store: str, save_dir: str, experiment_name: str = "eenn", job_type: str | None = None,
-                  tags: Mapping[str, Any] | None = None) -> MLFlowLogger:
+def mlflow_logger(
+    store: str,
+    save_dir: str,
+    experiment_name: str = "eenn",
+    job_type: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> MLFlowLogger:
     """Lightning's MLflow logger on a local store: a SQLite database ``store/mlflow.db`` (the file
     store is frozen in MLflow 3) and artifacts under ``store/artifacts``; no server. The run is
     named after its run dir (``save_dir``) and tagged with its path and app."""
@@ -132,7 +162,9 @@ def mlflow_logger(store: str, save_dir: str, experiment_name: str = "eenn", job_
     root.mkdir(parents=True, exist_ok=True)
     run_dir = Path(save_dir).resolve()
     return MLFlowLogger(
-        experiment_name=experiment_name, run_name=run_dir.name, tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+        experiment_name=experiment_name,
+        run_name=run_dir.name,
+        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
         artifact_location=str(root / "artifacts"),
         tags={"run_dir": str(run_dir), **({"app": job_type} if job_type else {}), **dict(tags or {})},
     )

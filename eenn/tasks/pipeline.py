@@ -47,13 +47,18 @@ def check_config(cfg: DictConfig) -> None:
     """Every value stage 2 will need, checked before stage 1 trains: each fit's policy and budget
     (as eenn-fit would check them), the budget sweep and the cost unit."""
     stage2 = cfg.get("stage2")
-    ignored = [o for o in (cfg.hydra.overrides.task if "hydra" in cfg else [])
-               if o.lstrip("+").split("=")[0] in ("pipeline.policies", "pipeline.budgets", "pipeline.num_budgets",
-                                                  "pipeline.cost")]
+    ignored = [
+        o
+        for o in (cfg.hydra.overrides.task if "hydra" in cfg else [])
+        if o.lstrip("+").split("=")[0]
+        in ("pipeline.policies", "pipeline.budgets", "pipeline.num_budgets", "pipeline.cost")
+    ]
     if stage2 and ignored:
-        raise EENNError(f"{ignored[0]}: experiment={cfg.hydra.runtime.choices.get('experiment')} brings its own stage 2 "
-                        "(its stage2: policy, budgets and cost), which replaces pipeline.policies, budgets, num_budgets "
-                        "and cost; leave them out, or add stage2=null to use them.")
+        raise EENNError(
+            f"{ignored[0]}: experiment={cfg.hydra.runtime.choices.get('experiment')} brings its own stage 2 "
+            "(its stage2: policy, budgets and cost), which replaces pipeline.policies, budgets, num_budgets "
+            "and cost; leave them out, or add stage2=null to use them."
+        )
     if stage2:
         units, jobs = [cost_unit_name(stage2.cost)], [(f"stage2 job {name}", o) for name, o in experiment_jobs(stage2)]
     else:
@@ -61,14 +66,18 @@ def check_config(cfg: DictConfig) -> None:
         units = [cost_unit_name(p.cost)]
         if p.budgets is not None:
             if isinstance(p.budgets, str) or not p.budgets:
-                raise EENNError(f"pipeline.budgets must be a non-empty list of budget fractions or null, got {p.budgets!r}.")
+                raise EENNError(
+                    f"pipeline.budgets must be a non-empty list of budget fractions or null, got {p.budgets!r}."
+                )
             for b in p.budgets:
                 check_budget(b, "pipeline.budgets")
             named = {}  # a job is named by its budget to 4 decimals: two budgets must not share a name
             for b in p.budgets:
                 if f"{b:.4f}" in named:
-                    raise EENNError(f"pipeline.budgets {named[f'{b:.4f}']} and {b} would both be the jobs <policy>_{b:.4f}; "
-                                    "give budgets that differ in their first 4 decimals.")
+                    raise EENNError(
+                        f"pipeline.budgets {named[f'{b:.4f}']} and {b} would both be the jobs <policy>_{b:.4f}; "
+                        "give budgets that differ in their first 4 decimals."
+                    )
                 named[f"{b:.4f}"] = b
         else:
             check_number(p.num_budgets, "pipeline.num_budgets", 2, integer=True)
@@ -77,11 +86,18 @@ def check_config(cfg: DictConfig) -> None:
         for name in [*p.policies, *p.policy_overrides]:
             if name not in POLICIES:
                 raise EENNError(f"pipeline: {name!r} is not a known exit policy; valid: {', '.join(POLICIES.names())}.")
-        jobs = [(f"pipeline.policy_overrides.{name}" if name in p.policy_overrides else f"pipeline.policies: {name}",
-                 [override("policy", name), *policy_overrides(cfg, name)]) for name in p.policies]
+        jobs = [
+            (
+                f"pipeline.policy_overrides.{name}" if name in p.policy_overrides else f"pipeline.policies: {name}",
+                [override("policy", name), *policy_overrides(cfg, name)],
+            )
+            for name in p.policies
+        ]
     have = ["flops", "macs", "params", *(["latency_ms"] if cfg.cost.latency else [])]
     if units[0] not in have:
-        raise EENNError(f"pipeline.cost={units[0]!r}: stage 1 will save the costs {have} (latency only with cost.latency=true).")
+        raise EENNError(
+            f"pipeline.cost={units[0]!r}: stage 1 will save the costs {have} (latency only with cost.latency=true)."
+        )
     for where, overrides in jobs:
         fit_cfg = compose("fit", overrides=overrides)
         try:
@@ -95,7 +111,9 @@ def check_config(cfg: DictConfig) -> None:
 def policy_overrides(cfg: DictConfig, policy: str) -> list[str]:
     """The eenn-fit overrides of ``pipeline.policy_overrides.<policy>``."""
     given = cfg.pipeline.policy_overrides.get(policy)
-    return [override(f"policy.{k}", v) for k, v in (OmegaConf.to_container(given, resolve=True) if given else {}).items()]
+    return [
+        override(f"policy.{k}", v) for k, v in (OmegaConf.to_container(given, resolve=True) if given else {}).items()
+    ]
 
 
 def fit_jobs(cfg: DictConfig, fractions: list[float], num_exits: int) -> list[tuple[str, list[str]]]:
@@ -107,12 +125,20 @@ def fit_jobs(cfg: DictConfig, fractions: list[float], num_exits: int) -> list[tu
     for policy in cfg.pipeline.policies:
         extra = policy_overrides(cfg, policy)
         if policy_class(policy).per_exit_only:
-            jobs += [(f"{policy}_exit{k}", [override("policy", policy), override("policy.exit", k), "budget.fraction=1.0", *extra])
-                     for k in range(num_exits)]
+            jobs += [
+                (
+                    f"{policy}_exit{k}",
+                    [override("policy", policy), override("policy.exit", k), "budget.fraction=1.0", *extra],
+                )
+                for k in range(num_exits)
+            ]
         elif policy_class(policy).risk_controlled:
             jobs.append((f"{policy}_1.0000", [override("policy", policy), "budget.fraction=1.0", *extra]))
         else:
-            jobs += [(f"{policy}_{b:.4f}", [override("policy", policy), override("budget.fraction", b), *extra]) for b in fractions]
+            jobs += [
+                (f"{policy}_{b:.4f}", [override("policy", policy), override("budget.fraction", b), *extra])
+                for b in fractions
+            ]
     return jobs
 
 
@@ -166,14 +192,16 @@ def _run_pipeline(cfg: DictConfig, pipe: PipelineRun) -> Comparison:
     todo = [(n, o) for n, o in jobs if not pipe.fit(n).finished()]
     console.rule(f"[bold]stage 2: {len(jobs)} fits ({len(jobs) - len(todo)} done before)")
     failed = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
         task = progress.add_task("fitting", total=len(todo))
         for name, overrides in todo:
             progress.update(task, description=f"fitting {escape(name):<24}")
             fit = pipe.fit(name)
-            fit_cfg = compose("fit", overrides=[*overrides, override("run_dir", pipe.train.path),
-                                                   override("cost", cost)])
+            fit_cfg = compose(
+                "fit", overrides=[*overrides, override("run_dir", pipe.train.path), override("cost", cost)]
+            )
             with open_dict(fit_cfg):
                 fit_cfg.paths.output_dir = str(fit.path)
                 fit_cfg.wandb = cfg.wandb  # the pipeline's wandb settings reach every fit
@@ -189,16 +217,27 @@ def _run_pipeline(cfg: DictConfig, pipe: PipelineRun) -> Comparison:
 
     # --- compare -------------------------------------------------------------------------------
     console.rule("[bold]compare")
-    comp = compare([pipe.fit_dir], [pipe.train.path], pipe.compare.path, cfg.wandb, group=pipe.name, force=True,
-                   baseline=cfg.compare.baseline)
+    comp = compare(
+        [pipe.fit_dir],
+        [pipe.train.path],
+        pipe.compare.path,
+        cfg.wandb,
+        group=pipe.name,
+        force=True,
+        baseline=cfg.compare.baseline,
+    )
     # a failed job of an earlier run that this one no longer asks for (a policy dropped) is named,
     # and does not make this run fail
     asked = {str(pipe.fit(n).path) for n, _ in jobs}
     stale = [f for f in comp.failures if f["run"] not in asked]
     comp.failures = [f for f in comp.failures if f["run"] in asked]
     if stale:
-        log.warning("%s holds failed fits this pipeline no longer asks for, left out: %s (delete them, or redo the "
-                    "pipeline with force=true)", pipe.fit_dir, ", ".join(sorted(Path(f["run"]).name for f in stale)))
+        log.warning(
+            "%s holds failed fits this pipeline no longer asks for, left out: %s (delete them, or redo the "
+            "pipeline with force=true)",
+            pipe.fit_dir,
+            ", ".join(sorted(Path(f["run"]).name for f in stale)),
+        )
     print_results(comp, console)
     console.print(f"\nreport: [bold]{escape(str(pipe.compare.report_file.resolve()))}[/bold]")  # a path may hold [...]
     if failed:

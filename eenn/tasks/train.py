@@ -150,9 +150,16 @@ def _train(cfg: DictConfig, run: Stage1Run) -> dict[str, Any]:
     dm.setup("fit")
     network = build_network(cfg, dm)
 
-    costs = profile_costs(network, dm.input_shape, latency=cfg.cost.latency,
-                          latency_batch_size=cfg.cost.batch_size, repeats=cfg.cost.repeats)
-    log.info("cost profile (per sample; latency at batch %s on %s):\n%s", cfg.cost.batch_size, costs.device, costs.format())
+    costs = profile_costs(
+        network,
+        dm.input_shape,
+        latency=cfg.cost.latency,
+        latency_batch_size=cfg.cost.batch_size,
+        repeats=cfg.cost.repeats,
+    )
+    log.info(
+        "cost profile (per sample; latency at batch %s on %s):\n%s", cfg.cost.batch_size, costs.device, costs.format()
+    )
 
     module = build_module(cfg, network, dm.num_classes, costs)
     if ckpt_path:
@@ -170,7 +177,9 @@ def _train(cfg: DictConfig, run: Stage1Run) -> dict[str, Any]:
             log_cost_table(loggers, costs)
 
         # weights_only: loading a checkpoint runs no pickled code
-        interruptible_fit(trainer, module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+        interruptible_fit(
+            trainer, module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
+        )
 
     ckpt_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
     best = ckpt_cb.best_model_path if ckpt_cb is not None else ""
@@ -183,8 +192,9 @@ def _train(cfg: DictConfig, run: Stage1Run) -> dict[str, Any]:
         names = network.exit_names
         saved = {}
         for split in SPLITS:
-            saved[split] = preds = make_predictions(network, dm.split_loader(split), costs, dm.class_names, split,
-                                                    str(run.path), device)
+            saved[split] = preds = make_predictions(
+                network, dm.split_loader(split), costs, dm.class_names, split, str(run.path), device
+            )
             run.write_predictions(preds)
             metrics[f"{split}_accuracy"] = dict(zip(names, preds.accuracy_per_exit().tolist()))
         if cfg.get("objective"):  # what a search over exits optimises: from validation alone
@@ -192,23 +202,26 @@ def _train(cfg: DictConfig, run: Stage1Run) -> dict[str, Any]:
         # the test metrics come from the saved predictions: a separate trainer.test pass would
         # run the same network over the same images once more
         for lg in loggers:
-            lg.log_metrics({f"test/acc/{metric_key(n)}": a for n, a in metrics["test_accuracy"].items()},
-                           step=trainer.global_step)
+            lg.log_metrics(
+                {f"test/acc/{metric_key(n)}": a for n, a in metrics["test_accuracy"].items()}, step=trainer.global_step
+            )
             lg.save()  # fit has finalized the loggers: TensorBoard holds these in a new, unflushed event file
-        metrics.update({
-            "training": type(module).__name__.removesuffix("Training").lower(),
-            "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
-            "data": cfg.data.name,
-            "exit_names": names,
-            "num_classes": dm.num_classes,
-            "costs_flops": costs.per_exit("flops"),
-            "backbone_flops": costs.backbone["flops"],
-            "best_checkpoint": best or None,
-            "epochs": trainer.current_epoch,
-            "train_seconds": time.perf_counter() - t0,
-            "code": code,
-            "resumed_from": str(ckpt_path) if ckpt_path else None,
-        })
+        metrics.update(
+            {
+                "training": type(module).__name__.removesuffix("Training").lower(),
+                "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+                "data": cfg.data.name,
+                "exit_names": names,
+                "num_classes": dm.num_classes,
+                "costs_flops": costs.per_exit("flops"),
+                "backbone_flops": costs.backbone["flops"],
+                "best_checkpoint": best or None,
+                "epochs": trainer.current_epoch,
+                "train_seconds": time.perf_counter() - t0,
+                "code": code,
+                "resumed_from": str(ckpt_path) if ckpt_path else None,
+            }
+        )
         run.write_metrics(metrics)
         print_summary(metrics)
     finish_wandb()
@@ -220,6 +233,10 @@ def print_summary(metrics: dict[str, Any]) -> None:
     for col in ("exit", "cost (x backbone FLOPs)", "val acc", "test acc"):
         table.add_column(col, justify="right")
     for k, name in enumerate(metrics["exit_names"]):
-        table.add_row(name, f"{metrics['costs_flops'][k] / metrics['backbone_flops']:.3f}",
-                      f"{metrics['val_accuracy'][name]:.4f}", f"{metrics['test_accuracy'][name]:.4f}")
+        table.add_row(
+            name,
+            f"{metrics['costs_flops'][k] / metrics['backbone_flops']:.3f}",
+            f"{metrics['val_accuracy'][name]:.4f}",
+            f"{metrics['test_accuracy'][name]:.4f}",
+        )
     Console().print(table)

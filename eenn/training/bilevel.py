@@ -72,8 +72,10 @@ def _profile_costs(costs: CostProfile | None, unit: str, key: str) -> torch.Tens
         raise EENNError("training=bilevel needs the network's cost profile (cost_profile=...; eenn-train passes it).")
     if unit not in costs.units or any(getattr(e, unit) is None for e in costs.exits):
         measured = [u for u in costs.units if all(getattr(e, u) is not None for e in costs.exits)]
-        raise EENNError(f"training.cost_unit={key!r} is not in the cost profile; measured units: {measured} "
-                        f"and {sorted(ABSOLUTE_UNITS)} (latency_ms needs cost.latency=true).")
+        raise EENNError(
+            f"training.cost_unit={key!r} is not in the cost profile; measured units: {measured} "
+            f"and {sorted(ABSOLUTE_UNITS)} (latency_ms needs cost.latency=true)."
+        )
     return torch.tensor(costs.per_exit(unit), dtype=torch.float64)
 
 
@@ -150,11 +152,17 @@ class BilevelTraining(MultiExitModule):
     ) -> None:
         if init_checkpoint:
             load_weights(network, init_checkpoint, "training.init_checkpoint", prefix="network.")
-        super().__init__(network, num_classes, optimizer, scheduler, scheduler_interval, cost_profile, channels_last, compile)
-        self.save_hyperparameters(ignore=["network", "optimizer", "scheduler", "gater_optimizer", "gater_scheduler",
-                                          "cost_profile"])
+        super().__init__(
+            network, num_classes, optimizer, scheduler, scheduler_interval, cost_profile, channels_last, compile
+        )
+        self.save_hyperparameters(
+            ignore=["network", "optimizer", "scheduler", "gater_optimizer", "gater_scheduler", "cost_profile"]
+        )
         self.automatic_optimization = False
-        for key, value in (("scheduler_interval", scheduler_interval), ("gater_scheduler_interval", gater_scheduler_interval)):
+        for key, value in (
+            ("scheduler_interval", scheduler_interval),
+            ("gater_scheduler_interval", gater_scheduler_interval),
+        ):
             if value not in INTERVALS:
                 raise EENNError(f"training.{key} must be one of {INTERVALS}, got {value!r}.")
         if isinstance(gater_every, bool) or not isinstance(gater_every, int) or gater_every < 1:
@@ -164,13 +172,17 @@ class BilevelTraining(MultiExitModule):
         if freeze_backbone and not init_checkpoint:
             raise EENNError("training.freeze_backbone=true needs training.init_checkpoint=<a stage-1 checkpoint>.")
         if freeze_backbone and ema_decay:
-            raise EENNError("training.ema_decay averages a backbone that training.freeze_backbone=true keeps fixed; unset one.")
+            raise EENNError(
+                "training.ema_decay averages a backbone that training.freeze_backbone=true keeps fixed; unset one."
+            )
         if clip_grad_norm is not None and not clip_grad_norm > 0:
             raise EENNError(f"training.clip_grad_norm must be positive or null, got {clip_grad_norm!r}.")
         if isinstance(cost_weight, bool) or not isinstance(cost_weight, (int, float)) or not math.isfinite(cost_weight):
             raise EENNError(f"training.cost_weight (lambda) must be a number, got {cost_weight!r}.")
         if isinstance(joint_warmup_epochs, bool) or not isinstance(joint_warmup_epochs, int) or joint_warmup_epochs < 0:
-            raise EENNError(f"training.joint_warmup_epochs must be a whole number of epochs >= 0, got {joint_warmup_epochs!r}.")
+            raise EENNError(
+                f"training.joint_warmup_epochs must be a whole number of epochs >= 0, got {joint_warmup_epochs!r}."
+            )
         if not budget_lr > 0:
             raise EENNError(f"training.budget_lr must be positive, got {budget_lr!r}.")
         if not budget_penalty >= 0:
@@ -181,8 +193,10 @@ class BilevelTraining(MultiExitModule):
         self.register_buffer("exit_costs", loss_exit_costs(cost_profile, cost_unit), persistent=False)
         self.register_buffer("exit_cost_fractions", normalised_exit_costs(cost_profile, cost_unit), persistent=False)
         if budget is not None and not float(self.exit_cost_fractions[0]) < budget <= 1:
-            raise EENNError(f"training.budget is a fraction of the last exit's cost above the first exit's "
-                            f"({float(self.exit_cost_fractions[0]):.3f}) and at most 1, got {budget!r} (null: a fixed lambda).")
+            raise EENNError(
+                f"training.budget is a fraction of the last exit's cost above the first exit's "
+                f"({float(self.exit_cost_fractions[0]):.3f}) and at most 1, got {budget!r} (null: a fixed lambda)."
+            )
         # lambda: a constant, or (with a budget) the dual variable of eq. 2's cost constraint; checkpointed
         self.register_buffer("cost_weight", torch.tensor(float(cost_weight)))
         self.gater_optimizer_factory = gater_optimizer or partial(torch.optim.Adam, lr=1e-3)
@@ -193,7 +207,11 @@ class BilevelTraining(MultiExitModule):
         self.budget_penalty = budget_penalty
         self.joint_warmup_epochs, self.normalize_loss = joint_warmup_epochs, normalize_loss
         self.permute_allocation = permute_allocation
-        self.freeze_backbone, self.clip_grad_norm, self.label_smoothing = freeze_backbone, clip_grad_norm, label_smoothing
+        self.freeze_backbone, self.clip_grad_norm, self.label_smoothing = (
+            freeze_backbone,
+            clip_grad_norm,
+            label_smoothing,
+        )
         self.set_mixup(mixup_alpha, cutmix_alpha, label_smoothing, num_classes)
         self.ema = ModelEmaV3(network, decay=ema_decay, use_warmup=ema_warmup) if ema_decay else None
         if self.ema is not None:
@@ -208,8 +226,9 @@ class BilevelTraining(MultiExitModule):
         """CE^k_i (B, K) for class indices (B,) or, with Mixup/CutMix, soft targets (B, C)."""
         b, k, c = logits.shape
         smoothing = self.label_smoothing if targets.ndim == 1 else 0.0  # timm's Mixup smoothed them already
-        return F.cross_entropy(logits.reshape(b * k, c), targets.repeat_interleave(k, dim=0), reduction="none",
-                               label_smoothing=smoothing).view(b, k)
+        return F.cross_entropy(
+            logits.reshape(b * k, c), targets.repeat_interleave(k, dim=0), reduction="none", label_smoothing=smoothing
+        ).view(b, k)
 
     def exit_distribution(self, logits: torch.Tensor) -> torch.Tensor:
         """A (B, K), the gater's tempered exit distribution (eq. 5, 9)."""
@@ -322,17 +341,31 @@ class BilevelTraining(MultiExitModule):
         """The per-exit diagnostics, as epoch means: CE, A, the expected cost, lambda, and the share
         of samples whose likeliest exit under A is each exit (the gater's hard choice)."""
         keys = self.exit_keys
-        names = (*(f"train/ce/{k}" for k in keys), *(f"train/exit_prob/{k}" for k in keys), "train/expected_cost",
-                 "train/cost_weight", *(f"train/top_exit/{k}" for k in keys))
+        names = (
+            *(f"train/ce/{k}" for k in keys),
+            *(f"train/exit_prob/{k}" for k in keys),
+            "train/expected_cost",
+            "train/cost_weight",
+            *(f"train/top_exit/{k}" for k in keys),
+        )
         top = F.one_hot(a.argmax(1), a.shape[1]).float().mean(0)  # bincount would ask the device for the size
         values = torch.cat([ce.mean(0), a.mean(0), self.expected_cost(a).view(1), self.cost_weight.view(1), top])
         self.accumulate("train", logits, y, names, values)
 
     def configure_optimizers(self) -> Any:
-        groups = [] if self.freeze_backbone else [
-            (self.optimizer_factory, self.scheduler_factory, self.scheduler_interval, self.network.parameters())]
-        groups.append((self.gater_optimizer_factory, self.gater_scheduler_factory, self.gater_scheduler_interval,
-                       self.gater.parameters()))
+        groups = (
+            []
+            if self.freeze_backbone
+            else [(self.optimizer_factory, self.scheduler_factory, self.scheduler_interval, self.network.parameters())]
+        )
+        groups.append(
+            (
+                self.gater_optimizer_factory,
+                self.gater_scheduler_factory,
+                self.gater_scheduler_interval,
+                self.gater.parameters(),
+            )
+        )
         configs = []
         for make_opt, make_sched, interval, params in groups:
             opt = make_opt(params=params)
@@ -347,16 +380,25 @@ class BilevelTraining(MultiExitModule):
         t = self.trainer
         if t.state.fn == TrainerFn.FITTING:
             if t.gradient_clip_val:
-                raise EENNError(f"trainer.gradient_clip_val={t.gradient_clip_val} does not apply to training=bilevel "
-                                "(two optimisers, manual optimisation); set training.clip_grad_norm instead.")
+                raise EENNError(
+                    f"trainer.gradient_clip_val={t.gradient_clip_val} does not apply to training=bilevel "
+                    "(two optimisers, manual optimisation); set training.clip_grad_norm instead."
+                )
             if t.accumulate_grad_batches != 1:
-                raise EENNError(f"trainer.accumulate_grad_batches={t.accumulate_grad_batches} does not apply to "
-                                "training=bilevel (manual optimisation); leave it at 1 and raise data.batch_size.")
+                raise EENNError(
+                    f"trainer.accumulate_grad_batches={t.accumulate_grad_batches} does not apply to "
+                    "training=bilevel (manual optimisation); leave it at 1 and raise data.batch_size."
+                )
             # the inner backward leaves phi without gradients: DDP must be told to expect that
-            if isinstance(t.strategy, DDPStrategy) and not self.freeze_backbone \
-                    and not t.strategy._ddp_kwargs.get("find_unused_parameters"):
-                raise EENNError("training=bilevel under DDP needs trainer.strategy=ddp_find_unused_parameters_true "
-                                "(the gater gets no gradient in the backbone's step).")
+            if (
+                isinstance(t.strategy, DDPStrategy)
+                and not self.freeze_backbone
+                and not t.strategy._ddp_kwargs.get("find_unused_parameters")
+            ):
+                raise EENNError(
+                    "training=bilevel under DDP needs trainer.strategy=ddp_find_unused_parameters_true "
+                    "(the gater gets no gradient in the backbone's step)."
+                )
         return super().configure_callbacks()
 
     # ----------------------------------------------------------------- evaluation and state

@@ -23,8 +23,12 @@ class RNGStateCallback(pl.Callback):
         _, keys, pos, has_gauss, cached = np.random.get_state()
         state = {
             "python": [version, list(py_state), gauss],
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached": float(cached)},
+            "numpy": {
+                "keys": torch.from_numpy(keys.astype(np.int64)),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "cached": float(cached),
+            },
             "torch": torch.get_rng_state(),
         }
         if torch.cuda.is_available():
@@ -68,8 +72,9 @@ class _ReadsEveryN:
         self._shown = {name: logged[name].item() for name in getattr(pl_module, "bar_metrics", ()) if name in logged}
         return {**metrics, **self._shown}
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._read = loggers_write_this_step(trainer)
         try:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # type: ignore[misc]

@@ -64,7 +64,11 @@ class Gater(nn.Module):
     """
 
     def __init__(
-        self, num_exits: int, features: Sequence[str] = ("confidence", "entropy"), hidden: int = 500, shared: bool = True
+        self,
+        num_exits: int,
+        features: Sequence[str] = ("confidence", "entropy"),
+        hidden: int = 500,
+        shared: bool = True,
     ) -> None:
         super().__init__()
         features = list(features)

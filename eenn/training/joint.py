@@ -110,8 +110,13 @@ class MultiExitModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         # the compiled forward is a function, not a submodule: the state dict keeps its keys
-        self.compiled = Compiled(network.forward, "training.compile=true", f"the network ({type(network.stages[0]).__name__} "
-                                 "stages)") if check_flag(compile, "training.compile") else None
+        self.compiled = (
+            Compiled(
+                network.forward, "training.compile=true", f"the network ({type(network.stages[0]).__name__} stages)"
+            )
+            if check_flag(compile, "training.compile")
+            else None
+        )
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.network = network.to(memory_format=self.memory_format)
         self.cost_profile = cost_profile
@@ -125,8 +130,16 @@ class MultiExitModule(pl.LightningModule):
     def set_mixup(self, mixup_alpha: float, cutmix_alpha: float, label_smoothing: float, num_classes: int) -> None:
         """timm's Mixup/CutMix (the ViT recipe) when either alpha is set: soft targets, with the
         label smoothing folded into them."""
-        self.mixup = (Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing,
-                            num_classes=num_classes) if mixup_alpha > 0 or cutmix_alpha > 0 else None)
+        self.mixup = (
+            Mixup(
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
+            if mixup_alpha > 0 or cutmix_alpha > 0
+            else None
+        )
 
     def mix_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(images, targets, labels) of a training batch: with Mixup/CutMix the mixed images, soft
@@ -137,6 +150,7 @@ class MultiExitModule(pl.LightningModule):
             raise EENNError(f"training.mixup_alpha/cutmix_alpha need an even data.batch_size, got a batch of {len(x)}.")
         x, targets = self.mixup(x, y)
         return x, targets, targets.argmax(-1)
+
     def as_input(self, x: torch.Tensor) -> torch.Tensor:
         """Images in the network's memory format (a no-op when they already are)."""
         return x.contiguous(memory_format=self.memory_format) if x.ndim == 4 else x
@@ -149,8 +163,14 @@ class MultiExitModule(pl.LightningModule):
         x = self.as_input(x)
         return self.network(x) if self.compiled is None else self.compiled(x)
 
-    def accumulate(self, split: str, logits: torch.Tensor, y: torch.Tensor, names: tuple[str, ...] = (),
-                   values: torch.Tensor | None = None) -> None:
+    def accumulate(
+        self,
+        split: str,
+        logits: torch.Tensor,
+        y: torch.Tensor,
+        names: tuple[str, ...] = (),
+        values: torch.Tensor | None = None,
+    ) -> None:
         """Add a batch to ``split``'s epoch means: each exit's accuracy (``<split>/acc/<exit>``)
         and, when given, ``values`` (n,) under ``names``."""
         correct = (logits.detach().argmax(-1) == y[:, None]).float().mean(0)
@@ -198,9 +218,15 @@ class MultiExitModule(pl.LightningModule):
         bar reads every value it shows from the device after every batch, swap in the same bar
         reading them every log_every_n_steps batches."""
         t = self.trainer
-        if self.compiled is not None and isinstance(t.strategy, DDPStrategy) and isinstance(t.accelerator, CPUAccelerator):
-            raise EENNError("training.compile=true is not supported with DDP on the CPU (trainer=ddp without GPUs); "
-                            "set training.compile=false or train on GPUs.")
+        if (
+            self.compiled is not None
+            and isinstance(t.strategy, DDPStrategy)
+            and isinstance(t.accelerator, CPUAccelerator)
+        ):
+            raise EENNError(
+                "training.compile=true is not supported with DDP on the CPU (trainer=ddp without GPUs); "
+                "set training.compile=false or train on GPUs."
+            )
         install_progress_bar_reads(t)
         return []
 
@@ -208,8 +234,10 @@ class MultiExitModule(pl.LightningModule):
         opt = self.optimizer_factory(params=self.network.parameters())
         if self.scheduler_factory is None:
             return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt),
-                                                    "interval": self.scheduler_interval}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt), "interval": self.scheduler_interval},
+        }
 
 
 class JointTraining(MultiExitModule):
@@ -234,14 +262,21 @@ class JointTraining(MultiExitModule):
         channels_last: bool = True,
         compile: bool = False,
     ) -> None:
-        super().__init__(network, num_classes, optimizer, scheduler, scheduler_interval, cost_profile, channels_last, compile)
+        super().__init__(
+            network, num_classes, optimizer, scheduler, scheduler_interval, cost_profile, channels_last, compile
+        )
         self.save_hyperparameters(ignore=["network", "optimizer", "scheduler", "cost_profile"])
         self.set_mixup(mixup_alpha, cutmix_alpha, label_smoothing, num_classes)
         self.register_buffer("loss_weights", exit_loss_weights(loss_weights, network.num_exits), persistent=False)
         # the warm-up's weights, made once: a tensor built per step would be a host-to-device copy
         only_final = F.one_hot(torch.tensor(network.num_exits - 1), network.num_exits).to(self.loss_weights)
         self.register_buffer("warmup_weights", only_final, persistent=False)
-        self.kl_alpha, self.kl_tau, self.kl_start, self.kl_detach_teacher = kl_alpha, kl_tau, kl_start, kl_detach_teacher
+        self.kl_alpha, self.kl_tau, self.kl_start, self.kl_detach_teacher = (
+            kl_alpha,
+            kl_tau,
+            kl_start,
+            kl_detach_teacher,
+        )
         if kl_reduction not in KL_REDUCTIONS:
             raise EENNError(f"training.kl_reduction must be one of {KL_REDUCTIONS}, got {kl_reduction!r}.")
         self.kl_reduction = kl_reduction
@@ -260,9 +295,13 @@ class JointTraining(MultiExitModule):
         Mixup/CutMix, soft targets (B, C)."""
         b, k, c = logits.shape
         smoothing = self.label_smoothing if y.ndim == 1 else 0.0  # timm's Mixup smoothed them already
-        ce = F.cross_entropy(
-            logits.reshape(b * k, c), y.repeat_interleave(k, dim=0), reduction="none", label_smoothing=smoothing
-        ).view(b, k).mean(0)
+        ce = (
+            F.cross_entropy(
+                logits.reshape(b * k, c), y.repeat_interleave(k, dim=0), reduction="none", label_smoothing=smoothing
+            )
+            .view(b, k)
+            .mean(0)
+        )
         total = (self.current_weights() * ce).sum()
         kl = logits.new_zeros(())
         if self.kl_active():

@@ -28,7 +28,9 @@ def exit_loss_weights(spec: str | Sequence[float], num_exits: int) -> torch.Tens
     if len(w) == k - 1:
         w.append(1.0 - sum(w))
     if len(w) != k:
-        raise EENNError(f"training.loss_weights has {len(spec)} values; the network has {k} exits (give {k} or {k - 1}).")
+        raise EENNError(
+            f"training.loss_weights has {len(spec)} values; the network has {k} exits (give {k} or {k - 1})."
+        )
     if any(v < 0 for v in w) or sum(w) <= 0:
         raise EENNError(f"training.loss_weights must be non-negative with a positive sum, got {w}.")
     return torch.tensor(w)
@@ -41,8 +43,9 @@ def exit_loss_weights(spec: str | Sequence[float], num_exits: int) -> torch.Tens
 KL_REDUCTIONS = ("batchmean", "mean")
 
 
-def self_distillation_kl(logits: torch.Tensor, tau: float, detach_teacher: bool = True,
-                         reduction: str = "batchmean") -> torch.Tensor:
+def self_distillation_kl(
+    logits: torch.Tensor, tau: float, detach_teacher: bool = True, reduction: str = "batchmean"
+) -> torch.Tensor:
     """sum_{k<K} tau^2 KL(softmax(z_K/tau) || softmax(z_k/tau)), averaged over the batch, and with
     ``reduction="mean"`` over the C classes too (see :data:`KL_REDUCTIONS`).
 

@@ -11,7 +11,9 @@ from eenn.predictions import Predictions
 
 
 @torch.inference_mode()
-def collect_logits(network: MultiExitNetwork, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def collect_logits(
+    network: MultiExitNetwork, loader: DataLoader, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     was_training = network.training
     network.eval()
     logits, labels = [], []
@@ -35,10 +37,15 @@ def make_predictions(
     logits, labels = collect_logits(network, loader, device)
     units = ["macs", "params"] + (["latency_ms"] if costs.exits[0].latency_ms is not None else [])
     return Predictions(
-        logits=logits, labels=labels,
-        costs=torch.tensor(costs.per_exit("flops")), head_costs=torch.tensor(costs.per_head("flops")),
-        cost_unit="flops", exit_names=list(network.exit_names), class_names=list(class_names),
-        split=split, source_run=source_run,
+        logits=logits,
+        labels=labels,
+        costs=torch.tensor(costs.per_exit("flops")),
+        head_costs=torch.tensor(costs.per_head("flops")),
+        cost_unit="flops",
+        exit_names=list(network.exit_names),
+        class_names=list(class_names),
+        split=split,
+        source_run=source_run,
         cost_table={u: torch.tensor(costs.per_exit(u)) for u in units},
         head_cost_table={u: torch.tensor(costs.per_head(u)) for u in units},
     )

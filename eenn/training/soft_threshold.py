@@ -101,18 +101,32 @@ class SoftThresholdTraining(MultiExitModule):
         channels_last: bool = True,
         compile: bool = False,
     ) -> None:
-        super().__init__(network, num_classes, optimizer, scheduler, scheduler_interval, cost_profile, channels_last, compile)
+        super().__init__(
+            network, num_classes, optimizer, scheduler, scheduler_interval, cost_profile, channels_last, compile
+        )
         self.save_hyperparameters(ignore=["network", "optimizer", "scheduler", "cost_profile"])
-        if isinstance(softness, bool) or not isinstance(softness, (int, float)) or not softness > 0 or not math.isfinite(softness):
+        if (
+            isinstance(softness, bool)
+            or not isinstance(softness, (int, float))
+            or not softness > 0
+            or not math.isfinite(softness)
+        ):
             raise EENNError(f"training.softness must be a positive number, got {softness!r}.")
         costs = normalised_exit_costs(cost_profile, cost_unit)
         lo, hi = (float(costs[0]), 1.0) if budget_range is None else (None, None)
         if budget_range is not None:
             if len(budget_range) != 2 or not float(costs[0]) <= float(budget_range[0]) < float(budget_range[1]) <= 1:
-                raise EENNError(f"training.budget_range must be [low, high] fractions of the last exit's cost with "
-                                f"{float(costs[0]):.3f} (the first exit's) <= low < high <= 1, got {list(budget_range)!r}.")
+                raise EENNError(
+                    f"training.budget_range must be [low, high] fractions of the last exit's cost with "
+                    f"{float(costs[0]):.3f} (the first exit's) <= low < high <= 1, got {list(budget_range)!r}."
+                )
             lo, hi = float(budget_range[0]), float(budget_range[1])
-        self.softness, self.label_smoothing, self.budget_low, self.budget_high = float(softness), label_smoothing, lo, hi
+        self.softness, self.label_smoothing, self.budget_low, self.budget_high = (
+            float(softness),
+            label_smoothing,
+            lo,
+            hi,
+        )
         self.set_mixup(mixup_alpha, cutmix_alpha, label_smoothing, num_classes)
         cost_grid, pi_grid = geometric_fractions_table(costs)
         self.register_buffer("exit_costs", costs, persistent=False)
@@ -123,8 +137,9 @@ class SoftThresholdTraining(MultiExitModule):
         """CE^k_i (B, K) for class indices (B,) or, with Mixup/CutMix, soft targets (B, C)."""
         b, k, c = logits.shape
         smoothing = self.label_smoothing if targets.ndim == 1 else 0.0
-        return F.cross_entropy(logits.reshape(b * k, c), targets.repeat_interleave(k, dim=0), reduction="none",
-                               label_smoothing=smoothing).view(b, k)
+        return F.cross_entropy(
+            logits.reshape(b * k, c), targets.repeat_interleave(k, dim=0), reduction="none", label_smoothing=smoothing
+        ).view(b, k)
 
     def allocation(self, logits: torch.Tensor) -> torch.Tensor:
         """A (B, K) for this batch at a budget drawn from ``[budget_low, budget_high]``."""

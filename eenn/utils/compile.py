@@ -34,8 +34,13 @@ class Compiled:
         except Exception as e:  # noqa: BLE001 - any compile failure falls back; a real error recurs eagerly
             cause = _root_cause(e)
             message = (str(cause).strip().splitlines() or [""])[0][:200]
-            log.warning("%s: %s could not be compiled (%s: %s); running it eagerly.", self.setting, self.what,
-                        type(cause).__name__, message)
+            log.warning(
+                "%s: %s could not be compiled (%s: %s); running it eagerly.",
+                self.setting,
+                self.what,
+                type(cause).__name__,
+                message,
+            )
             self.call, self.eager = self.fn, True
             out = self.fn(*args)
         self.first = False

@@ -94,8 +94,9 @@ def _readable(path: Path, what: str) -> Iterator[None]:
     try:
         yield
     except (SafetensorError, OSError, ValueError) as exc:
-        raise EENNError(f"{what} {str(path)!r} is not a readable safetensors file "
-                        f"(truncated or corrupt?): {str(exc).rstrip('.')}.") from None
+        raise EENNError(
+            f"{what} {str(path)!r} is not a readable safetensors file (truncated or corrupt?): {str(exc).rstrip('.')}."
+        ) from None
 
 
 def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -109,9 +110,18 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, Any]
     return tensors, metadata
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def map_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str], mmap.mmap]:
@@ -125,14 +135,16 @@ def map_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch
     with open(path, "rb") as fh:
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
     size = int.from_bytes(mm[:8], "little")
-    header = json.loads(mm[8:8 + size])
+    header = json.loads(mm[8 : 8 + size])
     tensors = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         dtype = _DTYPES.get(entry["dtype"])
         if dtype is None:
-            raise EENNError(f"{what} {str(path)!r} holds tensor {name!r} of dtype {entry['dtype']}, expected one of {sorted(_DTYPES)}.")
+            raise EENNError(
+                f"{what} {str(path)!r} holds tensor {name!r} of dtype {entry['dtype']}, expected one of {sorted(_DTYPES)}."
+            )
         begin, end = (8 + size + o for o in entry["data_offsets"])
         shape = entry["shape"]
         if end == begin:  # frombuffer refuses empty views
@@ -140,6 +152,7 @@ def map_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch
         elif begin % dtype.itemsize:  # a misaligned view would be slow or refused: copy it
             tensors[name] = torch.frombuffer(bytearray(mm[begin:end]), dtype=dtype).reshape(shape)
         else:
-            tensors[name] = torch.frombuffer(mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin).reshape(shape)
+            tensors[name] = torch.frombuffer(
+                mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin
+            ).reshape(shape)
     return tensors, metadata, mm
-

@@ -33,8 +33,20 @@ from typing import Any
 import torch
 
 #: the calls counted on the CPU: tensor methods, and torch functions
-_TENSOR_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__",
-                   "nonzero", "unique", "bincount", "masked_select")
+_TENSOR_METHODS = (
+    "item",
+    "tolist",
+    "cpu",
+    "numpy",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+    "nonzero",
+    "unique",
+    "bincount",
+    "masked_select",
+)
 _TORCH_FUNCTIONS = ("nonzero", "unique", "bincount", "masked_select")
 _TORCH_DIR = str(Path(torch.__file__).parent)
 _OPTIM_DIR = str(Path(torch.optim.__file__).parent)
@@ -50,7 +62,9 @@ def _tensor_repeats(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 def _caller() -> str:
     """``path:line`` of the innermost frame outside torch and this module."""
     frame = sys._getframe(2)
-    while frame is not None and (frame.f_code.co_filename.startswith(_TORCH_DIR) or frame.f_code.co_filename == __file__):
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_TORCH_DIR) or frame.f_code.co_filename == __file__
+    ):
         frame = frame.f_back
     if frame is None:
         return "?"
@@ -86,8 +100,12 @@ class SyncCounter:
     def _wrap(self, fn: Callable[..., Any], what: str) -> Callable[..., Any]:
         @functools.wraps(fn)
         def counted(*args: Any, **kwargs: Any) -> Any:
-            if (self.active and self._depth == 0 and (what != "repeat_interleave" or _tensor_repeats(args, kwargs))
-                    and not sys._getframe(1).f_code.co_filename.startswith(_OPTIM_DIR)):
+            if (
+                self.active
+                and self._depth == 0
+                and (what != "repeat_interleave" or _tensor_repeats(args, kwargs))
+                and not sys._getframe(1).f_code.co_filename.startswith(_OPTIM_DIR)
+            ):
                 self.where[f"{what} @ {_caller()}"] += 1
             self._depth += 1
             try:
@@ -121,7 +139,9 @@ class SyncCounter:
                     self.where[f"cuda sync @ {Path(w.filename).name}:{w.lineno}"] += 1
             self._records.clear()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.active = False
         if self.cuda:
             torch.cuda.set_sync_debug_mode(0)

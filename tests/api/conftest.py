@@ -14,8 +14,16 @@ from eenn.cli.common import conf_dir
 from eenn.tasks.fit import fit_run
 from eenn.tasks.train import train
 
-TRAIN = ["data=digits", "backbone=resnet20", "exits=early", "logger=csv", "trainer.max_epochs=1",
-         "trainer.limit_train_batches=2", "cost.latency=false", "trainer.enable_progress_bar=false"]
+TRAIN = [
+    "data=digits",
+    "backbone=resnet20",
+    "exits=early",
+    "logger=csv",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "cost.latency=false",
+    "trainer.enable_progress_bar=false",
+]
 
 
 def compose_in(name: str, overrides: list[str], root: Path, out: Path):
@@ -37,6 +45,10 @@ def digits(tmp_path_factory) -> Digits:
     root = tmp_path_factory.mktemp("api")
     run, fit = root / "train", root / "fit"
     train(compose_in("train", TRAIN, root, run))
-    fit_run(compose_in("fit", [f"run_dir={run}", "policy=maxprob", "budget.fraction=0.5", "wandb.enabled=false"], root, fit),
-            fit)
+    fit_run(
+        compose_in(
+            "fit", [f"run_dir={run}", "policy=maxprob", "budget.fraction=0.5", "wandb.enabled=false"], root, fit
+        ),
+        fit,
+    )
     return Digits(run, fit)

@@ -66,8 +66,10 @@ def test_fit_policy_is_eenn_fit(digits):
     # from a predictions file or Predictions, the same
     val = Stage1Run(digits.run).predictions("val")
     assert torch.equal(eenn.fit_policy(val, "maxprob", budget=0.5).thresholds, saved.thresholds)
-    assert torch.equal(eenn.fit_policy(Stage1Run(digits.run).predictions_file("val"), "maxprob", budget=0.5).thresholds,
-                       saved.thresholds)
+    assert torch.equal(
+        eenn.fit_policy(Stage1Run(digits.run).predictions_file("val"), "maxprob", budget=0.5).thresholds,
+        saved.thresholds,
+    )
     # options and other policies; the summary eenn-fit writes
     entropy = eenn.fit_policy(digits.run, "entropy", budget=0.7, calibrate=True)
     assert entropy.temperature is not None and entropy.temperature.shape == (4,)

@@ -23,8 +23,15 @@ import pytest
 from tests.api.readme import readme_block, with_paths
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["data=digits", "exits=early", "logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-        "cost.latency=false", "trainer.enable_progress_bar=false"]
+TINY = [
+    "data=digits",
+    "exits=early",
+    "logger=csv",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "cost.latency=false",
+    "trainer.enable_progress_bar=false",
+]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -33,16 +40,22 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _run(args: list[str], cwd: Path, timeout: int = 900, **env: str) -> str:
-    done = subprocess.run([str(a) for a in args], cwd=cwd, env=_env(**env), capture_output=True, text=True,
-                          timeout=timeout)
+    done = subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=timeout
+    )
     assert done.returncode == 0, f"{args[:3]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout
 
 
 def _copy_checkout(dest: Path) -> Path:
     """The files of this checkout that git would commit (tracked, or new and not ignored)."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                            check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         src = REPO / name
         if src.is_file():
@@ -71,8 +84,17 @@ def test_pip_install_then_the_readme_round_trip_in_a_fresh_venv(tmp_path):
     work.mkdir()
     run, fit = work / "run", work / "fit"
     _run([venv / "bin" / "eenn-train", *TINY, f"hydra.run.dir={run}"], work)
-    _run([venv / "bin" / "eenn-fit", f"run_dir={run}", "policy=maxprob", "budget.fraction=0.5", "wandb.enabled=false",
-          f"hydra.run.dir={fit}"], work)
+    _run(
+        [
+            venv / "bin" / "eenn-fit",
+            f"run_dir={run}",
+            "policy=maxprob",
+            "budget.fraction=0.5",
+            "wandb.enabled=false",
+            f"hydra.run.dir={fit}",
+        ],
+        work,
+    )
     script = work / "readme.py"
     script.write_text(with_paths(readme_block("test_fresh_venv.py"), run, fit))
     _run([py, script], work)  # its own asserts: no hydra in the new process, identical predictions
@@ -84,8 +106,10 @@ def test_from_pretrained_in_a_new_process_imports_neither_hydra_nor_lightning(di
     import eenn
 
     out = eenn.load(digits.run, policy=digits.fit).save_pretrained(tmp_path / "model")
-    code = ("import sys, eenn; light = 'torch' not in sys.modules; m = eenn.from_pretrained(sys.argv[1]); "
-            "print(light, m.policy.name, sorted({n.split('.')[0] for n in sys.modules} & "
-            "{'hydra', 'omegaconf', 'lightning', 'pytorch_lightning'}))")
+    code = (
+        "import sys, eenn; light = 'torch' not in sys.modules; m = eenn.from_pretrained(sys.argv[1]); "
+        "print(light, m.policy.name, sorted({n.split('.')[0] for n in sys.modules} & "
+        "{'hydra', 'omegaconf', 'lightning', 'pytorch_lightning'}))"
+    )
     # this checkout's eenn, whatever the interpreter has installed
     assert _run([sys.executable, "-c", code, out], tmp_path, PYTHONPATH=str(REPO)).split() == ["True", "maxprob", "[]"]

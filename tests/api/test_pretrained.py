@@ -28,8 +28,15 @@ def saved(digits, tmp_path_factory):
 def test_a_model_dir_holds_everything_and_nothing_half_written(saved):
     _, out = saved
     names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert names == ["README.md", "config.json", "costs.json", "metrics.json", "model.safetensors",
-                     "policies/entropy70.safetensors", "policies/maxprob.safetensors"]
+    assert names == [
+        "README.md",
+        "config.json",
+        "costs.json",
+        "metrics.json",
+        "model.safetensors",
+        "policies/entropy70.safetensors",
+        "policies/maxprob.safetensors",
+    ]
     assert not list(out.parent.glob(f".{out.name}.*"))  # the temporary dir was renamed into place
     for p in out.rglob("*"):  # shareable: not the private modes of temporary files
         assert p.stat().st_mode & stat.S_IROTH, p
@@ -43,7 +50,11 @@ def test_a_model_dir_holds_everything_and_nothing_half_written(saved):
 def test_from_pretrained_predicts_exactly_as_the_run(saved, digits):
     model, out = saved
     loaded = eenn.from_pretrained(out)
-    assert loaded.run_dir is None and loaded.policy.name == "maxprob" and sorted(loaded.policies) == ["entropy70", "maxprob"]
+    assert (
+        loaded.run_dir is None
+        and loaded.policy.name == "maxprob"
+        and sorted(loaded.policies) == ["entropy70", "maxprob"]
+    )
     assert loaded.costs == model.costs and loaded.exit_names == model.exit_names
     assert loaded.class_names == model.class_names and loaded.config["normalisation"] == model.config["normalisation"]
     x, _ = eenn.load_split(digits.run, "test")
@@ -59,7 +70,9 @@ def test_from_pretrained_predicts_exactly_as_the_run(saved, digits):
     again = out.parent / "again"
     loaded.save_pretrained(again)
     assert (again / "README.md").read_text() == (out / "README.md").read_text()
-    loaded.save_pretrained(out.parent / "more", policies={"patience": eenn.fit_policy(digits.run, "patience", budget=0.8)})
+    loaded.save_pretrained(
+        out.parent / "more", policies={"patience": eenn.fit_policy(digits.run, "patience", budget=0.8)}
+    )
     more = (out.parent / "more" / "README.md").read_text()
     assert "| patience | patience | flops | — | — | — | — |" in more and more.count("| entropy70 |") == 1
 
@@ -67,7 +80,9 @@ def test_from_pretrained_predicts_exactly_as_the_run(saved, digits):
 def _table(card: str, title: str) -> list[list[str]]:
     """The rows of the markdown table under ``## title`` (header and rule dropped)."""
     section = card.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines() if line.startswith("|")]
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines() if line.startswith("|")
+    ]
     return rows[2:]
 
 
@@ -81,13 +96,20 @@ def test_the_model_card_holds_the_runs_numbers(saved, digits):
     for r, name, flops in zip(rows, metrics["exit_names"], metrics["costs_flops"]):
         assert float(r[2]) == flops  # the flops column, whole
         assert r[1] == f"{flops / metrics['costs_flops'][-1]:.4f}"
-        assert r[-2] == f"{100 * metrics['val_accuracy'][name]:.2f}" and r[-1] == f"{100 * metrics['test_accuracy'][name]:.2f}"
+        assert (
+            r[-2] == f"{100 * metrics['val_accuracy'][name]:.2f}"
+            and r[-1] == f"{100 * metrics['test_accuracy'][name]:.2f}"
+        )
     # accuracy at 25/50/75 % of the full cost: maxprob fitted on validation; at 0.5 it is eenn-fit's own result
     budgets = _table(card, "Accuracy at 25/50/75 % of the full cost")
     assert [float(r[0]) for r in budgets] == list(CARD_BUDGETS)
     fit = FitRun(digits.fit).metrics()
     half = budgets[CARD_BUDGETS.index(0.5)]
-    assert half[1] == "maxprob" and half[3] == f"{100 * fit['test']['accuracy']:.2f}" and half[2] == f"{100 * fit['val']['accuracy']:.2f}"
+    assert (
+        half[1] == "maxprob"
+        and half[3] == f"{100 * fit['test']['accuracy']:.2f}"
+        and half[2] == f"{100 * fit['val']['accuracy']:.2f}"
+    )
     saved_policies = {r[0]: r for r in _table(card, "Saved exit policies")}
     assert saved_policies["maxprob"][5] == f"{100 * fit['test']['accuracy']:.2f}"
     for text in ("dataset: `digits`", "(1, 8, 8)", "## Training config", '"max_epochs": 1', f"eenn {eenn.__version__}"):
@@ -124,14 +146,20 @@ def test_bad_input_is_one_sentence_naming_it(saved, digits, tmp_path):
     (old / "config.json").write_text(json.dumps({**cfg, "format": "eenn.pretrained/0"}))
     cases = [
         (lambda: model.save_pretrained(tmp_path / "full"), "not an empty directory"),
-        (lambda: model.save_pretrained(tmp_path / "x", policies={"bad": tmp_path / "none.safetensors"}), "neither a policy"),
+        (
+            lambda: model.save_pretrained(tmp_path / "x", policies={"bad": tmp_path / "none.safetensors"}),
+            "neither a policy",
+        ),
         (lambda: model.save_pretrained(tmp_path / "x", push_to_hub=True), "needs repo_id"),
         (lambda: eenn.from_pretrained(broken), "model weights .* not a readable safetensors file"),
         (lambda: eenn.from_pretrained(other), "do not fit the network config.json describes"),
         (lambda: eenn.from_pretrained(old), "has format 'eenn.pretrained/0'"),
         (lambda: eenn.from_pretrained(out, policy="nosuch"), "nor a policy saved with the model"),
         # offline (the tests set HF_HUB_OFFLINE=1): a Hub id is refused in one sentence, no network call
-        (lambda: eenn.from_pretrained("someone/no-such-model"), "not a local directory nor in the Hugging Face Hub's cache"),
+        (
+            lambda: eenn.from_pretrained("someone/no-such-model"),
+            "not a local directory nor in the Hugging Face Hub's cache",
+        ),
         (lambda: model.push_to_hub("someone/digits"), "cannot upload to 'someone/digits' while offline"),
     ]
     for call, message in cases:

@@ -30,7 +30,9 @@ def test_the_api_notebook_runs_on_a_run(digits, monkeypatch):
     nb = nbformat.read(notebook, as_version=4)
     sources = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     assert "from eenn." not in sources and "import eenn." not in sources  # the API alone
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}}).execute()
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}}
+    ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the accuracy-vs-cost plot

@@ -74,9 +74,14 @@ def test_policy_quality_acceptance_in_points() -> None:
 
 def test_deploy_speed_acceptance_applies_each_check_where_it_belongs() -> None:
     row = {"batch_size": 128, "realised_over_predicted": 0.95, "exit_fractions": [0.5, 0.5], "realised_speedup": 1.2}
-    assert deploy_speed.acceptance(row) == {"realised_at_least_0.9x_predicted": True, "not_slower_than_plain_onnx": True}
+    assert deploy_speed.acceptance(row) == {
+        "realised_at_least_0.9x_predicted": True,
+        "not_slower_than_plain_onnx": True,
+    }
     slow = {**row, "realised_over_predicted": 0.85, "exit_fractions": [0.3, 0.7]}
-    assert deploy_speed.acceptance(slow) == {"realised_at_least_0.9x_predicted": False}  # few exit early: no speed check
+    assert deploy_speed.acceptance(slow) == {
+        "realised_at_least_0.9x_predicted": False
+    }  # few exit early: no speed check
     single = {"batch_size": 1, "router_pct": 1.5, "exit_fractions": [0.4, 0.6], "realised_speedup": 0.99}
     assert deploy_speed.acceptance(single) == {"router_at_most_1pct": False, "not_slower_than_plain_onnx": False}
 
@@ -88,10 +93,15 @@ def test_the_detach_ablation_pairs_seeds_and_tabulates_means() -> None:
     assert d[0]["mean"] == pytest.approx(2.0) and d[0]["n"] == 3  # points: 1, 2, 3 per seed
     assert d[0]["ci_low"] == pytest.approx(2 - T_975[2] / math.sqrt(3))
     assert (d[1]["mean"], d[1]["ci_low"], d[1]["ci_high"]) == (0.0, 0.0, 0.0)
-    result = {"budget_fractions": [0.4, 0.6], "detached_minus_not_points": d,
-              "true": {"test_accuracy": detached, "test_cost_fraction": [[0.4, 0.4, 0.4], [0.6, 0.6, 0.6]]},
-              "false": {"test_accuracy": not_detached, "test_cost_fraction": [[0.41, 0.41, 0.41], [0.6, 0.6, 0.6]]}}
+    result = {
+        "budget_fractions": [0.4, 0.6],
+        "detached_minus_not_points": d,
+        "true": {"test_accuracy": detached, "test_cost_fraction": [[0.4, 0.4, 0.4], [0.6, 0.6, 0.6]]},
+        "false": {"test_accuracy": not_detached, "test_cost_fraction": [[0.41, 0.41, 0.41], [0.6, 0.6, 0.6]]},
+    }
     rows = policy_quality.detach_table(result).splitlines()[2:]
-    assert rows[0] == f"| 0.400 | 52.00 (0.400) | 50.00 (0.410) | +2.00 [{2 - T_975[2] / math.sqrt(3):+.2f}, " \
-                      f"{2 + T_975[2] / math.sqrt(3):+.2f}] |"
+    assert (
+        rows[0] == f"| 0.400 | 52.00 (0.400) | 50.00 (0.410) | +2.00 [{2 - T_975[2] / math.sqrt(3):+.2f}, "
+        f"{2 + T_975[2] / math.sqrt(3):+.2f}] |"
+    )
     assert rows[1] == "| 0.600 | 70.00 (0.600) | 70.00 (0.600) | +0.00 [+0.00, +0.00] |"

@@ -40,12 +40,14 @@ def maxprob(thresholds: list[float]) -> MaxProbPolicy:
 
 def test_near_ties_marks_only_scores_close_to_a_threshold_the_sample_reaches():
     policy = maxprob([0.5, 0.6, -math.inf])
-    logits = logits_with_max_prob([
-        [0.5005, 0.30, 0.3],  # exits at 0, 5e-4 above its threshold: a tie
-        [0.40, 0.5999, 0.3],  # passes exit 0 clearly, 1e-4 below exit 1's threshold: a tie
-        [0.90, 0.6000, 0.3],  # exits at 0 clearly; its tie at exit 1 is never reached
-        [0.40, 0.40, 0.3],  # every decision clear; the last exit always answers
-    ])
+    logits = logits_with_max_prob(
+        [
+            [0.5005, 0.30, 0.3],  # exits at 0, 5e-4 above its threshold: a tie
+            [0.40, 0.5999, 0.3],  # passes exit 0 clearly, 1e-4 below exit 1's threshold: a tie
+            [0.90, 0.6000, 0.3],  # exits at 0 clearly; its tie at exit 1 is never reached
+            [0.40, 0.40, 0.3],  # every decision clear; the last exit always answers
+        ]
+    )
     assert near_ties(policy, logits, 1e-3).tolist() == [True, True, False, False]
     assert near_ties(policy, logits, 3e-4).tolist() == [False, True, False, False]  # only the second lies within 3e-4
     assert not near_ties(policy, logits, 1e-6).any()
@@ -63,7 +65,9 @@ def test_only_disagreements_at_near_ties_pass_however_many_ties_there_are():
     offline = torch.tensor([0, 1, 2, 0, 1])
     ties = torch.tensor([True, True, False, False, False])
     same = compare_exits(offline.clone(), offline, ties)
-    assert same["engine_equals_offline"] and same["engine_equals_offline_up_to_ties"] and same["exit_disagreements"] == 0
+    assert (
+        same["engine_equals_offline"] and same["engine_equals_offline_up_to_ties"] and same["exit_disagreements"] == 0
+    )
     at_ties = compare_exits(torch.tensor([1, 2, 2, 0, 1]), offline, ties)  # samples 0 and 1 moved, both ties
     assert not at_ties["engine_equals_offline"] and at_ties["engine_equals_offline_up_to_ties"]
     assert (at_ties["exit_disagreements"], at_ties["disagreements_outside_ties"]) == (2, 0)
@@ -80,8 +84,14 @@ def test_the_quick_run_checks_the_engine_per_sample_on_the_cpu(tmp_path):
         pytest.skip("with CUDA the quick run checks the GPU, where near ties may move")
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(BENCHMARKS.parent)}
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--quick", "--out", str(out)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu_check.py"), "--quick", "--out", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["infer"]["device"] == "cpu"

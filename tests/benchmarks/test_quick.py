@@ -22,16 +22,23 @@ NEEDS_CIFAR10_SMALL = {"eenet_resnet56_short.py"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.data) if s in NEEDS_CIFAR10_SMALL else s
-                                    for s in SCRIPTS])
+@pytest.mark.parametrize(
+    "script", [pytest.param(s, marks=pytest.mark.data) if s in NEEDS_CIFAR10_SMALL else s for s in SCRIPTS]
+)
 def test_benchmark_quick_run_writes_its_json(script, tmp_path):
     if script in NEEDS_CIFAR10_SMALL and not CIFAR10_SMALL.is_file():
         pytest.skip(f"{CIFAR10_SMALL} is absent")
     out = tmp_path / "result.json"
     quoted = {p: p.stat().st_mtime_ns for p in (BENCHMARKS / "results").iterdir()}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(BENCHMARKS.parent)}
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(out.read_text())  # a JSON document with content
     # a smoke run never writes over the results the README quotes
@@ -45,12 +52,24 @@ def test_budget_aware_evaluates_finished_runs_given_to_it(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(BENCHMARKS.parent)}
     script = str(BENCHMARKS / "budget_aware.py")
     trained, given = tmp_path / "trained.json", tmp_path / "given.json"
-    subprocess.run([sys.executable, script, "--quick", "--out", str(trained)], cwd=tmp_path, env=env, check=True,
-                   capture_output=True, timeout=900)
+    subprocess.run(
+        [sys.executable, script, "--quick", "--out", str(trained)],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
     first = json.loads(trained.read_text())
     runs = [f"--run={m}={r['run_dir']}" for m, seeds in first["runs"].items() for r in seeds.values()]
-    proc = subprocess.run([sys.executable, script, *runs, "--budgets", "2", "--out", str(given)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, script, *runs, "--budgets", "2", "--out", str(given)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     second = json.loads(given.read_text())
     assert list(second["arms"]) == list(first["arms"]) and second["seeds"] == first["seeds"] == [0, 1]
@@ -58,4 +77,7 @@ def test_budget_aware_evaluates_finished_runs_given_to_it(tmp_path):
         for seed, run in seeds.items():
             assert second["runs"][arm][seed]["curves"] == run["curves"]
     # the paired differences to joint are the protocol's, whoever trained the runs
-    assert second["summary"]["permuted"]["maxprob_test_minus_joint"] == first["summary"]["permuted"]["maxprob_test_minus_joint"]
+    assert (
+        second["summary"]["permuted"]["maxprob_test_minus_joint"]
+        == first["summary"]["permuted"]["maxprob_test_minus_joint"]
+    )

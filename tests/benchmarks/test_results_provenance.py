@@ -33,5 +33,6 @@ def test_a_quoted_result_exists_and_its_commit_is_in_the_history(name):
         pytest.skip("not a git checkout")
     if _git("rev-parse", "--is-shallow-repository").stdout.strip() == "true":
         pytest.skip("a shallow clone does not hold the history to check against")
-    assert _git("merge-base", "--is-ancestor", code["commit"], "HEAD").returncode == 0, \
+    assert _git("merge-base", "--is-ancestor", code["commit"], "HEAD").returncode == 0, (
         f"{name} was made on {code['commit']}, which is not an ancestor of HEAD"
+    )

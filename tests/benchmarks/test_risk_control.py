@@ -50,7 +50,9 @@ def test_clopper_pearson_matches_closed_forms_and_a_table_value() -> None:
 def test_outcome_counts_pool_risk_above_epsilon_and_scores_a_refusal_as_no_loss_at_full_cost() -> None:
     # four draws, three candidates: each draw's choice, per-candidate risk and cost on the pool
     j = torch.tensor([0, -1, 2, 1])
-    risk = torch.tensor([[0.011, 0.02, 0.03], [0.5, 0.5, 0.5], [0.0, 0.0, 0.0101], [0.0, 0.01, 0.02]], dtype=torch.float64)
+    risk = torch.tensor(
+        [[0.011, 0.02, 0.03], [0.5, 0.5, 0.5], [0.0, 0.0, 0.0101], [0.0, 0.01, 0.02]], dtype=torch.float64
+    )
     cost = torch.tensor([[0.9, 0.6, 0.3], [0.2, 0.2, 0.2], [0.9, 0.6, 0.3], [0.9, 0.6, 0.3]], dtype=torch.float64)
     o = outcome(j, risk, cost, epsilon=0.01, delta=0.1)
     # risks 0.011, 0 (refused), 0.0101, 0.01: two above ε (equal to ε is no violation)
@@ -74,8 +76,11 @@ def test_outcome_above_delta_when_the_whole_interval_is() -> None:
 
 
 def _row(eps: float, ltt_within: bool, base_above: bool) -> dict:
-    return {"epsilon": eps, "ltt": {"within_delta": ltt_within, "above_delta": not ltt_within},
-            "uncertified_maxprob": {"within_delta": not base_above, "above_delta": base_above}}
+    return {
+        "epsilon": eps,
+        "ltt": {"within_delta": ltt_within, "above_delta": not ltt_within},
+        "uncertified_maxprob": {"within_delta": not base_above, "above_delta": base_above},
+    }
 
 
 def test_acceptance_covers_the_certified_modes_only() -> None:

@@ -31,9 +31,13 @@ def ws(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ws") / HOSTILE
     root.mkdir()
     rng = np.random.default_rng(0)
-    np.savez(root / "data.npz", x_train=rng.integers(0, 256, (120, 8, 8), dtype=np.uint8),
-             y_train=np.arange(120) % 3, x_test=rng.integers(0, 256, (30, 8, 8), dtype=np.uint8),
-             y_test=np.arange(30) % 3)
+    np.savez(
+        root / "data.npz",
+        x_train=rng.integers(0, 256, (120, 8, 8), dtype=np.uint8),
+        y_train=np.arange(120) % 3,
+        x_test=rng.integers(0, 256, (30, 8, 8), dtype=np.uint8),
+        y_test=np.arange(30) % 3,
+    )
     return root
 
 
@@ -45,10 +49,20 @@ def _ok(code: int, err: str) -> None:
 @pytest.fixture(scope="module")
 def finished(ws) -> dict[str, Path]:
     run, fit = ws / "run", ws / "fits" / "0_policy=maxprob,budget.fraction=0.6"
-    code, _, err = _app("train", [*TRAIN, "data=npz", override("data.path", ws / "data.npz"), override("hydra.run.dir", run)])
+    code, _, err = _app(
+        "train", [*TRAIN, "data=npz", override("data.path", ws / "data.npz"), override("hydra.run.dir", run)]
+    )
     _ok(code, err)
-    code, _, err = _app("fit", [override("run_dir", run), "policy=maxprob", "budget.fraction=0.6",
-                                override("hydra.run.dir", fit), "wandb.mode=disabled"])
+    code, _, err = _app(
+        "fit",
+        [
+            override("run_dir", run),
+            "policy=maxprob",
+            "budget.fraction=0.6",
+            override("hydra.run.dir", fit),
+            "wandb.mode=disabled",
+        ],
+    )
     _ok(code, err)
     return {"run": run, "fit": fit}
 
@@ -79,21 +93,35 @@ def test_the_runs_were_made_where_the_hostile_paths_say(finished):
     assert Path(json.loads((finished["fit"] / "metrics.json").read_text())["source_run"]) == finished["run"]
 
 
-@pytest.mark.parametrize("case", ["run_dir", "predictions", "policy_dir", "infer_run_dir", "export", "bundle",
-                                  "compare", "data.path"])
+@pytest.mark.parametrize(
+    "case", ["run_dir", "predictions", "policy_dir", "infer_run_dir", "export", "bundle", "compare", "data.path"]
+)
 def test_each_path_taking_key_takes_a_hostile_path(case, finished, ws, tmp_path, capsys):
     run, fit = finished["run"], finished["fit"]
     out = tmp_path / f"out {HOSTILE}"
     if case == "run_dir":
         app, args = "fit", [override("run_dir", run), "policy=entropy", *QUICK]
     elif case == "predictions":
-        app, args = "fit", [override("predictions.val", run / "predictions" / "val.safetensors"),
-                            override("predictions.test", run / "predictions" / "test.safetensors"), *QUICK]
+        app, args = (
+            "fit",
+            [
+                override("predictions.val", run / "predictions" / "val.safetensors"),
+                override("predictions.test", run / "predictions" / "test.safetensors"),
+                *QUICK,
+            ],
+        )
     elif case == "policy_dir":
         app, args = "infer", [override("policy_dir", fit), "backbone_baseline=false", "edge_cloud.enabled=false"]
     elif case == "infer_run_dir":
-        app, args = "infer", [override("run_dir", run), override("policy_file", fit / "policy.safetensors"),
-                              "backbone_baseline=false", "edge_cloud.enabled=false"]
+        app, args = (
+            "infer",
+            [
+                override("run_dir", run),
+                override("policy_file", fit / "policy.safetensors"),
+                "backbone_baseline=false",
+                "edge_cloud.enabled=false",
+            ],
+        )
     elif case in ("export", "bundle"):
         bundle_run = tmp_path / f"export {HOSTILE}"
         code, _, err = run_app("export", [override("policy_dir", fit), override("hydra.run.dir", bundle_run)], capsys)
@@ -101,8 +129,16 @@ def test_each_path_taking_key_takes_a_hostile_path(case, finished, ws, tmp_path,
         if case == "export":
             assert (bundle_run / "bundle").is_dir()
             return
-        app, args = "infer", ["runtime=onnxruntime", override("bundle", bundle_run / "bundle"), override("run_dir", run),
-                              "backbone_baseline=false", "edge_cloud.enabled=false"]
+        app, args = (
+            "infer",
+            [
+                "runtime=onnxruntime",
+                override("bundle", bundle_run / "bundle"),
+                override("run_dir", run),
+                "backbone_baseline=false",
+                "edge_cloud.enabled=false",
+            ],
+        )
     elif case == "compare":
         app, args = "compare", [override("sweeps", [fit.parent]), *QUICK]
     else:

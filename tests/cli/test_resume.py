@@ -10,8 +10,13 @@ from eenn.errors import EENNError
 from eenn.rundir import Stage1Run
 from eenn.tasks.train import train
 
-SMALL = ["logger=csv", "trainer.max_epochs=2", "trainer.limit_train_batches=2", "cost.latency=false",
-         "trainer.enable_progress_bar=false"]
+SMALL = [
+    "logger=csv",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=2",
+    "cost.latency=false",
+    "trainer.enable_progress_bar=false",
+]
 
 
 def _saved_overrides(run: Path, overrides: list[str]) -> None:
@@ -28,16 +33,29 @@ def test_resume_replays_the_runs_overrides_in_its_dir_from_last(tmp_path):
     args = expand_resume([f"resume={run}", "trainer.max_epochs=8"])
     q = f"'{run.resolve()}'"
     # its own resume/ckpt_path give way to the new ones; a key given again takes the new value
-    assert args == ["data=digits", "seed=3", f"resume={q}", f"hydra.run.dir={q}", "hydra.output_subdir=null", "ckpt_path=last",
-                    "trainer.max_epochs=8"]
+    assert args == [
+        "data=digits",
+        "seed=3",
+        f"resume={q}",
+        f"hydra.run.dir={q}",
+        "hydra.output_subdir=null",
+        "ckpt_path=last",
+        "trainer.max_epochs=8",
+    ]
     assert expand_resume(["data=digits"]) == ["data=digits"]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["resume={run}", "-m"], r"resume=<run dir> continues one run; it cannot be part of a sweep \(-m\)"),
-    (["resume={run}", "hydra.run.dir=/elsewhere"], "resume=<run dir> runs in that dir: leave hydra.run.dir out"),
-    (["resume={tmp}/nothing"], r"resume='.*nothing' is not an eenn-train run dir \(no .hydra/overrides.yaml in it\)"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["resume={run}", "-m"], r"resume=<run dir> continues one run; it cannot be part of a sweep \(-m\)"),
+        (["resume={run}", "hydra.run.dir=/elsewhere"], "resume=<run dir> runs in that dir: leave hydra.run.dir out"),
+        (
+            ["resume={tmp}/nothing"],
+            r"resume='.*nothing' is not an eenn-train run dir \(no .hydra/overrides.yaml in it\)",
+        ),
+    ],
+)
 def test_resume_refuses_what_it_cannot_continue(tmp_path, args, message):
     run = tmp_path / "crashed"
     _saved_overrides(run, [])
@@ -51,7 +69,10 @@ def test_resume_refuses_a_config_that_composes_otherwise(compose_cfg, tmp_path):
     train(cfg)
     again = compose_cfg("train", [*SMALL, "ckpt_path=last", f"resume={tmp_path / 'run'}", "seed=4"])
     again.paths.output_dir = str(tmp_path / "run")
-    with pytest.raises(EENNError, match=r"today's configs compose differently from the run's saved config \(data.seed: 0 -> 4; seed: 0 -> 4\)"):
+    with pytest.raises(
+        EENNError,
+        match=r"today's configs compose differently from the run's saved config \(data.seed: 0 -> 4; seed: 0 -> 4\)",
+    ):
         train(again)
     again.seed = 0
     again.paths.output_dir = str(tmp_path / "elsewhere")

@@ -10,7 +10,9 @@ BIN = Path(sys.executable).parent
 
 def _run(args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "EENN_ROOT": str(cwd)}
-    return subprocess.run([str(BIN / "eenn-train"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(BIN / "eenn-train"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_eenn_train_debug_run_writes_its_run_dir(tmp_path):
@@ -18,8 +20,14 @@ def test_eenn_train_debug_run_writes_its_run_dir(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     runs = list((tmp_path / "outputs" / "train" / "runs").iterdir())
     assert len(runs) == 1
-    for name in ("metrics.json", "costs.json", "predictions/val.safetensors", "predictions/test.safetensors",
-                 ".hydra/config.yaml", "checkpoints/last.ckpt"):
+    for name in (
+        "metrics.json",
+        "costs.json",
+        "predictions/val.safetensors",
+        "predictions/test.safetensors",
+        ".hydra/config.yaml",
+        "checkpoints/last.ckpt",
+    ):
         assert (runs[0] / name).is_file(), name
     assert "per-exit accuracy" in res.stdout
 

@@ -14,8 +14,15 @@ from eenn.rundir import Stage1Run
 from eenn.tasks.fit import fit_run
 from eenn.tasks.train import train
 
-COMMAND = ["data=random", "backbone=timm", "backbone.name=vit_tiny_patch16_224", "+backbone.img_size=32",
-           "+backbone.patch_size=4", "exits=stages", "debug=fast"]
+COMMAND = [
+    "data=random",
+    "backbone=timm",
+    "backbone.name=vit_tiny_patch16_224",
+    "+backbone.img_size=32",
+    "+backbone.patch_size=4",
+    "exits=stages",
+    "debug=fast",
+]
 
 
 def _compose(app: str, overrides: list[str], out: Path):
@@ -49,6 +56,8 @@ def test_every_policy_fits_on_the_vit_run(vit_run, tmp_path, policy):
     example = [f"policy.{k}={v}" for k, v in policy_class(policy).examples[0].items()]
     # a policy fitted to something else than a budget (risk: epsilon) takes it as a ceiling: none here
     budget = "budget.fraction=0.6" if policy_class(policy).budgeted else "budget.fraction=1.0"
-    metrics = fit_run(_compose("fit", [f"run_dir={vit_run}", f"policy={policy}", *example, budget,
-                                       "wandb.enabled=false"], tmp_path), tmp_path)
+    metrics = fit_run(
+        _compose("fit", [f"run_dir={vit_run}", f"policy={policy}", *example, budget, "wandb.enabled=false"], tmp_path),
+        tmp_path,
+    )
     assert metrics["policy"] == policy and 0 <= metrics["test"]["accuracy"] <= 1

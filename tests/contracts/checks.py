@@ -36,8 +36,11 @@ SHAPE = (3, 32, 32)  # the images a backbone's example must take
 
 def policy_cases() -> list:
     """(name, hyper-parameters) for every registered policy and each of its examples."""
-    return [pytest.param(name, example, id="-".join([name, *(f"{k}={v}" for k, v in example.items())]))
-            for name in POLICIES.names() for example in policy_class(name).examples]
+    return [
+        pytest.param(name, example, id="-".join([name, *(f"{k}={v}" for k, v in example.items())]))
+        for name in POLICIES.names()
+        for example in policy_class(name).examples
+    ]
 
 
 _FITTED: dict[tuple, ExitPolicy] = {}
@@ -94,7 +97,11 @@ def check_save_load_round_trip(name: str, example: dict, val: Predictions, test:
     path = policy.save(tmp_path / f"{name}.safetensors")
     loaded = ExitPolicy.load(path).to("cpu")
     assert type(loaded) is type(policy)
-    assert (loaded.num_exits, loaded.num_classes, loaded.budget) == (policy.num_exits, policy.num_classes, policy.budget)
+    assert (loaded.num_exits, loaded.num_classes, loaded.budget) == (
+        policy.num_exits,
+        policy.num_classes,
+        policy.budget,
+    )
     for a, b in zip(simulate(policy, test.logits, test.labels), simulate(loaded, test.logits, test.labels)):
         assert torch.equal(a, b)
     assert evaluate(loaded, test, "flops") == evaluate(policy, test, "flops")
@@ -113,8 +120,11 @@ class _Pick(nn.Module):
 def replay_network(num_exits: int) -> MultiExitNetwork:
     """A network whose input is saved logits (N, K, C): its stages pass them on, head k reads
     exit k's. The engine run on it meets exactly the logits offline simulation reads."""
-    return MultiExitNetwork([nn.Identity() for _ in range(num_exits)], [_Pick(k) for k in range(num_exits)],
-                            [f"exit{k}" for k in range(num_exits)])
+    return MultiExitNetwork(
+        [nn.Identity() for _ in range(num_exits)],
+        [_Pick(k) for k in range(num_exits)],
+        [f"exit{k}" for k in range(num_exits)],
+    )
 
 
 def check_the_engine_agrees_with_simulation(name: str, example: dict, val: Predictions, test: Predictions) -> None:

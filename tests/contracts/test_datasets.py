@@ -23,6 +23,8 @@ def test_the_stand_in_has_the_declared_form(option):
     checks.check_the_stand_in_has_the_declared_form(option)
 
 
-@pytest.mark.parametrize("option", ["digits", "random", pytest.param("cifar10_small", marks=[pytest.mark.data, requires_cifar10_small])])
+@pytest.mark.parametrize(
+    "option", ["digits", "random", pytest.param("cifar10_small", marks=[pytest.mark.data, requires_cifar10_small])]
+)
 def test_the_declared_form_is_the_real_one(option):
     checks.check_the_declared_form_is_the_real_one(option)

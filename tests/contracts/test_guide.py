@@ -60,9 +60,13 @@ def guide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_each_part_of_the_guide_is_one_module_and_one_yaml():
-    assert sorted(guide_files()) == ["conf/backbone/tiny_cnn.yaml", "conf/data/my_digits.yaml",
-                                     "conf/policy/max_logit.yaml", "eenn/models/backbones/tiny_cnn.py",
-                                     "eenn/policies/max_logit.py"]
+    assert sorted(guide_files()) == [
+        "conf/backbone/tiny_cnn.yaml",
+        "conf/data/my_digits.yaml",
+        "conf/policy/max_logit.yaml",
+        "eenn/models/backbones/tiny_cnn.py",
+        "eenn/policies/max_logit.py",
+    ]
 
 
 def test_the_guides_policy(guide, val, test_preds, tmp_path):
@@ -80,8 +84,9 @@ def test_the_guides_policy(guide, val, test_preds, tmp_path):
     run = Stage1Run(tmp_path / "train")
     for split in ("val", "test"):
         run.write_predictions(synthetic_predictions(300, seed=3, split=split))
-    cfg = checks.compose_app("fit", [f"run_dir={run.path}", "policy=max_logit", "budget.fraction=0.6", "wandb.enabled=false"],
-                             guide)
+    cfg = checks.compose_app(
+        "fit", [f"run_dir={run.path}", "policy=max_logit", "budget.fraction=0.6", "wandb.enabled=false"], guide
+    )
     metrics = fit_run(cfg, tmp_path / "fit")
     assert metrics["policy"] == "max_logit" and metrics["val"]["avg_cost"] <= metrics["budget"] * (1 + 1e-9)
     assert FitRun(tmp_path / "fit").policy().name == "max_logit"
@@ -102,8 +107,13 @@ def test_the_guides_backbone(guide, tmp_path, monkeypatch):
 
 def test_the_guides_dataset(guide, tmp_path):
     src = SOURCES.build("digits")  # arrays as a user would save them
-    np.savez(tmp_path / "my_digits.npz", x_train=src.x_train.numpy(), y_train=src.y_train.numpy(),
-             x_test=src.x_test.numpy(), y_test=src.y_test.numpy())
+    np.savez(
+        tmp_path / "my_digits.npz",
+        x_train=src.x_train.numpy(),
+        y_train=src.y_train.numpy(),
+        x_test=src.x_test.numpy(),
+        y_test=src.y_test.numpy(),
+    )
     overrides = [f"paths.data_dir={tmp_path}"]
     checks.check_data_yaml("my_digits", overrides, guide)
     checks.check_the_stand_in_has_the_declared_form("my_digits", overrides, guide)

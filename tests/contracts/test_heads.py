@@ -30,7 +30,7 @@ def test_head(name):
     out = head(x)
     assert out.shape == (6, 5) and torch.isfinite(out).all()
     with torch.no_grad():  # each sample alone gives what it gave in the batch
-        alone = torch.cat([head(x[i:i + 1]) for i in range(6)])
+        alone = torch.cat([head(x[i : i + 1]) for i in range(6)])
     torch.testing.assert_close(alone, out.detach(), rtol=1e-4, atol=1e-5)
     head.train()
     head(x).sum().backward()

@@ -35,7 +35,7 @@ def test_crop_and_flip_equal_torchvision_per_sample():
     out = aug(x, g)
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
     for b in range(len(x)):
-        crop = TF.pad(x[b], [4, 4, 4, 4])[:, rows[b]:rows[b] + 12, cols[b]:cols[b] + 12]
+        crop = TF.pad(x[b], [4, 4, 4, 4])[:, rows[b] : rows[b] + 12, cols[b] : cols[b] + 12]
         if flips[b]:
             crop = TF.horizontal_flip(crop)
         torch.testing.assert_close(out[b], (crop.float() / 255 - mean) / std)
@@ -45,7 +45,9 @@ def test_crop_and_flip_equal_torchvision_per_sample():
 def test_without_crop_and_flip_it_only_normalises():
     x = images(8)
     out = BatchAugment(MEAN, STD)(x)
-    torch.testing.assert_close(out, (x.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1))
+    torch.testing.assert_close(
+        out, (x.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    )
 
 
 def test_datamodule_hands_uint8_training_batches_and_float_evaluation_batches():

@@ -82,10 +82,14 @@ def test_train_subset_is_class_balanced_disjoint_from_validation_and_seeded():
     assert torch.bincount(other.train_set.y, minlength=10).tolist() == [51] * 5 + [50] * 5
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    (0, "data.train_subset"), (2.5, "data.train_subset"),
-    (100000, r"data.train_subset=100000 asks for 10000 training images per class, but the training split"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0, "data.train_subset"),
+        (2.5, "data.train_subset"),
+        (100000, r"data.train_subset=100000 asks for 10000 training images per class, but the training split"),
+    ],
+)
 def test_a_bad_train_subset_is_one_sentence(value, message):
     with pytest.raises(EENNError, match=message):
         EENNDataModule(name="digits", train_subset=value).setup()
@@ -95,7 +99,9 @@ def test_a_bad_train_subset_is_one_sentence(value, message):
 @pytest.mark.slow
 @pytest.mark.skipif(not CIFAR10_JPEG.is_file(), reason=f"{CIFAR10_JPEG} is absent (offline datasets live in ../shared)")
 def test_the_real_file_holds_the_full_cifar10_and_cifar10_small_is_a_subset_of_it(tmp_path):
-    dm = EENNDataModule(name="cifar10_jpeg", path=str(CIFAR10_JPEG), root=str(tmp_path), val_size=5000, train_subset=10000)
+    dm = EENNDataModule(
+        name="cifar10_jpeg", path=str(CIFAR10_JPEG), root=str(tmp_path), val_size=5000, train_subset=10000
+    )
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (10000, 5000, 10000)
     small = np.load(SHARED_DATASETS / "cifar10_small.npz")

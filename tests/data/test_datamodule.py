@@ -25,9 +25,14 @@ def test_digits_splits_are_disjoint_seeded_and_complete():
 
 def _write_npz(path, n=60, classes=("a", "b", "c")):
     rng = np.random.default_rng(0)
-    np.savez(path, x_train=rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8), y_train=np.arange(n) % 3,
-             x_test=rng.integers(0, 255, (30, 16, 16, 3), dtype=np.uint8), y_test=np.arange(30) % 3,
-             classes=np.array(classes))
+    np.savez(
+        path,
+        x_train=rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8),
+        y_train=np.arange(n) % 3,
+        x_test=rng.integers(0, 255, (30, 16, 16, 3), dtype=np.uint8),
+        y_test=np.arange(30) % 3,
+        classes=np.array(classes),
+    )
 
 
 def test_npz_source_and_class_filter(tmp_path):

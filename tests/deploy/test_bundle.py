@@ -36,12 +36,31 @@ def exported(tmp_path_factory) -> dict[str, Path]:
     """A stage-1 run (ResNet-20 on digits, one epoch), maxprob, DEEx and PABEE fits, and their bundles."""
     root = tmp_path_factory.mktemp("eenn")
     dirs = {"run": root / "train", **{name: root / f"fit_{name}" for name in ("maxprob", "deex", "patience")}}
-    train(_compose("train", ["data=digits", "backbone=resnet20", "exits=stages", "logger=csv", "trainer.max_epochs=1",
-                             "cost.repeats=2", "trainer.enable_progress_bar=false"], root, dirs["run"]))
-    fits = {"maxprob": ["policy=maxprob", "budget.fraction=0.7"], "deex": ["policy=deex", "policy.p_tar=0.8", "budget.fraction=0.8"],
-            "patience": ["policy=patience", "policy.patience=1"]}  # PABEE keeps state: its graphs hand it on
+    train(
+        _compose(
+            "train",
+            [
+                "data=digits",
+                "backbone=resnet20",
+                "exits=stages",
+                "logger=csv",
+                "trainer.max_epochs=1",
+                "cost.repeats=2",
+                "trainer.enable_progress_bar=false",
+            ],
+            root,
+            dirs["run"],
+        )
+    )
+    fits = {
+        "maxprob": ["policy=maxprob", "budget.fraction=0.7"],
+        "deex": ["policy=deex", "policy.p_tar=0.8", "budget.fraction=0.8"],
+        "patience": ["policy=patience", "policy.patience=1"],
+    }  # PABEE keeps state: its graphs hand it on
     for name, overrides in fits.items():
-        fit_run(_compose("fit", [f"run_dir={dirs['run']}", *overrides, "wandb.enabled=false"], root, dirs[name]), dirs[name])
+        fit_run(
+            _compose("fit", [f"run_dir={dirs['run']}", *overrides, "wandb.enabled=false"], root, dirs[name]), dirs[name]
+        )
         out = root / f"export_{name}"
         export(_compose("export", [f"policy_dir={dirs[name]}", "check.batch_size=32"], root, out), out)
         dirs[f"export_{name}"] = out
@@ -53,9 +72,12 @@ def test_the_bundle_holds_a_graph_per_segment_the_policy_and_a_checked_manifest(
     assert b.path == exported["export_maxprob"] / "bundle"
     m = b.manifest
     K = b.num_exits
-    assert K == 3 and b.input_shape == (1, 8, 8) and b.num_classes == 10 and b.class_names == [str(i) for i in range(10)]
-    assert sorted(m["files"]) == sorted(["backbone.onnx", "policy.json", "policy.safetensors"]
-                                        + [f"segment_{k}.onnx" for k in range(K)])
+    assert (
+        K == 3 and b.input_shape == (1, 8, 8) and b.num_classes == 10 and b.class_names == [str(i) for i in range(10)]
+    )
+    assert sorted(m["files"]) == sorted(
+        ["backbone.onnx", "policy.json", "policy.safetensors"] + [f"segment_{k}.onnx" for k in range(K)]
+    )
     for name, digest in m["files"].items():
         assert sha256(b.path / name) == digest
     assert [e["segment"] for e in m["exits"]] == [f"segment_{k}.onnx" for k in range(K)]
@@ -66,7 +88,8 @@ def test_the_bundle_holds_a_graph_per_segment_the_policy_and_a_checked_manifest(
     costs = Stage1Run(exported["run"]).costs()
     assert b.cost("macs") == costs.per_exit("macs")
     assert m["source"]["run_dir"] == str(exported["run"]) and m["source"]["policy_sha256"] == sha256(
-        FitRun(exported["maxprob"]).policy_file)
+        FitRun(exported["maxprob"]).policy_file
+    )
     assert m["opset"] == 18 and m["eenn_version"] and m["input"]["normalisation"]["mean"]
     check = m["check"]
     assert check["atol"] == check["rtol"] == 1e-4 and check["batch_size"] == 32
@@ -109,13 +132,24 @@ def test_the_runtime_takes_the_engines_exits_and_logits(exported, policy, batch_
     if policy == "deex":  # offloaded samples skipped the middle head
         assert (~out.heads[:, 1] & (out.exits == 2)).any() and (rt.bundle.path / "stage_1.onnx").is_file()
     assert out.decision_s > 0 and out.latency_ms.shape == (len(y),) and (out.latency_ms > 0).all()
-    np.testing.assert_array_equal(rt.predict_backbone(x[:16].numpy(), 8).argmax(-1),
-                                  net.forward_backbone(x[:16]).argmax(-1).numpy())
+    np.testing.assert_array_equal(
+        rt.predict_backbone(x[:16].numpy(), 8).argmax(-1), net.forward_backbone(x[:16]).argmax(-1).numpy()
+    )
 
 
 def test_eenn_infer_runs_the_bundle_and_prints_the_same_table(exported, tmp_path, capsys):
-    cfg = _compose("infer", ["runtime=onnxruntime", f"bundle={exported['export_maxprob']}", "batch_size=64",
-                             "timing_repeats=2", "threads=1"], tmp_path, tmp_path)
+    cfg = _compose(
+        "infer",
+        [
+            "runtime=onnxruntime",
+            f"bundle={exported['export_maxprob']}",
+            "batch_size=64",
+            "timing_repeats=2",
+            "threads=1",
+        ],
+        tmp_path,
+        tmp_path,
+    )
     out = infer(cfg, tmp_path)
     printed = capsys.readouterr().out
     for row in ("expected", "realised", "% exit ", "Average MACs/input", "Speedup", "Measured wall-time speedup"):
@@ -163,9 +197,14 @@ def test_a_manifest_without_a_key_or_of_another_format_is_refused(exported, tmp_
     (b / "manifest.json").write_text(json.dumps({**m, "format": "other/2"}))
     with pytest.raises(EENNError, match=r"has format 'other/2', expected 'eenn.bundle/2'\.$"):
         Bundle(b)
-    (b / "manifest.json").write_text(json.dumps({**m, "format": "eenn.bundle/1"}))  # its decisions were not in the graphs
-    with pytest.raises(EENNError, match=r"has format 'eenn.bundle/1', expected 'eenn.bundle/2': an older eenn-export "
-                                        r"wrote it; export the bundle again\."):
+    (b / "manifest.json").write_text(
+        json.dumps({**m, "format": "eenn.bundle/1"})
+    )  # its decisions were not in the graphs
+    with pytest.raises(
+        EENNError,
+        match=r"has format 'eenn.bundle/1', expected 'eenn.bundle/2': an older eenn-export "
+        r"wrote it; export the bundle again\.",
+    ):
         Bundle(b)
     (b / "manifest.json").write_text("{")
     with pytest.raises(EENNError, match=r"manifest.json' is not valid JSON"):
@@ -174,7 +213,9 @@ def test_a_manifest_without_a_key_or_of_another_format_is_refused(exported, tmp_
 
 def test_a_wrong_input_shape_is_refused_naming_the_manifest_key(exported):
     rt = Runtime(exported["export_maxprob"])
-    with pytest.raises(EENNError, match=r"input of shape \(2, 3, 8, 8\) does not match the manifest's input.shape \[1, 8, 8\]"):
+    with pytest.raises(
+        EENNError, match=r"input of shape \(2, 3, 8, 8\) does not match the manifest's input.shape \[1, 8, 8\]"
+    ):
         rt.predict(np.zeros((2, 3, 8, 8), dtype=np.float32))
     with pytest.raises(EENNError, match=r"uint8 images: normalise them first"):
         rt.predict(np.zeros((2, 1, 8, 8), dtype=np.uint8))
@@ -189,8 +230,11 @@ def test_a_bad_policy_file_in_the_bundle_is_refused(exported, tmp_path):
     m = json.loads((b / "manifest.json").read_text())
     m["files"]["policy.json"] = sha256(b / "policy.json")
     (b / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(EENNError, match=r"policy.json' names the policy 'oracle', but the manifest's graphs were "
-                                        r"exported with 'maxprob'"):
+    with pytest.raises(
+        EENNError,
+        match=r"policy.json' names the policy 'oracle', but the manifest's graphs were "
+        r"exported with 'maxprob'",
+    ):
         Runtime(b)
 
 
@@ -207,7 +251,7 @@ def test_a_bundle_runs_from_its_manifest_alone_as_the_readme_shows(exported):
     for name in ("export_maxprob", "export_patience"):
         scope = {"json": json, "ort": ort, "bundle": str(exported[name] / "bundle")}
         exec(code, scope)
-        got = [scope["predict_one"](x[i:i + 1]) for i in range(len(x))]
+        got = [scope["predict_one"](x[i : i + 1]) for i in range(len(x))]
         want = Runtime(exported[name]).predict(x, batch_size=1)
         assert [k for k, _ in got] == want.exits.tolist() and len(set(want.exits.tolist())) >= 2, name
         np.testing.assert_allclose(np.stack([lg for _, lg in got]), want.logits, rtol=0, atol=1e-6)
@@ -246,7 +290,7 @@ def test_the_runtime_runs_with_numpy_and_onnxruntime_alone(exported, tmp_path):
         sys.path = [p for p in sys.path if "site-packages" not in p and "dist-packages" not in p] + [{str(site)!r}]
         import numpy as np
         from eenn.deploy import Runtime
-        out = Runtime({str(exported['export_maxprob'])!r}).predict(np.load({str(tmp_path / 'x.npy')!r}), batch_size=8)
+        out = Runtime({str(exported["export_maxprob"])!r}).predict(np.load({str(tmp_path / "x.npy")!r}), batch_size=8)
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "lightning", "timm", "hydra", "omegaconf"))
         print(out.exits.tolist(), heavy)
     """)
@@ -258,8 +302,13 @@ def test_the_runtime_runs_with_numpy_and_onnxruntime_alone(exported, tmp_path):
     expected = Runtime(exported["export_maxprob"]).predict(x, batch_size=8).exits.tolist()
     assert json.loads(exits) == expected
     # and the interpreter could not have found torch had the runtime asked for it
-    probe = subprocess.run([sys.executable, "-S", "-c", code.replace("from eenn.deploy import Runtime", "import torch")],
-                           capture_output=True, text=True, env=env, timeout=60)
+    probe = subprocess.run(
+        [sys.executable, "-S", "-c", code.replace("from eenn.deploy import Runtime", "import torch")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert "No module named 'torch'" in probe.stderr
 
 
@@ -272,42 +321,94 @@ def _tamper_checksum(exported, ws: Path) -> str:
 # (case, app, args, fragments of the one-sentence error, prepare(exported, ws) -> {X}); {M} the
 # finished maxprob export, {F} its fit, {O} an oracle's fit, {N} a new dir
 CLI_CASES = [
-    ("export into a finished export", "export", ["policy_dir={F}", "hydra.run.dir={M}"],
-     ["holds a finished eenn-export run", "force=true"], None),
-    ("export an oracle", "export", ["policy_dir={O}", "hydra.run.dir={N}"],
-     ["policy 'oracle' reads the labels (an oracle), so it cannot be deployed"], None),
-    ("export to another format", "export", ["policy_dir={F}", "format=tflite", "hydra.run.dir={N}"],
-     ["format must be one of ('onnx',), got 'tflite'"], None),
-    ("export at opset 12", "export", ["policy_dir={F}", "opset=12", "hydra.run.dir={N}"],
-     ["opset must be an integer >= 18, got 12"], None),
-    ("infer on onnxruntime without a bundle", "infer", ["runtime=onnxruntime", "hydra.run.dir={N}"],
-     ["runtime=onnxruntime needs bundle="], None),
-    ("infer a bundle on the torch runtime", "infer", ["bundle={M}", "hydra.run.dir={N}"],
-     ["bundle= is read by runtime=onnxruntime only"], None),
-    ("infer a bundle with rebatching", "infer", ["runtime=onnxruntime", "bundle={M}", "mode=rebatch", "hydra.run.dir={N}"],
-     ["mode=rebatch is the torch engine's"], None),
-    ("infer a bundle changed after export", "infer", ["runtime=onnxruntime", "bundle={X}", "hydra.run.dir={N}"],
-     ["policy.json' does not match the sha256 its manifest records"], _tamper_checksum),
-    ("infer a bundle with another policy", "infer", ["runtime=onnxruntime", "bundle={M}", "policy_dir={D}",
-                                                     "hydra.run.dir={N}"],
-     ["is not the one bundle", "was exported with"], None),
+    (
+        "export into a finished export",
+        "export",
+        ["policy_dir={F}", "hydra.run.dir={M}"],
+        ["holds a finished eenn-export run", "force=true"],
+        None,
+    ),
+    (
+        "export an oracle",
+        "export",
+        ["policy_dir={O}", "hydra.run.dir={N}"],
+        ["policy 'oracle' reads the labels (an oracle), so it cannot be deployed"],
+        None,
+    ),
+    (
+        "export to another format",
+        "export",
+        ["policy_dir={F}", "format=tflite", "hydra.run.dir={N}"],
+        ["format must be one of ('onnx',), got 'tflite'"],
+        None,
+    ),
+    (
+        "export at opset 12",
+        "export",
+        ["policy_dir={F}", "opset=12", "hydra.run.dir={N}"],
+        ["opset must be an integer >= 18, got 12"],
+        None,
+    ),
+    (
+        "infer on onnxruntime without a bundle",
+        "infer",
+        ["runtime=onnxruntime", "hydra.run.dir={N}"],
+        ["runtime=onnxruntime needs bundle="],
+        None,
+    ),
+    (
+        "infer a bundle on the torch runtime",
+        "infer",
+        ["bundle={M}", "hydra.run.dir={N}"],
+        ["bundle= is read by runtime=onnxruntime only"],
+        None,
+    ),
+    (
+        "infer a bundle with rebatching",
+        "infer",
+        ["runtime=onnxruntime", "bundle={M}", "mode=rebatch", "hydra.run.dir={N}"],
+        ["mode=rebatch is the torch engine's"],
+        None,
+    ),
+    (
+        "infer a bundle changed after export",
+        "infer",
+        ["runtime=onnxruntime", "bundle={X}", "hydra.run.dir={N}"],
+        ["policy.json' does not match the sha256 its manifest records"],
+        _tamper_checksum,
+    ),
+    (
+        "infer a bundle with another policy",
+        "infer",
+        ["runtime=onnxruntime", "bundle={M}", "policy_dir={D}", "hydra.run.dir={N}"],
+        ["is not the one bundle", "was exported with"],
+        None,
+    ),
 ]
 
 
 @pytest.fixture(scope="module")
 def oracle_fit(exported, tmp_path_factory) -> Path:
     fit = tmp_path_factory.mktemp("oracle") / "fit"
-    fit_run(_compose("fit", [f"run_dir={exported['run']}", "policy=oracle", "wandb.enabled=false"], fit.parent, fit), fit)
+    fit_run(
+        _compose("fit", [f"run_dir={exported['run']}", "policy=oracle", "wandb.enabled=false"], fit.parent, fit), fit
+    )
     return fit
 
 
 @pytest.mark.parametrize(("case", "app", "args", "fragments", "prepare"), CLI_CASES, ids=[c[0] for c in CLI_CASES])
-def test_bad_input_to_export_and_the_bundle_runtime_is_one_sentence(case, app, args, fragments, prepare, exported,
-                                                                    oracle_fit, tmp_path, capsys):
+def test_bad_input_to_export_and_the_bundle_runtime_is_one_sentence(
+    case, app, args, fragments, prepare, exported, oracle_fit, tmp_path, capsys
+):
     from tests.reliability.workspace import assert_one_sentence, run_app, snapshot
 
-    places = {"M": str(exported["export_maxprob"]), "F": str(exported["maxprob"]), "O": str(oracle_fit),
-              "D": str(exported["deex"]), "N": str(tmp_path / "new")}
+    places = {
+        "M": str(exported["export_maxprob"]),
+        "F": str(exported["maxprob"]),
+        "O": str(oracle_fit),
+        "D": str(exported["deex"]),
+        "N": str(tmp_path / "new"),
+    }
     if prepare is not None:
         places["X"] = prepare(exported, tmp_path)
     before = snapshot(exported["export_maxprob"])
@@ -320,9 +421,13 @@ def test_bad_input_to_export_and_the_bundle_runtime_is_one_sentence(case, app, a
 def test_eenn_export_prints_its_summary_and_none_of_the_exporters_chatter(exported, tmp_path, capsys):
     from tests.reliability.workspace import run_app
 
-    code, out, err = run_app("export", [f"policy_dir={exported['maxprob']}", "baseline=false",
-                                        f"hydra.run.dir={tmp_path / 'e'}"], capsys)
+    code, out, err = run_app(
+        "export", [f"policy_dir={exported['maxprob']}", "baseline=false", f"hydra.run.dir={tmp_path / 'e'}"], capsys
+    )
     assert code == 0, err[-2000:]
     lines = [line for line in (out + err).splitlines() if line.strip()]
-    assert [line.split(":")[0] for line in lines] == ["bundle", "checked in ONNX Runtime against PyTorch on 64 val samples"]
+    assert [line.split(":")[0] for line in lines] == [
+        "bundle",
+        "checked in ONNX Runtime against PyTorch on 64 val samples",
+    ]
     assert Bundle(tmp_path / "e").manifest["backbone"] is None

@@ -43,15 +43,22 @@ def decision_graphs(policy, tmp_path) -> list[ort.InferenceSession]:
         d = _Decision(policy, k)
         args = (example[:, k], tuple(state[n] for n in d.state_names)) if k and d.state_names else (example[:, k],)
         path = tmp_path / f"decision_{k}.onnx"
-        _export_graph(_Part(None, nn.Identity(), False, d), args, path, ["logits_in"] + d.input_names(),
-                      ["logits"] + d.output_names(), 18)
+        _export_graph(
+            _Part(None, nn.Identity(), False, d),
+            args,
+            path,
+            ["logits_in"] + d.input_names(),
+            ["logits"] + d.output_names(),
+            18,
+        )
         sessions.append(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]))
         state = policy.decide(k, example[:, k], state).state
     return sessions
 
 
-@pytest.mark.parametrize(("name", "example", "temperature"), CASES,
-                         ids=[f"{n}{i}-{'calibrated' if t else 'raw'}" for n, i, t in CASES])
+@pytest.mark.parametrize(
+    ("name", "example", "temperature"), CASES, ids=[f"{n}{i}-{'calibrated' if t else 'raw'}" for n, i, t in CASES]
+)
 def test_the_exported_decision_is_the_policys_on_every_sample(name, example, temperature, tmp_path):
     policy = fitted(name, example, temperature)
     sessions = decision_graphs(policy, tmp_path)

@@ -24,8 +24,10 @@ NETWORKS = {
     "timm_cnn": ({"name": "resnet10t"}, {"at": "stages"}),
     "vit": ({**TINY_VIT, "img_size": 16, "patch_size": 4}, {"at": [1, 2, 3]}),
     # multi-scale features: a segment takes and hands on a list of maps (h_in_0, h_in_1, ...)
-    "msdnet": ({"name": "msdnet", "n_blocks": 3, "channels": 4, "growth_rate": 2, "gr_factor": [1, 2], "bn_factor": [1, 2]},
-               {"at": "stages", "head": {"name": "native"}}),
+    "msdnet": (
+        {"name": "msdnet", "n_blocks": 3, "channels": 4, "growth_rate": 2, "gr_factor": [1, 2], "bn_factor": [1, 2]},
+        {"at": "stages", "head": {"name": "native"}},
+    ),
 }
 SLOW = {"resnet56"}  # ResNet-20 is the same code with fewer blocks
 
@@ -49,7 +51,7 @@ def parity(net, tmp_path, policy_name: str = "maxprob", n_test: int = 400) -> di
     for i in differ:
         k = int(min(out.exits[i], eager.exit_index[i]))
         with torch.inference_mode():
-            logits = net(xt[i:i + 1])[:, k]
+            logits = net(xt[i : i + 1])[:, k]
         assert abs(float(max_prob(logits)[0]) - thresholds[k]) < 1e-5, f"sample {i} differs at exit {k} without a tie"
     same = out.exits == eager.exit_index.numpy()
     np.testing.assert_allclose(out.logits[same], eager.logits.numpy()[same], rtol=0, atol=1e-4)

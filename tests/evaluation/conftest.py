@@ -20,11 +20,19 @@ ALL_POLICIES = _pipeline_policies()  # what eenn-pipeline fits by default
 
 def run_tiny_pipeline(out: Path, overrides: list[str] = ()):
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose("pipeline", [
-            "logger=csv", "trainer.max_epochs=2", "cost.latency=false", "trainer.enable_progress_bar=false",
-            "pipeline.num_budgets=3",
-            "+pipeline.policy_overrides.eenet.max_epochs=30", "wandb.mode=offline", *overrides,
-        ])
+        cfg = compose(
+            "pipeline",
+            [
+                "logger=csv",
+                "trainer.max_epochs=2",
+                "cost.latency=false",
+                "trainer.enable_progress_bar=false",
+                "pipeline.num_budgets=3",
+                "+pipeline.policy_overrides.eenet.max_epochs=30",
+                "wandb.mode=offline",
+                *overrides,
+            ],
+        )
         with open_dict(cfg):
             cfg.paths.output_dir = str(out)
             cfg.paths.root_dir = str(out.parent)

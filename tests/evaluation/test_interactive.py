@@ -22,17 +22,36 @@ def _comparison() -> Comparison:
         for seed in range(3):
             name = f"{training}_s{seed}"
             preds = synthetic_predictions(200, seed=seed, split="test")
-            comp.models[name] = Model(name, Path(f"/runs/{name}"), training, preds, preds,
-                                      {"seed": seed, "training._target_": f"eenn.training.{training}"})
+            comp.models[name] = Model(
+                name,
+                Path(f"/runs/{name}"),
+                training,
+                preds,
+                preds,
+                {"seed": seed, "training._target_": f"eenn.training.{training}"},
+            )
             for policy, lift in (("maxprob", 0.0), ("oracle_budget", 0.1)):
                 for fraction in (0.5, 0.8):
                     acc = base + lift + fraction / 10 + 0.01 * seed
-                    comp.rows.append({"model": name, "training": training, "policy": policy, "settings": "",
-                                      "requested_fraction": fraction, "budget_fraction": fraction, "budget": fraction,
-                                      "cost_unit": "flops", "val_accuracy": acc, "test_accuracy": acc,
-                                      "val_avg_cost": fraction * 1e3, "test_avg_cost": fraction * 1e3,
-                                      "test_exit_fractions": json.dumps([0.5, 0.3, 0.2]), "fit_seconds": 0.1,
-                                      "run": f"/fits/{name}_{policy}_{fraction}"})
+                    comp.rows.append(
+                        {
+                            "model": name,
+                            "training": training,
+                            "policy": policy,
+                            "settings": "",
+                            "requested_fraction": fraction,
+                            "budget_fraction": fraction,
+                            "budget": fraction,
+                            "cost_unit": "flops",
+                            "val_accuracy": acc,
+                            "test_accuracy": acc,
+                            "val_avg_cost": fraction * 1e3,
+                            "test_avg_cost": fraction * 1e3,
+                            "test_exit_fractions": json.dumps([0.5, 0.3, 0.2]),
+                            "fit_seconds": 0.1,
+                            "run": f"/fits/{name}_{policy}_{fraction}",
+                        }
+                    )
     group_seeds(comp)
     seed_statistics(comp, "joint")
     return comp
@@ -54,7 +73,9 @@ def test_the_figure_draws_policies_exits_ceilings_and_seed_bands():
         mean = next(t for t in fig.data if t.name.startswith(f"{group} · maxprob (seeds, n=3)"))
         band = next(t for t in fig.data if t.name == f"{group} · maxprob: 95 % CI")
         assert band.fill == "toself" and band.legendgroup == mean.legendgroup and band.showlegend is False
-        stat = next(g for g in comp.group_stats if g.group == group and g.policy == "maxprob" and g.requested_fraction == 0.5)
+        stat = next(
+            g for g in comp.group_stats if g.group == group and g.policy == "maxprob" and g.requested_fraction == 0.5
+        )
         assert mean.y[0] == 100 * stat.accuracy.mean and 100 * stat.accuracy.ci_high in band.y
         assert 100 * stat.accuracy.ci_low in band.y and stat.accuracy.ci_low < stat.accuracy.mean
 

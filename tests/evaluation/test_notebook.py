@@ -11,7 +11,9 @@ NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "compare_policies
 def test_notebook_reproduces_the_main_plot_from_a_pipeline_run(tiny_pipeline, monkeypatch):
     monkeypatch.setenv("EENN_PIPELINE_DIR", str(tiny_pipeline))
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    NotebookClient(
+        nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the plot was drawn
@@ -20,18 +22,32 @@ def test_notebook_reproduces_the_main_plot_from_a_pipeline_run(tiny_pipeline, mo
 
 #: headless Chromium with its own background traffic off and every host name unresolvable: nothing
 #: leaves the machine, and a request a page makes still shows in the network log (and fails)
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-default-apps",
-                  "--disable-domain-reliability", "--no-pings",
-                  "--disable-features=NetworkTimeServiceQuerying,OptimizationGuideModelDownloading,OptimizationHints,MediaRouter",
-                  "--host-resolver-rules=MAP * ~NOTFOUND"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-default-apps",
+    "--disable-domain-reliability",
+    "--no-pings",
+    "--disable-features=NetworkTimeServiceQuerying,OptimizationGuideModelDownloading,OptimizationHints,MediaRouter",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+]
 
 
 def _chromium(chromium: str, profile: Path, page: Path, *args: str) -> str:
     import subprocess
 
-    done = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, page.as_uri()],
-                          check=True, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, page.as_uri()],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     return done.stdout
 
 
@@ -42,8 +58,11 @@ def page_requests(net_log: Path) -> list[str]:
 
     log = json.loads(net_log.read_text())
     start = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
-    return [e["params"]["url"] for e in log["events"] if e["type"] == start and "url" in e.get("params", {})
-            and e["params"].get("initiator") != "not an origin"]
+    return [
+        e["params"]["url"]
+        for e in log["events"]
+        if e["type"] == start and "url" in e.get("params", {}) and e["params"].get("initiator") != "not an origin"
+    ]
 
 
 @pytest.mark.browser
@@ -61,8 +80,9 @@ def test_report_renders_in_headless_chromium(tiny_pipeline, tmp_path):
     report = tiny_pipeline / "compare" / "report.html"
     # the page after its scripts ran: the interactive figure drew its curves, and asked for nothing
     net_log = tmp_path / "net.json"
-    dom = _chromium(chromium, tmp_path / "profile", report, f"--log-net-log={net_log}", "--virtual-time-budget=10000",
-                    "--dump-dom")
+    dom = _chromium(
+        chromium, tmp_path / "profile", report, f"--log-net-log={net_log}", "--virtual-time-budget=10000", "--dump-dom"
+    )
     figure = dom.split('id="accuracy-vs-cost-flops"', 1)[1]
     assert 'class="main-svg"' in figure and figure.count('class="trace scatter') >= 3  # policies, exits, oracle
     assert page_requests(net_log) == []
@@ -73,8 +93,14 @@ def test_report_renders_in_headless_chromium(tiny_pipeline, tmp_path):
     assert page_requests(tmp_path / "canary.json") == ["http://example.invalid/x.png"]
 
     shot = tmp_path / "report.png"
-    _chromium(chromium, tmp_path / "profile3", report, "--window-size=1400,2400", "--virtual-time-budget=10000",
-              f"--screenshot={shot}")
+    _chromium(
+        chromium,
+        tmp_path / "profile3",
+        report,
+        "--window-size=1400,2400",
+        "--virtual-time-budget=10000",
+        f"--screenshot={shot}",
+    )
     img = Image.open(shot).convert("L")
     lo, hi = img.getextrema()
     assert hi - lo > 100  # not blank: text and plots drawn

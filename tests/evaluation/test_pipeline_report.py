@@ -48,8 +48,10 @@ def test_a_failed_or_missing_run_is_reported_by_name(tiny_pipeline, tmp_path):
     (sweep / "eenet_unfinished" / ".hydra").mkdir()
     comp = compare([str(sweep)], [], tmp_path / "cmp")
     failed = {f["run"].rsplit("/", 1)[-1]: f["reason"] for f in comp.failures}
-    assert failed == {"maxprob_0.9999": "budget.fraction must be a finite positive number",
-                      "eenet_unfinished": "no metrics.json (failed or unfinished)"}
+    assert failed == {
+        "maxprob_0.9999": "budget.fraction must be a finite positive number",
+        "eenet_unfinished": "no metrics.json (failed or unfinished)",
+    }
     html = (tmp_path / "cmp" / "report.html").read_text()
     assert "maxprob_0.9999" in html and "eenet_unfinished" in html
 
@@ -93,13 +95,25 @@ def _fit_policy(overrides):
 
 def test_pipeline_jobs_carry_their_settings_to_eenn_fit():
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose("pipeline", ["pipeline.policies=[static,entropy]", "+pipeline.policy_overrides.entropy.criterion=cross_entropy",
-                                   "+pipeline.policy_overrides.entropy.thresholds=[0.5,0.25]"])
+        cfg = compose(
+            "pipeline",
+            [
+                "pipeline.policies=[static,entropy]",
+                "+pipeline.policy_overrides.entropy.criterion=cross_entropy",
+                "+pipeline.policy_overrides.entropy.thresholds=[0.5,0.25]",
+            ],
+        )
     jobs = dict(fit_jobs(cfg, [0.5, 1.0], num_exits=2))
     assert sorted(jobs) == ["entropy_0.5000", "entropy_1.0000", "static_exit0", "static_exit1"]
-    assert _fit_policy(jobs["static_exit1"]) == ({"name": "static", "exit": 1}, {"fraction": 1.0, "value": None, "point": None, "points": None})
+    assert _fit_policy(jobs["static_exit1"]) == (
+        {"name": "static", "exit": 1},
+        {"fraction": 1.0, "value": None, "point": None, "points": None},
+    )
     policy, budget = _fit_policy(jobs["entropy_0.5000"])
-    assert policy == {"name": "entropy", "criterion": "cross_entropy", "thresholds": [0.5, 0.25]} and budget["fraction"] == 0.5
+    assert (
+        policy == {"name": "entropy", "criterion": "cross_entropy", "thresholds": [0.5, 0.25]}
+        and budget["fraction"] == 0.5
+    )
 
 
 def test_an_experiments_stage2_is_one_job_per_combination_of_its_sweep():
@@ -111,7 +125,12 @@ def test_an_experiments_stage2_is_one_job_per_combination_of_its_sweep():
     assert len(deex) == 11 and _fit_policy(deex["deex_p_d=0.7"])[0] == {"name": "deex", "p_d": 0.7, "p_tar": 0.9}
     bilevel = dict(experiment_jobs(stage2("bilevel_msdnet_cifar10")))
     policy, budget = _fit_policy(bilevel["maxprob_value=25000000.0"])
-    assert policy == {"name": "maxprob", "thresholds": None} and budget == {"fraction": None, "value": 2.5e7, "point": None, "points": None}
+    assert policy == {"name": "maxprob", "thresholds": None} and budget == {
+        "fraction": None,
+        "value": 2.5e7,
+        "point": None,
+        "points": None,
+    }
     (job,) = experiment_jobs(stage2("branchynet_alexnet_cifar10"))  # thresholds given, no sweep: one fit
     assert job[0] == "entropy" and _fit_policy(job[1])[0]["thresholds"] == [1.0e-4, 0.05]
 

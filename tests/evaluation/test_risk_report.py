@@ -25,8 +25,12 @@ EPSILONS = (0.02, 0.05, 0.1)
 def compared(run_dir: Path, tmp_path: Path):  # noqa: F811
     sweep = tmp_path / "sweep"
     for i, eps in enumerate(EPSILONS):
-        fit_run(fit_cfg([f"run_dir={run_dir}", "policy=risk", f"risk.epsilon={eps}", "calibrate=true",
-                         "budget.fraction=1.0"]), sweep / str(i))
+        fit_run(
+            fit_cfg(
+                [f"run_dir={run_dir}", "policy=risk", f"risk.epsilon={eps}", "calibrate=true", "budget.fraction=1.0"]
+            ),
+            sweep / str(i),
+        )
     fit_run(fit_cfg([f"run_dir={run_dir}", "policy=maxprob", "budget.fraction=0.7"]), sweep / "maxprob")
     return compare([sweep], [], tmp_path / "compare"), tmp_path / "compare", run_dir
 
@@ -72,5 +76,7 @@ def test_fits_of_one_policy_at_one_budget_each_keep_their_row(compared) -> None:
     assert [r[header.index("1.00")] for r in risk] == [acc[f"epsilon={e}"] for e in EPSILONS]
     assert [r["settings"] for r in comp.rows if r["policy"] == "maxprob"] == [""]  # one fit: nothing to tell apart
     with open(out / "results.csv") as fh:
-        assert sorted(r["settings"] for r in csv.DictReader(fh) if r["policy"] == "risk") == [f"epsilon={e}" for e in EPSILONS]
+        assert sorted(r["settings"] for r in csv.DictReader(fh) if r["policy"] == "risk") == [
+            f"epsilon={e}" for e in EPSILONS
+        ]
     assert "risk (epsilon=0.05)" in (out / "report.html").read_text()

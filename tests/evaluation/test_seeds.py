@@ -26,7 +26,9 @@ from eenn.evaluation.stats import (
 from eenn.policies.synthetic import synthetic_predictions
 
 
-def simulated_study(rng: np.random.Generator, n: int, gap: float, shared: float, own: float) -> tuple[np.ndarray, np.ndarray]:
+def simulated_study(
+    rng: np.random.Generator, n: int, gap: float, shared: float, own: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Two methods on n seeds: a per-seed component both share (the split, the order), their own
     noise, and a true gap between their means."""
     seed_effect = rng.normal(0, shared, n)
@@ -54,8 +56,12 @@ def test_paired_intervals_cover_the_true_gap_95_percent_of_the_time():
 
 def test_the_paired_interval_is_narrower_when_seeds_share_noise():
     rng = np.random.default_rng(7)
-    widths = np.array([[(d.ci_high - d.ci_low) for d in (paired_difference(a, b), unpaired_difference(a, b))]
-                       for a, b in (simulated_study(rng, 5, 0.01, shared=0.01, own=0.003) for _ in range(200))])
+    widths = np.array(
+        [
+            [(d.ci_high - d.ci_low) for d in (paired_difference(a, b), unpaired_difference(a, b))]
+            for a, b in (simulated_study(rng, 5, 0.01, shared=0.01, own=0.003) for _ in range(200))
+        ]
+    )
     assert (widths[:, 0] < widths[:, 1]).mean() > 0.95
     assert widths[:, 0].mean() < 0.5 * widths[:, 1].mean()
 
@@ -84,9 +90,14 @@ def test_one_seed_is_labelled_as_having_no_spread():
 # ----------------------------------------------------------------------- groups in a comparison
 def _model(name: str, training: str, seed: int, lr: float = 0.1) -> Model:
     preds = synthetic_predictions(200, seed=seed, split="test")
-    config = {"seed": seed, "data.seed": seed, "training._target_": f"eenn.training.{training}",
-              "training.optimizer.lr": lr, "paths.output_dir": f"/runs/{name}",
-              "callbacks.model_checkpoint.dirpath": f"/runs/{name}/checkpoints"}
+    config = {
+        "seed": seed,
+        "data.seed": seed,
+        "training._target_": f"eenn.training.{training}",
+        "training.optimizer.lr": lr,
+        "paths.output_dir": f"/runs/{name}",
+        "callbacks.model_checkpoint.dirpath": f"/runs/{name}/checkpoints",
+    }
     return Model(name, Path(f"/runs/{name}"), training, preds, preds, config)
 
 
@@ -99,19 +110,37 @@ def _comparison(accuracies: dict[tuple[str, str, float], list[float]]) -> Compar
             name = f"{training}_lr{lr}_s{seed}"
             comp.models[name] = _model(name, training, seed, lr)
             for fraction in (0.5, 0.8):
-                comp.rows.append({"model": name, "training": training, "policy": "maxprob", "settings": "",
-                                  "requested_fraction": fraction, "budget_fraction": fraction, "budget": fraction,
-                                  "cost_unit": "flops", "val_accuracy": acc, "test_accuracy": acc + (fraction - 0.5) / 10,
-                                  "val_avg_cost": fraction, "test_avg_cost": fraction,
-                                  "test_exit_fractions": json.dumps([0.5, 0.3, 0.2]), "fit_seconds": 0.1,
-                                  "run": f"/fits/{name}_{fraction}"})
+                comp.rows.append(
+                    {
+                        "model": name,
+                        "training": training,
+                        "policy": "maxprob",
+                        "settings": "",
+                        "requested_fraction": fraction,
+                        "budget_fraction": fraction,
+                        "budget": fraction,
+                        "cost_unit": "flops",
+                        "val_accuracy": acc,
+                        "test_accuracy": acc + (fraction - 0.5) / 10,
+                        "val_avg_cost": fraction,
+                        "test_avg_cost": fraction,
+                        "test_exit_fractions": json.dumps([0.5, 0.3, 0.2]),
+                        "fit_seconds": 0.1,
+                        "run": f"/fits/{name}_{fraction}",
+                    }
+                )
     group_seeds(comp)
     return comp
 
 
 def test_models_that_differ_only_in_their_seed_form_one_group_named_by_what_differs():
-    comp = _comparison({("joint", "", 0.1): [0.80, 0.81, 0.79], ("joint", "", 0.05): [0.8, 0.8, 0.8],
-                        ("bilevel", "", 0.1): [0.82, 0.83, 0.81]})
+    comp = _comparison(
+        {
+            ("joint", "", 0.1): [0.80, 0.81, 0.79],
+            ("joint", "", 0.05): [0.8, 0.8, 0.8],
+            ("bilevel", "", 0.1): [0.82, 0.83, 0.81],
+        }
+    )
     groups = {m.name: m.group for m in comp.models.values()}
     assert groups["joint_lr0.1_s0"] == groups["joint_lr0.1_s2"] == "joint (lr=0.1)"
     assert groups["joint_lr0.05_s1"] == "joint (lr=0.05)" and groups["bilevel_lr0.1_s0"] == "bilevel (lr=0.1)"
@@ -119,10 +148,14 @@ def test_models_that_differ_only_in_their_seed_form_one_group_named_by_what_diff
 
 
 def test_the_report_marks_no_detectable_difference_and_single_seeds(tmp_path):
-    comp = _comparison({("joint", "", 0.1): [0.800, 0.810, 0.790, 0.805, 0.795],
-                        ("bilevel", "", 0.1): [0.812, 0.808, 0.795, 0.800, 0.801],  # noise around joint
-                        ("soft", "", 0.1): [0.830, 0.840, 0.820, 0.835, 0.826],  # clearly better
-                        ("solo", "", 0.1): [0.9]})  # one seed
+    comp = _comparison(
+        {
+            ("joint", "", 0.1): [0.800, 0.810, 0.790, 0.805, 0.795],
+            ("bilevel", "", 0.1): [0.812, 0.808, 0.795, 0.800, 0.801],  # noise around joint
+            ("soft", "", 0.1): [0.830, 0.840, 0.820, 0.835, 0.826],  # clearly better
+            ("solo", "", 0.1): [0.9],
+        }
+    )  # one seed
     seed_statistics(comp, "joint")
     by = {(g.group, g.requested_fraction): g for g in comp.group_stats}
     assert by["bilevel", 0.5].difference.verdict == NO_DIFFERENCE
@@ -142,8 +175,11 @@ def test_the_report_marks_no_detectable_difference_and_single_seeds(tmp_path):
     write_group_csv(comp, tmp_path / "groups.csv")
     groups = list(csv.DictReader(open(tmp_path / "groups.csv")))
     assert {(g["group"], g["verdict"]) for g in groups if g["requested_fraction"] == "0.5"} == {
-        ("joint", ""), ("bilevel", NO_DIFFERENCE), ("soft", "higher"),
-        ("solo", NO_SPREAD)}
+        ("joint", ""),
+        ("bilevel", NO_DIFFERENCE),
+        ("soft", "higher"),
+        ("solo", NO_SPREAD),
+    }
 
 
 def test_a_baseline_that_is_no_group_is_refused_naming_the_groups():

@@ -31,10 +31,15 @@ def predictions(network: MultiExitNetwork, profile: CostProfile, x: torch.Tensor
     # labels: the last exit's prediction, flipped for a third of samples, so accuracies differ by exit
     labels = logits[:, -1].argmax(-1)
     labels[::3] = (labels[::3] + 1) % logits.shape[-1]
-    return Predictions(logits, labels, torch.tensor(profile.per_exit("flops")), split=split,
-                       head_costs=torch.tensor(profile.per_head("flops")),
-                       cost_table={"macs": torch.tensor(profile.per_exit("macs"))},
-                       head_cost_table={"macs": torch.tensor(profile.per_head("macs"))})
+    return Predictions(
+        logits,
+        labels,
+        torch.tensor(profile.per_exit("flops")),
+        split=split,
+        head_costs=torch.tensor(profile.per_head("flops")),
+        cost_table={"macs": torch.tensor(profile.per_exit("macs"))},
+        head_cost_table={"macs": torch.tensor(profile.per_head("macs"))},
+    )
 
 
 @pytest.fixture(scope="package", autouse=True)
@@ -68,8 +73,14 @@ def briefly_trained(net: MultiExitNetwork, steps: int = 20) -> MultiExitNetwork:
 @pytest.fixture(scope="package")
 def setup(one_thread) -> Setup:
     torch.manual_seed(0)
-    net = briefly_trained(build_multi_exit({"name": "cifar_resnet", "depth": 20}, {"at": "stages", "head": {"name": "conv_pool"}},
-                                           num_classes=10, input_shape=SHAPE))
+    net = briefly_trained(
+        build_multi_exit(
+            {"name": "cifar_resnet", "depth": 20},
+            {"at": "stages", "head": {"name": "conv_pool"}},
+            num_classes=10,
+            input_shape=SHAPE,
+        )
+    )
     profile = profile_costs(net, SHAPE, latency=False)
     xv, xt = torch.randn(300, *SHAPE), torch.randn(200, *SHAPE)
     return Setup(net, profile, predictions(net, profile, xv, "val"), xt, predictions(net, profile, xt, "test"))

@@ -63,7 +63,9 @@ def test_inference_time_grows_with_p_d_from_all_at_exit_2_to_all_at_the_backbone
         # ... and everyone offloaded: heads 0 and 2 only, the edge's two stages, the link, the cloud's stage
         assert times[-1] == pytest.approx(n * (2.0 + 1.0 + 0.2 + p.link.transfer_ms(2000) + 1.5 + 0.01) / 1e3)
         acc = preds.accuracy_per_exit()
-        assert curve[0]["accuracy"] == pytest.approx(float(acc[1])) and curve[-1]["accuracy"] == pytest.approx(float(acc[2]))
+        assert curve[0]["accuracy"] == pytest.approx(float(acc[1])) and curve[-1]["accuracy"] == pytest.approx(
+            float(acc[2])
+        )
 
 
 def test_a_faster_cloud_and_no_delay_can_make_offloading_pay():

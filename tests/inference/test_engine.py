@@ -47,6 +47,7 @@ class RowCounter:
         def hook(module, args, output):
             store[k] += args[0].shape[0]
             self.modes.add(torch.is_inference_mode_enabled())
+
         return hook
 
     def remove(self):
@@ -100,7 +101,9 @@ def test_rebatching_and_single_sample_mode_give_the_engine_results_in_input_orde
             # deeper stages run full batches; only the end-of-stream flush may be partial
             for sizes in re.stage_batch_sizes:
                 assert sizes and all(s == batch_size for s in sizes[:-1]) and 0 < sizes[-1] <= batch_size
-            assert [sum(sizes) for sizes in re.stage_batch_sizes] == [int((plain.exit_index >= k).sum()) for k in range(3)]
+            assert [sum(sizes) for sizes in re.stage_batch_sizes] == [
+                int((plain.exit_index >= k).sum()) for k in range(3)
+            ]
     finally:
         counter.remove()
     assert counter.modes == {True}
@@ -109,7 +112,9 @@ def test_rebatching_and_single_sample_mode_give_the_engine_results_in_input_orde
     single = engine.run(single_samples(setup.x[:40]))
     assert torch.equal(single.exit_index, plain.exit_index[:40])
     assert torch.equal(single.predictions, plain.predictions[:40])
-    assert all(sizes == [1] * int((plain.exit_index[:40] >= k).sum()) for k, sizes in enumerate(single.stage_batch_sizes))
+    assert all(
+        sizes == [1] * int((plain.exit_index[:40] >= k).sum()) for k, sizes in enumerate(single.stage_batch_sizes)
+    )
     # per-request latency: each request's own time, not the time since the stream began
     assert single.latency_ms.sum() <= 1e3 * single.wall_s
 
@@ -130,7 +135,9 @@ def test_decisions_run_on_one_thread_and_the_thread_count_is_restored(setup):
     try:
         engine = EarlyExitEngine(setup.network, policy)
         stage_threads = []
-        hook = setup.network.stages[1].register_forward_pre_hook(lambda m, a: stage_threads.append(torch.get_num_threads()))
+        hook = setup.network.stages[1].register_forward_pre_hook(
+            lambda m, a: stage_threads.append(torch.get_num_threads())
+        )
         try:
             out = engine.run(batches_of(setup.x[:16], 8))
         finally:

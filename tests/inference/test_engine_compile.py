@@ -17,8 +17,10 @@ from tests.inference.conftest import SHAPE, briefly_trained, predictions
 @pytest.mark.slow
 def test_compiled_engine_takes_the_eager_engines_exits():
     torch.manual_seed(0)
-    net = briefly_trained(build_multi_exit({"name": "cifar_resnet", "depth": 8}, {"at": "stages"}, num_classes=10,
-                                           input_shape=SHAPE), steps=30).eval()
+    net = briefly_trained(
+        build_multi_exit({"name": "cifar_resnet", "depth": 8}, {"at": "stages"}, num_classes=10, input_shape=SHAPE),
+        steps=30,
+    ).eval()
     profile = profile_costs(net, SHAPE, latency=False)
     xv, xt = torch.randn(400, *SHAPE), torch.randn(300, *SHAPE)
     policy = build_policy("maxprob").fit(predictions(net, profile, xv, "val"), 0.6 * profile.exits[-1].flops, "flops")
@@ -32,7 +34,7 @@ def test_compiled_engine_takes_the_eager_engines_exits():
         for i in differ:
             k = int(min(eager.exit_index[i], compiled.exit_index[i]))
             with torch.inference_mode():
-                score = float(max_prob(net(xt[i:i + 1])[:, k])[0])
+                score = float(max_prob(net(xt[i : i + 1])[:, k])[0])
             assert abs(score - float(policy.thresholds[k])) < 1e-5, f"sample {i} differs at exit {k} without a tie"
         assert len(differ) <= 1e-3 * eager.num_samples, differ
         same = eager.exit_index == compiled.exit_index

@@ -51,4 +51,6 @@ def test_rebatching_with_the_gpu_path_gives_the_same_exits(setup, monkeypatch):
     expected = Rebatcher(engine, 32).run(batches)
     monkeypatch.setattr(engine_mod, "first_true", gpu_first_true)
     got = Rebatcher(engine, 32).run(batches)
-    assert torch.equal(got.exit_index, expected.exit_index) and torch.equal(got.heads_evaluated, expected.heads_evaluated)
+    assert torch.equal(got.exit_index, expected.exit_index) and torch.equal(
+        got.heads_evaluated, expected.heads_evaluated
+    )

@@ -35,18 +35,33 @@ def fitted(tmp_path_factory) -> tuple[Path, Path]:
     """(stage-1 run dir, eenn-fit policy dir); each saves its own config, as eenn-pipeline's do."""
     root = tmp_path_factory.mktemp("eenn")
     run, policy_dir = root / "train", root / "fit"
-    cfg = _compose("train", ["data=digits", "backbone=resnet20", "exits=stages", "logger=csv", "trainer.max_epochs=1",
-                             "cost.repeats=2", "trainer.enable_progress_bar=false"], root, run)
+    cfg = _compose(
+        "train",
+        [
+            "data=digits",
+            "backbone=resnet20",
+            "exits=stages",
+            "logger=csv",
+            "trainer.max_epochs=1",
+            "cost.repeats=2",
+            "trainer.enable_progress_bar=false",
+        ],
+        root,
+        run,
+    )
     train(cfg)
-    fit_cfg = _compose("fit", [f"run_dir={run}", "policy=deex", "policy.p_tar=0.8", "budget.fraction=0.8"], root, policy_dir)
+    fit_cfg = _compose(
+        "fit", [f"run_dir={run}", "policy=deex", "policy.p_tar=0.8", "budget.fraction=0.8"], root, policy_dir
+    )
     fit_run(fit_cfg, policy_dir)
     return run, policy_dir
 
 
 def test_infer_runs_the_policy_and_reports_expected_next_to_realised(fitted, tmp_path, capsys):
     run, policy_dir = fitted
-    cfg = _compose("infer", [f"policy_dir={policy_dir}", "batch_size=64", "edge_cloud.repeats=2", "threads=1"],
-                   tmp_path, tmp_path)
+    cfg = _compose(
+        "infer", [f"policy_dir={policy_dir}", "batch_size=64", "edge_cloud.repeats=2", "threads=1"], tmp_path, tmp_path
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -60,8 +75,15 @@ def test_infer_runs_the_policy_and_reports_expected_next_to_realised(fitted, tmp
     printed = capsys.readouterr().out
     header = next(line for line in printed.splitlines() if "expected" in line)
     assert "realised" in header  # the two columns side by side
-    for row in ("Overhead est. in MACs", "% exit ", "Average MACs/input", "Savings per data input", "Speedup",
-                "Worst case with overhead", "Edge/cloud"):
+    for row in (
+        "Overhead est. in MACs",
+        "% exit ",
+        "Average MACs/input",
+        "Savings per data input",
+        "Speedup",
+        "Worst case with overhead",
+        "Edge/cloud",
+    ):
         assert row in printed, row
     assert out["run_dir"] == str(run) and out["num_samples"] == 360 and out["policy"]["name"] == "deex"
     # on the CPU the engine takes every sample's offline exit: a sample could move only through a
@@ -85,10 +107,20 @@ def test_infer_runs_the_policy_and_reports_expected_next_to_realised(fitted, tmp
     assert times == sorted(times)
 
     for mode in ("rebatch", "single"):
-        cfg = _compose("infer", [f"run_dir={run}", f"policy_file={FitRun(policy_dir).policy_file}", f"mode={mode}",
-                                 "edge_cloud.enabled=false", "backbone_baseline=false", "report_unit=latency_ms",
-                                 "timing_repeats=1"],
-                       tmp_path, tmp_path / mode)
+        cfg = _compose(
+            "infer",
+            [
+                f"run_dir={run}",
+                f"policy_file={FitRun(policy_dir).policy_file}",
+                f"mode={mode}",
+                "edge_cloud.enabled=false",
+                "backbone_baseline=false",
+                "report_unit=latency_ms",
+                "timing_repeats=1",
+            ],
+            tmp_path,
+            tmp_path / mode,
+        )
         again = infer(cfg, tmp_path / mode)
         assert again["timing"]["engine_s_passes"] == [again["timing"]["engine_s"]]
         assert again["timing"]["realised_speedup"] is None
@@ -103,15 +135,37 @@ def test_a_calibrated_risk_policy_runs_in_the_engine_as_fitted(fitted, tmp_path)
     # the logits by the saved temperatures and takes the exits offline simulation took
     run, _ = fitted
     fit_dir = tmp_path / "fit"
-    fit_cfg = _compose("fit", [f"run_dir={run}", "policy=risk", "risk.epsilon=0.2", "risk.loss=disagreement",
-                               "calibrate=true", "budget.fraction=1.0"], tmp_path, fit_dir)
+    fit_cfg = _compose(
+        "fit",
+        [
+            f"run_dir={run}",
+            "policy=risk",
+            "risk.epsilon=0.2",
+            "risk.loss=disagreement",
+            "calibrate=true",
+            "budget.fraction=1.0",
+        ],
+        tmp_path,
+        fit_dir,
+    )
     metrics = fit_run(fit_cfg, fit_dir)
     # the temperatures fitted on a fifth of validation, the rule calibrated on the rest
     n_val, split = metrics["val"]["num_samples"], metrics["calibration"]["split"]
     assert metrics["calibration"]["temperatures"] and split["temperature_samples"] == round(0.2 * n_val)
     assert metrics["fitted"]["calibration_size"] == split["calibration_samples"] == n_val - split["temperature_samples"]
-    cfg = _compose("infer", [f"policy_dir={fit_dir}", "batch_size=64", "edge_cloud.enabled=false", "threads=1",
-                             "backbone_baseline=false", "timing_repeats=1"], tmp_path, tmp_path / "infer")
+    cfg = _compose(
+        "infer",
+        [
+            f"policy_dir={fit_dir}",
+            "batch_size=64",
+            "edge_cloud.enabled=false",
+            "threads=1",
+            "backbone_baseline=false",
+            "timing_repeats=1",
+        ],
+        tmp_path,
+        tmp_path / "infer",
+    )
     out = infer(cfg, tmp_path / "infer")
     assert out["policy"]["name"] == "risk" and out["policy"]["info"]["threshold"] == metrics["fitted"]["threshold"]
     assert out["agreement"] == {"exit_index": 1.0, "predictions": 1.0}  # on the CPU, every sample (as above)
@@ -139,7 +193,10 @@ def test_bad_input_is_named(fitted, tmp_path):
         ([f"policy_dir={policy_dir}", "edge_cloud.split=5"], "edge_cloud.split=5"),
         ([f"policy_dir={policy_dir}", "edge_cloud.p_d_sweep=[0.5,2]"], "edge_cloud.p_d_sweep"),
         ([f"policy_dir={policy_dir}", "compile=yes"], "compile must be true or false"),
-        (["runtime=onnxruntime", f"bundle={tmp_path}", "compile=true"], "compile=true compiles the torch engine's segments"),
+        (
+            ["runtime=onnxruntime", f"bundle={tmp_path}", "compile=true"],
+            "compile=true compiles the torch engine's segments",
+        ),
     ]
     for overrides, message in cases:
         with pytest.raises(EENNError, match=message):
@@ -150,8 +207,16 @@ def test_bad_input_is_named(fitted, tmp_path):
 def test_eenn_infer_multirun_writes_one_dir_per_job(fitted, tmp_path):
     run, policy_dir = fitted
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "EENN_ROOT": str(tmp_path)}
-    args = [sys.executable, "-m", "eenn.cli.infer", "-m", f"policy_file={FitRun(policy_dir).policy_file}", f"run_dir={run}",
-            "mode=batched,rebatch", "edge_cloud.repeats=2"]
+    args = [
+        sys.executable,
+        "-m",
+        "eenn.cli.infer",
+        "-m",
+        f"policy_file={FitRun(policy_dir).policy_file}",
+        f"run_dir={run}",
+        "mode=batched,rebatch",
+        "edge_cloud.repeats=2",
+    ]
     res = subprocess.run(args, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     sweeps = list((tmp_path / "outputs" / "infer" / "multirun").iterdir())
@@ -159,6 +224,13 @@ def test_eenn_infer_multirun_writes_one_dir_per_job(fitted, tmp_path):
     jobs = sorted(p.name for p in sweeps[0].iterdir() if (p / "infer.json").is_file())
     assert jobs == ["0_edge_cloud.repeats=2,mode=batched", "1_edge_cloud.repeats=2,mode=rebatch"]
     assert "Speedup" in res.stdout
-    bad = subprocess.run([sys.executable, "-m", "eenn.cli.infer", f"run_dir={run}"], check=False, cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    bad = subprocess.run(
+        [sys.executable, "-m", "eenn.cli.infer", f"run_dir={run}"],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert bad.returncode == 2 and "error: no policy" in bad.stderr and "Traceback" not in bad.stderr

@@ -17,8 +17,10 @@ HEADS = [104_820_562, 11_643_648, 2_049_000]
 
 
 def _distiller_profile() -> CostProfile:
-    exits = [ExitCost(name, 2 * m, m, 0, None, 2 * h, h, 0, None)
-             for name, m, h in zip(["exit0", "exit1", "final"], THROUGH, HEADS)]
+    exits = [
+        ExitCost(name, 2 * m, m, 0, None, 2 * h, h, 0, None)
+        for name, m, h in zip(["exit0", "exit1", "final"], THROUGH, HEADS)
+    ]
     return CostProfile(exits, {"flops": 2 * STANDARD, "macs": STANDARD, "params": 0, "latency_ms": None}, [3, 224, 224])
 
 

@@ -24,7 +24,12 @@ TINY_VIT = {"name": "vit_tiny_patch16_224", "embed_dim": 32, "depth": 4, "num_he
 
 def test_the_engine_compacts_token_batches_and_matches_simulation():
     torch.manual_seed(0)
-    net = briefly_trained(build_multi_exit({**TINY_VIT, "img_size": 16, "patch_size": 4}, {"at": [1, 2, 3]}, num_classes=10, input_shape=SHAPE), steps=40)
+    net = briefly_trained(
+        build_multi_exit(
+            {**TINY_VIT, "img_size": 16, "patch_size": 4}, {"at": [1, 2, 3]}, num_classes=10, input_shape=SHAPE
+        ),
+        steps=40,
+    )
     profile = profile_costs(net, SHAPE, latency=False)
     xv, xt = torch.randn(300, *SHAPE), torch.randn(200, *SHAPE)
     val, test = predictions(net, profile, xv, "val"), predictions(net, profile, xt, "test")
@@ -47,12 +52,41 @@ def test_the_engine_compacts_token_batches_and_matches_simulation():
 def test_eenn_infer_on_a_vit_run_equals_the_offline_simulation(tmp_path, mode):
     run, fit_dir = tmp_path / "train", tmp_path / "fit"
     vit = [f"+backbone.{k}={v}" for k, v in {**TINY_VIT, "img_size": 8, "patch_size": 2}.items() if k != "name"]
-    train(_compose("train", ["data=digits", "backbone=timm", f"backbone.name={TINY_VIT['name']}", *vit,
-                             "exits.at=[1,2,3]", "logger=csv", "trainer.max_epochs=1", "cost.repeats=2",
-                             "trainer.enable_progress_bar=false"], tmp_path, run))
+    train(
+        _compose(
+            "train",
+            [
+                "data=digits",
+                "backbone=timm",
+                f"backbone.name={TINY_VIT['name']}",
+                *vit,
+                "exits.at=[1,2,3]",
+                "logger=csv",
+                "trainer.max_epochs=1",
+                "cost.repeats=2",
+                "trainer.enable_progress_bar=false",
+            ],
+            tmp_path,
+            run,
+        )
+    )
     fit_run(_compose("fit", [f"run_dir={run}", "policy=maxprob", "budget.fraction=0.6"], tmp_path, fit_dir), fit_dir)
-    out = infer(_compose("infer", [f"policy_dir={fit_dir}", f"mode={mode}", "batch_size=64", "edge_cloud.enabled=false",
-                                   "timing_repeats=1", "threads=1"], tmp_path, tmp_path / "infer"), tmp_path / "infer")
+    out = infer(
+        _compose(
+            "infer",
+            [
+                f"policy_dir={fit_dir}",
+                f"mode={mode}",
+                "batch_size=64",
+                "edge_cloud.enabled=false",
+                "timing_repeats=1",
+                "threads=1",
+            ],
+            tmp_path,
+            tmp_path / "infer",
+        ),
+        tmp_path / "infer",
+    )
     assert out["num_samples"] == 360
     assert out["agreement"]["exit_index"] == 1.0 and out["agreement"]["predictions"] == 1.0
     assert out["accuracy"]["realised"] == out["accuracy"]["expected"]

@@ -113,8 +113,10 @@ def test_b_alexnet_has_branchynets_layer_sizes():
     # kunglab/branchynet networks/alex_cifar10.py: Linear(1024, 256) in the main network, branches
     # ending in Linear(512, 10) and Linear(128, 10); these sizes need chainer's cover-all pooling.
     net = build("alexnet_cifar", "branchynet_alexnet", 10, (3, 32, 32))
-    linears = [[m.in_features for m in part.modules() if isinstance(m, nn.Linear)]
-               for part in (net.heads[0], net.heads[1], net.stages[2], net.heads[2])]
+    linears = [
+        [m.in_features for m in part.modules() if isinstance(m, nn.Linear)]
+        for part in (net.heads[0], net.heads[1], net.stages[2], net.heads[2])
+    ]
     assert linears == [[512], [128], [1024, 256], [128]]
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 3, 10)
 
@@ -128,13 +130,16 @@ def test_b_lenet_has_branchynets_layer_sizes():
 
 
 # ------------------------------------------------------------------ running stage by stage
-@pytest.mark.parametrize("backbone, exits, shape, overrides", [
-    ("msdnet_cifar", "msdnet", (3, 32, 32), []),
-    ("msdnet_cifar", "stages", (3, 32, 32), ["exits.at=[2,9]"]),  # registry heads on scales
-    ("densenet121_cifar", "msdnet", (3, 32, 32), []),  # native heads after every stage
-    ("alexnet_cifar", "branchynet_alexnet", (3, 32, 32), []),
-    ("lenet", "branchynet_lenet", (1, 8, 8), ["backbone.image_size=8"]),
-])
+@pytest.mark.parametrize(
+    "backbone, exits, shape, overrides",
+    [
+        ("msdnet_cifar", "msdnet", (3, 32, 32), []),
+        ("msdnet_cifar", "stages", (3, 32, 32), ["exits.at=[2,9]"]),  # registry heads on scales
+        ("densenet121_cifar", "msdnet", (3, 32, 32), []),  # native heads after every stage
+        ("alexnet_cifar", "branchynet_alexnet", (3, 32, 32), []),
+        ("lenet", "branchynet_lenet", (1, 8, 8), ["backbone.image_size=8"]),
+    ],
+)
 def test_stage_by_stage_equals_the_full_forward(backbone, exits, shape, overrides):
     torch.manual_seed(0)
     net = build(backbone, exits, 7, shape, *overrides).eval()
@@ -153,16 +158,22 @@ def test_msdnet_stages_hand_on_multi_scale_features():
 
 
 # ------------------------------------------------------------------ clear refusals
-@pytest.mark.parametrize("backbone, exits, message", [
-    ({"name": "cifar_resnet", "depth": 20}, {"at": "stages", "head": {"name": "native"}},
-     "backbone.name='cifar_resnet' has no exit heads of its own"),
-    ({"name": "alexnet"}, {"at": ["conv4"], "head": {"name": "native"}}, "native branches only after"),
-    ({"name": "alexnet", "variant": "vgg"}, {"at": []}, "backbone.variant must be one of"),
-    ({"name": "alexnet", "pretrained": True}, {"at": []}, "for backbone.variant=imagenet"),
-    ({"name": "msdnet", "stepmode": "grow"}, {"at": []}, "backbone.stepmode"),
-    ({"name": "msdnet", "bn_factor": [1, 2]}, {"at": []}, "one entry per scale"),
-    ({"name": "densenet", "stem": "tiny"}, {"at": []}, "backbone.stem"),
-])
+@pytest.mark.parametrize(
+    "backbone, exits, message",
+    [
+        (
+            {"name": "cifar_resnet", "depth": 20},
+            {"at": "stages", "head": {"name": "native"}},
+            "backbone.name='cifar_resnet' has no exit heads of its own",
+        ),
+        ({"name": "alexnet"}, {"at": ["conv4"], "head": {"name": "native"}}, "native branches only after"),
+        ({"name": "alexnet", "variant": "vgg"}, {"at": []}, "backbone.variant must be one of"),
+        ({"name": "alexnet", "pretrained": True}, {"at": []}, "for backbone.variant=imagenet"),
+        ({"name": "msdnet", "stepmode": "grow"}, {"at": []}, "backbone.stepmode"),
+        ({"name": "msdnet", "bn_factor": [1, 2]}, {"at": []}, "one entry per scale"),
+        ({"name": "densenet", "stem": "tiny"}, {"at": []}, "backbone.stem"),
+    ],
+)
 def test_bad_backbone_options_are_refused_clearly(backbone, exits, message):
     with pytest.raises(EENNError, match=message):
         build_multi_exit(backbone, exits, 10, (3, 32, 32))

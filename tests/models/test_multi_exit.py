@@ -62,4 +62,6 @@ def test_timm_unknown_model_and_missing_checkpoint():
     with pytest.raises(EENNError, match="not a timm model"):
         build_multi_exit({"name": "timm", "model": "no_such_net"}, {"at": "stages"}, 10, (3, 32, 32))
     with pytest.raises(EENNError, match="backbone.checkpoint"):
-        build_multi_exit({"name": "timm", "model": "resnet18", "checkpoint": "/nope.safetensors"}, {"at": "stages"}, 10, (3, 32, 32))
+        build_multi_exit(
+            {"name": "timm", "model": "resnet18", "checkpoint": "/nope.safetensors"}, {"at": "stages"}, 10, (3, 32, 32)
+        )

@@ -77,9 +77,11 @@ def _split_and_timm(monkeypatch, name, kwargs, side, at):
     return net, made[0]
 
 
-@pytest.mark.parametrize("name, kwargs, side", [
-    *FAMILIES, *(pytest.param(*f, marks=pytest.mark.slow) for f in SLOW_FAMILIES)
-], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "name, kwargs, side",
+    [*FAMILIES, *(pytest.param(*f, marks=pytest.mark.slow) for f in SLOW_FAMILIES)],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
 def test_the_final_exit_is_the_timm_model(monkeypatch, name, kwargs, side):
     torch.manual_seed(0)
     net, source = _split_and_timm(monkeypatch, name, kwargs, side, at=[1])
@@ -98,12 +100,15 @@ def test_the_final_exit_is_the_timm_model(monkeypatch, name, kwargs, side):
     assert all_exits.shape == (2, 2, 5)
 
 
-@pytest.mark.parametrize("name, why", [
-    ("ghostnet_050", "differ from the model's own forward"),   # its forward does work outside its children
-    ("vgg11", "run one after another fail"),                    # forward_head reaches for a unit (pre_logits)
-    ("levit_128s", "run one after another fail"),               # a token model split as a CNN
-    ("hrnet_w18_small", "are not top-level units"),             # parallel branches, no sequence of stages
-])
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("ghostnet_050", "differ from the model's own forward"),  # its forward does work outside its children
+        ("vgg11", "run one after another fail"),  # forward_head reaches for a unit (pre_logits)
+        ("levit_128s", "run one after another fail"),  # a token model split as a CNN
+        ("hrnet_w18_small", "are not top-level units"),  # parallel branches, no sequence of stages
+    ],
+)
 def test_a_model_that_does_not_split_is_refused_by_name(name, why):
     side = 224 if name == "levit_128s" else 64  # LeViT's attention biases are sized for 224 px
     with pytest.raises(EENNError) as err:
@@ -115,9 +120,23 @@ def test_a_model_that_does_not_split_is_refused_by_name(name, why):
 
 def test_eenn_train_refuses_an_unsplittable_model_with_exit_code_2(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-m", "eenn.cli.train", "data=random", "backbone=timm",
-                          "backbone.name=ghostnet_050", "debug=fast", f"hydra.run.dir={tmp_path / 'run'}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eenn.cli.train",
+            "data=random",
+            "backbone=timm",
+            "backbone.name=ghostnet_050",
+            "debug=fast",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2, res.stderr[-2000:]
     assert "backbone.name='ghostnet_050' (GhostNet) cannot be split into stages" in res.stderr
     assert "Traceback" not in res.stderr
@@ -130,8 +149,9 @@ def test_the_split_runs_timms_own_code_and_shares_its_weights(monkeypatch):
     assert embed.model.cls_token is source.cls_token and embed.model.pos_embed is source.pos_embed
     assert net.stages[1][0] is source.blocks[2]
     # no parameter is held twice, and none is left out
-    assert sum(p.numel() for p in net.stages.parameters()) + sum(p.numel() for p in net.heads[-1].parameters()) \
-        == sum(p.numel() for p in source.parameters())
+    assert sum(p.numel() for p in net.stages.parameters()) + sum(p.numel() for p in net.heads[-1].parameters()) == sum(
+        p.numel() for p in source.parameters()
+    )
     # 8 x 8 patch tokens + the class token, position-embedded, reach the first exit
     with torch.no_grad():
         tokens = net.forward_stage(0, torch.randn(1, 3, 32, 32))
@@ -140,7 +160,9 @@ def test_the_split_runs_timms_own_code_and_shares_its_weights(monkeypatch):
 
 def test_vit_exits_go_after_any_block_and_evenly():
     def names(exits):
-        return build_multi_exit({"name": "vit_tiny_patch16_224", **TINY_VIT, "depth": 12}, exits, 5, (3, 32, 32)).exit_names
+        return build_multi_exit(
+            {"name": "vit_tiny_patch16_224", **TINY_VIT, "depth": 12}, exits, 5, (3, 32, 32)
+        ).exit_names
 
     assert names({"at": [4, 8]}) == ["blocks.3", "blocks.7", "final"]
     assert names({"spacing": "even", "first": 3, "count": 3}) == ["blocks.2", "blocks.5", "blocks.8", "final"]
@@ -149,13 +171,21 @@ def test_vit_exits_go_after_any_block_and_evenly():
 
 def test_a_timm_model_is_named_by_backbone_name_or_backbone_model():
     by_name = build_multi_exit({"name": "vit_tiny_patch16_224", "model": None, **TINY_VIT}, {"at": [1]}, 5, (3, 32, 32))
-    by_model = build_multi_exit({"name": "timm", "model": "vit_tiny_patch16_224", **TINY_VIT}, {"at": [1]}, 5, (3, 32, 32))
+    by_model = build_multi_exit(
+        {"name": "timm", "model": "vit_tiny_patch16_224", **TINY_VIT}, {"at": [1]}, 5, (3, 32, 32)
+    )
     assert by_name.exit_names == by_model.exit_names == ["blocks.0", "final"]
-    with pytest.raises(EENNError, match="backbone.name='vit_tiny_patch16_224' names one model and "
-                                        "backbone.model='resnet18' another; give one of them."):
+    with pytest.raises(
+        EENNError,
+        match="backbone.name='vit_tiny_patch16_224' names one model and "
+        "backbone.model='resnet18' another; give one of them.",
+    ):
         build_multi_exit({"name": "vit_tiny_patch16_224", "model": "resnet18"}, {"at": [1]}, 5, (3, 32, 32))
-    with pytest.raises(EENNError, match=r"backbone.name='vit_tiny_patch16_224' does not run on images of shape "
-                                        r"\[3, 32, 32\] .*\+backbone.img_size"):
+    with pytest.raises(
+        EENNError,
+        match=r"backbone.name='vit_tiny_patch16_224' does not run on images of shape "
+        r"\[3, 32, 32\] .*\+backbone.img_size",
+    ):
         build_multi_exit({"name": "vit_tiny_patch16_224"}, {"at": [1]}, 5, (3, 32, 32))
     with pytest.raises(EENNError, match="or any timm model name"):
         BACKBONES.resolve("vgg", {})
@@ -163,7 +193,9 @@ def test_a_timm_model_is_named_by_backbone_name_or_backbone_model():
 
 # ------------------------------------------------------------------------------ exit heads
 @pytest.mark.parametrize("head", ["token", "token_mlp", "token_attn"])
-@pytest.mark.parametrize("name, kwargs", [("deit_tiny_patch16_224", TINY_VIT), ("swin_tiny_patch4_window7_224", TINY_SWIN)])
+@pytest.mark.parametrize(
+    "name, kwargs", [("deit_tiny_patch16_224", TINY_VIT), ("swin_tiny_patch4_window7_224", TINY_SWIN)]
+)
 def test_token_heads_on_vit_and_swin_tokens(name, kwargs, head):
     net = build_multi_exit({"name": name, **kwargs}, {"at": [1], "head": {"name": head}}, 5, (3, 32, 32)).eval()
     x = torch.randn(3, 3, 32, 32)
@@ -177,9 +209,16 @@ def test_token_heads_on_vit_and_swin_tokens(name, kwargs, head):
 def test_the_token_head_pools_as_the_model_does():
     # DeiT reads its class token; the GAP ViT averages the patch tokens after its 4 register tokens
     deit = build_multi_exit({"name": "deit_tiny_patch16_224", **TINY_VIT}, {"at": [1]}, 5, (3, 32, 32))
-    gap = build_multi_exit({"name": "vit_base_patch16_reg4_gap_256", **TINY_VIT, "embed_dim": 64, "num_heads": 2},
-                           {"at": [1]}, 5, (3, 32, 32))
-    assert [(h[2].tokens.pool, h[2].tokens.prefix_tokens) for h in (deit.heads[0], gap.heads[0])] == [("token", 1), ("avg", 4)]
+    gap = build_multi_exit(
+        {"name": "vit_base_patch16_reg4_gap_256", **TINY_VIT, "embed_dim": 64, "num_heads": 2},
+        {"at": [1]},
+        5,
+        (3, 32, 32),
+    )
+    assert [(h[2].tokens.pool, h[2].tokens.prefix_tokens) for h in (deit.heads[0], gap.heads[0])] == [
+        ("token", 1),
+        ("avg", 4),
+    ]
     x = torch.zeros(1, 7, 64)
     x[0, 0] = 1.0  # only the first (class or register) token is set
     assert gap.heads[0][2](x).abs().max() == 0 and deit.heads[0][2](x).abs().max() == 1
@@ -188,9 +227,13 @@ def test_the_token_head_pools_as_the_model_does():
 @pytest.mark.parametrize("head", ["conv_pool", "linear", "conv_stack"])
 def test_a_convolutional_head_on_tokens_is_refused_naming_the_key(head):
     with pytest.raises(EENNError) as err:
-        build_multi_exit({"name": "vit_tiny_patch16_224", **TINY_VIT}, {"at": [1], "head": {"name": head}}, 5, (3, 32, 32))
-    assert str(err.value) == (f"exits.head.name={head!r} reads feature maps (B, C, H, W), but this backbone's exits get "
-                              "tokens (B, N, D); use one of token, token_attn, token_mlp (or auto).")
+        build_multi_exit(
+            {"name": "vit_tiny_patch16_224", **TINY_VIT}, {"at": [1], "head": {"name": head}}, 5, (3, 32, 32)
+        )
+    assert str(err.value) == (
+        f"exits.head.name={head!r} reads feature maps (B, C, H, W), but this backbone's exits get "
+        "tokens (B, N, D); use one of token, token_attn, token_mlp (or auto)."
+    )
 
 
 def test_a_token_head_on_feature_maps_is_refused_and_auto_picks_by_kind():

@@ -23,7 +23,7 @@ def test_the_last_exits_loss_trains_the_earlier_scorers_only_without_detaching(d
     sched = EENetScheduler(K, C, detach_scores=detach)
     with torch.no_grad():
         for g in sched.g[1:]:  # every later scorer reads the earlier scores (at init it ignores them)
-            g.weight[0, C + 3:] = 0.1
+            g.weight[0, C + 3 :] = 0.1
     inputs = torch.rand(64, K, C + 3, generator=torch.Generator().manual_seed(0)) * 0.5
     q = sched.scores(inputs)
     assert bool(((q > 0) & (q < 1)).all())  # no score clamped: a gradient could flow through every one

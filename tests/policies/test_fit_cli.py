@@ -75,11 +75,15 @@ def test_fit_app_defaults_to_the_predictions_own_cost_unit(tmp_path: Path) -> No
     run = tmp_path / "train_run"
     for split, seed in (("val", 0), ("test", 1)):
         p = synthetic_predictions(300, seed=seed, split=split, costs=[1.0, 2.0, 4.0], head_costs=[0.1, 0.1, 0.0])
-        replace(p, cost_unit="latency_ms", cost_table={}, head_cost_table={}).save(run / "predictions" / f"{split}.safetensors")
+        replace(p, cost_unit="latency_ms", cost_table={}, head_cost_table={}).save(
+            run / "predictions" / f"{split}.safetensors"
+        )
     metrics = fit_run(fit_cfg([f"run_dir={run}", "budget.fraction=0.6"]), tmp_path / "fit")
     assert metrics["cost_unit"] == "latency_ms"
     assert metrics["budget"] == pytest.approx(0.6 * 4.0)
-    with pytest.raises(EENNError, match="cost='flops': the predictions have no 'flops' costs; they have \\['latency_ms'\\]"):
+    with pytest.raises(
+        EENNError, match="cost='flops': the predictions have no 'flops' costs; they have \\['latency_ms'\\]"
+    ):
         fit_run(fit_cfg([f"run_dir={run}", "cost=flops"]), tmp_path / "flops")
 
 
@@ -116,7 +120,10 @@ def _write(path: Path, preds) -> Path:
         (["calibrate=yes"], "calibrate must be true or false, got 'yes'"),
         (["policy=risk", "risk.epsilon=2"], r"risk.epsilon must be a number in \(0, 1\), got 2"),
         (["policy=risk", "risk.loss=mse"], "risk.loss must be one of"),
-        (["policy=risk", "risk.epsilon=0.05", "budget.fraction=0.4"], "no candidate certified at risk.epsilon=0.05 is within the budget"),
+        (
+            ["policy=risk", "risk.epsilon=0.05", "budget.fraction=0.4"],
+            "no candidate certified at risk.epsilon=0.05 is within the budget",
+        ),
     ],
 )
 def test_fit_app_bad_config(overrides: list[str], match: str, run_dir: Path, tmp_path: Path) -> None:
@@ -132,7 +139,10 @@ def test_fit_app_bad_predictions(tmp_path: Path) -> None:
     save_file({"logits": nan.logits, "labels": nan.labels, "costs": nan.costs}, str(bad_nan), {"format": FORMAT})
     four = _write(tmp_path / "four.safetensors", synthetic_predictions(50, num_exits=4, seed=2))
     cases = [
-        ([f"predictions.val={good}", f"predictions.test={bad_nan}"], "logits hold NaN or Inf values in 1 of 50 samples"),
+        (
+            [f"predictions.val={good}", f"predictions.test={bad_nan}"],
+            "logits hold NaN or Inf values in 1 of 50 samples",
+        ),
         ([f"predictions.val={good}", f"predictions.test={four}"], "val has K=3 exits and C=10 classes, test has K=4"),
         ([f"predictions.val={good}"], r"no test predictions: set run_dir=<stage-1 run dir> or predictions.test=<file>"),
         ([f"run_dir={tmp_path / 'nowhere'}"], "is not a directory"),
@@ -144,8 +154,9 @@ def test_fit_app_bad_predictions(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("preset, points", [("sweep5", 5), ("sweep10", 10)])
-def test_sweep_presets_sweep_from_the_first_exit_to_the_full_cost(preset: str, points: int, run_dir: Path,
-                                                                   tmp_path: Path) -> None:
+def test_sweep_presets_sweep_from_the_first_exit_to_the_full_cost(
+    preset: str, points: int, run_dir: Path, tmp_path: Path
+) -> None:
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose(config_name="fit", overrides=[f"budget={preset}"], return_hydra_config=True)
     assert cfg.hydra.sweeper.params["budget.point"] == ",".join(map(str, range(points)))
@@ -194,7 +205,6 @@ def test_eenn_fit_subprocess(run_dir: Path, tmp_path: Path) -> None:
     assert fractions == pytest.approx([1 / 3, 1 / 2, 2 / 3, 5 / 6, 1.0])  # the first exit (1/3) to the full cost
 
 
-
 def test_a_tiny_validation_split_warns_and_calibrating_on_it_is_refused(compose_cfg, tmp_path):
     from eenn.policies.synthetic import synthetic_predictions
 
@@ -203,7 +213,11 @@ def test_a_tiny_validation_split_warns_and_calibrating_on_it_is_refused(compose_
     synthetic_predictions(200, seed=1, split="test").save(run / "predictions" / "test.safetensors")
     metrics = fit_run(compose_cfg("fit", [f"run_dir={run}", "policy=maxprob", "wandb.mode=disabled"]), tmp_path / "f1")
     assert any("validation holds 30 samples" in w for w in metrics["warnings"])
-    with pytest.raises(EENNError, match=r"calibrate=true would fit temperatures on 30 validation samples; they need at least 50"):
-        fit_run(compose_cfg("fit", [f"run_dir={run}", "policy=maxprob", "calibrate=true", "wandb.mode=disabled"]),
-                tmp_path / "f2")
+    with pytest.raises(
+        EENNError, match=r"calibrate=true would fit temperatures on 30 validation samples; they need at least 50"
+    ):
+        fit_run(
+            compose_cfg("fit", [f"run_dir={run}", "policy=maxprob", "calibrate=true", "wandb.mode=disabled"]),
+            tmp_path / "f2",
+        )
     assert not (tmp_path / "f2").exists()

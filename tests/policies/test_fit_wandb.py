@@ -35,8 +35,9 @@ def run_dir(tmp_path: Path) -> Path:
         preds = synthetic_predictions(n, seed=seed, split=split)
         preds.source_run = str(run)  # as eenn-train writes it
         preds.save(run / "predictions" / f"{split}.safetensors")
-    (run / "metrics.json").write_text(json.dumps({"data": "digits", "training": "joint",
-                                                  "backbone": {"name": "cifar_resnet", "depth": 20}}))
+    (run / "metrics.json").write_text(
+        json.dumps({"data": "digits", "training": "joint", "backbone": {"name": "cifar_resnet", "depth": 20}})
+    )
     return run
 
 
@@ -47,7 +48,6 @@ def fit_cfg(overrides: Sequence[str]) -> DictConfig:
 
 class _Config(dict):
     """wandb.config's update() takes allow_val_change."""
-
 
     def update(self, other: dict[str, Any], allow_val_change: bool = False) -> None:  # wandb's signature
         super().update(other)
@@ -83,8 +83,10 @@ def test_two_policies_on_one_stage1_run_share_the_group_and_differ_in_job_type(
     run_dir: Path, tmp_path: Path, captured: list[FakeRun]
 ) -> None:
     outs = {p: tmp_path / "fit" / p for p in ("maxprob", "patience")}
-    metrics = {p: fit_run(fit_cfg([f"run_dir={run_dir}", f"policy={p}", "budget.fraction=0.7"]), out)
-               for p, out in outs.items()}
+    metrics = {
+        p: fit_run(fit_cfg([f"run_dir={run_dir}", f"policy={p}", "budget.fraction=0.7"]), out)
+        for p, out in outs.items()
+    }
 
     assert len(captured) == 2
     for run, (policy, out) in zip(captured, outs.items()):
@@ -110,14 +112,17 @@ def test_two_policies_on_one_stage1_run_share_the_group_and_differ_in_job_type(
             assert run.summary[f"{split}/avg_cost"] == metrics[policy][split]["avg_cost"]
             assert run.summary[f"{split}/exit_fractions"] == metrics[policy][split]["exit_fractions"]
             names = metrics[policy]["exit_names"]
-            assert [run.summary[f"{split}/exit_fraction/{n}"] for n in names] == metrics[policy][split]["exit_fractions"]
+            assert [run.summary[f"{split}/exit_fraction/{n}"] for n in names] == metrics[policy][split][
+                "exit_fractions"
+            ]
         # ... and finished once, successfully
         assert run.finished == [None]
     assert "patience" in captured[1].config["fitted"]  # patience's fitted value is logged
 
 
-def test_a_failing_fit_still_finishes_its_run(run_dir: Path, tmp_path: Path, captured: list[FakeRun],
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_fit_still_finishes_its_run(
+    run_dir: Path, tmp_path: Path, captured: list[FakeRun], monkeypatch: pytest.MonkeyPatch
+) -> None:
     def boom(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("evaluation broke")
 
@@ -137,8 +142,10 @@ def test_refused_input_starts_no_run_and_wandb_can_be_switched_off(
         fit_run(fit_cfg([f"run_dir={run_dir}", "wandb.mode=sometimes"]), tmp_path / "bad")
     fit_run(fit_cfg([f"run_dir={run_dir}", "wandb.enabled=false"]), tmp_path / "off")
     assert captured == []
-    fit_run(fit_cfg([f"run_dir={run_dir}", "wandb.group=mine", "wandb.project=p", "wandb.name=n", "wandb.tags=[a]"]),
-            tmp_path / "custom")
+    fit_run(
+        fit_cfg([f"run_dir={run_dir}", "wandb.group=mine", "wandb.project=p", "wandb.name=n", "wandb.tags=[a]"]),
+        tmp_path / "custom",
+    )
     kw = captured[0].kwargs
     assert (kw["group"], kw["project"], kw["name"], kw["tags"], kw["job_type"]) == ("mine", "p", "n", ["a"], "maxprob")
 
@@ -158,8 +165,9 @@ def test_the_group_follows_eenn_compare_s_model_name(run_dir: Path, tmp_path: Pa
     assert captured[-1].kwargs["group"] == "my_model"
 
 
-def test_real_offline_runs_are_written_in_each_fit_run_dir(run_dir: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_real_offline_runs_are_written_in_each_fit_run_dir(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     outs = [tmp_path / "fit" / p for p in ("maxprob", "entropy")]
     for out in outs:
@@ -182,7 +190,15 @@ def test_real_offline_runs_are_written_in_each_fit_run_dir(run_dir: Path, tmp_pa
 def test_a_multirun_writes_one_offline_run_per_job(run_dir: Path, tmp_path: Path) -> None:
     """The real eenn-fit -m: Hydra runs the jobs one after another in one process; each gets its own run."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "EENN_ROOT": str(tmp_path)}
-    cmd = [sys.executable, "-m", "eenn.cli.fit", "-m", f"run_dir={run_dir}", "policy=maxprob,entropy", "budget.fraction=0.5,0.9"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "eenn.cli.fit",
+        "-m",
+        f"run_dir={run_dir}",
+        "policy=maxprob,entropy",
+        "budget.fraction=0.5,0.9",
+    ]
     done = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     (sweep,) = (tmp_path / "outputs" / "fit" / "multirun").iterdir()

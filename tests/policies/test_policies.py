@@ -70,7 +70,9 @@ def test_oracle_exits_at_the_cheapest_correct_exit() -> None:
     assert S["accuracy"] == pytest.approx(2 / 3)
     assert S["avg_cost"] == pytest.approx((1.0 + 2 * (3.0 - 0.2)) / 3)
     # at a budget that pays for nobody's correction the ceiling is exit 0's accuracy
-    assert evaluate(build_policy("oracle_budget").fit(val, 1.0, "flops"), val, "flops")["accuracy"] == pytest.approx(1 / 3)
+    assert evaluate(build_policy("oracle_budget").fit(val, 1.0, "flops"), val, "flops")["accuracy"] == pytest.approx(
+        1 / 3
+    )
     # right at exits 1 and 2: a costly head at exit 1 makes jumping past it to exit 2 (2.5 - 0.6 = 1.9)
     # cheaper than stopping at exit 1 (2.0), so the oracle takes exit 2, not the earliest correct one
     correct = torch.tensor([[False, True, True], [True, True, True]])
@@ -298,10 +300,19 @@ def test_corrupt_policy_file(tmp_path) -> None:
         ExitPolicy.load(tmp_path / "missing.safetensors")
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (lambda t: t.__setitem__(0, -math.inf), "'thresholds' must be finite or \\+inf at the early exits and -inf at the last"),
-    (lambda t: t.__setitem__(2, 0.5), "'thresholds' must be finite or \\+inf at the early exits and -inf at the last"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda t: t.__setitem__(0, -math.inf),
+            "'thresholds' must be finite or \\+inf at the early exits and -inf at the last",
+        ),
+        (
+            lambda t: t.__setitem__(2, 0.5),
+            "'thresholds' must be finite or \\+inf at the early exits and -inf at the last",
+        ),
+    ],
+)
 def test_a_policy_file_with_an_infinity_fitting_never_writes_is_refused(val, tmp_path, edit, message):
     from safetensors.torch import load_file, save_file
 

@@ -76,7 +76,9 @@ def _case(max_probs: list[list[float]], preds: list[list[int]], labels: list[int
     margin = torch.log(p / (1 - p))
     logits = torch.zeros(*p.shape, 2)
     logits.scatter_(2, torch.tensor(preds)[..., None], margin[..., None].float())
-    val = Predictions(logits=logits, labels=torch.tensor(labels), costs=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    val = Predictions(
+        logits=logits, labels=torch.tensor(labels), costs=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    )
     val.validate()
     return val
 
@@ -87,8 +89,11 @@ def test_the_policy_stops_at_the_first_failure_though_later_candidates_would_pas
     # a drop of 30/330 > ε, not certified. Thresholds <= 0.55 let them out, right, at exit 0 (no
     # loss, a tiny p-value), but fixed-sequence testing stopped before them.
     n_safe, n_bad = 300, 30
-    val = _case([[0.999, 0.999, 0.999]] * n_safe + [[0.55, 0.9, 0.99]] * n_bad,
-                [[0, 0, 0]] * n_safe + [[0, 1, 0]] * n_bad, [0] * (n_safe + n_bad))
+    val = _case(
+        [[0.999, 0.999, 0.999]] * n_safe + [[0.55, 0.9, 0.99]] * n_bad,
+        [[0, 0, 0]] * n_safe + [[0, 1, 0]] * n_bad,
+        [0] * (n_safe + n_bad),
+    )
     policy = build_policy("risk", epsilon=0.05, delta=0.1).fit(val, None, "flops")
     grid = candidate_grid(policy.candidates)
     assert policy.info["certified_candidates"] == int((grid > 0.9).sum())
@@ -122,9 +127,12 @@ def test_losses_against_the_final_exit() -> None:
 def test_a_calibration_set_too_small_gives_the_final_exit_and_a_warning() -> None:
     small = synthetic_predictions(100, seed=0)
     assert min_calibration_size(0.01, 0.1) == 230 > 100
-    with pytest.warns(UserWarning, match=r"no candidate is certified at risk.epsilon=0.01 .* on 100 calibration "
-                                         r"samples \(even with no loss observed it takes at least 230\); every sample "
-                                         r"answers at the final exit"):
+    with pytest.warns(
+        UserWarning,
+        match=r"no candidate is certified at risk.epsilon=0.01 .* on 100 calibration "
+        r"samples \(even with no loss observed it takes at least 230\); every sample "
+        r"answers at the final exit",
+    ):
         policy = build_policy("risk", epsilon=0.01).fit(small, None, "flops")
     assert evaluate(policy, small, "flops")["exit_fractions"] == [0.0, 0.0, 1.0]
     assert policy.info["certified"] is False and policy.info["warnings"]
@@ -147,11 +155,16 @@ def test_a_larger_epsilon_never_costs_more(val: Predictions) -> None:
     assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
 
 
-@pytest.mark.parametrize(("kw", "match"), [
-    ({"epsilon": 0.0}, "risk.epsilon must be a number in"), ({"delta": 1.5}, "risk.delta must be"),
-    ({"loss": "mse"}, "risk.loss must be one of"), ({"candidates": 1}, "risk.candidates must be"),
-    ({"certify": "yes"}, "risk.certify must be"),
-])
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"epsilon": 0.0}, "risk.epsilon must be a number in"),
+        ({"delta": 1.5}, "risk.delta must be"),
+        ({"loss": "mse"}, "risk.loss must be one of"),
+        ({"candidates": 1}, "risk.candidates must be"),
+        ({"certify": "yes"}, "risk.certify must be"),
+    ],
+)
 def test_bad_risk_settings_are_named(kw: dict, match: str) -> None:
     with pytest.raises(EENNError, match=match):
         build_policy("risk", **kw)
@@ -200,8 +213,9 @@ def test_bad_temperatures_are_refused(val: Predictions) -> None:
 @pytest.mark.parametrize("policy", ["maxprob", "eenet", "risk"])
 def test_fit_app_calibrate_writes_ece_before_and_after(policy: str, run_dir: Path, tmp_path: Path) -> None:
     extra = [f"policy.{k}={v}" for k, v in EENET_FAST.items()] if policy == "eenet" else []
-    cfg = fit_cfg([f"run_dir={run_dir}", f"policy={policy}", "calibrate=true", "risk.epsilon=0.1",
-                   "budget.fraction=1.0", *extra])
+    cfg = fit_cfg(
+        [f"run_dir={run_dir}", f"policy={policy}", "calibrate=true", "risk.epsilon=0.1", "budget.fraction=1.0", *extra]
+    )
     metrics = fit_run(cfg, tmp_path / "fit")
     cal = json.loads((tmp_path / "fit" / "metrics.json").read_text())["calibration"]
     assert cal == json.loads(json.dumps(metrics["calibration"]))
@@ -215,8 +229,9 @@ def test_fit_app_calibrate_writes_ece_before_and_after(policy: str, run_dir: Pat
 
 
 def test_fit_app_risk_records_its_certificate(run_dir: Path, tmp_path: Path) -> None:
-    cfg = fit_cfg([f"run_dir={run_dir}", "policy=risk", "risk.epsilon=0.05", "risk.loss=disagreement",
-                   "budget.fraction=1.0"])
+    cfg = fit_cfg(
+        [f"run_dir={run_dir}", "policy=risk", "risk.epsilon=0.05", "risk.loss=disagreement", "budget.fraction=1.0"]
+    )
     fitted = fit_run(cfg, tmp_path / "fit")["fitted"]
     assert (fitted["epsilon"], fitted["delta"], fitted["loss"]) == (0.05, 0.1, "disagreement")
     assert fitted["certified"] and fitted["risk_bound"] == 0.05 and fitted["calibration_size"] == 600
@@ -243,13 +258,14 @@ def _equally_good_early_exits(n: int, early: int, error: float, seed: int) -> Pr
     classes = 10
     wrong = torch.zeros(n, early, dtype=torch.bool)
     for k in range(early):
-        wrong[torch.randperm(n, generator=gen)[:round(error * n)], k] = True
+        wrong[torch.randperm(n, generator=gen)[: round(error * n)], k] = True
     pred = torch.where(wrong, torch.randint(1, classes, (n, early), generator=gen), 0)
     logits = torch.zeros(n, early + 1, classes)
     logits[:, :early].scatter_(2, pred[..., None], 2.0)
     logits[:, early, 0] = 8.0
-    return Predictions(logits=logits, labels=torch.zeros(n, dtype=torch.int64),
-                       costs=torch.arange(1.0, early + 2, dtype=torch.float64))
+    return Predictions(
+        logits=logits, labels=torch.zeros(n, dtype=torch.int64), costs=torch.arange(1.0, early + 2, dtype=torch.float64)
+    )
 
 
 def test_temperatures_fitted_on_the_calibration_data_void_the_guarantee_and_the_split_keeps_it() -> None:
@@ -267,10 +283,13 @@ def test_temperatures_fitted_on_the_calibration_data_void_the_guarantee_and_the_
         warnings.simplefilter("ignore")  # a refusal warns; here it is an outcome like any other
         for d in range(draws):
             cal = pool.select(torch.randint(0, pool.num_samples, (n,), generator=gen))
-            leaky = build_policy("risk", epsilon=eps, delta=delta).fit(cal, None, "flops", temperature=fit_temperatures(cal))
+            leaky = build_policy("risk", epsilon=eps, delta=delta).fit(
+                cal, None, "flops", temperature=fit_temperatures(cal)
+            )
             temp_part, cal_part, _ = temperature_split(cal, 0.5, seed=d)
-            split = build_policy("risk", epsilon=eps, delta=delta).fit(cal_part, None, "flops",
-                                                                       temperature=fit_temperatures(temp_part))
+            split = build_policy("risk", epsilon=eps, delta=delta).fit(
+                cal_part, None, "flops", temperature=fit_temperatures(temp_part)
+            )
             violations["leak"] += evaluate(leaky, pool, "flops")["risk"]["drop"] > eps
             violations["split"] += evaluate(split, pool, "flops")["risk"]["drop"] > eps
     # P(a rate >= the observed one | the true rate is δ): tiny for the leak, unremarkable for the split
@@ -279,9 +298,19 @@ def test_temperatures_fitted_on_the_calibration_data_void_the_guarantee_and_the_
 
 
 def test_fit_app_calibrated_risk_fits_its_temperatures_on_a_part_of_validation_of_their_own(
-        run_dir: Path, tmp_path: Path) -> None:
-    cfg = fit_cfg([f"run_dir={run_dir}", "policy=risk", "calibrate=true", "calibrate_split=0.25", "calibrate_seed=3",
-                   "risk.epsilon=0.1", "budget.fraction=1.0"])
+    run_dir: Path, tmp_path: Path
+) -> None:
+    cfg = fit_cfg(
+        [
+            f"run_dir={run_dir}",
+            "policy=risk",
+            "calibrate=true",
+            "calibrate_split=0.25",
+            "calibrate_seed=3",
+            "risk.epsilon=0.1",
+            "budget.fraction=1.0",
+        ]
+    )
     metrics = fit_run(cfg, tmp_path / "fit")
     split = metrics["calibration"]["split"]
     assert split == {"temperature_fraction": 0.25, "seed": 3, "temperature_samples": 150, "calibration_samples": 450}
@@ -300,17 +329,29 @@ def test_fit_app_calibrated_risk_fits_its_temperatures_on_a_part_of_validation_o
 
 
 def test_fit_app_calibrated_maxprob_fits_on_all_of_validation(run_dir: Path, tmp_path: Path) -> None:
-    metrics = fit_run(fit_cfg([f"run_dir={run_dir}", "policy=maxprob", "calibrate=true", "budget.fraction=0.7"]),
-                      tmp_path / "fit")
+    metrics = fit_run(
+        fit_cfg([f"run_dir={run_dir}", "policy=maxprob", "calibrate=true", "budget.fraction=0.7"]), tmp_path / "fit"
+    )
     val = Predictions.load(run_dir / "predictions" / "val.safetensors")
-    assert metrics["calibration"]["split"] is None and metrics["calibration"]["temperatures"] == fit_temperatures(val).tolist()
+    assert (
+        metrics["calibration"]["split"] is None
+        and metrics["calibration"]["temperatures"] == fit_temperatures(val).tolist()
+    )
 
 
-@pytest.mark.parametrize(("overrides", "match"), [
-    (["calibrate_split=1.0"], r"calibrate_split must be a number in \(0, 1\) \(the share of validation the temperatures"),
-    (["calibrate_split=0.0001"], r"calibrate_split=0.0001 leaves one part of the 600 validation samples empty"),
-    (["calibrate_seed=x"], "calibrate_seed must be an integer, got 'x'"),
-])
-def test_fit_app_bad_calibration_split_is_named(overrides: list[str], match: str, run_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (
+            ["calibrate_split=1.0"],
+            r"calibrate_split must be a number in \(0, 1\) \(the share of validation the temperatures",
+        ),
+        (["calibrate_split=0.0001"], r"calibrate_split=0.0001 leaves one part of the 600 validation samples empty"),
+        (["calibrate_seed=x"], "calibrate_seed must be an integer, got 'x'"),
+    ],
+)
+def test_fit_app_bad_calibration_split_is_named(
+    overrides: list[str], match: str, run_dir: Path, tmp_path: Path
+) -> None:
     with pytest.raises(EENNError, match=match):
         fit_run(fit_cfg([f"run_dir={run_dir}", "policy=risk", "calibrate=true", *overrides]), tmp_path / "fit")

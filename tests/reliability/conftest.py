@@ -21,8 +21,10 @@ def made(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("made")
     train(compose_run("train", TRAIN, root / "run"))
     for job, overrides in (("0_maxprob", ["policy=maxprob"]), ("1_deex", ["policy=deex", "policy.p_tar=0.8"])):
-        fit_run(compose_run("fit", [f"run_dir={root / 'run'}", *overrides, "wandb.mode=disabled"], root / "sweep" / job),
-                root / "sweep" / job)
+        fit_run(
+            compose_run("fit", [f"run_dir={root / 'run'}", *overrides, "wandb.mode=disabled"], root / "sweep" / job),
+            root / "sweep" / job,
+        )
     return {"R": root / "run", "S": root / "sweep"}
 
 
@@ -30,8 +32,9 @@ def made(tmp_path_factory) -> dict[str, Path]:
 def pipeline_dir(tmp_path_factory) -> Path:
     """A finished tiny pipeline: stage 1, maxprob at two budgets, the comparison."""
     out = tmp_path_factory.mktemp("pipe") / "demo"
-    cfg = compose_run("pipeline", [*TRAIN, "pipeline.policies=[maxprob]", "pipeline.num_budgets=2",
-                                   "wandb.mode=disabled"], out)
+    cfg = compose_run(
+        "pipeline", [*TRAIN, "pipeline.policies=[maxprob]", "pipeline.num_budgets=2", "wandb.mode=disabled"], out
+    )
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):  # the pipeline composes its fits
         run_pipeline(cfg)
     return out
@@ -43,6 +46,8 @@ def exported(made, tmp_path_factory) -> Path:
     from eenn.tasks.export import export
 
     out = tmp_path_factory.mktemp("export") / "bundle_run"
-    export(compose_run("export", [f"policy_dir={made['S'] / '0_maxprob'}", "baseline=false", "check.batch_size=8"], out),
-           out)
+    export(
+        compose_run("export", [f"policy_dir={made['S'] / '0_maxprob'}", "baseline=false", "check.batch_size=8"], out),
+        out,
+    )
     return out

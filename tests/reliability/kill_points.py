@@ -87,8 +87,11 @@ def main() -> None:
         if pid == 0:
             _job(main_fn, app, job)
         _, status = os.waitpid(pid, 0)
-        ends.append("killed" if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-                    else os.waitstatus_to_exitcode(status))
+        ends.append(
+            "killed"
+            if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+            else os.waitstatus_to_exitcode(status)
+        )
     print(json.dumps(ends))
 
 

@@ -7,8 +7,13 @@ import pytest
 from eenn.errors import EENNError
 from eenn.tasks.train import train
 
-BASE = ["logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "cost.latency=false",
-        "trainer.enable_progress_bar=false"]
+BASE = [
+    "logger=csv",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "cost.latency=false",
+    "trainer.enable_progress_bar=false",
+]
 
 
 @pytest.mark.parametrize(
@@ -19,11 +24,20 @@ BASE = ["logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "
         (["exits.at=[layer1,3]"], "exits.at names the same block twice"),
         (["training.loss_weights=[0.2,0.2,0.2,0.4]"], "training.loss_weights has 4 values; the network has 3 exits"),
         (["training.loss_weights=[-0.2,0.6,0.6]"], "training.loss_weights must be non-negative"),
-        (["data=cifar10", "data.root=/nonexistent"], "cifar10 is not in data.root='/nonexistent' and data.download=false"),
+        (
+            ["data=cifar10", "data.root=/nonexistent"],
+            "cifar10 is not in data.root='/nonexistent' and data.download=false",
+        ),
         (["data.classes=[]"], "data.classes is an empty list"),
         (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt' does not exist."),
-        (["backbone.name=vgg"], "backbone.name='vgg' is not a known backbone family; valid: alexnet, cifar_resnet, densenet, lenet, msdnet, timm"),
-        (["exits.head.name=mlp"], "exits.head.name='mlp' is not a known exit head type; valid: conv_pool, conv_stack, linear"),
+        (
+            ["backbone.name=vgg"],
+            "backbone.name='vgg' is not a known backbone family; valid: alexnet, cifar_resnet, densenet, lenet, msdnet, timm",
+        ),
+        (
+            ["exits.head.name=mlp"],
+            "exits.head.name='mlp' is not a known exit head type; valid: conv_pool, conv_stack, linear",
+        ),
     ],
 )
 def test_bad_stage1_input_is_one_sentence_and_leaves_nothing(compose_cfg, overrides, message):
@@ -41,6 +55,9 @@ def test_checkpoint_of_another_model_is_refused(compose_cfg, tmp_path):
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     other = compose_cfg("train", [*BASE, "data.classes=[0,1]", f"ckpt_path={ckpt}"])
     other.paths.output_dir = str(tmp_path / "other")
-    with pytest.raises(EENNError, match=r"does not fit this model \(.* tensors differ in shape, e.g. .*: checkpoint \(10, .*\) vs model \(2, "):
+    with pytest.raises(
+        EENNError,
+        match=r"does not fit this model \(.* tensors differ in shape, e.g. .*: checkpoint \(10, .*\) vs model \(2, ",
+    ):
         train(other)
     assert not (tmp_path / "other").exists()

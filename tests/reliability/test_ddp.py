@@ -17,9 +17,21 @@ from eenn.tasks.build import datamodule, load_network
 def test_ddp_two_processes_write_each_sample_once_in_dataset_order(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "EENN_ROOT": str(tmp_path)}
     res = subprocess.run(
-        [str(Path(sys.executable).parent / "eenn-train"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-         "trainer.max_epochs=1", "cost.latency=false", "logger=csv", "trainer.enable_progress_bar=false"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            str(Path(sys.executable).parent / "eenn-train"),
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.max_epochs=1",
+            "cost.latency=false",
+            "logger=csv",
+            "trainer.enable_progress_bar=false",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     (path,) = (tmp_path / "outputs" / "train" / "runs").iterdir()

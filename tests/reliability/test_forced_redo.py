@@ -32,23 +32,44 @@ def _truncated_checkpoint(ws: Path) -> str:
 # the case prepares
 CASES: list[tuple[str, str, list[str], list[str]]] = [
     ("export of an oracle", "export", ["policy_dir={O}", "force=true", "hydra.run.dir={B}"], ["oracle"]),
-    ("risk certifies nothing", "fit", ["run_dir={R}", "policy=risk", "budget.fraction=0.3", "force=true",
-                                       "wandb.enabled=false", "hydra.run.dir={F}"], ["no candidate certified"]),
-    ("export of a truncated checkpoint", "export", ["policy_dir={F}", "checkpoint={X}", "force=true", "hydra.run.dir={B}"],
-     ["is not a readable checkpoint"]),
-    ("train with an exit past the backbone", "train", [*TRAIN, "force=true", "exits.at=[layer9]", "hydra.run.dir={R}"],
-     ["exits.at"]),
-    ("pipeline whose stage 1 is refused", "pipeline", [*TRAIN, "force=true", "exits.at=[layer9]", "wandb.enabled=false",
-                                                        "hydra.run.dir={P}"], ["exits.at"]),
-    ("force=no", "fit", ["run_dir={R}", "policy=entropy", "force=no", "hydra.run.dir={F}"],
-     ["force must be true or false, got 'no'"]),
+    (
+        "risk certifies nothing",
+        "fit",
+        ["run_dir={R}", "policy=risk", "budget.fraction=0.3", "force=true", "wandb.enabled=false", "hydra.run.dir={F}"],
+        ["no candidate certified"],
+    ),
+    (
+        "export of a truncated checkpoint",
+        "export",
+        ["policy_dir={F}", "checkpoint={X}", "force=true", "hydra.run.dir={B}"],
+        ["is not a readable checkpoint"],
+    ),
+    (
+        "train with an exit past the backbone",
+        "train",
+        [*TRAIN, "force=true", "exits.at=[layer9]", "hydra.run.dir={R}"],
+        ["exits.at"],
+    ),
+    (
+        "pipeline whose stage 1 is refused",
+        "pipeline",
+        [*TRAIN, "force=true", "exits.at=[layer9]", "wandb.enabled=false", "hydra.run.dir={P}"],
+        ["exits.at"],
+    ),
+    (
+        "force=no",
+        "fit",
+        ["run_dir={R}", "policy=entropy", "force=no", "hydra.run.dir={F}"],
+        ["force must be true or false, got 'no'"],
+    ),
     ("force=off", "train", [*TRAIN, "force=off", "hydra.run.dir={R}"], ["force must be true or false, got 'off'"]),
 ]
 
 
 @pytest.mark.parametrize(("case", "app", "args", "fragments"), CASES, ids=[c[0] for c in CASES])
-def test_a_forced_redo_that_is_refused_leaves_every_finished_run_as_it_was(case, app, args, fragments, made, exported,
-                                                                            request, tmp_path, monkeypatch, capsys):
+def test_a_forced_redo_that_is_refused_leaves_every_finished_run_as_it_was(
+    case, app, args, fragments, made, exported, request, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("EENN_ROOT", str(tmp_path))
     monkeypatch.setenv("WANDB_MODE", "disabled")
     ws = tmp_path / "ws"
@@ -60,8 +81,9 @@ def test_a_forced_redo_that_is_refused_leaves_every_finished_run_as_it_was(case,
         shutil.copytree(request.getfixturevalue("pipeline_dir"), ws / "P")
         places["P"] = ws / "P"
     if any("{O}" in a for a in args):
-        code, _, err = run_app("fit", [f"run_dir={ws / 'R'}", "policy=oracle_budget", f"hydra.run.dir={ws / 'O'}"],
-                               capsys)
+        code, _, err = run_app(
+            "fit", [f"run_dir={ws / 'R'}", "policy=oracle_budget", f"hydra.run.dir={ws / 'O'}"], capsys
+        )
         assert code == 0, err
         places["O"] = ws / "O"
     if any("{X}" in a for a in args):
@@ -73,7 +95,8 @@ def test_a_forced_redo_that_is_refused_leaves_every_finished_run_as_it_was(case,
 
 
 def test_a_forced_pipeline_with_another_config_is_not_refused_and_an_unfinished_redo_restores_it(
-        pipeline_dir, tmp_path, monkeypatch, capsys):
+    pipeline_dir, tmp_path, monkeypatch, capsys
+):
     """force=true redoes a pipeline whatever its config (it was refused, and told to add force=true);
     a redo that ends without finishing (here: it does nothing) puts the old pipeline back."""
     monkeypatch.setenv("EENN_ROOT", str(tmp_path))
@@ -86,8 +109,9 @@ def test_a_forced_pipeline_with_another_config_is_not_refused_and_an_unfinished_
         return type("Comparison", (), {"failures": []})()
 
     monkeypatch.setattr("eenn.tasks.pipeline._run_pipeline", redo)
-    code, _, err = run_app("pipeline", [*TRAIN, "seed=1", "force=true", "wandb.enabled=false", f"hydra.run.dir={pipe}"],
-                           capsys)
+    code, _, err = run_app(
+        "pipeline", [*TRAIN, "seed=1", "force=true", "wandb.enabled=false", f"hydra.run.dir={pipe}"], capsys
+    )
     assert code == 0, err
     assert seen == {"seed": 1, "aside": sorted([".eenn.old", LOCK_FILE, ".hydra", "pipeline.log"])}
     assert snapshot(pipe) == before
@@ -98,8 +122,14 @@ def test_a_forced_sweep_keeps_each_finished_job_the_new_sweep_did_not_finish(mad
     its name; the forced sweep's finished and failed jobs stay."""
     monkeypatch.setenv("EENN_ROOT", str(tmp_path))
     sweep = tmp_path / "sweep"
-    args = ["-m", f"run_dir={made['R']}", "policy=entropy", "force=true", "wandb.enabled=false",
-            f"hydra.sweep.dir={sweep}"]
+    args = [
+        "-m",
+        f"run_dir={made['R']}",
+        "policy=entropy",
+        "force=true",
+        "wandb.enabled=false",
+        f"hydra.sweep.dir={sweep}",
+    ]
     code, _, err = run_app("fit", [*args, "budget.fraction=0.5,0.6"], capsys)
     assert code == 0, err
     job = "{}_budget.fraction={},force=True,policy=entropy,wandb.enabled=False".format
@@ -119,8 +149,14 @@ def _kill_points(app: str, jobs: list[dict[str, Any]], tmp_path: Path) -> list[A
     spec = tmp_path / "jobs.json"
     spec.write_text(json.dumps(jobs))
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "EENN_ROOT": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "tests.reliability.kill_points", app, str(spec)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.reliability.kill_points", app, str(spec)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -141,14 +177,23 @@ def test_a_forced_redo_killed_at_any_step_leaves_the_old_run_or_the_finished_new
     before = _without_lock(snapshot(old))
     redo = [f"run_dir={made['R']}", "policy=entropy", "force=true", "wandb.enabled=false"]
     refused = [f"run_dir={made['R']}", "policy=risk", "budget.fraction=0.3", "force=true", "wandb.enabled=false"]
-    points = [("redo", f"rename:{n}") for n in range(1, 10)] + [("refused", f"rename:{n}") for n in range(1, 16)] + [
-        ("redo", "call:eenn.rundir:FitRun.write_metrics"), ("redo", "call:shutil:rmtree")]
+    points = (
+        [("redo", f"rename:{n}") for n in range(1, 10)]
+        + [("refused", f"rename:{n}") for n in range(1, 16)]
+        + [("redo", "call:eenn.rundir:FitRun.write_metrics"), ("redo", "call:shutil:rmtree")]
+    )
     jobs = []
     for i, (kind, point) in enumerate(points):
         target = tmp_path / f"job{i}"
         shutil.copytree(old, target)
-        jobs.append({"kill": point, "run_dir": str(target), "log": str(tmp_path / f"job{i}.log"),
-                     "args": [*(redo if kind == "redo" else refused), f"hydra.run.dir={target}"]})
+        jobs.append(
+            {
+                "kill": point,
+                "run_dir": str(target),
+                "log": str(tmp_path / f"job{i}.log"),
+                "args": [*(redo if kind == "redo" else refused), f"hydra.run.dir={target}"],
+            }
+        )
     ends = _kill_points("fit", jobs, tmp_path)
     outcomes = []
     for (kind, point), job, end in zip(points, jobs, ends):

@@ -42,12 +42,32 @@ def test_a_read_only_run_dir_is_refused_for_an_unprivileged_user() -> None:
         shutil.copytree(matplotlib.get_cachedir(), home / ".cache" / "matplotlib", dirs_exist_ok=True)
         for p in [home, *home.rglob("*")]:
             os.chown(p, NOBODY, NOBODY)
-        env = {**os.environ, "HOME": str(home), "EENN_ROOT": str(home), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-               "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {
+            **os.environ,
+            "HOME": str(home),
+            "EENN_ROOT": str(home),
+            "WANDB_MODE": "disabled",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(REPO),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
         proc = subprocess.run(
-            [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-m", "eenn.cli.fit",
-             f"run_dir={run}", f"hydra.run.dir={ro}"],
-            cwd=home, env=env, capture_output=True, text=True, timeout=300,
+            [
+                setpriv,
+                f"--reuid={NOBODY}",
+                f"--regid={NOBODY}",
+                "--clear-groups",
+                sys.executable,
+                "-m",
+                "eenn.cli.fit",
+                f"run_dir={run}",
+                f"hydra.run.dir={ro}",
+            ],
+            cwd=home,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2, proc.stderr[-3000:]

@@ -16,12 +16,23 @@ from eenn.predictions import Predictions
 from eenn.tasks.train import train
 from tests.reliability.crash import SimulatedCrash
 
-SMALL = ["logger=csv", "trainer.max_epochs=3", "trainer.limit_train_batches=4", "cost.latency=false",
-         "trainer.enable_progress_bar=false", "data.augment=cifar", "training.kl_alpha=0.1", "training.kl_start=0.3"]
+SMALL = [
+    "logger=csv",
+    "trainer.max_epochs=3",
+    "trainer.limit_train_batches=4",
+    "cost.latency=false",
+    "trainer.enable_progress_bar=false",
+    "data.augment=cifar",
+    "training.kl_alpha=0.1",
+    "training.kl_start=0.3",
+]
 # What a resumed run must restore besides the weights: joint (above) its self-distillation switch;
 # bi-level phi's optimiser, the batch count that times the gater (every 2 batches here) and lambda,
 # which follows the training budget by dual ascent.
-TRAININGS = {"joint": SMALL, "bilevel": [*SMALL[:6], "training=bilevel", "training.gater_every=2", "training.budget=0.6"]}
+TRAININGS = {
+    "joint": SMALL,
+    "bilevel": [*SMALL[:6], "training=bilevel", "training.gater_every=2", "training.budget=0.6"],
+}
 
 
 def _preds(run: Path, split: str = "test") -> Predictions:
@@ -64,8 +75,15 @@ def test_resumed_run_equals_uninterrupted_run(compose_cfg, tmp_path, training):
     whole.paths.output_dir = str(tmp_path / "whole")
     train(whole)
 
-    crashed = compose_cfg("train", [*small, "+callbacks.crash._target_=tests.reliability.crash.CrashAt",
-                                    "+callbacks.crash.epoch=2", "+callbacks.crash.batch=2"])
+    crashed = compose_cfg(
+        "train",
+        [
+            *small,
+            "+callbacks.crash._target_=tests.reliability.crash.CrashAt",
+            "+callbacks.crash.epoch=2",
+            "+callbacks.crash.batch=2",
+        ],
+    )
     crashed.paths.output_dir = str(tmp_path / "resumed")
     with pytest.raises(SimulatedCrash):
         train(crashed)
@@ -78,18 +96,23 @@ def test_resumed_run_equals_uninterrupted_run(compose_cfg, tmp_path, training):
     train(resumed)
     # the final state is compared whole: predictions alone come from best.ckpt, which may be an
     # epoch from before the crash that both runs share
-    assert_same_checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt",
-                           tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert_same_checkpoint(
+        tmp_path / "whole" / "checkpoints" / "last.ckpt", tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    )
     for split in ("val", "test"):
         assert torch.equal(_preds(tmp_path / "whole", split).logits, _preds(tmp_path / "resumed", split).logits)
 
 
 def test_last_without_a_checkpoint_is_refused_but_in_a_slurm_job_and_bad_checkpoints_are_refused(
-        compose_cfg, tmp_path, monkeypatch):
+    compose_cfg, tmp_path, monkeypatch
+):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     cfg = compose_cfg("train", [*SMALL, "trainer.max_epochs=1", "ckpt_path=last"])
-    with pytest.raises(EENNError, match=r"ckpt_path=last: .*last.ckpt' does not exist, so there is nothing to "
-                                        r"resume; to continue a crashed run pass resume=<its run dir>"):
+    with pytest.raises(
+        EENNError,
+        match=r"ckpt_path=last: .*last.ckpt' does not exist, so there is nothing to "
+        r"resume; to continue a crashed run pass resume=<its run dir>",
+    ):
         train(cfg)
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
     monkeypatch.setenv("SLURM_JOB_ID", "17")  # a cluster job's first start: its requeues find last.ckpt
@@ -98,8 +121,12 @@ def test_last_without_a_checkpoint_is_refused_but_in_a_slurm_job_and_bad_checkpo
     bad = tmp_path / "cut.ckpt"
     bad.write_bytes(last.read_bytes()[:1000])
     cfg = compose_cfg("train", [*SMALL, f"ckpt_path={bad}"])
-    cfg.paths.output_dir = str(tmp_path / "other")  # the finished run's own dir is refused before the checkpoint is read
-    with pytest.raises(EENNError, match=r"ckpt_path=.*cut.ckpt' is not a readable checkpoint \(truncated or tampered\?\)"):
+    cfg.paths.output_dir = str(
+        tmp_path / "other"
+    )  # the finished run's own dir is refused before the checkpoint is read
+    with pytest.raises(
+        EENNError, match=r"ckpt_path=.*cut.ckpt' is not a readable checkpoint \(truncated or tampered\?\)"
+    ):
         train(cfg)
 
 
@@ -117,9 +144,18 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_equals_the_uninterrupted_run(comp
     run_dir = tmp_path / "killed"
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(repo)}
-    cmd = [str(Path(sys.executable).parent / "eenn-train"), *small, f"hydra.run.dir={run_dir}", f"paths.root_dir={tmp_path}"]
-    kill = ["+callbacks.kill._target_=tests.reliability.crash.KillAt", "+callbacks.kill.epoch=2", "+callbacks.kill.batch=2",
-            f"+callbacks.kill.once={tmp_path / 'crashed_once'}"]
+    cmd = [
+        str(Path(sys.executable).parent / "eenn-train"),
+        *small,
+        f"hydra.run.dir={run_dir}",
+        f"paths.root_dir={tmp_path}",
+    ]
+    kill = [
+        "+callbacks.kill._target_=tests.reliability.crash.KillAt",
+        "+callbacks.kill.epoch=2",
+        "+callbacks.kill.batch=2",
+        f"+callbacks.kill.once={tmp_path / 'crashed_once'}",
+    ]
     killed = subprocess.run([*cmd, *kill], env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (run_dir / "predictions").exists()

@@ -14,8 +14,14 @@ from omegaconf import DictConfig, open_dict
 
 from eenn.cli.common import conf_dir
 
-TRAIN = ["data=digits", "logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "cost.latency=false",
-         "trainer.enable_progress_bar=false"]
+TRAIN = [
+    "data=digits",
+    "logger=csv",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "cost.latency=false",
+    "trainer.enable_progress_bar=false",
+]
 
 
 def compose_run(name: str, overrides: list[str], out: Path) -> DictConfig:

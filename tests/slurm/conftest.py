@@ -70,8 +70,9 @@ def digits_run(tmp_path_factory) -> Path:
 def eenn(app: str, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """``eenn-<app> args`` as a user runs it, in ``cwd``."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    return subprocess.run([str(BIN / f"eenn-{app}"), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [str(BIN / f"eenn-{app}"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def job_ids(sweep: Path) -> list[str]:
@@ -85,8 +86,12 @@ def sacct_rows(ids: list[str], attempts: bool = False, timeout: float = 60) -> l
     reached submitit: wait until no job is still active."""
     end = time.monotonic() + timeout
     while True:
-        out = subprocess.run(["sacct", "-n", "-X", "-P", *(["-D"] if attempts else []), "-o", "JobID,State",
-                              "-j", ",".join(ids)], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["sacct", "-n", "-X", "-P", *(["-D"] if attempts else []), "-o", "JobID,State", "-j", ",".join(ids)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         rows = [tuple(line.split("|", 1)) for line in out.split()]
         if time.monotonic() > end or not {s for _, s in rows} & {"PENDING", "RUNNING", "COMPLETING"}:
             return rows  # type: ignore[return-value]

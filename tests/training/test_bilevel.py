@@ -26,7 +26,12 @@ SHAPE, C = (1, 8, 8), 10
 
 def make_network(seed: int = 0):
     torch.manual_seed(seed)
-    return build_multi_exit({"name": "cifar_resnet", "depth": 20}, {"at": "stages", "head": {"name": "linear"}}, num_classes=C, input_shape=SHAPE)
+    return build_multi_exit(
+        {"name": "cifar_resnet", "depth": 20},
+        {"at": "stages", "head": {"name": "linear"}},
+        num_classes=C,
+        input_shape=SHAPE,
+    )
 
 
 def make_module(seed: int = 0, **kw) -> BilevelTraining:
@@ -45,8 +50,16 @@ def loader(batches: int, bs: int = 16) -> DataLoader:
 
 
 def trainer(**kw) -> pl.Trainer:
-    opts = dict(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    opts = dict(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     return pl.Trainer(**{**opts, **kw})
 
 
@@ -63,7 +76,9 @@ def grads(module: torch.nn.Module) -> list[torch.Tensor | None]:
 
 
 def same_grads(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> bool:
-    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y)) for x, y in zip(a, b))
+    return all(
+        (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y)) for x, y in zip(a, b)
+    )
 
 
 # ------------------------------------------------------------------------- eq. 5 and 9
@@ -73,8 +88,13 @@ def test_exit_probabilities_follow_eq5_and_sum_to_one():
     assert pr.shape == (64, 5)
     torch.testing.assert_close(pr.sum(1), torch.ones(64, dtype=pr.dtype))
     p = torch.sigmoid(z)
-    expected = [p[:, 0], p[:, 1] * (1 - p[:, 0]), p[:, 2] * (1 - p[:, 0]) * (1 - p[:, 1]),
-                p[:, 3] * (1 - p[:, :3]).prod(1), (1 - p).prod(1)]
+    expected = [
+        p[:, 0],
+        p[:, 1] * (1 - p[:, 0]),
+        p[:, 2] * (1 - p[:, 0]) * (1 - p[:, 1]),
+        p[:, 3] * (1 - p[:, :3]).prod(1),
+        (1 - p).prod(1),
+    ]
     torch.testing.assert_close(pr, torch.stack(expected, 1))
 
 
@@ -205,8 +225,11 @@ def test_an_absolute_cost_unit_weighs_the_losses_in_1e9_units_and_keeps_the_budg
     loss, a = absolute.inner_loss(logits, ce)
     torch.testing.assert_close(loss, ((a + 1) * (ce + absolute.cost_weight * per_exit.float() / 1e9)).sum(1).mean())
     torch.testing.assert_close(absolute.expected_cost(a), (a * relative.exit_costs).sum(1).mean())
-    with pytest.raises(EENNError, match=r"training.cost_unit='gjoules' is not in the cost profile; measured units: "
-                                        r".* and \['gflops', 'gmacs'\]"):
+    with pytest.raises(
+        EENNError,
+        match=r"training.cost_unit='gjoules' is not in the cost profile; measured units: "
+        r".* and \['gflops', 'gmacs'\]",
+    ):
         make_module(cost_unit="gjoules")
 
 
@@ -283,7 +306,10 @@ def test_both_optimisers_schedulers_and_gater_count_resume(tmp_path):
     t1.save_checkpoint(ckpt)
     saved = copy.deepcopy([o.state_dict() for o in t1.optimizers])
     saved_sched = [c.scheduler.state_dict() for c in t1.lr_scheduler_configs]
-    assert [len(s["state"]) for s in saved] == [len(list(module.network.parameters())), len(list(module.gater.parameters()))]
+    assert [len(s["state"]) for s in saved] == [
+        len(list(module.network.parameters())),
+        len(list(module.gater.parameters())),
+    ]
 
     restored = {}
 
@@ -294,7 +320,9 @@ def test_both_optimisers_schedulers_and_gater_count_resume(tmp_path):
             restored["batches"] = pl_module.batches_seen
 
     fresh = make_module(seed=3, gater_every=2)
-    trainer(max_epochs=2, callbacks=[Capture()]).fit(fresh, train_dataloaders=loader(5), ckpt_path=ckpt, weights_only=True)
+    trainer(max_epochs=2, callbacks=[Capture()]).fit(
+        fresh, train_dataloaders=loader(5), ckpt_path=ckpt, weights_only=True
+    )
     assert restored["batches"] == 5
     assert restored["sched"] == saved_sched
     for got, want in zip(restored["opt"], saved):
@@ -332,7 +360,9 @@ def test_ema_weights_are_checkpointed_as_the_network_and_swapped_back_on_resume(
     resumed.on_load_checkpoint(ck)  # what Lightning calls before loading the state dict on resume
     resumed.load_state_dict(ck["state_dict"])
     for k in cb.raw:
-        assert torch.equal(resumed.network.state_dict()[k], cb.raw[k]) and torch.equal(resumed.ema.module.state_dict()[k], cb.ema[k])
+        assert torch.equal(resumed.network.state_dict()[k], cb.raw[k]) and torch.equal(
+            resumed.ema.module.state_dict()[k], cb.ema[k]
+        )
 
 
 # ------------------------------------------------------------------------- configuration
@@ -350,7 +380,9 @@ class NormRecordingSGD(torch.optim.SGD):
 
     def step(self, closure=None):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        NormRecordingSGD.norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        NormRecordingSGD.norms.append(
+            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        )
         return super().step(closure)
 
 
@@ -367,8 +399,9 @@ def test_module_clipping_bounds_the_norm_of_thetas_step(clip):
 
 
 def test_recipe_options_run_together():
-    module = make_module(label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0, ema_decay=0.9, ema_warmup=True,
-                         gater_every=1)
+    module = make_module(
+        label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0, ema_decay=0.9, ema_warmup=True, gater_every=1
+    )
     trainer().fit(module, train_dataloaders=loader(2))
     assert module.batches_seen == 2 and all(torch.isfinite(p).all() for p in module.parameters())
     with pytest.raises(EENNError, match="cost_unit='latency_ms'"):
@@ -377,9 +410,21 @@ def test_recipe_options_run_together():
 
 def test_eenn_train_with_bilevel_writes_a_complete_run_dir(compose_cfg, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    cfg = compose_cfg("train", ["training=bilevel", "training.gater_every=2", "data=digits", "logger=csv",
-                                "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
-                                "trainer.limit_test_batches=1", "cost.latency=false", "trainer.enable_progress_bar=false"])
+    cfg = compose_cfg(
+        "train",
+        [
+            "training=bilevel",
+            "training.gater_every=2",
+            "data=digits",
+            "logger=csv",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=4",
+            "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1",
+            "cost.latency=false",
+            "trainer.enable_progress_bar=false",
+        ],
+    )
     metrics = train(cfg)
     run = Path(cfg.paths.output_dir)
     assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
@@ -390,6 +435,14 @@ def test_eenn_train_with_bilevel_writes_a_complete_run_dir(compose_cfg, monkeypa
         assert p.logits.shape == (n, 3, 10) and p.costs.tolist() == [e["flops"] for e in costs["exits"]]
         assert p.accuracy_per_exit().tolist() == pytest.approx(list(metrics[f"{split}_accuracy"].values()))
     header = (run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    for col in ("train/loss_epoch", "train/gater_loss", "train/expected_cost", "train/ce/layer1_2",
-                "train/exit_prob/layer1_2", "train/exit_prob/final", "lr-SGD", "lr-Adam"):
+    for col in (
+        "train/loss_epoch",
+        "train/gater_loss",
+        "train/expected_cost",
+        "train/ce/layer1_2",
+        "train/exit_prob/layer1_2",
+        "train/exit_prob/final",
+        "lr-SGD",
+        "lr-Adam",
+    ):
         assert col in header, col

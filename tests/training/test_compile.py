@@ -22,14 +22,17 @@ class Losses(pl.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
 
-    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.losses.append(float(outputs["loss"]))
 
 
 def module_for(compose_cfg, *overrides: str) -> tuple[pl.LightningModule, Any]:
-    cfg = compose_cfg("train", ["data=digits", "data.batch_size=16", "backbone.depth=8", "logger=csv",
-                                "cost.latency=false", *overrides])
+    cfg = compose_cfg(
+        "train",
+        ["data=digits", "data.batch_size=16", "backbone.depth=8", "logger=csv", "cost.latency=false", *overrides],
+    )
     dm = instantiate(cfg.data, _convert_="all")
     dm.setup("fit")
     pl.seed_everything(0)
@@ -44,9 +47,17 @@ def test_compiled_training_takes_the_eager_losses_for_three_steps(compose_cfg):
         module, dm = module_for(compose_cfg, f"training.compile={str(compile).lower()}")
         probe = Losses()
         pl.seed_everything(1)
-        pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=3, limit_val_batches=0, logger=False,
-                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                   callbacks=[probe]).fit(module, datamodule=dm)
+        pl.Trainer(
+            accelerator="cpu",
+            max_epochs=1,
+            limit_train_batches=3,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[probe],
+        ).fit(module, datamodule=dm)
         losses[compile] = probe.losses
         assert (module.compiled is None) == (not compile) and (module.compiled is None or not module.compiled.eager)
     assert len(losses[True]) == 3

@@ -10,8 +10,14 @@ import pytest
 from eenn.errors import EENNError
 from eenn.tasks.train import train
 
-TINY = ["data=digits", "exits=early", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "cost.latency=false",
-        "trainer.enable_progress_bar=false"]
+TINY = [
+    "data=digits",
+    "exits=early",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "cost.latency=false",
+    "trainer.enable_progress_bar=false",
+]
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,14 @@ def test_loss_weight_schemes():
     torch.testing.assert_close(exit_loss_weights([0.4], 2), torch.tensor([0.4, 0.6]))
 
 
-@pytest.mark.parametrize("spec, message", [([0.1, 0.2, 0.3, 0.4], "has 4 values"), ([-0.5, 1.0, 1.0], "non-negative"),
-                                           ("geometric", "must be 'uniform', 'eenet'")])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ([0.1, 0.2, 0.3, 0.4], "has 4 values"),
+        ([-0.5, 1.0, 1.0], "non-negative"),
+        ("geometric", "must be 'uniform', 'eenet'"),
+    ],
+)
 def test_bad_loss_weights(spec, message):
     with pytest.raises(EENNError, match=message):
         exit_loss_weights(spec, 3)
@@ -27,8 +33,13 @@ def test_kl_matches_the_formula_and_vanishes_for_identical_exits():
     logits = torch.randn(5, 3, 4)
     tau = 2.0
     expected = sum(
-        tau**2 * F.kl_div(F.log_softmax(logits[:, k] / tau, -1), F.log_softmax(logits[:, -1] / tau, -1),
-                          log_target=True, reduction="batchmean")
+        tau**2
+        * F.kl_div(
+            F.log_softmax(logits[:, k] / tau, -1),
+            F.log_softmax(logits[:, -1] / tau, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
         for k in range(2)
     )
     torch.testing.assert_close(self_distillation_kl(logits, tau), expected)
@@ -50,8 +61,10 @@ def test_kl_mean_reduction_is_the_eenet_authors_kldivloss():
     torch.manual_seed(1)
     logits = torch.randn(6, 3, 10)
     T = 3.0
-    authors = sum(torch.nn.KLDivLoss()(torch.log_softmax(logits[:, k] / T, -1), torch.softmax(logits[:, -1] / T, -1))
-                  * T * T for k in range(2))
+    authors = sum(
+        torch.nn.KLDivLoss()(torch.log_softmax(logits[:, k] / T, -1), torch.softmax(logits[:, -1] / T, -1)) * T * T
+        for k in range(2)
+    )
     torch.testing.assert_close(self_distillation_kl(logits, T, reduction="mean"), authors)
     # the classes averaged too: C times weaker than the KL itself
     torch.testing.assert_close(self_distillation_kl(logits, T, reduction="mean") * 10, self_distillation_kl(logits, T))
@@ -62,7 +75,13 @@ def test_kl_mean_reduction_is_the_eenet_authors_kldivloss():
 def test_the_eenet_experiments_distil_as_the_authors_code(compose_cfg):
     for name in ("eenet_resnet56_cifar10", "eenet_densenet121_cifar100", "eenet_msdnet35_imagenet"):
         t = compose_cfg("train", [f"experiment={name}"]).training
-        assert (t.kl_alpha, t.kl_tau, t.kl_reduction, t.kl_start, t.kl_detach_teacher) == (0.01, 3.0, "mean", 0.75, False)
+        assert (t.kl_alpha, t.kl_tau, t.kl_reduction, t.kl_start, t.kl_detach_teacher) == (
+            0.01,
+            3.0,
+            "mean",
+            0.75,
+            False,
+        )
 
 
 def test_a_bad_kl_reduction_is_refused_before_training(compose_cfg):

@@ -23,14 +23,22 @@ from eenn.tasks.train import objective_values, train
 from eenn.utils.overrides import override, quote
 
 BIN = Path(sys.executable).parent
-TINY = ["data=digits", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "cost.latency=false", "logger=csv",
-        "trainer.enable_progress_bar=false"]
+TINY = [
+    "data=digits",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "cost.latency=false",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+]
 
 
 def test_a_trial_scores_itself_on_validation_and_never_reads_test(compose_cfg, monkeypatch):
     read = []
     real = objective_module.evaluate
-    monkeypatch.setattr(objective_module, "evaluate", lambda policy, preds, unit: read.append(preds.split) or real(policy, preds, unit))
+    monkeypatch.setattr(
+        objective_module, "evaluate", lambda policy, preds, unit: read.append(preds.split) or real(policy, preds, unit)
+    )
     cfg = compose_cfg("train", [*TINY, "hydra/sweeper=optuna_exits", "exits.at=[1,4]"])
     assert list(cfg.objective) == ["val_auc", "exit_overhead"]
     metrics = train(cfg)
@@ -41,7 +49,10 @@ def test_a_trial_scores_itself_on_validation_and_never_reads_test(compose_cfg, m
     assert obj["val_accuracy_at_budgets"] == accuracy_at_budgets(val, "flops") and obj["budgets"] == list(BUDGETS)
     assert obj["val_auc"] == budget_auc(obj["val_accuracy_at_budgets"]) and 0 < obj["val_auc"] < 1
     costs = run.costs()
-    assert obj["exit_overhead"] == pytest.approx(costs.per_exit("flops")[-1] / costs.backbone["flops"] - 1) and obj["exit_overhead"] > 0
+    assert (
+        obj["exit_overhead"] == pytest.approx(costs.per_exit("flops")[-1] / costs.backbone["flops"] - 1)
+        and obj["exit_overhead"] > 0
+    )
     assert json.loads((run.path / "metrics.json").read_text())["objective"] == obj
     assert objective_values(cfg, metrics) == [obj["val_auc"], obj["exit_overhead"]]
     with open_dict(cfg):
@@ -71,15 +82,27 @@ def test_an_unknown_objective_is_refused_by_name(compose_cfg):
 
 def _run(app: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "EENN_ROOT": str(cwd)}
-    return subprocess.run([str(BIN / f"eenn-{app}"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
+    return subprocess.run(
+        [str(BIN / f"eenn-{app}"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1500
+    )
 
 
 @pytest.mark.slow
 def test_a_three_trial_study_writes_its_pareto_set_and_compare_takes_its_trials(tmp_path):
     study = tmp_path / "study"
-    res = _run("train", ["-m", "hydra/sweeper=optuna_exits", "hydra.sweeper.n_trials=3",
-                         "hydra.sweeper.sampler.population_size=3", *TINY, "wandb.mode=disabled",
-                         override("hydra.sweep.dir", study)], tmp_path)
+    res = _run(
+        "train",
+        [
+            "-m",
+            "hydra/sweeper=optuna_exits",
+            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.sampler.population_size=3",
+            *TINY,
+            "wandb.mode=disabled",
+            override("hydra.sweep.dir", study),
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     trials = sorted(d for d in study.iterdir() if d.is_dir() and (d / "metrics.json").is_file())
     assert [d.name for d in trials] == ["trial_0", "trial_1", "trial_2"]
@@ -94,11 +117,24 @@ def test_a_three_trial_study_writes_its_pareto_set_and_compare_takes_its_trials(
         assert set(solution["params"]) == {"exits.at", "training.loss_weights", "training.kl_alpha"}
     # the trials, fitted and compared as any stage-1 runs are
     fits = tmp_path / "fits"
-    res = _run("fit", ["-m", "run_dir=" + ",".join(quote(str(d)) for d in trials), "policy=maxprob", "budget.fraction=0.6,0.9", "wandb.mode=disabled",
-                       override("hydra.sweep.dir", fits)], tmp_path)
+    res = _run(
+        "fit",
+        [
+            "-m",
+            "run_dir=" + ",".join(quote(str(d)) for d in trials),
+            "policy=maxprob",
+            "budget.fraction=0.6,0.9",
+            "wandb.mode=disabled",
+            override("hydra.sweep.dir", fits),
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    res = _run("compare", [override("sweeps", [fits]), override("hydra.run.dir", tmp_path / "cmp"), "wandb.mode=disabled"],
-               tmp_path)
+    res = _run(
+        "compare",
+        [override("sweeps", [fits]), override("hydra.run.dir", tmp_path / "cmp"), "wandb.mode=disabled"],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "cmp" / "results.csv")))
     assert len(rows) == 6 and len({r["model"] for r in rows}) == 3

@@ -24,4 +24,6 @@ def test_warmup_rises_linearly_then_the_cosine_falls_to_eta_min():
 
 
 def test_without_warmup_it_is_the_plain_cosine():
-    assert _lrs(4, warmup_epochs=0, eta_min=0.0) == pytest.approx([0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(4)])
+    assert _lrs(4, warmup_epochs=0, eta_min=0.0) == pytest.approx(
+        [0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(4)]
+    )

@@ -13,8 +13,13 @@ from eenn.policies.synthetic import synthetic_predictions
 from eenn.tasks.train import train
 from tests.policies.helpers import EENET_FAST
 
-SMALL = ["logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "cost.latency=false",
-         "trainer.enable_progress_bar=false"]
+SMALL = [
+    "logger=csv",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "cost.latency=false",
+    "trainer.enable_progress_bar=false",
+]
 
 
 @pytest.fixture

@@ -37,11 +37,21 @@ class StepSyncs(pl.Callback):
             self.steps[batch_idx - 1] = where
 
 
-@pytest.mark.parametrize(("method", "bar"), [("joint", "rich"), ("joint", "tqdm"), ("bilevel", "rich"),
-                                             ("soft_threshold", "tqdm")])
+@pytest.mark.parametrize(
+    ("method", "bar"), [("joint", "rich"), ("joint", "tqdm"), ("bilevel", "rich"), ("soft_threshold", "tqdm")]
+)
 def test_training_steps_synchronise_only_where_the_loggers_and_bar_read(compose_cfg, method, bar):
-    cfg = compose_cfg("train", [f"training={method}", "data=digits", "data.batch_size=8", "logger=csv",
-                                "cost.latency=false", f"trainer.log_every_n_steps={EVERY}"])
+    cfg = compose_cfg(
+        "train",
+        [
+            f"training={method}",
+            "data=digits",
+            "data.batch_size=8",
+            "logger=csv",
+            "cost.latency=false",
+            f"trainer.log_every_n_steps={EVERY}",
+        ],
+    )
     dm = instantiate(cfg.data, _convert_="all")
     dm.setup("fit")
     net = build_network(cfg, dm)
@@ -49,8 +59,15 @@ def test_training_steps_synchronise_only_where_the_loggers_and_bar_read(compose_
     counter = SyncCounter()
     probe = StepSyncs(counter)
     stock = pl.callbacks.RichProgressBar() if bar == "rich" else pl.callbacks.TQDMProgressBar()
-    trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.logger), callbacks=[stock, probe],
-                          max_epochs=1, limit_train_batches=2 * EVERY + 1, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = instantiate(
+        cfg.trainer,
+        logger=instantiate_group(cfg.logger),
+        callbacks=[stock, probe],
+        max_epochs=1,
+        limit_train_batches=2 * EVERY + 1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     with counter:
         trainer.fit(module, datamodule=dm)
     assert isinstance(trainer.progress_bar_callback, RichProgressBarReads if bar == "rich" else TQDMProgressBarReads)
@@ -81,8 +98,18 @@ def test_epoch_means_are_batch_size_weighted_means():
 
 def test_logged_validation_accuracy_is_the_accuracy_of_the_validation_split(compose_cfg, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    cfg = compose_cfg("train", ["data=digits", "logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.log_every_n_steps=1",
-                                "cost.latency=false", "trainer.enable_progress_bar=false"])
+    cfg = compose_cfg(
+        "train",
+        [
+            "data=digits",
+            "logger=csv",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=3",
+            "trainer.log_every_n_steps=1",
+            "cost.latency=false",
+            "trainer.enable_progress_bar=false",
+        ],
+    )
     metrics = train(cfg)
     rows = list(csv.DictReader((Path(cfg.paths.output_dir) / "csv" / "metrics.csv").open()))
     logged = {k: float(v) for r in rows for k, v in r.items() if v and k.startswith(("val/", "train/"))}

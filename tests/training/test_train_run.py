@@ -47,18 +47,40 @@ def test_one_epoch_writes_a_complete_run_dir_and_an_offline_wandb_run(compose_cf
 
 def test_digits_reaches_95_percent_and_exits_differ_in_quality(compose_cfg, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    cfg = compose_cfg("train", ["data=digits", "backbone=resnet20", "exits=stages", "logger=csv",
-                                "trainer.max_epochs=4", "cost.latency=false", "trainer.enable_progress_bar=false"])
+    cfg = compose_cfg(
+        "train",
+        [
+            "data=digits",
+            "backbone=resnet20",
+            "exits=stages",
+            "logger=csv",
+            "trainer.max_epochs=4",
+            "cost.latency=false",
+            "trainer.enable_progress_bar=false",
+        ],
+    )
     acc = train(cfg)["test_accuracy"]
     assert acc["final"] >= 0.95
     assert acc["layer1.2"] < acc["final"]
 
 
 def test_joint_options_warmup_kl_and_weights(compose_cfg):
-    cfg = compose_cfg("train", ["logger=csv", "training.loss_weights=eenet", "training.kl_alpha=0.5",
-                                "training.kl_start=0.5", "training.warmup_epochs=1", "trainer.max_epochs=2",
-                                "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-                                "trainer.limit_test_batches=1", "cost.latency=false", "trainer.enable_progress_bar=false"])
+    cfg = compose_cfg(
+        "train",
+        [
+            "logger=csv",
+            "training.loss_weights=eenet",
+            "training.kl_alpha=0.5",
+            "training.kl_start=0.5",
+            "training.warmup_epochs=1",
+            "trainer.max_epochs=2",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1",
+            "cost.latency=false",
+            "trainer.enable_progress_bar=false",
+        ],
+    )
     train(cfg)
     rows = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
@@ -85,11 +107,16 @@ def test_warmup_trains_only_the_final_exit(compose_cfg):
     assert module.current_weights().tolist() == [0.0, 0.0, 1.0]
 
 
-@pytest.mark.parametrize("overrides", [
-    ["training=joint"], ["training=joint_adam_multistep"], ["training=bilevel"],
-    ["training=joint", "training/optimizer=adamw", "~training/scheduler"],
-    ["training=joint", "training/optimizer=adam", "training/scheduler=multistep", "training.optimizer.lr=0.01"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["training=joint"],
+        ["training=joint_adam_multistep"],
+        ["training=bilevel"],
+        ["training=joint", "training/optimizer=adamw", "~training/scheduler"],
+        ["training=joint", "training/optimizer=adam", "training/scheduler=multistep", "training.optimizer.lr=0.01"],
+    ],
+)
 def test_optimiser_and_schedule_presets_are_swapped_whole(compose_cfg, overrides):
     """An optimiser chosen by group gets none of another's keys (Adam refuses `momentum`)."""
     cfg = compose_cfg("train", overrides)

@@ -52,8 +52,10 @@ def _branchynet_branch(block: str, in_shape: Sequence[int], num_classes: int) ->
     """BranchyNet's side branch after ``conv2`` (two convs) or ``conv3`` (one conv)."""
     convs = {"conv2": 2, "conv3": 1}
     if block not in convs:
-        raise EENNError(f"exits.at: B-AlexNet has native branches only after {sorted(convs)}, not {block!r}; "
-                        "use another exits.head.name there.")
+        raise EENNError(
+            f"exits.at: B-AlexNet has native branches only after {sorted(convs)}, not {block!r}; "
+            "use another exits.head.name there."
+        )
     layers: list[nn.Module] = [nn.ReLU(), _pool(), _lrn()]
     cin = in_shape[0]
     for _ in range(convs[block]):
@@ -77,8 +79,13 @@ def _branchynet(num_classes: int, in_chans: int, image_size: int) -> BackbonePar
         ("fc6", nn.Sequential(*pool, nn.Linear(flat, 256), nn.ReLU(), nn.Dropout(0.5))),
         ("fc7", nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Dropout(0.5))),
     ]
-    return BackboneParts(units=units, head=nn.Linear(128, num_classes), blocks=[n for n, _ in units],
-                         stages={n: n for n, _ in units}, exit_head=_branchynet_branch)
+    return BackboneParts(
+        units=units,
+        head=nn.Linear(128, num_classes),
+        blocks=[n for n, _ in units],
+        stages={n: n for n, _ in units},
+        exit_head=_branchynet_branch,
+    )
 
 
 def _imagenet_weights(pretrained: bool, checkpoint: str | None) -> dict[str, torch.Tensor] | None:
@@ -110,15 +117,21 @@ def _imagenet(
         state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         missing = sorted(set(own) - set(state) - {"classifier.6.weight", "classifier.6.bias"})
         if missing:
-            raise EENNError(f"backbone.checkpoint: not a torchvision AlexNet state dict for in_chans={in_chans} "
-                            f"(missing or mis-shaped: {missing[:4]}...).")
+            raise EENNError(
+                f"backbone.checkpoint: not a torchvision AlexNet state dict for in_chans={in_chans} "
+                f"(missing or mis-shaped: {missing[:4]}...)."
+            )
         model.load_state_dict(state, strict=False)
     f, c = model.features, model.classifier
     units: list[tuple[str, nn.Module]] = []
     if resize:
         units.append(("resize", nn.Upsample(size=(resize, resize), mode="bilinear", align_corners=False)))
     units += [
-        ("conv1", f[0:3]), ("conv2", f[3:6]), ("conv3", f[6:8]), ("conv4", f[8:10]), ("conv5", f[10:13]),
+        ("conv1", f[0:3]),
+        ("conv2", f[3:6]),
+        ("conv3", f[6:8]),
+        ("conv4", f[8:10]),
+        ("conv5", f[10:13]),
         ("fc6", nn.Sequential(model.avgpool, nn.Flatten(), *c[0:3])),
         ("fc7", c[3:6]),
     ]
@@ -140,8 +153,10 @@ def alexnet_backbone(
     (local weights, offline) apply to the ImageNet variant."""
     if variant == "branchynet":
         if pretrained or checkpoint is not None or resize:
-            raise EENNError("backbone.variant=branchynet has no pretrained weights and no resize; "
-                            "those options are for backbone.variant=imagenet.")
+            raise EENNError(
+                "backbone.variant=branchynet has no pretrained weights and no resize; "
+                "those options are for backbone.variant=imagenet."
+            )
         return _branchynet(num_classes, in_chans, image_size)
     if variant == "imagenet":
         return _imagenet(num_classes, in_chans, resize, pretrained, checkpoint)

@@ -47,14 +47,18 @@ def _transition(cin: int, cout: int) -> nn.Module:
     return nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, cout, 1, bias=False), nn.AvgPool2d(2, 2))
 
 
-def eenet_exit_head(block: str, in_shape: Sequence[int], num_classes: int, depth: int = 3,
-                    reduction: int = 4) -> nn.Module:
+def eenet_exit_head(
+    block: str, in_shape: Sequence[int], num_classes: int, depth: int = 3, reduction: int = 4
+) -> nn.Module:
     """EENet's ``exit_classifier``: ``depth`` 3x3 convs (BN, ReLU), the first to C / ``reduction``."""
     width = in_shape[0] // reduction
     layers: list[nn.Module] = []
     for i in range(depth):
-        layers += [nn.Conv2d(in_shape[0] if i == 0 else width, width, 3, padding=1, bias=False),
-                   nn.BatchNorm2d(width), nn.ReLU()]
+        layers += [
+            nn.Conv2d(in_shape[0] if i == 0 else width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        ]
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
 
 
@@ -76,8 +80,12 @@ def densenet_backbone(
     if stem == "cifar":  # EENet's CIFAR stem has no BN/ReLU: every dense layer starts with them
         first: nn.Module = nn.Conv2d(in_chans, channels, 3, padding=1, bias=False)
     else:
-        first = nn.Sequential(nn.Conv2d(in_chans, channels, 7, 2, 3, bias=False), nn.BatchNorm2d(channels),
-                              nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        first = nn.Sequential(
+            nn.Conv2d(in_chans, channels, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2, 1),
+        )
     units: list[tuple[str, nn.Module]] = [("stem", first)]
     stages = {}
     for b, n in enumerate(blocks, start=1):
@@ -90,7 +98,9 @@ def densenet_backbone(
                 channels = out
             units.append((f"dense{b}.{i}", layer))
         stages[f"dense{b}"] = units[-1][0]
-    head = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(channels, num_classes))
-    return BackboneParts(units=units, head=head, blocks=[n for n, _ in units[1:]], stages=stages,
-                         exit_head=eenet_exit_head)
+    head = nn.Sequential(
+        nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)
+    )
+    return BackboneParts(
+        units=units, head=head, blocks=[n for n, _ in units[1:]], stages=stages, exit_head=eenet_exit_head
+    )

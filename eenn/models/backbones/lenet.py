@@ -25,8 +25,10 @@ def _pool() -> nn.Module:
 
 def _branch(block: str, in_shape: Sequence[int], num_classes: int) -> nn.Module:
     if block != "conv1":
-        raise EENNError(f"exits.at: B-LeNet has its native branch only after 'conv1', not {block!r}; "
-                        "use another exits.head.name there.")
+        raise EENNError(
+            f"exits.at: B-LeNet has its native branch only after 'conv1', not {block!r}; "
+            "use another exits.head.name there."
+        )
     layers = [_pool(), nn.ReLU(), nn.Conv2d(in_shape[0], 10, 3, padding=1), _pool(), nn.ReLU(), nn.Flatten()]
     return nn.Sequential(*layers, nn.Linear(flat_size(layers, in_shape), num_classes))
 
@@ -41,5 +43,10 @@ def lenet_backbone(num_classes: int, in_chans: int = 1, image_size: int = 28) ->
     pool = [_pool(), nn.ReLU(), nn.Flatten()]
     flat = flat_size([u for _, u in units] + pool, (in_chans, image_size, image_size))
     units.append(("fc4", nn.Sequential(*pool, nn.Linear(flat, 84))))
-    return BackboneParts(units=units, head=nn.Linear(84, num_classes), blocks=[n for n, _ in units],
-                         stages={n: n for n, _ in units}, exit_head=_branch)
+    return BackboneParts(
+        units=units,
+        head=nn.Linear(84, num_classes),
+        blocks=[n for n, _ in units],
+        stages={n: n for n, _ in units},
+        exit_head=_branch,
+    )

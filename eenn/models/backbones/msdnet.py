@@ -45,8 +45,9 @@ def _conv_basic(cin: int, cout: int, kernel: int, stride: int, act: type[nn.Modu
     return nn.Sequential(*_conv_bn(cin, cout, kernel, stride, act))
 
 
-def _conv_bottleneck(cin: int, cout: int, stride: int, bn_width: int, bottleneck: bool,
-                     act: type[nn.Module]) -> nn.Module:
+def _conv_bottleneck(
+    cin: int, cout: int, stride: int, bn_width: int, bottleneck: bool, act: type[nn.Module]
+) -> nn.Module:
     """MSDNet's ConvBN: optional 1x1 bottleneck to min(cin, bn_width * cout), then a 3x3 conv."""
     layers: list[nn.Module] = []
     inner = cin
@@ -70,8 +71,9 @@ class _ConvNormal(nn.Module):
 class _ConvDownNormal(nn.Module):
     """New channels at a scale from the finer scale (strided) and the same scale, half each."""
 
-    def __init__(self, cin_fine: int, cin: int, cout: int, bn_fine: int, bn: int, bottleneck: bool,
-                 act: type[nn.Module]) -> None:
+    def __init__(
+        self, cin_fine: int, cin: int, cout: int, bn_fine: int, bn: int, bottleneck: bool, act: type[nn.Module]
+    ) -> None:
         super().__init__()
         self.conv_down = _conv_bottleneck(cin_fine, cout // 2, 2, bn_fine, bottleneck, act)
         self.conv_normal = _conv_bottleneck(cin, cout // 2, 1, bn, bottleneck, act)
@@ -88,10 +90,12 @@ class FirstLayer(nn.Module):
         if stem == "cifar":
             first = _conv_basic(cin, channels[0], 3, 1, act)
         else:  # the reference code's ImageNet stem conv has a bias
-            first = nn.Sequential(nn.Conv2d(cin, channels[0], 7, 2, 3), nn.BatchNorm2d(channels[0]), act(),
-                                  nn.MaxPool2d(3, 2, 1))
-        self.layers = nn.ModuleList([first] + [_conv_basic(channels[s - 1], channels[s], 3, 2, act)
-                                               for s in range(1, len(channels))])
+            first = nn.Sequential(
+                nn.Conv2d(cin, channels[0], 7, 2, 3), nn.BatchNorm2d(channels[0]), act(), nn.MaxPool2d(3, 2, 1)
+            )
+        self.layers = nn.ModuleList(
+            [first] + [_conv_basic(channels[s - 1], channels[s], 3, 2, act) for s in range(1, len(channels))]
+        )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = []
@@ -105,22 +109,35 @@ class MSDNLayer(nn.Module):
     """One dense layer across the kept scales; drops the finest input scale when ``in_scales`` >
     ``out_scales``."""
 
-    def __init__(self, cin: int, growth: int, gr: Sequence[int], bn: Sequence[int], in_scales: int,
-                 out_scales: int, bottleneck: bool, act: type[nn.Module]) -> None:
+    def __init__(
+        self,
+        cin: int,
+        growth: int,
+        gr: Sequence[int],
+        bn: Sequence[int],
+        in_scales: int,
+        out_scales: int,
+        bottleneck: bool,
+        act: type[nn.Module],
+    ) -> None:
         super().__init__()
         n = len(gr)
         self.discard = in_scales - out_scales
         self.out_scales = out_scales
         offset = n - out_scales
         if self.discard > 0:
-            first: nn.Module = _ConvDownNormal(cin * gr[offset - 1], cin * gr[offset], growth * gr[offset],
-                                               bn[offset - 1], bn[offset], bottleneck, act)
+            first: nn.Module = _ConvDownNormal(
+                cin * gr[offset - 1], cin * gr[offset], growth * gr[offset], bn[offset - 1], bn[offset], bottleneck, act
+            )
         else:
             first = _ConvNormal(cin * gr[offset], growth * gr[offset], bn[offset], bottleneck, act)
-        self.layers = nn.ModuleList([first] + [
-            _ConvDownNormal(cin * gr[s - 1], cin * gr[s], growth * gr[s], bn[s - 1], bn[s], bottleneck, act)
-            for s in range(offset + 1, n)
-        ])
+        self.layers = nn.ModuleList(
+            [first]
+            + [
+                _ConvDownNormal(cin * gr[s - 1], cin * gr[s], growth * gr[s], bn[s - 1], bn[s], bottleneck, act)
+                for s in range(offset + 1, n)
+            ]
+        )
 
     def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.discard > 0:
@@ -147,8 +164,9 @@ class Classifier(nn.Module):
     def __init__(self, cin: int, num_classes: int, width: int | None, act: type[nn.Module]) -> None:
         super().__init__()
         width = width or cin
-        self.m = nn.Sequential(_conv_basic(cin, width, 3, 2, act), _conv_basic(width, width, 3, 2, act),
-                               nn.AvgPool2d(2), nn.Flatten())
+        self.m = nn.Sequential(
+            _conv_basic(cin, width, 3, 2, act), _conv_basic(width, width, 3, 2, act), nn.AvgPool2d(2), nn.Flatten()
+        )
         self.linear = nn.Linear(width, num_classes)
 
     def forward(self, x: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -184,7 +202,9 @@ def msdnet_backbone(
     if activation not in ACTIVATIONS:
         raise EENNError(f"backbone.activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
     if len(bn_factor) != len(gr_factor):
-        raise EENNError(f"backbone.bn_factor {list(bn_factor)} needs one entry per scale of gr_factor {list(gr_factor)}.")
+        raise EENNError(
+            f"backbone.bn_factor {list(bn_factor)} needs one entry per scale of gr_factor {list(gr_factor)}."
+        )
     if n_blocks < 1 or base < 1 or step < 1:
         raise EENNError(f"backbone.n_blocks, base and step must be >= 1, got {n_blocks}, {base}, {step}.")
     act = ACTIVATIONS[activation]
@@ -204,8 +224,11 @@ def msdnet_backbone(
             if in_scales > out_scales and reduction > 0:
                 out = math.floor(reduction * cin)
                 offset = n_scales - out_scales
-                modules.append(Parallel([_conv_basic(cin * gr[offset + s], out * gr[offset + s], 1, 1, act)
-                                         for s in range(out_scales)]))
+                modules.append(
+                    Parallel(
+                        [_conv_basic(cin * gr[offset + s], out * gr[offset + s], 1, 1, act) for s in range(out_scales)]
+                    )
+                )
                 cin = out
             units.append((f"layer{layer}", modules[0] if len(modules) == 1 else nn.Sequential(*modules)))
         stages[f"block{b}"] = f"layer{layer}"
@@ -215,5 +238,4 @@ def msdnet_backbone(
         return Classifier(in_shape[0], num_classes, width, act)
 
     head = Classifier(cin * gr[-1], num_classes, width, act)
-    return BackboneParts(units=units, head=head, blocks=[n for n, _ in units[1:]], stages=stages,
-                         exit_head=exit_head)
+    return BackboneParts(units=units, head=head, blocks=[n for n, _ in units[1:]], stages=stages, exit_head=exit_head)

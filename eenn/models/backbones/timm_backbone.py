@@ -88,7 +88,7 @@ def _vit_split(net: VisionTransformer) -> tuple[list[tuple[str, nn.Module]], nn.
     at = children.index("blocks")
     embed = TimmPart(net, children[:at] + _own_tensors(net), ["patch_embed", "_pos_embed", "patch_drop", "norm_pre"])
     units = [("embed", embed), *((f"blocks.{i}", b) for i, b in enumerate(net.blocks))]
-    head = TimmPart(net, children[at + 1:], ["norm", "forward_head"])
+    head = TimmPart(net, children[at + 1 :], ["norm", "forward_head"])
     # an attention-pooled model's ('map') exits pool the patch tokens evenly instead
     pool = "avg" if net.global_pool in ("map", "") else net.global_pool
     tokens = Tokens(pool=pool, prefix_tokens=net.num_prefix_tokens, include_prefix=net.pool_include_prefix)
@@ -112,11 +112,15 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _unsplittable(model: str, net: nn.Module, why: str) -> EENNError:
-    return EENNError(f"backbone.name={model!r} ({type(net).__name__}) cannot be split into stages: {why}; see the "
-                     "README for the timm families that split.")
+    return EENNError(
+        f"backbone.name={model!r} ({type(net).__name__}) cannot be split into stages: {why}; see the "
+        "README for the timm families that split."
+    )
 
 
-def _checker(net: nn.Module, units: list[tuple[str, nn.Module]], head: nn.Module, model: str) -> Callable[[Sequence[int]], None]:
+def _checker(
+    net: nn.Module, units: list[tuple[str, nn.Module]], head: nn.Module, model: str
+) -> Callable[[Sequence[int]], None]:
     """The check that the split reproduces ``net`` in eval mode, on two seeded random images of
     the data's shape (``net``'s modes and weights are left as they were)."""
 
@@ -129,8 +133,10 @@ def _checker(net: nn.Module, units: list[tuple[str, nn.Module]], head: nn.Module
             try:
                 want = net(x)
             except Exception as exc:  # noqa: BLE001  (any failure of a foreign model's forward)
-                raise EENNError(f"backbone.name={model!r} does not run on images of shape {list(input_shape)} "
-                                f"({_first_line(exc)}); set its input size, e.g. +backbone.img_size=...") from None
+                raise EENNError(
+                    f"backbone.name={model!r} does not run on images of shape {list(input_shape)} "
+                    f"({_first_line(exc)}); set its input size, e.g. +backbone.img_size=..."
+                ) from None
             try:
                 got = x
                 for _, unit in units:
@@ -145,8 +151,12 @@ def _checker(net: nn.Module, units: list[tuple[str, nn.Module]], head: nn.Module
             raise _unsplittable(model, net, "its units give an output of another form than the model's")
         diff = float((got - want).abs().max())
         if not diff <= ATOL:
-            raise _unsplittable(model, net, f"its units run one after another differ from the model's own forward by "
-                                            f"{diff:.2g} (its forward does work outside its children)")
+            raise _unsplittable(
+                model,
+                net,
+                f"its units run one after another differ from the model's own forward by "
+                f"{diff:.2g} (its forward does work outside its children)",
+            )
 
     return check
 
@@ -177,8 +187,12 @@ def timm_backbone(
         pretrained, overlay = True, {"file": str(checkpoint)}
     try:
         net = timm.create_model(
-            model, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
-            pretrained_cfg_overlay=overlay, **model_kwargs,
+            model,
+            pretrained=pretrained,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            pretrained_cfg_overlay=overlay,
+            **model_kwargs,
         )
     except (OSError, RuntimeError) as exc:
         if pretrained and checkpoint is None:
@@ -237,8 +251,10 @@ def _check_loads_weights(net: nn.Module, checkpoint: str, model: str) -> None:
     a checkpoint that holds none of them (another model's, or a predictions file) is refused."""
     keys = _checkpoint_keys(str(checkpoint))
     if keys is not None and not keys & set(net.state_dict()):
-        raise EENNError(f"backbone.checkpoint={str(checkpoint)!r} holds none of {model}'s weights (its tensors are "
-                        f"named {', '.join(sorted(keys)[:3]) or 'nothing'}...): give a checkpoint of this model.")
+        raise EENNError(
+            f"backbone.checkpoint={str(checkpoint)!r} holds none of {model}'s weights (its tensors are "
+            f"named {', '.join(sorted(keys)[:3]) or 'nothing'}...): give a checkpoint of this model."
+        )
 
 
 BACKBONES.add_namespace("timm", "model", lambda key: key in _timm_models(), "any timm model name")
