@@ -27,8 +27,9 @@ test: $(STAMP) ## run the test suite (slow and browser tests deselected)
 test-all: $(STAMP) ## run every test, slow, slurm and browser ones included
 	$(BIN)/python -m pytest -m ''
 
-lint: $(STAMP) ## ruff
-	$(BIN)/ruff check eenn tests benchmarks
+lint: $(STAMP) ## ruff: the lint rules and the formatting (ruff format --check)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -703,7 +703,10 @@ def markdown(result: dict[str, Any], policy: str = "maxprob") -> str:
 def _diff_cell(c: dict[str, Any]) -> str:
     if c["ci_low"] is None:
         return f"{100 * c['mean']:+.2f} (1 seed: no spread)"
-    text = f"{100 * c['mean']:+.2f} [{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}] p={c['p_t']:.2g}/{c['p_sign_flip']:.2g}"
+    text = (
+        f"{100 * c['mean']:+.2f} [{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}] "
+        f"p={c['p_t']:.2g}/{c['p_sign_flip']:.2g}"
+    )
     return f"**{text}**" if c["ci_low"] > 0 or c["ci_high"] < 0 else text
 
 

@@ -122,7 +122,8 @@ def main() -> None:
     for r in rows:
         clamped = f"  (clamped to {r['clamped_to']:.3f})" if r["clamped_to"] else ""
         print(
-            f"{r['budget_fraction']:8.3f} {r['method']:>10} {r['test_accuracy']:9.4f} {r['test_cost_fraction']:6.3f}{clamped}"
+            f"{r['budget_fraction']:8.3f} {r['method']:>10} {r['test_accuracy']:9.4f} "
+            f"{r['test_cost_fraction']:6.3f}{clamped}"
         )
     write_result(
         out,

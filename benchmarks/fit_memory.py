@@ -9,9 +9,11 @@ Writes benchmarks/results/fit_memory.json.
 
 The peak is the child's VmHWM, read by the child as it exits: it counts the mapped file pages the
 fit has touched as well as its own allocations. (Not the parent's ru_maxrss from wait4: Linux
-carries the parent's resident size at fork into the child's, and this parent held the files.) The same fit on a 100-sample file gives the process's
+carries the parent's resident size at fork into the child's, and this parent held the files.) The same fit on a
+100-sample file gives the process's
 fixed size (Python, torch, Hydra, Lightning: about 1.3 GB here), reported as ``base_rss_bytes``: on small
-files it dominates the ratio, which is why the target is read at full size. EENet trains for ``--eenet-epochs`` epochs only: its
+files it dominates the ratio, which is why the target is read at full size. EENet trains for ``--eenet-epochs``
+epochs only: its
 memory peaks in the first, and 500 full-batch epochs on 100,000 x 1,000 would take an hour.
 """
 

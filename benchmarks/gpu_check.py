@@ -29,7 +29,7 @@ step on the CPU at smoke size (``"device": "cpu"`` in the JSON; no compiling), s
 tier, which runs every benchmark's ``--quick`` and has no GPU, exercises the code path (on the CPU
 the engine must agree exactly).
 
-    python benchmarks/gpu_check.py            # one H100: about 8 min (steps 1-3 ~1.5 min, 4 ~5 min, 5-6 ~1 min; estimated)
+    python benchmarks/gpu_check.py            # one H100: ~8 min (steps 1-3 ~1.5 min, 4 ~5, 5-6 ~1; estimated)
     python benchmarks/gpu_check.py --quick    # 2 epochs of 4 batches, smoke-sized steps 4-6
 """
 

@@ -2,7 +2,8 @@
 
 For each backbone (CIFAR ResNet-56 with an exit after each group; timm resnet18 at 64x64 with
 exits after layer1 and layer2; DeiT-tiny at 32x32 with 4-px patches, as in
-experiment=vit_cifar10_small, with token exits after blocks 4 and 8), batch size (128, 1) and exit mix (40/30/30, 60/20/20 of the
+experiment=vit_cifar10_small, with token exits after blocks 4 and 8), batch size (128, 1) and exit mix (40/30/30,
+60/20/20 of the
 samples at exits 0/1/2, exact over the stream), this times on the CPU, interleaved and over
 ``--repeats`` repeats:
 
@@ -21,7 +22,7 @@ cost, in FLOPs and in per-stage latency), the realised one (plain time / engine 
 their ratios and the policy's decision time as % of the plain backbone's.
 
     python benchmarks/inference_speed.py                        # full: 15 repeats, this machine's threads
-    python benchmarks/inference_speed.py --quick                # one batch, 2 repeats: a smoke run (JSON to a temp file)
+    python benchmarks/inference_speed.py --quick                # one batch, 2 repeats: a smoke run (JSON to /tmp)
     python benchmarks/inference_speed.py --threads 1 --batch-sizes 128 --backbones cifar_resnet56 --update
                                                                 # one slice, merged into the existing JSON
     python benchmarks/inference_speed.py --threads 1 --backbones cifar_resnet56 --compile --update
@@ -325,7 +326,8 @@ def main() -> None:
                 print(
                     f"{r['backbone']:>20} {r['mode']:>8} b={r['batch_size']:<4} {r['exit_mix']}  predicted flops "
                     f"{r['flops_predicted_speedup']:.3f} latency {r['latency_predicted_speedup']:.3f}  realised "
-                    f"{r['realised_speedup']:.3f}  ratio {r['latency_ratio']:.3f}  policy {r['policy_overhead_pct']:.3f}%",
+                    f"{r['realised_speedup']:.3f}  ratio {r['latency_ratio']:.3f}  policy "
+                    f"{r['policy_overhead_pct']:.3f}%",
                     flush=True,
                 )
             rows += new

@@ -130,7 +130,8 @@ def detach_ablation(
                 acc[-1].append(m["test"]["accuracy"])
                 cost[-1].append(m["test"]["avg_cost"] / full_cost)
                 print(
-                    f"eenet detach_scores={str(detach).lower():5s} budget {f:.3f} seed {seed}: test acc {100 * acc[-1][-1]:.2f}% "
+                    f"eenet detach_scores={str(detach).lower():5s} budget {f:.3f} seed {seed}: test acc "
+                    f"{100 * acc[-1][-1]:.2f}% "
                     f"at cost {cost[-1][-1]:.3f}",
                     flush=True,
                 )
@@ -153,7 +154,8 @@ def detach_table(result: dict[str, Any]) -> str:
     """A Markdown table: per budget, the mean test accuracy (%) and cost of each setting and the
     paired difference with its interval."""
     lines = [
-        "| budget | detached (authors) acc % (cost) | with gradient acc % (cost) | detached - with gradient, points [95 % CI] |",
+        "| budget | detached (authors) acc % (cost) | with gradient acc % (cost) | detached - with gradient, points "
+        "[95 % CI] |",
         "|---:|---:|---:|---|",
     ]
     for i, f in enumerate(result["budget_fractions"]):

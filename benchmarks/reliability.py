@@ -1,6 +1,7 @@
 """Reliability benchmark: a run stopped mid-epoch (an exception raised in-process by a callback,
 tests/reliability/crash.py; the SIGKILL cases are tests/reliability/test_forced_redo.py's) and
-resumed gives the predictions of an uninterrupted one, and DDP with 2 processes writes every val/test sample exactly once. Writes
+resumed gives the predictions of an uninterrupted one, and DDP with 2 processes writes every val/test sample exactly
+once. Writes
 benchmarks/results/reliability.json. (eenn-fit's peak memory on large files: fit_memory.py.)
 
     python benchmarks/reliability.py                 # both (a few minutes on 2 CPU cores)

@@ -518,7 +518,8 @@ def main() -> None:
             print(
                 f"{method:8s} images/s "
                 + "  ".join(f"{n} {v:.0f}" for n, v in speed["images_per_s"].items())
-                + f"  | eenn/plain {speed['eenn_over_plain']:.3f}  eenn/plain_tuned {speed['eenn_over_plain_tuned']:.3f}"
+                + f"  | eenn/plain {speed['eenn_over_plain']:.3f}  eenn/plain_tuned "
+                f"{speed['eenn_over_plain_tuned']:.3f}"
                 + (
                     ""
                     if args.loop_only

@@ -58,7 +58,8 @@ def test_importing_the_domain_packages_loads_no_hydra_or_omegaconf() -> None:
     # wandb is left out: timm imports it for its own logging
     code = (
         "import sys; import eenn.policies, eenn.inference.edge_cloud, eenn.inference.report, eenn.evaluation.plots, "
-        "eenn.evaluation.report, eenn.models, eenn.deploy.export; print(sorted(m for m in ('hydra', 'omegaconf') if m in sys.modules))"
+        "eenn.evaluation.report, eenn.models, eenn.deploy.export; print(sorted(m for m in ('hydra', 'omegaconf') if m "
+        "in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip() == "[]"

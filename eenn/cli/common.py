@@ -391,7 +391,8 @@ class SweepSummary(Callback):
         failed = failed_jobs(sweep)
         if failed:
             print(
-                f"error: {len(failed)} job(s) of the sweep in {sweep} failed: {', '.join(failed)} (see their {ERROR_FILE})",
+                f"error: {len(failed)} job(s) of the sweep in {sweep} failed: {', '.join(failed)} (see their "
+                f"{ERROR_FILE})",
                 file=sys.stderr,
             )
             sys.exit(1)

@@ -128,7 +128,8 @@ class EENNDataModule(pl.LightningDataModule):
             raise EENNError(f"data.augment must be one of {AUGMENTATIONS}, got {augment!r}.")
         if randaugment is not None and not str(randaugment).startswith("rand"):
             raise EENNError(
-                f"data.randaugment must be a timm RandAugment string such as 'rand-m9-mstd0.5-inc1', got {randaugment!r}."
+                "data.randaugment must be a timm RandAugment string such as 'rand-m9-mstd0.5-inc1', got "
+                f"{randaugment!r}."
             )
         if not 0.0 <= random_erasing <= 1.0:
             raise EENNError(f"data.random_erasing is a probability in [0, 1], got {random_erasing!r}.")

@@ -23,6 +23,8 @@ from eenn.evaluation.compare import Comparison, GroupStat, Model, per_exit, poli
 from eenn.evaluation.plots import _scale
 from eenn.policies import budget_ceiling, policy_class
 
+#: the hover text of a point: its accuracy and cost
+POINT = "test accuracy %{y:.2f} %<br>cost %{x:.4g}<extra></extra>"
 #: Plotly's own colours, named here so that a seed group's band takes its line's colour
 COLOURS = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880", "#FF97FF", "#FECB52")
 HOVER = (
@@ -80,7 +82,7 @@ def _model_traces(
             name=_name(model, "each exit alone (static)", many),
             marker={"symbol": "star", "size": 14, "color": "crimson"},
             customdata=[[p["exit"]] for p in static],
-            hovertemplate="<b>exit %{customdata[0]}</b> alone<br>test accuracy %{y:.2f} %<br>cost %{x:.4g}<extra></extra>",
+            hovertemplate="<b>exit %{customdata[0]}</b> alone<br>" + POINT,
         )
     )
     if budget_ceiling() not in by_policy:
@@ -92,7 +94,7 @@ def _model_traces(
                 mode="lines",
                 name=_name(model, "oracle ceiling", many),
                 line={"color": "grey", "dash": "dot"},
-                hovertemplate="<b>oracle</b> (reads the labels)<br>test accuracy %{y:.2f} %<br>cost %{x:.4g}<extra></extra>",
+                hovertemplate="<b>oracle</b> (reads the labels)<br>" + POINT,
             )
         )
     return traces

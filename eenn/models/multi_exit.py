@@ -88,7 +88,8 @@ def resolve_exit_blocks(
             raise EENNError("exits.at and exits.spacing=even both set; give one of them.")
         if first is None or count is None or count < 1 or not 1 <= first <= n:
             raise EENNError(
-                f"exits.spacing=even needs exits.first in [1, {n}] and exits.count >= 1, got first={first}, count={count}."
+                f"exits.spacing=even needs exits.first in [1, {n}] and exits.count >= 1, got first={first}, "
+                f"count={count}."
             )
         delta = (n - first) // count
         if delta < 1 and count > 1:

@@ -164,9 +164,11 @@ class RiskPolicy(MaxProbPolicy):
             if not bool(feasible.any()):
                 cheapest = float(mean_cost[passed].min())
                 raise EENNError(
-                    f"no candidate {'certified' if self.certify else 'passing'} at risk.epsilon={self.epsilon:g} is within "
+                    f"no candidate {'certified' if self.certify else 'passing'} at risk.epsilon={self.epsilon:g} is "
+                    "within "
                     f"the budget {budget:g} {self.cost_unit}: the cheapest costs {cheapest:g} "
-                    f"({cheapest / float(costs[-1]):.4f} of the full cost); raise the budget (budget.fraction=1.0: none) "
+                    f"({cheapest / float(costs[-1]):.4f} of the full cost); raise the budget (budget.fraction=1.0: "
+                    "none) "
                     "or risk.epsilon."
                 )
             j = int(torch.where(feasible, mean_cost, torch.full_like(mean_cost, math.inf)).argmin())
@@ -189,7 +191,8 @@ class RiskPolicy(MaxProbPolicy):
         an EENNError where a budget rules the final exit out too."""
         need = min_calibration_size(self.epsilon, self.delta)
         reason = (
-            f"policy risk: no candidate is {'certified at' if self.certify else 'within'} risk.epsilon={self.epsilon:g} "
+            f"policy risk: no candidate is {'certified at' if self.certify else 'within'} "
+            f"risk.epsilon={self.epsilon:g} "
             f"(risk.delta={self.delta:g}, risk.loss={self.loss}) on {n} calibration samples"
             + (f" (even with no loss observed it takes at least {need})" if self.certify and n < need else "")
         )

@@ -115,7 +115,8 @@ def resolve_budget(
     # not a request to warn about
     if budget < lo * (1 - 1e-4):
         warnings.append(
-            f"{key}={raw} gives budget {budget:g} {unit}, below the cheapest the policy can do on validation ({lo:g}); clamped to {lo:g}."
+            f"{key}={raw} gives budget {budget:g} {unit}, below the cheapest the policy can do on validation ({lo:g}); "
+            f"clamped to {lo:g}."
         )
     elif budget > full * (1 + 1e-4):
         warnings.append(

@@ -143,7 +143,8 @@ def map_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch
         dtype = _DTYPES.get(entry["dtype"])
         if dtype is None:
             raise EENNError(
-                f"{what} {str(path)!r} holds tensor {name!r} of dtype {entry['dtype']}, expected one of {sorted(_DTYPES)}."
+                f"{what} {str(path)!r} holds tensor {name!r} of dtype {entry['dtype']}, expected one of "
+                f"{sorted(_DTYPES)}."
             )
         begin, end = (8 + size + o for o in entry["data_offsets"])
         shape = entry["shape"]

@@ -291,7 +291,8 @@ def test_the_runtime_runs_with_numpy_and_onnxruntime_alone(exported, tmp_path):
         import numpy as np
         from eenn.deploy import Runtime
         out = Runtime({str(exported["export_maxprob"])!r}).predict(np.load({str(tmp_path / "x.npy")!r}), batch_size=8)
-        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "lightning", "timm", "hydra", "omegaconf"))
+        heavy = sorted(m for m in sys.modules
+                       if m.split(".")[0] in ("torch", "lightning", "timm", "hydra", "omegaconf"))
         print(out.exits.tolist(), heavy)
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}

@@ -32,7 +32,8 @@ BASE = [
         (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt' does not exist."),
         (
             ["backbone.name=vgg"],
-            "backbone.name='vgg' is not a known backbone family; valid: alexnet, cifar_resnet, densenet, lenet, msdnet, timm",
+            "backbone.name='vgg' is not a known backbone family; valid: alexnet, cifar_resnet, densenet, lenet, "
+            "msdnet, timm",
         ),
         (
             ["exits.head.name=mlp"],
