@@ -72,7 +72,7 @@ from eenn.evaluation.stats import paired_difference, summarise  # noqa: E402
 from eenn.policies import build_policy  # noqa: E402
 from eenn.policies.budget import sweep_fractions  # noqa: E402
 from eenn.predictions import Predictions  # noqa: E402
-from eenn.rundir import Stage1Run  # noqa: E402
+from eenn.rundir import TrainRun  # noqa: E402
 from eenn.utils.io import write_json  # noqa: E402
 from eenn.utils.overrides import override  # noqa: E402
 
@@ -157,7 +157,7 @@ class Study:
     def check_same(self, overrides: list[str], run_dir: Path) -> None:
         """A run dir holding another config than the one this benchmark trains is refused (its
         results would be read as this setting's)."""
-        run = Stage1Run(run_dir)
+        run = TrainRun(run_dir)
         if not run.has_config():
             return
         saved = OmegaConf.to_container(OmegaConf.load(run.config_file))
@@ -170,7 +170,7 @@ class Study:
     def train(self, name: str, overrides: list[str], run_dir: Path) -> None:
         """Train (or resume) one run; :meth:`train_all` checked its dir (composing a config is not
         thread-safe: every check runs before the pool starts)."""
-        run = Stage1Run(run_dir)
+        run = TrainRun(run_dir)
         if run.finished():
             return
         resume = ["ckpt_path=last"] if run.last_checkpoint.is_file() else []
@@ -193,7 +193,7 @@ class Study:
         for _, overrides, run_dir in todo:  # every refusal before the first training starts
             self.check_same(overrides, run_dir)
         if self.report_only:
-            missing = [str(d) for _, _, d in todo if not Stage1Run(d).finished()]
+            missing = [str(d) for _, _, d in todo if not TrainRun(d).finished()]
             if missing:
                 raise SystemExit(f"--stage report trains nothing, and {len(missing)} run(s) are missing: {missing[:3]}")
             return
@@ -210,7 +210,7 @@ def budget_fractions(preds: Predictions, n: int) -> list[float]:
 def budget_curves(run_dir: Path, fractions: list[float], policies: tuple[str, ...], cache_dir: Path) -> dict[str, Any]:
     """Per policy: accuracy on test and on val (where it was fitted) and realised test cost; the
     anytime accuracy per exit. Cached beside the runs by the predictions' bytes and the budgets."""
-    run = Stage1Run(run_dir)
+    run = TrainRun(run_dir)
     key = hashlib.sha1(
         json.dumps([fractions, list(policies)]).encode()
         + run.predictions_file("val").read_bytes()[: 1 << 20]
@@ -263,7 +263,7 @@ def epoch_log(run_dir: Path, exit_keys: list[str]) -> dict[str, Any]:
 
 def run_record(run_dir: Path, fractions: list[float], policies: tuple[str, ...], cache_dir: Path) -> dict[str, Any]:
     """What the JSON keeps of one run: where, which code, what it trained (resolved), its numbers."""
-    run = Stage1Run(run_dir)
+    run = TrainRun(run_dir)
     metrics, saved = run.metrics(), OmegaConf.to_container(OmegaConf.load(run.config_file))
     code = metrics.get("code") or {}
     exit_keys = [n.replace(".", "_") for n in metrics["exit_names"]]
@@ -324,7 +324,7 @@ def tune(study: Study, arms: list[str], lrs: list[float], seeds: list[int], n_bu
         nonlocal fractions
         dirs = [work / f"{setting_name(arm, lr, k)}_s{sd}" for sd in seeds]
         if fractions is None:
-            fractions = budget_fractions(Stage1Run(dirs[0]).predictions("val"), n_budgets)
+            fractions = budget_fractions(TrainRun(dirs[0]).predictions("val"), n_budgets)
         recs = [run_record(d, fractions, ("maxprob",), study.workdir / "evals") for d in dirs]
         return {
             "lr": lr,
@@ -455,7 +455,7 @@ def given_runs(specs: list[str]) -> dict[str, dict[int, Path]]:
     runs: dict[str, dict[int, Path]] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
-        run = Stage1Run(path)
+        run = TrainRun(path)
         if not sep or not run.finished():
             raise SystemExit(f"--run {spec!r}: expected NAME=RUN_DIR with a finished eenn-train run in RUN_DIR.")
         runs.setdefault(name, {})[int(run.config().seed)] = run.path
@@ -554,12 +554,12 @@ def main() -> None:
                 ]
             )
         # the seeds that have finished (all of them after --stage all or final)
-        final_dirs = {arm: {sd: d for sd, d in r.items() if Stage1Run(d).finished()} for arm, r in final_dirs.items()}
+        final_dirs = {arm: {sd: d for sd, d in r.items() if TrainRun(d).finished()} for arm, r in final_dirs.items()}
         final_dirs = {arm: r for arm, r in final_dirs.items() if r}
         if not final_dirs:
             raise SystemExit("no final run has finished yet: run --stage final first.")
 
-    first = Stage1Run(next(d for r in final_dirs.values() for d in r.values())).predictions("val")
+    first = TrainRun(next(d for r in final_dirs.values() for d in r.values())).predictions("val")
     fractions = budget_fractions(first, args.budgets)
     runs = {
         arm: {sd: run_record(d, fractions, POLICIES, study.workdir / "evals") for sd, d in sorted(by_seed.items())}
@@ -579,9 +579,7 @@ def main() -> None:
         "budget_fractions": fractions,
         "exit_cost_fractions": (first.costs_in("flops") / first.costs_in("flops")[-1]).tolist(),
         "val_size": first.num_samples,
-        "test_size": Stage1Run(next(d for r in final_dirs.values() for d in r.values()))
-        .predictions("test")
-        .num_samples,
+        "test_size": TrainRun(next(d for r in final_dirs.values() for d in r.values())).predictions("test").num_samples,
         "protocol": (
             "tuning on seeds not reported (tuning.seeds), 4 runs per arm, chosen on validation; thresholds "
             "(maxprob: MSDNet's rule; eenet: EENet's scheduler) fitted on validation at each budget, accuracy "
@@ -618,7 +616,7 @@ def learning_curve_check(
     for arm, c in tuning["chosen"].items():
         name = setting_name(arm, c["lr"], c["knob"])
         dirs = [study.workdir / "curve" / f"{name}_e{args.curve_epochs}_s{sd}" for sd in tuning["seeds"]]
-        if not all(Stage1Run(d).finished() for d in dirs):
+        if not all(TrainRun(d).finished() for d in dirs):
             continue
         short[arm] = c["val_score"]
         long[arm] = sum(

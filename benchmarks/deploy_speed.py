@@ -49,7 +49,7 @@ from common import add_output_args, compose_cfg, output_path, write_result  # no
 
 from eenn.deploy import Runtime  # noqa: E402
 from eenn.inference.engine import EarlyExitEngine, batches_of  # noqa: E402
-from eenn.rundir import ExportRun, FitRun, Stage1Run  # noqa: E402
+from eenn.rundir import ExportRun, FitRun, TrainRun  # noqa: E402
 from eenn.tasks.build import datamodule, load_network  # noqa: E402
 from eenn.tasks.export import export  # noqa: E402
 from eenn.tasks.fit import fit_run  # noqa: E402
@@ -85,7 +85,7 @@ def train_run(work: Path, quick: bool, backbone: str, epochs: int) -> tuple[Path
         "seed=0",
     ]
     run = work / "train"
-    if not Stage1Run(run).finished():
+    if not TrainRun(run).finished():
         train(compose_cfg("train", overrides, run))
     return run, overrides
 
@@ -288,8 +288,8 @@ def main() -> None:
         run_dir, overrides = train_run(args.work, args.quick, args.backbone, args.epochs)
     else:
         run_dir = args.run_dir.resolve()
-        overrides = Stage1Run(run_dir).overrides() if Stage1Run(run_dir).overrides_file.is_file() else None
-    run = Stage1Run(run_dir)
+        overrides = TrainRun(run_dir).overrides() if TrainRun(run_dir).overrides_file.is_file() else None
+    run = TrainRun(run_dir)
     dm = datamodule(run)
     dm.setup("test")
     x, y = load_split(dm, "test")

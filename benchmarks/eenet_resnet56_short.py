@@ -31,7 +31,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from eenn.evaluation.offline import evaluate  # noqa: E402
 from eenn.policies import build_policy  # noqa: E402
-from eenn.rundir import Stage1Run  # noqa: E402
+from eenn.rundir import TrainRun  # noqa: E402
 from eenn.tasks.train import train  # noqa: E402
 from eenn.utils.overrides import override  # noqa: E402
 
@@ -60,7 +60,7 @@ def stage1(epochs: int, run_dir: Path, extra: list[str]) -> dict:
 
 
 def stage2(run_dir: Path, experiment_stage2: dict, unit: str) -> list[dict]:
-    val, test = Stage1Run(run_dir).predictions("val"), Stage1Run(run_dir).predictions("test")
+    val, test = TrainRun(run_dir).predictions("val"), TrainRun(run_dir).predictions("test")
     full = float(val.costs_in(unit)[-1])
     methods = {**BASELINES, "EENet": experiment_stage2["policy"]}
     rows = []

@@ -50,7 +50,7 @@ from common import add_output_args, output_path, write_result
 from eenn.inference.engine import EarlyExitEngine, batches_of
 from eenn.policies.base import ExitPolicy
 from eenn.policies.simulate import simulate
-from eenn.rundir import FitRun, InferRun, Stage1Run
+from eenn.rundir import FitRun, InferRun, TrainRun
 from eenn.tasks.build import datamodule, load_network
 from eenn.tasks.infer import load_split
 from eenn.utils.overrides import override
@@ -115,7 +115,7 @@ def engine_exits(
     """(N,) the exit the engine takes for each test sample, in order, on ``device``, with the run's
     best checkpoint and the batch size eenn-infer uses by default; and, on CUDA, its host-device
     syncs per batch of that run (None on the CPU)."""
-    run = Stage1Run(train_dir)
+    run = TrainRun(train_dir)
     dm = datamodule(run)
     dm.setup("test")
     x, y = load_split(dm, "test")
@@ -218,7 +218,7 @@ def check(args: argparse.Namespace, out: Path, result: dict[str, Any]) -> None:
         ],
         work / "train.log",
     )
-    result["train_metrics"] = Stage1Run(train_dir).metrics()
+    result["train_metrics"] = TrainRun(train_dir).metrics()
     run(
         [
             *app("fit"),
@@ -243,7 +243,7 @@ def check(args: argparse.Namespace, out: Path, result: dict[str, Any]) -> None:
     result["infer"] = {k: infer[k] for k in ("device", "accuracy", "agreement", "timing", "exit_fractions")}
     # per sample: on CUDA (TF32 convolutions, kernels chosen per batch size) the logits of the
     # engine's smaller batches differ slightly from the offline pass's, so only near ties may move
-    policy, logits = FitRun(fit_dir).policy(), Stage1Run(train_dir).predictions("test").logits
+    policy, logits = FitRun(fit_dir).policy(), TrainRun(train_dir).predictions("test").logits
     exits, engine_syncs = engine_exits(train_dir, policy, device)
     result.update(compare_exits(exits, simulate(policy, logits)[0], near_ties(policy, logits, TIE)))
     result["near_tie_tolerance"] = TIE

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from common import add_output_args, compose_cfg, output_path, write_result  # noqa: E402
 
 from eenn.evaluation.stats import paired_difference  # noqa: E402
-from eenn.rundir import Stage1Run  # noqa: E402
+from eenn.rundir import TrainRun  # noqa: E402
 from eenn.tasks.fit import fit_run  # noqa: E402
 from eenn.tasks.train import train  # noqa: E402
 from eenn.utils.overrides import override  # noqa: E402
@@ -221,9 +221,9 @@ def main() -> None:
         stage1 = train_stage1(data, args.backbone, args.epochs, run_dir, args.train_overrides)
     else:
         run_dir = args.run_dir
-        stage1 = Stage1Run(run_dir).metrics()
+        stage1 = TrainRun(run_dir).metrics()
     run_dir = run_dir.resolve()
-    val, test = Stage1Run(run_dir).predictions("val"), Stage1Run(run_dir).predictions("test")
+    val, test = TrainRun(run_dir).predictions("val"), TrainRun(run_dir).predictions("test")
     costs = val.costs_in("flops")
     first = float(costs[0] / costs[-1])
     fractions = [first + (1 - first) * i / 6 for i in range(1, 6)]  # strictly between the first and last exit

@@ -33,7 +33,7 @@ def resume_equality(tmp: Path) -> dict[str, bool]:
     """A run crashed mid-epoch and resumed with ckpt_path=last ends as the uninterrupted run: the
     same predictions and the same last checkpoint (weights, optimiser state)."""
     sys.path.insert(0, str(REPO))
-    from eenn.rundir import Stage1Run
+    from eenn.rundir import TrainRun
     from eenn.tasks.train import train
     from tests.reliability.crash import SimulatedCrash
 
@@ -57,7 +57,7 @@ def resume_equality(tmp: Path) -> dict[str, bool]:
     except SimulatedCrash:
         crashed = True
     train(compose_cfg("train", [*small, "ckpt_path=last"], tmp / "resumed"))
-    whole, resumed = Stage1Run(tmp / "whole"), Stage1Run(tmp / "resumed")
+    whole, resumed = TrainRun(tmp / "whole"), TrainRun(tmp / "resumed")
     same_predictions = all(
         torch.equal(resumed.predictions(s).logits, whole.predictions(s).logits) for s in ("val", "test")
     )
@@ -77,7 +77,7 @@ def ddp_coverage(tmp: Path) -> bool:
     """2-process DDP on CPU: every val/test sample once, in dataset order: row i of each file is
     the saved network's output on sample i of the split (labels alone repeat, so a shuffle within
     a class would pass a check of them)."""
-    from eenn.rundir import Stage1Run
+    from eenn.rundir import TrainRun
     from eenn.tasks.build import datamodule, load_network
 
     env = {**os.environ, "EENN_ROOT": str(tmp / "ddp")}
@@ -99,7 +99,7 @@ def ddp_coverage(tmp: Path) -> bool:
         timeout=600,
     )
     (path,) = (tmp / "ddp" / "outputs" / "train" / "runs").iterdir()
-    run = Stage1Run(path)
+    run = TrainRun(path)
     dm = datamodule(run)
     dm.setup()
     network = load_network(run, "best", dm)

@@ -52,7 +52,7 @@ from eenn.policies import build_policy  # noqa: E402
 from eenn.policies.risk import LOSSES, binomial_pvalues, candidate_exits, candidate_grid, exit_losses, fixed_sequence  # noqa: E402
 from eenn.policies.synthetic import synthetic_predictions  # noqa: E402
 from eenn.predictions import Predictions  # noqa: E402
-from eenn.rundir import Stage1Run  # noqa: E402
+from eenn.rundir import TrainRun  # noqa: E402
 from eenn.utils.provenance import code_version  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def pool(run_dir: Path | None) -> tuple[Predictions, str]:
         parts = [synthetic_predictions(1500, seed=0), synthetic_predictions(1500, seed=1, split="test")]
         source = "synthetic (eenn.policies.synthetic)"
     else:
-        run = Stage1Run(run_dir)
+        run = TrainRun(run_dir)
         parts = [run.predictions("val"), run.predictions("test")]
         source = str(Path(run_dir).resolve())
     a, b = parts

@@ -1,6 +1,6 @@
 """The Python API: a trained multi-exit model and its exit policy, for notebooks and scripts.
 
-It sits on the objects the apps use (:class:`~eenn.rundir.Stage1Run`, :class:`~eenn.policies.base.ExitPolicy`,
+It sits on the objects the apps use (:class:`~eenn.rundir.TrainRun`, :class:`~eenn.policies.base.ExitPolicy`,
 :class:`~eenn.inference.engine.EarlyExitEngine`, :func:`~eenn.policies.base.build_policy`), with no
 second implementation of any of them::
 
@@ -502,15 +502,15 @@ def read_policy(policy: str | os.PathLike, key: str = "policy") -> ExitPolicy:
 
 
 def _stage1(run_dir: str | os.PathLike) -> Any:
-    from eenn.rundir import PipelineRun, RunDir, Stage1Run
+    from eenn.rundir import PipelineRun, RunDir, TrainRun
 
     path = Path(run_dir)
     if not path.is_dir():
         raise EENNError(f"run_dir={str(path)!r} is not a directory.")
     if RunDir(path).saved_app() == PipelineRun.APP:
         return PipelineRun(path).train
-    run = Stage1Run(path)
-    if run.saved_app() != Stage1Run.APP:
+    run = TrainRun(path)
+    if run.saved_app() != TrainRun.APP:
         raise EENNError(f"run_dir={str(path)!r} is not an eenn-train (or eenn-pipeline) run dir.")
     return run
 

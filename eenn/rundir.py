@@ -3,14 +3,14 @@
 Every eenn app is a Hydra job whose run dir holds what it made, and the next stage takes that dir
 as its input. The objects here know the files; every other module asks them:
 
-- :class:`Stage1Run` (eenn-train): ``.hydra/config.yaml`` (Hydra writes it), ``checkpoints/``
+- :class:`TrainRun` (eenn-train): ``.hydra/config.yaml`` (Hydra writes it), ``checkpoints/``
   (``best.ckpt``, ``last.ckpt``), ``costs.json``, ``predictions/{val,test}.safetensors`` and, once
   finished, ``metrics.json``;
 - :class:`FitRun` (eenn-fit): ``policy.safetensors`` and ``metrics.json``;
 - :class:`InferRun` (eenn-infer): ``infer.json``;
 - :class:`ExportRun` (eenn-export): the deployment bundle in ``bundle/``;
 - :class:`CompareRun` (eenn-compare): ``results.csv``, the plots (PNG) and ``report.html``;
-- :class:`PipelineRun` (eenn-pipeline): a Stage1Run in ``train/``, a FitRun per job in ``fit/``
+- :class:`PipelineRun` (eenn-pipeline): a TrainRun in ``train/``, a FitRun per job in ``fit/``
   and a CompareRun in ``compare/``;
 - a job of a sweep that failed leaves ``error.json`` instead of its results.
 
@@ -200,7 +200,7 @@ class RunDir(Claimable):
         return next((RUN_TYPES[a](self.path) for a in apps if a in RUN_TYPES), self)
 
 
-class Stage1Run(RunDir):
+class TrainRun(RunDir):
     """An eenn-train run dir: config, checkpoints, cost profile, predictions, metrics."""
 
     APP = "train"
@@ -344,7 +344,7 @@ class Stage1Run(RunDir):
         return self.path / self.PREDICTIONS / f"{split}.safetensors"
 
     @classmethod
-    def holding(cls, predictions_file: str | Path) -> Stage1Run:
+    def holding(cls, predictions_file: str | Path) -> TrainRun:
         """The run a predictions file lies in (its ``predictions/`` folder), or the folder holding
         the file when it lies elsewhere (predictions written by another tool)."""
         folder = Path(predictions_file).resolve().parent
@@ -429,12 +429,12 @@ class FitRun(RunDir):
     def write_policy(self, policy: ExitPolicy) -> None:
         policy.save(self.policy_file)
 
-    def source_run(self) -> Stage1Run | None:
+    def source_run(self) -> TrainRun | None:
         """The stage-1 run the fit used: its metrics' ``source_run``, else its config's ``run_dir``."""
         source = self.metrics().get("source_run") if self.finished() else None
         if not source and self.has_config():
             source = self.config().get("run_dir")
-        return Stage1Run(source) if source else None
+        return TrainRun(source) if source else None
 
     def is_job(self) -> bool:
         """Whether this dir is a fit job (finished, failed or started), not a folder of jobs."""
@@ -599,7 +599,7 @@ class PipelineRun(RunDir):
         stage 1 that was stopped: from its last checkpoint, or afresh when it made none."""
         train_cfg = cfg.copy()
         with open_dict(train_cfg):
-            train_cfg.task_name = Stage1Run.APP
+            train_cfg.task_name = TrainRun.APP
             train_cfg.paths.output_dir = str(self.train.path)
             if not train_cfg.get("force") and not self.train.finished() and self.train.outputs():
                 if self.train.last_checkpoint.is_file():
@@ -634,8 +634,8 @@ class PipelineRun(RunDir):
         return self.compare.finished()
 
     @property
-    def train(self) -> Stage1Run:
-        return Stage1Run(self.path / self.TRAIN)
+    def train(self) -> TrainRun:
+        return TrainRun(self.path / self.TRAIN)
 
     @property
     def fit_dir(self) -> Path:
@@ -655,5 +655,5 @@ class PipelineRun(RunDir):
 
 #: the run dir of each app, by its config's task_name
 RUN_TYPES: dict[str, type[RunDir]] = {
-    t.APP: t for t in (Stage1Run, FitRun, InferRun, ExportRun, CompareRun, PipelineRun)
+    t.APP: t for t in (TrainRun, FitRun, InferRun, ExportRun, CompareRun, PipelineRun)
 }

@@ -19,7 +19,7 @@ from eenn.data import EENNDataModule
 from eenn.data.sources import SOURCES
 from eenn.errors import EENNError
 from eenn.policies import build_policy
-from eenn.rundir import PipelineRun, Stage1Run
+from eenn.rundir import PipelineRun, TrainRun
 from eenn.tasks.pipeline import run_pipeline
 from eenn.tasks.train import build_module, build_network, train
 
@@ -111,7 +111,7 @@ def test_smoke_run_trains_two_batches_and_writes_a_complete_run_dir(name, compos
     cfg = compose_cfg("train", [f"experiment={name}", "debug=smoke"])
     assert cfg.data.name == "random" and cfg.trainer.limit_train_batches == 2 and cfg.cost.repeats == 2
     metrics = train(cfg)
-    run = Stage1Run(cfg.paths.output_dir)
+    run = TrainRun(cfg.paths.output_dir)
     k = NUM_EXITS[name]
     assert run.checkpoint("best").is_file() and run.checkpoint("last").is_file()
     assert (run.path / "csv" / "metrics.csv").is_file()
@@ -180,7 +180,7 @@ def test_the_vit_settings_smoke_twin_is_its_recipe_on_a_small_vit_and_trains(com
     assert (full.backbone.name, full.backbone.img_size, full.backbone.patch_size) == ("deit_tiny_patch16_224", 32, 4)
     assert cfg.exits.head == full.exits.head
     metrics = train(cfg)
-    run = Stage1Run(cfg.paths.output_dir)
+    run = TrainRun(cfg.paths.output_dir)
     assert metrics["exit_names"] == ["blocks.1", "blocks.3", "final"] and run.metrics()["epochs"] == 2
     assert run.predictions("test").logits.shape == (64, 3, 10)
     lrs = [float(r["lr-AdamW"]) for r in csv.DictReader((run.path / "csv" / "metrics.csv").open()) if r.get("lr-AdamW")]

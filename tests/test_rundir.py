@@ -13,7 +13,7 @@ from eenn.checkpoints import load_weights
 from eenn.errors import EENNError
 from eenn.models import build_multi_exit
 from eenn.policies.synthetic import synthetic_predictions
-from eenn.rundir import FitRun, PipelineRun, RunDir, Stage1Run, failed_jobs, fit_runs
+from eenn.rundir import FitRun, PipelineRun, RunDir, TrainRun, failed_jobs, fit_runs
 
 RESNET8 = {"name": "cifar_resnet", "depth": 8}
 
@@ -23,7 +23,7 @@ def _net(classes: int = 4):
 
 
 def test_a_stage1_run_names_its_model_as_comparisons_do(tmp_path):
-    assert Stage1Run(tmp_path / "runs" / "r1").name == "r1"
+    assert TrainRun(tmp_path / "runs" / "r1").name == "r1"
     pipe = PipelineRun(tmp_path / "demo")
     assert pipe.train.name == "demo" and pipe.fit("maxprob_0.5").path == tmp_path / "demo" / "fit" / "maxprob_0.5"
     # two sweeps with the same override name their jobs alike: the sweep dir tells the models apart
@@ -31,26 +31,26 @@ def test_a_stage1_run_names_its_model_as_comparisons_do(tmp_path):
     for sweep in ("2026-11-28_10-00-00_a1b2c3", "2026-11-28_10-00-00_d4e5f6"):
         (tmp_path / sweep / "0_backbone=resnet20").mkdir(parents=True)
         (tmp_path / sweep / "multirun.yaml").write_text("{}")
-        names.append(Stage1Run(tmp_path / sweep / "0_backbone=resnet20").name)
+        names.append(TrainRun(tmp_path / sweep / "0_backbone=resnet20").name)
     assert names == ["2026-11-28_10-00-00_a1b2c3/0_backbone=resnet20", "2026-11-28_10-00-00_d4e5f6/0_backbone=resnet20"]
 
 
 def test_predictions_round_trip_and_the_run_holding_a_file(tmp_path):
-    run = Stage1Run(tmp_path / "run")
+    run = TrainRun(tmp_path / "run")
     assert not run.has_predictions()
     for split in ("val", "test"):
         run.write_predictions(synthetic_predictions(20, seed=0, split=split))
     assert run.has_predictions() and run.predictions("test").split == "test"
-    assert Stage1Run.holding(run.predictions_file("val")).path == run.path.resolve()
+    assert TrainRun.holding(run.predictions_file("val")).path == run.path.resolve()
     loose = tmp_path / "elsewhere" / "val.safetensors"
-    assert Stage1Run.holding(loose).path == loose.parent.resolve()
+    assert TrainRun.holding(loose).path == loose.parent.resolve()
     with pytest.raises(EENNError, match="lacks .*: is it an eenn-train run dir"):
-        Stage1Run(tmp_path / "empty").predictions("val")
+        TrainRun(tmp_path / "empty").predictions("val")
 
 
 def test_missing_files_are_named(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    run = Stage1Run(tmp_path)
+    run = TrainRun(tmp_path)
     with pytest.raises(EENNError, match=r"checkpoint='best': .* does not exist"):
         run.checkpoint("best")
     with pytest.raises(EENNError, match=r"ckpt_path='/no/such.ckpt' does not exist"):
@@ -81,7 +81,7 @@ def test_the_one_loader_loads_a_checkpoints_network_and_refuses_another_models(t
 
 
 def test_configs_saved_before_the_registry_keys_were_name_read_as_today(tmp_path):
-    run = Stage1Run(tmp_path)
+    run = TrainRun(tmp_path)
     run.config_file.parent.mkdir()
     OmegaConf.save(
         OmegaConf.create(

@@ -31,7 +31,7 @@ def expand_resume(args: list[str]) -> list[str]:
     command line becomes the run's own overrides (as Hydra saved them: :meth:`RunDir.overrides`),
     then ``hydra.run.dir=<dir> ckpt_path=last``, then the rest of this command line (which wins
     where it sets the same key, e.g. ``trainer.max_epochs`` to train on). The job checks that the
-    config composes as the run's saved one (:meth:`eenn.rundir.Stage1Run.check_resume`). A run with
+    config composes as the run's saved one (:meth:`eenn.rundir.TrainRun.check_resume`). A run with
     nothing to resume (finished, or stopped before its first checkpoint) is refused here, before
     Hydra logs into its dir; with ``force=true`` the run restarts from scratch instead."""
     given = [a for a in args if a.startswith("resume=")]
@@ -39,7 +39,7 @@ def expand_resume(args: list[str]) -> list[str]:
         return args
     if any(a in ("-m", "--multirun") for a in args):
         raise EENNError("resume=<run dir> continues one run; it cannot be part of a sweep (-m).")
-    from eenn.rundir import Stage1Run  # only here: torch comes with it (see eenn.cli.common)
+    from eenn.rundir import TrainRun  # only here: torch comes with it (see eenn.cli.common)
 
     parser = OverridesParser.create()
     run_dir = Path(given_value(parser, given[-1])).expanduser().resolve()
@@ -48,7 +48,7 @@ def expand_resume(args: list[str]) -> list[str]:
         raise EENNError("resume=<run dir> runs in that dir: leave hydra.run.dir out.")
     forced = [a for a in rest if a.startswith("force=")]
     force = bool(forced) and check_flag(parser.parse_override(forced[-1]).value(), "force")
-    run = Stage1Run(run_dir)
+    run = TrainRun(run_dir)
     run.check_resumable(force)
     saved_overrides = run.overrides(key="resume")
 

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from eenn.checkpoints import load_weights
 from eenn.errors import EENNError
 from eenn.models.multi_exit import MultiExitNetwork, build_multi_exit
-from eenn.rundir import Stage1Run
+from eenn.rundir import TrainRun
 
 
 def instantiate(cfg: Any, **kwargs: Any) -> Any:
@@ -46,7 +46,7 @@ def build_network(cfg: DictConfig, dm: Any) -> MultiExitNetwork:
     )
 
 
-def load_network(run: Stage1Run, checkpoint: str = "best", dm: Any = None) -> MultiExitNetwork:
+def load_network(run: TrainRun, checkpoint: str = "best", dm: Any = None) -> MultiExitNetwork:
     """The run's network, rebuilt from its config for the data module ``dm`` (default: the run's
     own data), with the checkpoint's weights, in eval mode."""
     network = build_network(run.config(), dm if dm is not None else datamodule(run))
@@ -54,7 +54,7 @@ def load_network(run: Stage1Run, checkpoint: str = "best", dm: Any = None) -> Mu
     return network.eval()
 
 
-def datamodule(run: Stage1Run, overrides: Any = None) -> Any:
+def datamodule(run: TrainRun, overrides: Any = None) -> Any:
     """The run's data module from its config, with ``overrides`` of the data config merged in
     (e.g. another data.root on another machine)."""
     return instantiate(OmegaConf.merge(run.config().data, overrides or {}), _convert_="all")

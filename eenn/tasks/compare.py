@@ -36,13 +36,13 @@ from eenn.evaluation.plots import (
     save_png,
 )
 from eenn.evaluation.report import accuracy_table, seed_table, write_report
-from eenn.rundir import CompareRun, FitRun, Stage1Run, fit_runs
+from eenn.rundir import CompareRun, FitRun, TrainRun, fit_runs
 from eenn.tasks.loggers import start_wandb_run
 
 log = logging.getLogger("eenn.compare")
 
 
-def load_model(run: Stage1Run) -> Model:
+def load_model(run: TrainRun) -> Model:
     """A stage-1 run's model: its name, training, saved predictions and resolved config (which
     groups it with the runs that differ from it only in their seed)."""
     config = flatten(OmegaConf.to_container(run.config())) if run.has_config() else {}
@@ -54,7 +54,7 @@ def collect(sweeps: Sequence[str | Path], runs: Sequence[str | Path] = (), basel
     group the models by seed, with ``baseline`` the group the others are paired with."""
     comp = Comparison()
     for r in runs:
-        m = load_model(Stage1Run(r))
+        m = load_model(TrainRun(r))
         comp.models[str(m.run_dir.resolve())] = m
     for sweep in map(Path, sweeps):
         if not sweep.is_dir():

@@ -24,7 +24,7 @@ from eenn.evaluation.offline import evaluate
 from eenn.policies.base import ExitPolicy, build_policy, check_budget
 from eenn.policies.budget import sweep_fractions, within_budget
 from eenn.predictions import SPLITS, Predictions, check_compatible, cost_unit_name
-from eenn.rundir import FitRun, Stage1Run
+from eenn.rundir import FitRun, TrainRun
 from eenn.tasks.loggers import start_wandb_run
 
 log = logging.getLogger("eenn")
@@ -53,12 +53,12 @@ def load_split_predictions(cfg: DictConfig) -> tuple[Predictions, Predictions]:
         given = cfg.predictions.get(split)
         if given is None and cfg.get("run_dir") is None:
             raise EENNError(f"no {split} predictions: set run_dir=<stage-1 run dir> or predictions.{split}=<file>.")
-        paths[split] = Path(given) if given is not None else Stage1Run(cfg.run_dir).predictions_file(split)
+        paths[split] = Path(given) if given is not None else TrainRun(cfg.run_dir).predictions_file(split)
     if cfg.get("run_dir") is not None:
         if not Path(cfg.run_dir).is_dir():
             raise EENNError(f"run_dir={cfg.run_dir!r} is not a directory.")
-        Stage1Run(cfg.run_dir).settle()
-        Stage1Run(cfg.run_dir).check_app("run_dir")
+        TrainRun(cfg.run_dir).settle()
+        TrainRun(cfg.run_dir).check_app("run_dir")
     val, test = Predictions.load(paths["val"]), Predictions.load(paths["test"])
     check_compatible(val, test)
     return val, test
@@ -128,19 +128,19 @@ def resolve_budget(
     return budget, warnings
 
 
-def stage1_source(cfg: DictConfig, val: Predictions) -> Stage1Run | None:
+def stage1_source(cfg: DictConfig, val: Predictions) -> TrainRun | None:
     """The stage-1 run the predictions came from: ``run_dir``, else the files' ``source_run``
     metadata, else the run (or folder) holding the validation file."""
     if cfg.get("run_dir"):
-        return Stage1Run(Path(cfg.run_dir).resolve())
+        return TrainRun(Path(cfg.run_dir).resolve())
     if val.source_run:
-        return Stage1Run(val.source_run)
+        return TrainRun(val.source_run)
     if cfg.predictions.get("val"):
-        return Stage1Run.holding(cfg.predictions.val)
+        return TrainRun.holding(cfg.predictions.val)
     return None
 
 
-def stage1_info(run: Stage1Run | None) -> dict[str, Any]:
+def stage1_info(run: TrainRun | None) -> dict[str, Any]:
     """What the stage-1 run's metrics say about the model (for filtering in wandb's UI)."""
     info: dict[str, Any] = {"run_dir": str(run.path) if run else None, "name": run.name if run else "unknown"}
     if run is not None and run.finished():
@@ -189,7 +189,7 @@ class FitRequest:
     budget: float
     fraction: float
     requested_fraction: float | None
-    source: Stage1Run | None
+    source: TrainRun | None
     warnings: list[str] = field(default_factory=list)
 
 

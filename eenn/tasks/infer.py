@@ -27,7 +27,7 @@ from eenn.inference.rebatch import Rebatcher
 from eenn.inference.report import UNITS, expected_vs_realised, format_report, timing_summary
 from eenn.policies.base import ExitPolicy
 from eenn.predictions import SPLITS
-from eenn.rundir import FitRun, InferRun, Stage1Run
+from eenn.rundir import FitRun, InferRun, TrainRun
 from eenn.tasks.build import datamodule, load_network
 
 MODES = ("batched", "rebatch", "single")
@@ -115,11 +115,11 @@ def check_config(cfg: DictConfig) -> None:
             raise EENNError(f"edge_cloud.p_d_sweep entries must be probabilities in [0, 1], got {p_d!r}.")
 
 
-def resolve_run(cfg: DictConfig, default: str | None = None) -> Stage1Run:
+def resolve_run(cfg: DictConfig, default: str | None = None) -> TrainRun:
     """``run_dir``, or else the stage-1 run the policy dir was fitted on, or else ``default`` (a
     bundle's source run)."""
     if cfg.get("run_dir") or (default and not cfg.get("policy_dir")):
-        run = Stage1Run(cfg.get("run_dir") or default)
+        run = TrainRun(cfg.get("run_dir") or default)
     else:
         run = FitRun(cfg.policy_dir).source_run() if cfg.get("policy_dir") else None
         if run is None:
@@ -133,7 +133,7 @@ def resolve_run(cfg: DictConfig, default: str | None = None) -> Stage1Run:
     return run
 
 
-def check_bundle_source(bundle: Any, source: dict[str, Any], run: Stage1Run) -> None:
+def check_bundle_source(bundle: Any, source: dict[str, Any], run: TrainRun) -> None:
     """The run whose data and saved predictions the bundle is measured against must be the one it
     was exported from: its checkpoint of that name has the sha256 the manifest records (a bundle
     made before the sha256 was recorded: the run's dir is its source run_dir)."""
@@ -292,7 +292,7 @@ def interleaved(passes: list[Callable[[], None]], repeats: int) -> None:
 
 def record(
     cfg: DictConfig,
-    run: Stage1Run,
+    run: TrainRun,
     policy_file: Path,
     policy: ExitPolicy,
     preds: Any,
@@ -334,7 +334,7 @@ def _infer_bundle(
     bundle: Any,
     policy: ExitPolicy,
     policy_file: Path,
-    run: Stage1Run,
+    run: TrainRun,
     preds: Any,
     profile: Any,
     x: torch.Tensor,

@@ -1,5 +1,5 @@
 """The eenn-train job: stage 1 as one function, config in, complete run dir out
-(:class:`eenn.rundir.Stage1Run`: checkpoints, cost profile, predictions of both held-out splits,
+(:class:`eenn.rundir.TrainRun`: checkpoints, cost profile, predictions of both held-out splits,
 metrics); stage 2 takes the run dir as its input."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from eenn.errors import EENNError, check_flag, check_number, is_number
 from eenn.evaluation.objective import OBJECTIVES, search_objective
 from eenn.models.multi_exit import MultiExitNetwork
 from eenn.predictions import SPLITS
-from eenn.rundir import Stage1Run
+from eenn.rundir import TrainRun
 from eenn.tasks.build import build_network, instantiate
 from eenn.tasks.loggers import finish_wandb, log_table
 from eenn.training.joint import MultiExitModule, metric_key
@@ -131,15 +131,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     holding a run is refused unless ``ckpt_path`` resumes it or ``force`` is set."""
     # Everything that can be refused is checked before the first file is written.
     check_config(cfg)
-    run = Stage1Run(cfg.paths.output_dir)
+    run = TrainRun(cfg.paths.output_dir)
     force = check_flag(cfg.get("force", False), "force")
     if cfg.get("resume") and not force:  # resume=<dir> force=true restarts the run in its dir
-        Stage1Run(cfg.resume).check_resume(cfg)
+        TrainRun(cfg.resume).check_resume(cfg)
     with run.claimed(force=force, resume=not force and run.resumes(cfg)):
         return _train(cfg, run)
 
 
-def _train(cfg: DictConfig, run: Stage1Run) -> dict[str, Any]:
+def _train(cfg: DictConfig, run: TrainRun) -> dict[str, Any]:
     ckpt_path = run.resume_checkpoint(cfg.get("ckpt_path"))
     pl.seed_everything(cfg.seed, workers=True)
     t0 = time.perf_counter()

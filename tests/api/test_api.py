@@ -9,7 +9,7 @@ import torch
 import eenn
 from eenn.errors import EENNError
 from eenn.policies.simulate import simulate
-from eenn.rundir import FitRun, PipelineRun, Stage1Run
+from eenn.rundir import FitRun, PipelineRun, TrainRun
 from eenn.tasks.build import datamodule
 
 
@@ -19,7 +19,7 @@ def model(digits):
 
 
 def test_predict_is_the_engine_and_agrees_with_offline_simulation(model, digits):
-    run = Stage1Run(digits.run)
+    run = TrainRun(digits.run)
     test = run.predictions("test")
     x, y = eenn.load_split(digits.run, "test")
     assert torch.equal(y, test.labels)  # the split in the order of the saved predictions
@@ -44,13 +44,13 @@ def test_predict_is_the_engine_and_agrees_with_offline_simulation(model, digits)
 
 
 def test_what_the_model_says_about_itself(model, digits):
-    metrics = Stage1Run(digits.run).metrics()
+    metrics = TrainRun(digits.run).metrics()
     assert model.exit_names == metrics["exit_names"] and model.num_exits == 4
     assert model.costs["flops"] == metrics["costs_flops"] and "latency_ms" not in model.costs  # not measured
     assert model.class_names == [str(c) for c in range(10)] and model.input_shape == (1, 8, 8)
     assert model.policy.name == "maxprob" and "maxprob" in repr(model)
     # raw digits (uint8, or floats in [0, 1]) normalised as the data module does
-    dm = datamodule(Stage1Run(digits.run))
+    dm = datamodule(TrainRun(digits.run))
     dm.setup("test")
     raw = dm.test_set.x  # the digits' uint8 images (N, 1, 8, 8), as the data module holds them
     x, _ = eenn.load_split(digits.run, "test")
@@ -64,10 +64,10 @@ def test_fit_policy_is_eenn_fit(digits):
     saved = FitRun(digits.fit).policy()
     assert torch.equal(fitted.thresholds, saved.thresholds) and fitted.budget == saved.budget
     # from a predictions file or Predictions, the same
-    val = Stage1Run(digits.run).predictions("val")
+    val = TrainRun(digits.run).predictions("val")
     assert torch.equal(eenn.fit_policy(val, "maxprob", budget=0.5).thresholds, saved.thresholds)
     assert torch.equal(
-        eenn.fit_policy(Stage1Run(digits.run).predictions_file("val"), "maxprob", budget=0.5).thresholds,
+        eenn.fit_policy(TrainRun(digits.run).predictions_file("val"), "maxprob", budget=0.5).thresholds,
         saved.thresholds,
     )
     # options and other policies; the summary eenn-fit writes
@@ -96,7 +96,7 @@ def test_a_pipeline_dir_loads_its_training_run(digits, tmp_path):
     (pipeline / ".hydra").mkdir(parents=True)
     (pipeline / ".hydra" / "config.yaml").write_text("task_name: pipeline\n")
     (pipeline / PipelineRun.TRAIN).symlink_to(digits.run)
-    assert eenn.load(pipeline).exit_names == Stage1Run(digits.run).metrics()["exit_names"]
+    assert eenn.load(pipeline).exit_names == TrainRun(digits.run).metrics()["exit_names"]
 
 
 def test_bad_input_is_one_sentence_naming_it(model, digits, tmp_path):
@@ -114,7 +114,7 @@ def test_bad_input_is_one_sentence_naming_it(model, digits, tmp_path):
         (lambda: model.predict((x * 50).to(torch.uint8)), "normalised float"),
         (lambda: model.predict(x, unit="latency_ms"), "unit='latency_ms'"),
         (lambda: model.with_policy(eenn.fit_policy(digits.run, "oracle", budget=0.5)), "reads the labels"),
-        (lambda: eenn.fit_policy(Stage1Run(digits.run).predictions("test"), "maxprob"), "test predictions"),
+        (lambda: eenn.fit_policy(TrainRun(digits.run).predictions("test"), "maxprob"), "test predictions"),
         (lambda: eenn.fit_policy(digits.run, "nosuch"), "nosuch"),
         (lambda: eenn.fit_policy(digits.run, "maxprob", budget=-1), "budget.fraction must be"),
         (lambda: eenn.fit_policy(digits.run, "maxprob", cost="joules"), "cost='joules'"),

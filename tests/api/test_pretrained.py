@@ -13,7 +13,7 @@ import eenn
 from eenn.api import FORMAT
 from eenn.card import CARD_BUDGETS
 from eenn.errors import EENNError
-from eenn.rundir import FitRun, Stage1Run
+from eenn.rundir import FitRun, TrainRun
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_the_model_card_holds_the_runs_numbers(saved, digits):
     _, out = saved
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: eenn\n") and "# cifar_resnet with 4 exits on digits" in card
-    metrics = Stage1Run(digits.run).metrics()
+    metrics = TrainRun(digits.run).metrics()
     rows = _table(card, "Per-exit accuracy and cost")
     assert [r[0] for r in rows] == metrics["exit_names"]
     for r, name, flops in zip(rows, metrics["exit_names"], metrics["costs_flops"]):
@@ -119,7 +119,7 @@ def test_the_model_card_holds_the_runs_numbers(saved, digits):
 def test_budgets_below_the_first_exit_are_marked_not_invented(digits, tmp_path):
     from eenn.card import card_metrics
 
-    first = Stage1Run(digits.run).metrics()["costs_flops"][0] / Stage1Run(digits.run).metrics()["costs_flops"][-1]
+    first = TrainRun(digits.run).metrics()["costs_flops"][0] / TrainRun(digits.run).metrics()["costs_flops"][-1]
     m = card_metrics(digits.run, {})
     for b in m["budgets"]:
         assert (b["test_accuracy"] is None) == (b["fraction"] < first)

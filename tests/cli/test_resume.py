@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from eenn.cli.train import expand_resume
 from eenn.errors import EENNError
-from eenn.rundir import Stage1Run
+from eenn.rundir import TrainRun
 from eenn.tasks.train import train
 
 SMALL = [
@@ -85,4 +85,4 @@ def test_resume_refuses_a_config_that_composes_otherwise(compose_cfg, tmp_path):
     again.trainer.max_epochs = 2
     again.trainer.enable_progress_bar = True  # how it shows its progress may change
     train(again)
-    assert Stage1Run(tmp_path / "run").metrics()["epochs"] == 2
+    assert TrainRun(tmp_path / "run").metrics()["epochs"] == 2

@@ -10,7 +10,7 @@ from omegaconf import open_dict
 
 from eenn.cli.common import conf_dir
 from eenn.policies import POLICIES, policy_class
-from eenn.rundir import Stage1Run
+from eenn.rundir import TrainRun
 from eenn.tasks.fit import fit_run
 from eenn.tasks.train import train
 
@@ -44,7 +44,7 @@ def vit_run(tmp_path_factory) -> Path:
 
 
 def test_the_issue_command_writes_predictions_and_a_cost_profile(vit_run):
-    run = Stage1Run(vit_run)
+    run = TrainRun(vit_run)
     costs = run.costs()
     assert len(costs.exits) == 12 and costs.per_exit("flops") == sorted(costs.per_exit("flops"))
     for split in ("val", "test"):

@@ -18,7 +18,7 @@ from eenn.models.backbones import BACKBONES
 from eenn.policies import POLICIES, policy_class
 from eenn.policies.synthetic import synthetic_predictions
 from eenn.registry import import_submodules
-from eenn.rundir import FitRun, Stage1Run
+from eenn.rundir import FitRun, TrainRun
 from eenn.tasks.fit import fit_run
 from eenn.tasks.train import train
 from tests.contracts import checks
@@ -81,7 +81,7 @@ def test_the_guides_policy(guide, val, test_preds, tmp_path):
         checks.check_traits("max_logit", example, val)
     checks.check_policy_yaml("max_logit", guide)
     # eenn-fit run_dir=<run> policy=max_logit budget.fraction=0.6
-    run = Stage1Run(tmp_path / "train")
+    run = TrainRun(tmp_path / "train")
     for split in ("val", "test"):
         run.write_predictions(synthetic_predictions(300, seed=3, split=split))
     cfg = checks.compose_app(

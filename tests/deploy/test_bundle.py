@@ -20,7 +20,7 @@ from eenn.deploy import Bundle, Runtime
 from eenn.deploy.bundle import sha256
 from eenn.errors import EENNError
 from eenn.inference.engine import EarlyExitEngine, batches_of
-from eenn.rundir import FitRun, Stage1Run
+from eenn.rundir import FitRun, TrainRun
 from eenn.tasks.build import datamodule, load_network
 from eenn.tasks.export import export
 from eenn.tasks.fit import fit_run
@@ -85,7 +85,7 @@ def test_the_bundle_holds_a_graph_per_segment_the_policy_and_a_checked_manifest(
     assert m["exits"][0]["inputs"] == ["image"] and m["exits"][0]["outputs"] == ["h_out", "logits", "exit"]
     assert m["exits"][1]["inputs"] == ["h_in"] and m["exits"][1]["outputs"] == ["h_out", "logits", "exit"]
     assert m["exits"][-1]["outputs"] == ["logits"] and m["policy"]["state"] == []
-    costs = Stage1Run(exported["run"]).costs()
+    costs = TrainRun(exported["run"]).costs()
     assert b.cost("macs") == costs.per_exit("macs")
     assert m["source"]["run_dir"] == str(exported["run"]) and m["source"]["policy_sha256"] == sha256(
         FitRun(exported["maxprob"]).policy_file
@@ -110,7 +110,7 @@ def test_the_bundle_holds_a_graph_per_segment_the_policy_and_a_checked_manifest(
 @pytest.mark.parametrize("policy", ["maxprob", "deex"])
 @pytest.mark.parametrize("batch_size", [1, 64])
 def test_the_runtime_takes_the_engines_exits_and_logits(exported, policy, batch_size):
-    run = Stage1Run(exported["run"])
+    run = TrainRun(exported["run"])
     dm = datamodule(run)
     dm.setup("test")
     x, y = load_split(dm, "test")
@@ -245,7 +245,7 @@ def test_a_bundle_runs_from_its_manifest_alone_as_the_readme_shows(exported):
 
     readme = (REPO / "README.md").read_text()
     code = readme.split("import json, onnxruntime as ort\n", 1)[1].split("```", 1)[0]
-    dm = datamodule(Stage1Run(exported["run"]))
+    dm = datamodule(TrainRun(exported["run"]))
     dm.setup("test")
     x = load_split(dm, "test")[0][:60].numpy()
     for name in ("export_maxprob", "export_patience"):

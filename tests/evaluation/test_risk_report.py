@@ -12,7 +12,7 @@ from eenn.evaluation.compare import risk_points
 from eenn.evaluation.offline import evaluate
 from eenn.evaluation.report import accuracy_table
 from eenn.policies import ExitPolicy, build_policy
-from eenn.rundir import Stage1Run
+from eenn.rundir import TrainRun
 from eenn.tasks.compare import compare
 from eenn.tasks.fit import fit_run
 from tests.policies.conftest import one_thread, run_dir  # noqa: F401
@@ -39,7 +39,7 @@ def test_risk_points_put_each_certified_fit_beside_the_uncertified_baseline(comp
     comp, _, run = compared
     points = risk_points(comp)
     assert [p["epsilon"] for p in points] == list(EPSILONS)  # one per risk fit; maxprob has none
-    val, test = Stage1Run(run).predictions("val"), Stage1Run(run).predictions("test")
+    val, test = TrainRun(run).predictions("val"), TrainRun(run).predictions("test")
     for p in points:
         fit = next(f for f in comp.fits if f["fitted"].get("epsilon") == p["epsilon"])
         # calibrated: LTT calibrates on the 480 of 600 validation samples the temperatures were not fitted on

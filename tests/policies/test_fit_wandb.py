@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from eenn.cli.common import conf_dir
 from eenn.errors import EENNError
 from eenn.policies.synthetic import synthetic_predictions
-from eenn.rundir import Stage1Run
+from eenn.rundir import TrainRun
 from eenn.tasks import fit as fitting
 from eenn.tasks.fit import fit_run
 
@@ -151,7 +151,7 @@ def test_refused_input_starts_no_run_and_wandb_can_be_switched_off(
 
 
 def test_the_group_follows_eenn_compare_s_model_name(run_dir: Path, tmp_path: Path, captured: list[FakeRun]) -> None:
-    assert Stage1Run(tmp_path / "pipeline" / "demo" / "train").name == "demo"  # a pipeline's stage-1 run
+    assert TrainRun(tmp_path / "pipeline" / "demo" / "train").name == "demo"  # a pipeline's stage-1 run
     files = [f"predictions.{s}={run_dir / 'predictions' / f'{s}.safetensors'}" for s in ("val", "test")]
     fit_run(fit_cfg(files), tmp_path / "fit")  # no run_dir: the files' source_run names the run
     assert captured[-1].kwargs["group"] == STAGE1

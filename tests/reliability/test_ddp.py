@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eenn.rundir import Stage1Run
+from eenn.rundir import TrainRun
 from eenn.tasks.build import datamodule, load_network
 
 
@@ -35,7 +35,7 @@ def test_ddp_two_processes_write_each_sample_once_in_dataset_order(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     (path,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
-    run = Stage1Run(path)
+    run = TrainRun(path)
     dm = datamodule(run)
     dm.setup()
     network = load_network(run, "best", dm)

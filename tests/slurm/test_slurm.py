@@ -15,7 +15,7 @@ import torch
 
 from eenn.data import EENNDataModule
 from eenn.predictions import Predictions
-from eenn.rundir import FitRun, Stage1Run
+from eenn.rundir import FitRun, TrainRun
 from tests.reliability.test_resume_determinism import assert_same_checkpoint
 from tests.slurm.conftest import BIN, REPO, eenn, job_ids, sacct_rows, sacct_states
 
@@ -144,7 +144,7 @@ def test_requeued_training_jobs_resume_to_the_uninterrupted_result(slurm, tmp_pa
 
         def interrupt_at_first_checkpoint() -> bool:
             for i in [i for i in pending if (run(i) / "checkpoints" / "last.ckpt").is_file()]:
-                assert not Stage1Run(run(i)).finished()  # mid-training
+                assert not TrainRun(run(i)).finished()  # mid-training
                 subprocess.run(pending.pop(i), check=True)
             return not pending
 
@@ -170,9 +170,7 @@ def test_requeued_training_jobs_resume_to_the_uninterrupted_result(slurm, tmp_pa
     for i in interrupted:
         assert_same_checkpoint(runs[2] / "checkpoints" / "last.ckpt", runs[i] / "checkpoints" / "last.ckpt")
         for split in ("val", "test"):
-            assert torch.equal(
-                Stage1Run(runs[2]).predictions(split).logits, Stage1Run(runs[i]).predictions(split).logits
-            )
+            assert torch.equal(TrainRun(runs[2]).predictions(split).logits, TrainRun(runs[i]).predictions(split).logits)
 
 
 def test_two_task_ddp_under_srun_writes_each_sample_once(slurm, tmp_path):

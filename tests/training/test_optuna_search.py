@@ -18,7 +18,7 @@ from eenn.errors import EENNError
 from eenn.evaluation import objective as objective_module
 from eenn.evaluation.objective import BUDGETS, accuracy_at_budgets, budget_auc
 from eenn.predictions import Predictions
-from eenn.rundir import Stage1Run
+from eenn.rundir import TrainRun
 from eenn.tasks.train import objective_values, train
 from eenn.utils.overrides import override, quote
 
@@ -43,7 +43,7 @@ def test_a_trial_scores_itself_on_validation_and_never_reads_test(compose_cfg, m
     assert list(cfg.objective) == ["val_auc", "exit_overhead"]
     metrics = train(cfg)
     assert read and set(read) == {"val"}  # every score the objective took was on validation predictions
-    run = Stage1Run(cfg.paths.output_dir)
+    run = TrainRun(cfg.paths.output_dir)
     val = run.predictions("val")
     obj = metrics["objective"]
     assert obj["val_accuracy_at_budgets"] == accuracy_at_budgets(val, "flops") and obj["budgets"] == list(BUDGETS)
