@@ -33,6 +33,7 @@ Writes ``benchmarks/results/risk_control.json``.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import os
 import platform
@@ -301,7 +302,19 @@ def check_against_the_policy(
         raise RuntimeError(f"{loss} eps={eps}: the benchmark chose candidate {j}, policy=risk chose {got}")
 
 
+def fixed_mmap_threshold() -> None:
+    """Keep large blocks in mmap, returned to the system when freed. glibc raises its mmap
+    threshold after each large free, and the per-draw (N, M) tables then land on a heap it seldom
+    returns: the process grew by ~12 MB per draw, past 18 GB at 1,000 draws on a 15,000-sample pool.
+    Elsewhere than glibc nothing changes."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    fixed_mmap_threshold()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--run-dir", type=Path, default=None, help="a finished stage-1 run (its val + test predictions)"
