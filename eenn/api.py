@@ -39,7 +39,6 @@ from eenn.inference.engine import EarlyExitEngine, batches_of
 from eenn.models.multi_exit import MultiExitNetwork, build_multi_exit
 from eenn.policies.base import ExitPolicy, build_policy
 from eenn.predictions import Predictions
-from eenn.tasks.build import datamodule, load_network
 from eenn.utils.io import atomic_path, read_json, write_json
 
 __all__ = ["EarlyExitModel", "Output", "evaluate", "fit_policy", "from_pretrained", "load", "load_split"]
@@ -357,6 +356,8 @@ def load(
     """A stage-1 run's model (an eenn-train run dir, or an eenn-pipeline dir: its ``train/``) with
     its ``checkpoint`` (best, last or a path), ready on ``device``; ``policy`` (optional): an
     eenn-fit run dir, a policy file or a fitted ExitPolicy."""
+    from eenn.tasks.build import datamodule, load_network  # Hydra: only a run dir needs it, never a model dir
+
     run = _stage1(run_dir)
     dm = datamodule(run)
     dm.setup("test")  # the normalisation comes from the training split
@@ -399,6 +400,8 @@ def load_split(run_dir: str | os.PathLike, split: str = "test") -> tuple[torch.T
 
     if split not in SPLITS:
         raise EENNError(f"split must be one of {SPLITS}, got {split!r}.")
+    from eenn.tasks.build import datamodule
+
     dm = datamodule(_stage1(run_dir))
     dm.setup("test")
     return whole_split(dm, split)
