@@ -1,4 +1,4 @@
-"""The README's guide to adding a policy, a backbone and a dataset, run as written: each example's
+"""CONTRIBUTING.md's guide to adding a policy, a backbone and a dataset, run as written: each example's
 module goes into its package and its YAML into a config folder, nothing else changes, and the
 contracts every registered part passes pass for it."""
 
@@ -23,13 +23,13 @@ from eenn.tasks.fit import fit_run
 from eenn.tasks.train import train
 from tests.contracts import checks
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+GUIDE = Path(__file__).resolve().parents[2] / "CONTRIBUTING.md"
 BLOCK = re.compile(r"```(?:python|yaml)\n# (\S+)\n(.*?)```", re.S)
 
 
 def guide_files() -> dict[str, str]:
     """The files the guide's code blocks are (a block whose first line is ``# <path>``)."""
-    return {path: f"# {path}\n{body}" for path, body in BLOCK.findall(README.read_text())}
+    return {path: f"# {path}\n{body}" for path, body in BLOCK.findall(GUIDE.read_text())}
 
 
 @pytest.fixture
