@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from eenn.card import CARD_BUDGETS, CARD_POLICY
 from eenn.cost import CostProfile
 from eenn.errors import EENNError
 from eenn.inference.engine import EarlyExitEngine, batches_of
@@ -301,7 +302,7 @@ class EarlyExitModel:
     def _card_metrics(self, policies: Mapping[str, ExitPolicy]) -> dict[str, Any]:
         """The model card's numbers: from the run dir; for a model loaded from a model dir, its saved
         ones, a policy added since listed without accuracy (there are no predictions to score it on)."""
-        from eenn.card import card_metrics, unscored
+        from eenn.card import unscored
 
         if self.run_dir is not None:
             return card_metrics(self.run_dir, policies)
@@ -458,6 +459,69 @@ def evaluate(
 
     preds = _predictions(source, split)
     return simulate(policy, preds, unit or policy.cost_unit or preds.cost_unit)
+
+
+def card_metrics(run_dir: str | Path, policies: Mapping[str, ExitPolicy]) -> dict[str, Any]:
+    """A finished stage-1 run's numbers for its model card (see :mod:`eenn.card`)."""
+    run = _stage1(run_dir)
+    m = run.metrics()
+    val, test = run.predictions("val"), run.predictions("test")
+    costs = run.costs()
+    units = [u for u in ("flops", "macs", "params", "latency_ms") if getattr(costs.exits[0], u, None) is not None]
+    full = costs.per_exit("flops")[-1]
+    per_exit = [
+        {
+            "exit": name,
+            "cost_fraction": costs.per_exit("flops")[k] / full,
+            **{u: costs.per_exit(u)[k] for u in units},
+            "val_accuracy": m["val_accuracy"][name],
+            "test_accuracy": m["test_accuracy"][name],
+        }
+        for k, name in enumerate(m["exit_names"])
+    ]
+    first = per_exit[0]["cost_fraction"]
+    budgets = []
+    for fraction in CARD_BUDGETS:
+        row: dict[str, Any] = {"fraction": fraction, "policy": CARD_POLICY}
+        if fraction < first:
+            row.update(
+                val_accuracy=None,
+                test_accuracy=None,
+                test_cost_fraction=None,
+                note=f"below the first exit's cost ({first:.3f} of the full cost)",
+            )
+        else:
+            p = fit_policy(val, CARD_POLICY, budget=fraction, cost="flops")
+            s_val, s_test = evaluate(p, val, unit="flops"), evaluate(p, test, unit="flops")
+            row.update(
+                val_accuracy=s_val["accuracy"],
+                test_accuracy=s_test["accuracy"],
+                test_cost_fraction=s_test["avg_cost_fraction"],
+            )
+        budgets.append(row)
+    fitted = []
+    for name, p in sorted(policies.items()):
+        unit = p.cost_unit or val.cost_unit
+        s_val, s_test = evaluate(p, val, unit=unit), evaluate(p, test, unit=unit)
+        fitted.append(
+            {
+                "name": name,
+                "policy": p.name,
+                "hparams": p.hparams(),
+                "cost_unit": unit,
+                "budget_fraction": None if p.budget is None else p.budget / float(val.costs_in(unit)[-1]),
+                "val_accuracy": s_val["accuracy"],
+                "test_accuracy": s_test["accuracy"],
+                "test_cost_fraction": s_test["avg_cost_fraction"],
+            }
+        )
+    return {
+        "stage1": {k: m.get(k) for k in ("data", "training", "epochs", "num_classes", "code")},
+        "samples": {"val": val.num_samples, "test": test.num_samples},
+        "per_exit": per_exit,
+        "budgets": budgets,
+        "policies": fitted,
+    }
 
 
 # ---------------------------------------------------------------------------- helpers

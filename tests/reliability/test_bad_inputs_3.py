@@ -33,6 +33,14 @@ def _stopped_before_its_first_checkpoint(ws: Path) -> str:
     return str(run)
 
 
+def _slurm_not_installed(ws: Path) -> str:
+    """A PATH without srun or scontrol, also where the machine has Slurm (CI installs it in /usr/bin)."""
+    bin_dir = ws / "empty_bin"
+    bin_dir.mkdir()
+    os.environ["PATH"] = str(bin_dir)  # restored by the test's monkeypatch
+    return str(bin_dir)
+
+
 def _slurm_without_a_controller(ws: Path) -> str:
     """srun and scontrol as a login node with a stopped slurmctld has them."""
     bin_dir = ws / "bin"
@@ -246,7 +254,7 @@ CASES: list[tuple[str, str, list[str], list[str], Callable[[Path], Any] | None]]
         "fit",
         ["-m", "hydra/launcher=slurm_cpu", "run_dir={R}", "budget.fraction=0.5,0.6", "hydra.sweep.dir={N}"],
         ["hydra/launcher slurm_cpu: Slurm is not installed here"],
-        lambda ws: os.environ.__setitem__("PATH", "/usr/bin:/bin"),
+        _slurm_not_installed,
     ),
     (
         "Slurm without a controller",

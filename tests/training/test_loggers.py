@@ -82,7 +82,7 @@ def test_the_mlflow_store_holds_the_metrics_params_and_cost_table(logged):
 def test_a_missing_logger_package_is_named_with_its_extra(monkeypatch):
     import importlib.util
 
-    from eenn.utils import loggers
+    from eenn.tasks import loggers
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
