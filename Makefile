@@ -44,13 +44,16 @@ test-slurm: $(STAMP) ## the cluster tests: sweeps, requeue and 2-task DDP on a o
 	$(BIN)/python -m pytest -m slurm
 
 bench: $(STAMP) ## run every benchmark the README quotes, as it quotes it (about 12 h on 2 CPU cores; results in benchmarks/results/)
-	$(BIN)/python benchmarks/train_speed.py
+	$(BIN)/python benchmarks/train_speed.py --compile
+	$(BIN)/python benchmarks/step_overhead.py
 	$(BIN)/python benchmarks/budget_aware.py                 # every arm tuned alike, then 5 seeds each (hours)
 	$(BIN)/python benchmarks/budget_aware.py --stage curve   # the learning-curve check, then the JSON with it
-	$(BIN)/python benchmarks/risk_control.py --draws 1000 --run-dir "$$($(BIN)/python -c 'import json; \
-		print(json.load(open("benchmarks/results/budget_aware.json"))["runs"]["joint"]["0"]["run_dir"])')"
+	# risk control and EENet's detach choice on the study's joint tuning run (its seed is never reported)
+	$(BIN)/python benchmarks/risk_control.py --draws 1000 --run-dir outputs/bench_budget_aware_v2/tune/joint_lr0.2_s100
+	$(BIN)/python benchmarks/policy_quality.py --eenet-detach --seeds 3 --threads 1 \
+		--run-dir outputs/bench_budget_aware_v2/tune/joint_lr0.2_s100
 	$(BIN)/python benchmarks/fit_speed.py
-	$(BIN)/python benchmarks/inference_speed.py --threads 1
+	$(BIN)/python benchmarks/inference_speed.py --threads 1 --compile
 	$(BIN)/python benchmarks/deploy_speed.py
 	$(BIN)/python benchmarks/policy_quality.py --epochs 12
 	$(BIN)/python benchmarks/reliability.py
