@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from eenn.errors import EENNError
+from eenn.utils import interrupt
 
 log = logging.getLogger("eenn")
 
@@ -97,7 +98,9 @@ def cli(app: Callable[[], Any], rewrite_args: Callable[[list[str]], list[str]] |
             if rewrite_args is not None:
                 sys.argv[1:] = rewrite_args(sys.argv[1:])
             check_group_values(sys.argv[1:])
+            interrupt.install()
             app()
+            interrupt.check()  # a Ctrl-C swallowed on the way (in a __del__) still ends the app as one
         except KeyboardInterrupt:
             print(
                 "error: interrupted; jobs that finished keep their run dirs, the one that was running is incomplete.",

@@ -28,6 +28,7 @@ from eenn.rundir import ERROR_FILE, PipelineRun
 from eenn.tasks.compare import compare
 from eenn.tasks.fit import fit_run
 from eenn.tasks.train import train
+from eenn.utils import interrupt
 from eenn.utils.overrides import override
 
 log = logging.getLogger("eenn.pipeline")
@@ -182,6 +183,7 @@ def _run_pipeline(cfg: DictConfig, pipe: PipelineRun) -> Comparison:
         console.print(f"stage 1: {escape(str(pipe.train.path))} is complete, skipped (force=true redoes it)")
 
     # --- stage 2: an experiment's own, or every policy over the budget sweep --------------------
+    interrupt.check()
     val = pipe.train.predictions("val")
     stage2 = cfg.get("stage2")
     cost = stage2.cost if stage2 else cfg.pipeline.cost
@@ -197,6 +199,7 @@ def _run_pipeline(cfg: DictConfig, pipe: PipelineRun) -> Comparison:
     ) as progress:
         task = progress.add_task("fitting", total=len(todo))
         for name, overrides in todo:
+            interrupt.check()  # a Ctrl-C that a fit's cleanup swallowed stops the pipeline here
             progress.update(task, description=f"fitting {escape(name):<24}")
             fit = pipe.fit(name)
             fit_cfg = compose(
@@ -216,6 +219,7 @@ def _run_pipeline(cfg: DictConfig, pipe: PipelineRun) -> Comparison:
             progress.advance(task)
 
     # --- compare -------------------------------------------------------------------------------
+    interrupt.check()
     console.rule("[bold]compare")
     comp = compare(
         [pipe.fit_dir],

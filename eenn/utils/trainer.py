@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 from typing import Any
+
+from eenn.utils import interrupt
 
 
 def interruptible_fit(trainer: Any, *args: Any, **kwargs: Any) -> None:
@@ -16,6 +16,5 @@ def interruptible_fit(trainer: Any, *args: Any, **kwargs: Any) -> None:
     except SystemExit:
         if not trainer.interrupted:
             raise
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        interrupt.restore()
         raise KeyboardInterrupt from None

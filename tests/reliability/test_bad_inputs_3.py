@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -425,3 +426,31 @@ def test_a_pipeline_stopped_by_ctrl_c_in_stage_1_is_picked_up_by_its_re_run(tmp_
     assert code == 0, err
     assert json.loads((tmp_path / "P" / "train" / "metrics.json").read_text())["epochs"] >= 0
     assert (tmp_path / "P" / "compare" / "report.html").is_file()
+
+
+def test_a_ctrl_c_swallowed_in_a_del_still_stops_the_pipeline(tmp_path, monkeypatch, capsys):
+    """Issue 28: Ctrl-C in stage 2 was once swallowed inside a profiler's ``__del__`` and the
+    pipeline ran on to exit 0. Here the signal lands in a ``__del__`` after the first fit (Python
+    prints "Exception ignored" and goes on): the next fit must not start, and the exit is 130."""
+    monkeypatch.setenv("EENN_ROOT", str(tmp_path))
+    import eenn.tasks.pipeline as pipeline
+
+    fits: list[Any] = []
+    real_fit = pipeline.fit_run
+
+    class Profiler:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(10_000))  # the handler runs here, inside __del__, and its exception is dropped
+
+    def fit_then_swallowed_interrupt(cfg: Any, path: Any) -> Any:
+        fits.append(path)
+        out = real_fit(cfg, path)
+        Profiler()  # collected at once
+        return out
+
+    monkeypatch.setattr(pipeline, "fit_run", fit_then_swallowed_interrupt)
+    args = [*TRAIN, "pipeline.policies=[maxprob]", "pipeline.num_budgets=2", f"hydra.run.dir={tmp_path / 'P'}"]
+    code, out, err = run_app("pipeline", args, capsys)
+    assert len(fits) == 1
+    assert_one_sentence(code, out, err, 130, "interrupted")
