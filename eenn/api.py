@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from eenn.card import CARD_BUDGETS, CARD_POLICY
+from eenn import hub
 from eenn.cost import CostProfile
 from eenn.errors import EENNError
 from eenn.inference.engine import EarlyExitEngine, batches_of
@@ -283,7 +283,7 @@ class EarlyExitModel:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         if push_to_hub:
-            _push(out, repo_id, **hub_kwargs)
+            hub.push(out, repo_id, **hub_kwargs)
         return out
 
     def push_to_hub(
@@ -297,15 +297,15 @@ class EarlyExitModel:
         missing); returns the commit's URL. Needs network and huggingface_hub (``eenn[hub]``)."""
         with tempfile.TemporaryDirectory() as tmp:
             path = self.save_pretrained(Path(tmp) / "model")
-            return _push(path, repo_id, private=private, token=token, commit_message=commit_message)
+            return hub.push(path, repo_id, private=private, token=token, commit_message=commit_message)
 
     def _card_metrics(self, policies: Mapping[str, ExitPolicy]) -> dict[str, Any]:
         """The model card's numbers: from the run dir; for a model loaded from a model dir, its saved
         ones, a policy added since listed without accuracy (there are no predictions to score it on)."""
-        from eenn.card import unscored
+        from eenn.card import card_metrics, unscored
 
         if self.run_dir is not None:
-            return card_metrics(self.run_dir, policies)
+            return card_metrics(_stage1(self.run_dir), policies, fit=fit_policy, score=evaluate)
         if self.card_metrics is None:
             raise EENNError(
                 "this model came from neither a run dir nor a model dir, so it has no metrics for its model card."
@@ -331,7 +331,7 @@ class EarlyExitModel:
         fit dir, or None. Needs neither a run dir nor Hydra."""
         path = Path(model_id)
         if not path.is_dir():
-            path = _download(str(model_id), revision, token, cache_dir)
+            path = hub.download(str(model_id), revision, token, cache_dir)
         config = read_json(path / CONFIG, "model config")
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             got = config.get("format") if isinstance(config, dict) else type(config).__name__
@@ -461,69 +461,6 @@ def evaluate(
     return simulate(policy, preds, unit or policy.cost_unit or preds.cost_unit)
 
 
-def card_metrics(run_dir: str | Path, policies: Mapping[str, ExitPolicy]) -> dict[str, Any]:
-    """A finished stage-1 run's numbers for its model card (see :mod:`eenn.card`)."""
-    run = _stage1(run_dir)
-    m = run.metrics()
-    val, test = run.predictions("val"), run.predictions("test")
-    costs = run.costs()
-    units = [u for u in ("flops", "macs", "params", "latency_ms") if getattr(costs.exits[0], u, None) is not None]
-    full = costs.per_exit("flops")[-1]
-    per_exit = [
-        {
-            "exit": name,
-            "cost_fraction": costs.per_exit("flops")[k] / full,
-            **{u: costs.per_exit(u)[k] for u in units},
-            "val_accuracy": m["val_accuracy"][name],
-            "test_accuracy": m["test_accuracy"][name],
-        }
-        for k, name in enumerate(m["exit_names"])
-    ]
-    first = per_exit[0]["cost_fraction"]
-    budgets = []
-    for fraction in CARD_BUDGETS:
-        row: dict[str, Any] = {"fraction": fraction, "policy": CARD_POLICY}
-        if fraction < first:
-            row.update(
-                val_accuracy=None,
-                test_accuracy=None,
-                test_cost_fraction=None,
-                note=f"below the first exit's cost ({first:.3f} of the full cost)",
-            )
-        else:
-            p = fit_policy(val, CARD_POLICY, budget=fraction, cost="flops")
-            s_val, s_test = evaluate(p, val, unit="flops"), evaluate(p, test, unit="flops")
-            row.update(
-                val_accuracy=s_val["accuracy"],
-                test_accuracy=s_test["accuracy"],
-                test_cost_fraction=s_test["avg_cost_fraction"],
-            )
-        budgets.append(row)
-    fitted = []
-    for name, p in sorted(policies.items()):
-        unit = p.cost_unit or val.cost_unit
-        s_val, s_test = evaluate(p, val, unit=unit), evaluate(p, test, unit=unit)
-        fitted.append(
-            {
-                "name": name,
-                "policy": p.name,
-                "hparams": p.hparams(),
-                "cost_unit": unit,
-                "budget_fraction": None if p.budget is None else p.budget / float(val.costs_in(unit)[-1]),
-                "val_accuracy": s_val["accuracy"],
-                "test_accuracy": s_test["accuracy"],
-                "test_cost_fraction": s_test["avg_cost_fraction"],
-            }
-        )
-    return {
-        "stage1": {k: m.get(k) for k in ("data", "training", "epochs", "num_classes", "code")},
-        "samples": {"val": val.num_samples, "test": test.num_samples},
-        "per_exit": per_exit,
-        "budgets": budgets,
-        "policies": fitted,
-    }
-
-
 # ---------------------------------------------------------------------------- helpers
 def build_network(config: Mapping[str, Any]) -> MultiExitNetwork:
     """The (untrained) network a model dir's config describes."""
@@ -641,54 +578,3 @@ def _version() -> str:
     from eenn import __version__
 
     return __version__
-
-
-def _download(repo_id: str, revision: str | None, token: str | None, cache_dir: str | os.PathLike | None) -> Path:
-    """A Hub model repo's files (from the Hub's cache when offline); every failure is one sentence."""
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-    except ImportError:
-        raise EENNError(
-            f"model_id={repo_id!r} is not a local directory, and loading from the Hugging Face Hub needs "
-            "huggingface_hub: pip install 'eenn[hub]'."
-        ) from None
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir))
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        raise EENNError(
-            f"model_id={repo_id!r} is not a local directory nor in the Hugging Face Hub's cache, and the Hub "
-            "cannot be reached (offline, or HF_HUB_OFFLINE=1): give a local model dir, or load it once "
-            "with network."
-        ) from None
-    except (HfHubHTTPError, ValueError, OSError) as exc:
-        raise EENNError(
-            f"model_id={repo_id!r} is not a local directory, and the Hugging Face Hub did not give it: "
-            f"{str(exc).strip().splitlines()[0]}"
-        ) from None
-
-
-def _push(
-    path: Path,
-    repo_id: str,
-    private: bool | None = None,
-    token: str | None = None,
-    commit_message: str = "Upload eenn model",
-) -> str:
-    try:
-        from huggingface_hub import HfApi
-        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-    except ImportError:
-        raise EENNError("push_to_hub needs huggingface_hub: pip install 'eenn[hub]'.") from None
-    api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(path), commit_message=commit_message)
-    except OfflineModeIsEnabled:
-        raise EENNError(
-            f"push_to_hub: cannot upload to {repo_id!r} while offline (HF_HUB_OFFLINE=1); unset it "
-            "on a machine with network."
-        ) from None
-    except (HfHubHTTPError, OSError) as exc:
-        raise EENNError(f"push_to_hub: uploading to {repo_id!r} failed: {str(exc).strip().splitlines()[0]}") from None
-    return str(getattr(info, "commit_url", info))

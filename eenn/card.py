@@ -1,7 +1,7 @@
 """The model card of a model dir (:meth:`eenn.api.EarlyExitModel.save_pretrained`): what the numbers
 are, taken from the stage-1 run and never re-measured by hand.
 
-:func:`eenn.api.card_metrics` collects them from the run dir: per exit its cost and its validation and test
+:func:`card_metrics` collects them from the run dir: per exit its cost and its validation and test
 accuracy (the run's metrics), and the test accuracy at 25/50/75 % of the full cost of
 MSDNet's max-probability rule fitted on the run's validation predictions (the budgets below the
 first exit's cost are marked so), plus each saved policy's accuracy on both splits.
@@ -12,7 +12,7 @@ metadata header the Hugging Face Hub reads.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from eenn.policies.base import ExitPolicy
@@ -21,6 +21,75 @@ from eenn.policies.base import ExitPolicy
 CARD_BUDGETS = (0.25, 0.5, 0.75)
 #: the policy fitted at those budgets: cheap to fit, and every paper's baseline
 CARD_POLICY = "maxprob"
+
+
+def card_metrics(
+    run: Any,
+    policies: Mapping[str, ExitPolicy],
+    fit: Callable[..., ExitPolicy],
+    score: Callable[..., dict[str, Any]],
+) -> dict[str, Any]:
+    """A finished stage-1 run's numbers for its model card (see the module docstring). ``run`` is
+    its run-dir object; ``fit`` and ``score`` are :func:`eenn.api.fit_policy` and
+    :func:`eenn.api.evaluate`, passed in so the card does not import the API that renders it."""
+    m = run.metrics()
+    val, test = run.predictions("val"), run.predictions("test")
+    costs = run.costs()
+    units = [u for u in ("flops", "macs", "params", "latency_ms") if getattr(costs.exits[0], u, None) is not None]
+    full = costs.per_exit("flops")[-1]
+    per_exit = [
+        {
+            "exit": name,
+            "cost_fraction": costs.per_exit("flops")[k] / full,
+            **{u: costs.per_exit(u)[k] for u in units},
+            "val_accuracy": m["val_accuracy"][name],
+            "test_accuracy": m["test_accuracy"][name],
+        }
+        for k, name in enumerate(m["exit_names"])
+    ]
+    first = per_exit[0]["cost_fraction"]
+    budgets = []
+    for fraction in CARD_BUDGETS:
+        row: dict[str, Any] = {"fraction": fraction, "policy": CARD_POLICY}
+        if fraction < first:
+            row.update(
+                val_accuracy=None,
+                test_accuracy=None,
+                test_cost_fraction=None,
+                note=f"below the first exit's cost ({first:.3f} of the full cost)",
+            )
+        else:
+            p = fit(val, CARD_POLICY, budget=fraction, cost="flops")
+            s_val, s_test = score(p, val, unit="flops"), score(p, test, unit="flops")
+            row.update(
+                val_accuracy=s_val["accuracy"],
+                test_accuracy=s_test["accuracy"],
+                test_cost_fraction=s_test["avg_cost_fraction"],
+            )
+        budgets.append(row)
+    fitted = []
+    for name, p in sorted(policies.items()):
+        unit = p.cost_unit or val.cost_unit
+        s_val, s_test = score(p, val, unit=unit), score(p, test, unit=unit)
+        fitted.append(
+            {
+                "name": name,
+                "policy": p.name,
+                "hparams": p.hparams(),
+                "cost_unit": unit,
+                "budget_fraction": None if p.budget is None else p.budget / float(val.costs_in(unit)[-1]),
+                "val_accuracy": s_val["accuracy"],
+                "test_accuracy": s_test["accuracy"],
+                "test_cost_fraction": s_test["avg_cost_fraction"],
+            }
+        )
+    return {
+        "stage1": {k: m.get(k) for k in ("data", "training", "epochs", "num_classes", "code")},
+        "samples": {"val": val.num_samples, "test": test.num_samples},
+        "per_exit": per_exit,
+        "budgets": budgets,
+        "policies": fitted,
+    }
 
 
 def unscored(name: str, policy: ExitPolicy) -> dict[str, Any]:

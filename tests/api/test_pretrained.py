@@ -117,10 +117,11 @@ def test_the_model_card_holds_the_runs_numbers(saved, digits):
 
 
 def test_budgets_below_the_first_exit_are_marked_not_invented(digits, tmp_path):
-    from eenn.api import card_metrics
+    from eenn.api import evaluate, fit_policy
+    from eenn.card import card_metrics
 
     first = TrainRun(digits.run).metrics()["costs_flops"][0] / TrainRun(digits.run).metrics()["costs_flops"][-1]
-    m = card_metrics(digits.run, {})
+    m = card_metrics(TrainRun(digits.run), {}, fit=fit_policy, score=evaluate)
     for b in m["budgets"]:
         assert (b["test_accuracy"] is None) == (b["fraction"] < first)
         if b["test_accuracy"] is not None:
