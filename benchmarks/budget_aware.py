@@ -413,23 +413,24 @@ def plot(result: dict[str, Any], path: Path) -> None:
             continue
         m = [100 * v["mean"] for v in s["maxprob_test"]]
         (line,) = axes[0].plot(x, m, marker="o", label=f"{arm} (n={s['maxprob_test'][0]['n']})")
+        color = line.get_color()  # an arm keeps its colour in both panels
         if s["maxprob_test"][0]["ci_low"] is not None:
             axes[0].fill_between(
                 x,
                 [100 * v["ci_low"] for v in s["maxprob_test"]],
                 [100 * v["ci_high"] for v in s["maxprob_test"]],
-                color=line.get_color(),
+                color=color,
                 alpha=0.12,
             )
         d = s.get("maxprob_test_minus_joint")
         if d:
-            (line,) = axes[1].plot(x, [100 * v["mean"] for v in d], marker="o", label=arm)
+            axes[1].plot(x, [100 * v["mean"] for v in d], marker="o", label=arm, color=color)
             if d[0]["ci_low"] is not None:
                 axes[1].fill_between(
                     x,
                     [100 * v["ci_low"] for v in d],
                     [100 * v["ci_high"] for v in d],
-                    color=line.get_color(),
+                    color=color,
                     alpha=0.12,
                 )
     axes[0].set(
