@@ -183,7 +183,6 @@ def _run_pipeline(cfg: DictConfig, pipe: PipelineRun) -> Comparison:
         console.print(f"stage 1: {escape(str(pipe.train.path))} is complete, skipped (force=true redoes it)")
 
     # --- stage 2: an experiment's own, or every policy over the budget sweep --------------------
-    interrupt.check()
     val = pipe.train.predictions("val")
     stage2 = cfg.get("stage2")
     cost = stage2.cost if stage2 else cfg.pipeline.cost

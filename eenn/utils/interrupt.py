@@ -37,8 +37,7 @@ def install() -> None:
     it (the handler in the main thread only: signals are delivered there)."""
     global _seen
     _seen = False
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _on_sigint)
+    restore()
     if not getattr(sys.unraisablehook, "eenn_latch", False):
         sys.unraisablehook = _unraisable(sys.unraisablehook)
 
