@@ -55,11 +55,14 @@ class Decision:
     ``exit``: True where the sample answers with exit k's prediction. ``next_exit``: for the others,
     the index of the next exit whose head the sample evaluates (normally k + 1; DEEx jumps to K-1);
     for exiting samples it equals k. ``state``: the samples' updated per-sample state.
+    ``settled``: ``next_exit`` already equals k where ``exit`` (:func:`continue_to_next`'s), so
+    :meth:`ExitPolicy.decide` need not set it there.
     """
 
     exit: torch.Tensor  # (B,) bool
     next_exit: torch.Tensor  # (B,) int64
     state: State
+    settled: bool = False
 
 
 POLICIES: Registry[ExitPolicy] = Registry("exit policy", "policy.name")
@@ -239,7 +242,9 @@ class ExitPolicy:
         d = self._decide(k, logits_k, state)
         if k == K - 1:  # the last exit always answers
             d.exit = torch.ones_like(d.exit)
-        d.next_exit = d.next_exit.masked_fill(d.exit, k)  # one op: decisions are on the engine's path
+            d.next_exit = torch.full_like(d.next_exit, k)
+        elif not d.settled:  # one op: decisions are on the engine's path, one per exit reached
+            d.next_exit = d.next_exit.masked_fill(d.exit, k)
         return d
 
     def _decide(self, k: int, logits_k: torch.Tensor, state: State) -> Decision:
@@ -309,5 +314,6 @@ class ExitPolicy:
 
 
 def continue_to_next(k: int, exit_now: torch.Tensor, state: State) -> Decision:
-    """The usual decision: exit where ``exit_now``, everyone else goes on to exit k + 1."""
-    return Decision(exit_now, torch.full(exit_now.shape, k + 1, dtype=torch.int64, device=exit_now.device), state)
+    """The usual decision: exit where ``exit_now``, everyone else goes on to exit k + 1 (one op
+    builds ``next_exit``, settled: at batch 1 each op is a visible share of a decision's time)."""
+    return Decision(exit_now, torch.where(exit_now, k, k + 1), state, settled=True)
