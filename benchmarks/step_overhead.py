@@ -10,7 +10,9 @@ bilevel, soft_threshold):
    ``benchmarks/train_speed.py``'s ``eenn``) and ``plain_tuned`` (the plain PyTorch loop with eenn's
    whole-batch augmentation and channels-last, the same optimiser, loss and gater steps), side by
    side in one process, taking turns window by window; the first window warms up. The overhead
-   is eenn's window time minus plain_tuned's, per step, median over windows.
+   is eenn's window time minus plain_tuned's, per step, median over windows, with the median's
+   distribution-free 95 % interval: ``--rounds`` fresh pairs, their windows pooled (one round of
+   ~80 steps moved the median by ±10 points from run to run; digits has room for no more).
 2. **parts**: the same, with every part of a step timed by wrappers in thread CPU time (exclusive times: a part
    called inside another counts once): data loading, augmentation, forward, backward, optimiser
    step, per-exit metrics, ``self.log``, the progress bar, Lightning's logger connector; what is
@@ -25,7 +27,7 @@ On a GPU (``--device cuda``) the syncs are PyTorch's own count (``torch.cuda.set
 
 Writes ``benchmarks/results/step_overhead.json``.
 
-    python benchmarks/step_overhead.py             # ~10 min on 2 busy cores
+    python benchmarks/step_overhead.py             # ~5 min on 2 quiet cores, ~15 min on busy ones
     python benchmarks/step_overhead.py --quick     # seconds: the smoke run of the slow tests
     python benchmarks/step_overhead.py --device cuda --phases syncs --methods joint bilevel   # gpu_check.py's
 """
@@ -60,6 +62,7 @@ from train_speed import Turns, WindowTimer, make_cfg, plain_loop  # noqa: E402
 from eenn.cost import profile_costs  # noqa: E402
 from eenn.data.augment import BatchAugment  # noqa: E402
 from eenn.data.datamodule import EENNDataModule  # noqa: E402
+from eenn.evaluation.stats import median_interval  # noqa: E402
 from eenn.models.multi_exit import MultiExitNetwork  # noqa: E402
 from eenn.tasks.build import instantiate  # noqa: E402
 from eenn.tasks.train import build_module, build_network, instantiate_group  # noqa: E402
@@ -255,10 +258,19 @@ def count_syncs(method: str, cfg: Any, windows: int, window: int, cuda: bool = F
     }
 
 
+def pooled(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Phase 1's rounds as one: each contestant's windows, round after round."""
+    return {
+        key: {n: [w for r in rounds for w in r[key][n]] for n in CONTESTANTS}
+        for key in ("window_seconds", "window_cpu_seconds")
+    }
+
+
 def overhead(timing: dict[str, Any], key: str, window: int) -> dict[str, Any]:
     """eenn's time per step over plain_tuned's in the windows' ``key`` seconds (wall or CPU)."""
     eenn, plain = timing[key]["eenn"], timing[key]["plain_tuned"]
     ratio = [(e - p) / p for e, p in zip(eenn, plain)]
+    _, low, high = median_interval(ratio)
     return {
         "step_ms": {
             "eenn": 1e3 * statistics.median(eenn) / window,
@@ -266,6 +278,7 @@ def overhead(timing: dict[str, Any], key: str, window: int) -> dict[str, Any]:
         },
         "overhead_us_per_step": 1e6 * statistics.median((e - p) / window for e, p in zip(eenn, plain)),
         "overhead_pct_of_plain_step": 100 * statistics.median(ratio),
+        "overhead_pct_ci95": [100 * low, 100 * high],
         "overhead_pct_per_window": [100 * r for r in ratio],
     }
 
@@ -289,6 +302,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["joint", "bilevel", "soft_threshold"])
     parser.add_argument("--windows", type=int, default=9, help="timed windows per contestant (after one warm-up)")
     parser.add_argument("--window", type=int, default=8, help="batches per window")
+    parser.add_argument("--rounds", type=int, default=5, help="fresh pairs timed in phase 1, windows pooled")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -303,7 +317,7 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[], help="a train config override for every run")
     add_output_args(parser)
     args = parser.parse_args()
-    windows, window = (2, 2) if args.quick else (args.windows, args.window)
+    windows, window, rounds = (2, 2, 2) if args.quick else (args.windows, args.window, args.rounds)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     result: dict[str, Any] = {
@@ -314,6 +328,7 @@ def main() -> None:
         "threads": args.threads,
         "windows": windows,
         "batches_per_window": window,
+        "rounds": rounds,
         "overrides": args.override,
         "device": args.device,
         "precision": args.precision,
@@ -325,7 +340,7 @@ def main() -> None:
             cfg = make_cfg(method, "digits", Path(tmp) / method, args.device, args.precision, extra)
             row: dict[str, Any] = {}
             if "time" in args.phases:
-                timing = side_by_side(method, cfg, windows, window, timer=False, device=args.device)
+                timing = pooled([side_by_side(method, cfg, windows, window, False, args.device) for _ in range(rounds)])
                 parts = side_by_side(method, cfg, windows, window, timer=True, device=args.device)
                 row = summarise(timing, parts, window)
                 for clock in ("cpu", "wall"):
@@ -333,7 +348,8 @@ def main() -> None:
                     print(
                         f"{method:15s} {clock:4s} step eenn {c['step_ms']['eenn']:.2f} ms, plain_tuned "
                         f"{c['step_ms']['plain_tuned']:.2f} ms; overhead {c['overhead_us_per_step']:.0f} us/step = "
-                        f"{c['overhead_pct_of_plain_step']:.1f} % of plain_tuned's step"
+                        f"{c['overhead_pct_of_plain_step']:.1f} % [{c['overhead_pct_ci95'][0]:.1f}, "
+                        f"{c['overhead_pct_ci95'][1]:.1f}] of plain_tuned's step"
                     )
                 share = row["overhead_share_pct"] or {}
                 print(f"{'':15s} " + ", ".join(f"{p} {s:.0f} %" for p, s in sorted(share.items(), key=lambda t: -t[1])))

@@ -1,7 +1,7 @@
 """The benchmarks' own arithmetic on hand-made inputs with known answers: the seed statistics
 (eenn.evaluation.stats) behind their comparisons, policy_quality's and deploy_speed's acceptance
 and the EENet detach ablation's table (risk_control's and gpu_check's have their own files;
-budget_aware.py is tested with its owner's work)."""
+budget_aware.py is tested with its owner's work); step_overhead's pooled rounds and overhead."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from eenn.evaluation.stats import paired_difference, sign_flip_p, summarise, unp
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import deploy_speed  # noqa: E402
 import policy_quality  # noqa: E402
+import step_overhead  # noqa: E402
 
 T_975 = {2: 4.302652730, 3: 3.182446305, 4: 2.776445105}  # Student t quantiles, from tables
 
@@ -105,3 +106,19 @@ def test_the_detach_ablation_pairs_seeds_and_tabulates_means() -> None:
         f"{2 + T_975[2] / math.sqrt(3):+.2f}] |"
     )
     assert rows[1] == "| 0.600 | 70.00 (0.600) | 70.00 (0.600) | +0.00 [+0.00, +0.00] |"
+
+
+def test_step_overhead_pools_rounds_and_takes_the_median_window() -> None:
+    def one_round(eenn: list[float], plain: list[float]) -> dict:
+        timing = {"eenn": eenn, "plain_tuned": plain}
+        return {"window_seconds": timing, "window_cpu_seconds": timing}
+
+    # windows of 2 steps; eenn's overhead per window: 10 %, 20 %, 30 % (round 1), 40 %, 50 % (round 2)
+    timing = step_overhead.pooled([one_round([1.1, 1.2, 1.3], [1.0, 1.0, 1.0]), one_round([2.8, 3.0], [2.0, 2.0])])
+    assert timing["window_seconds"]["eenn"] == [1.1, 1.2, 1.3, 2.8, 3.0]
+    o = step_overhead.overhead(timing, "window_cpu_seconds", window=2)
+    assert o["overhead_pct_of_plain_step"] == pytest.approx(30.0)
+    assert o["overhead_pct_per_window"] == pytest.approx([10.0, 20.0, 30.0, 40.0, 50.0])
+    assert o["overhead_pct_ci95"] == pytest.approx([10.0, 50.0])  # 5 windows: the range
+    assert o["overhead_us_per_step"] == pytest.approx(1e6 * 0.15)  # median of 0.05, 0.1, 0.15, 0.4, 0.5
+    assert o["step_ms"] == pytest.approx({"eenn": 1e3 * 1.3 / 2, "plain_tuned": 1e3 * 1.0 / 2})

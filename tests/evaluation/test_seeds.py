@@ -18,6 +18,7 @@ from eenn.evaluation.stats import (
     NO_DIFFERENCE,
     NO_SPREAD,
     detectable_effect,
+    median_interval,
     paired_difference,
     sign_flip_p,
     summarise,
@@ -78,6 +79,15 @@ def test_known_values_of_the_tests():
     assert d.verdict == NO_DIFFERENCE and NO_DIFFERENCE in d.label
     assert detectable_effect(0.01, 3) == pytest.approx((4.302653 + 1.060660) * 0.01 / math.sqrt(3), rel=1e-5)
     assert paired_difference([0.9, 0.91, 0.92, 0.9], [0.8, 0.8, 0.81, 0.8]).verdict == "higher"
+
+
+def test_the_median_interval_is_the_order_statistics_and_covers_95_percent():
+    # n = 10: P(B <= 1) = 11/1024 <= 0.025 < P(B <= 2) = 56/1024, so x_(2) and x_(9)
+    assert median_interval([10, 1, 9, 2, 8, 3, 7, 4, 6, 5]) == (5.5, 2.0, 9.0)
+    assert median_interval([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)  # too few for 95 %: the range
+    rng = np.random.default_rng(11)
+    covered = sum(lo <= 1.0 <= hi for _, lo, hi in (median_interval(rng.lognormal(0, 1, 30)) for _ in range(500)))
+    assert 0.93 <= covered / 500 <= 0.99  # skewed data, true median 1; the interval is conservative by design
 
 
 def test_one_seed_is_labelled_as_having_no_spread():
