@@ -27,7 +27,7 @@ On a GPU (``--device cuda``) the syncs are PyTorch's own count (``torch.cuda.set
 
 Writes ``benchmarks/results/step_overhead.json``.
 
-    python benchmarks/step_overhead.py             # ~5 min on 2 quiet cores, ~15 min on busy ones
+    python benchmarks/step_overhead.py             # ~4 min on a quiet core, ~15 min on busy ones
     python benchmarks/step_overhead.py --quick     # seconds: the smoke run of the slow tests
     python benchmarks/step_overhead.py --device cuda --phases syncs --methods joint bilevel   # gpu_check.py's
 """
@@ -302,7 +302,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["joint", "bilevel", "soft_threshold"])
     parser.add_argument("--windows", type=int, default=9, help="timed windows per contestant (after one warm-up)")
     parser.add_argument("--window", type=int, default=8, help="batches per window")
-    parser.add_argument("--rounds", type=int, default=5, help="fresh pairs timed in phase 1, windows pooled")
+    parser.add_argument("--rounds", type=int, default=20, help="fresh pairs timed in phase 1, windows pooled")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
