@@ -6,6 +6,8 @@ into a smaller batch (``index_select``: compaction, not masking) and carry on wi
 and their policy state. A sample the policy sends to exit j > k+1 (DEEx's offload to the backbone)
 runs stages k+1..j without evaluating the heads in between. Nothing is computed for a sample after
 it left, so its realised cost is the backbone stages up to its exit plus the heads it evaluated.
+At the last exit everyone answers (``decide``'s rule), so the engine does not ask the policy there,
+as the deployment bundle has no decision graph there.
 
 The policy's ``decide`` is the very function offline :func:`eenn.policies.simulate.simulate`
 calls on the same compacted subsets, so the engine reproduces the offline exits (up to float
@@ -245,11 +247,16 @@ class EarlyExitEngine:
         Exited samples go to ``out``. Returns the group after stage k and the positions of its
         continuing samples, for the caller to gather (None: all continue), or None if none continue.
 
-        Everything stays on the device; the host asks it one thing per exit, in one read: how many
+        Everything stays on the device; the host asks it one thing per early exit, in one read: how many
         samples carry on, how many of those evaluate the next head, and how many the policy sent
         to an impossible exit (the sizes of the next gathers, and the policy's sanity)."""
         out.stage_batch_sizes[k].append(len(g))
         h = self.stages[k](g.h)
+        if k == self.num_exits - 1:  # everyone here is bound to the last exit, which answers: no decision
+            heads = g.heads.clone()
+            heads[:, k] = True
+            out.parts.append(Exited(g.ids, k, self.heads[k](h).float(), heads, g.arrival, time.perf_counter()))
+            return None
         n_here = g.n_here if g.n_here is not None else int((g.next_exit == k).sum())
         if n_here == 0:  # all jump past this exit (offloaded by DEEx): no head evaluated
             return replace(g, h=h, n_here=None), None

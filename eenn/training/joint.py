@@ -45,7 +45,7 @@ def metric_key(exit_name: str) -> str:
 class EpochMeans:
     """Per-epoch means of per-batch values, weighted by batch size, accumulated on the device.
 
-    A step adds one vector of values (one in-place add) and the batch size (a host int), so logging
+    A step adds one vector of values (one in-place scaled add) and the batch size (a host int), so logging
     costs no host-device synchronisation and one ``self.log`` call per epoch instead of one per
     value and step. The means are Lightning's own for ``self.log(..., on_epoch=True,
     batch_size=b, sync_dist=True)``: sum over batches (and ranks) of value x b, over the sum of b.
@@ -57,12 +57,12 @@ class EpochMeans:
         self.counts: dict[str, int] = {}
 
     def add(self, key: str, names: tuple[str, ...], values: torch.Tensor, batch_size: int) -> None:
-        values = values.detach().float() * batch_size
+        values = values.detach().float()
         if key in self.sums:
-            self.sums[key][1].add_(values)
+            self.sums[key][1].add_(values, alpha=batch_size)
             self.counts[key] += batch_size
         else:
-            self.sums[key], self.counts[key] = (names, values), batch_size
+            self.sums[key], self.counts[key] = (names, values * batch_size), batch_size
 
     def pop(self, prefix: str, strategy: Any) -> dict[str, torch.Tensor]:
         """The means of every key starting with ``prefix`` (reduced over ranks), forgotten here."""

@@ -121,3 +121,45 @@ def test_logged_validation_accuracy_is_the_accuracy_of_the_validation_split(comp
     # the loss's epoch mean, accumulated on the device, is the mean of the three logged step losses
     steps = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
     assert len(steps) == 3 and logged["train/loss_epoch"] == pytest.approx(sum(steps) / 3, rel=1e-6)
+
+
+@pytest.mark.parametrize("bar", ["rich", "tqdm"])
+@pytest.mark.parametrize(("interval", "drawn"), [(0.0, set(range(7))), (1e9, {0, 2, 5, 6})])
+def test_progress_bar_redraws_on_reads_the_last_batch_and_at_most_every_interval(
+    compose_cfg, monkeypatch, bar, interval, drawn
+):
+    """Between the steps where it reads values, the bar redraws only once ``min_interval`` has
+    passed; the reading steps (every 3rd here) and the epoch's last batch always redraw, so it ends
+    showing every batch and the last values read."""
+    stock_cls = pl.callbacks.RichProgressBar if bar == "rich" else pl.callbacks.TQDMProgressBar
+    draws: list[int] = []
+    stock_end = stock_cls.on_train_batch_end
+
+    def counting(self, trainer, module, outputs, batch, batch_idx):
+        draws.append(batch_idx)
+        stock_end(self, trainer, module, outputs, batch, batch_idx)
+
+    monkeypatch.setattr(stock_cls, "on_train_batch_end", counting)
+    monkeypatch.setattr(RichProgressBarReads if bar == "rich" else TQDMProgressBarReads, "min_interval", interval)
+    cfg = compose_cfg("train", ["data=digits", "data.batch_size=8", "logger=csv", "cost.latency=false"])
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.setup("fit")
+    net = build_network(cfg, dm)
+    module = build_module(cfg, net, dm.num_classes, profile_costs(net, dm.input_shape, latency=False))
+    trainer = instantiate(
+        cfg.trainer,
+        logger=instantiate_group(cfg.logger),
+        callbacks=[stock_cls()],
+        max_epochs=1,
+        limit_train_batches=7,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=EVERY,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert set(draws) == drawn
+    shown = trainer.progress_bar_callback
+    if bar == "tqdm":
+        assert shown.train_progress_bar.n == 7
+    else:
+        assert shown.progress.tasks[shown.train_progress_bar_id].completed == 7
