@@ -46,7 +46,6 @@ test-slurm: $(STAMP) ## the cluster tests: sweeps, requeue and 2-task DDP on a o
 bench: $(STAMP) ## run every benchmark the README quotes, as it quotes it (about 12 h on 2 CPU cores; results in benchmarks/results/)
 	$(BIN)/python benchmarks/train_speed.py --compile
 	$(BIN)/python benchmarks/step_overhead.py
-	$(BIN)/python benchmarks/step_overhead.py --rounds 20 --phases time --out benchmarks/results/step_overhead_quiet.json  # on a quiet machine
 	$(BIN)/python benchmarks/budget_aware.py                 # every arm tuned alike, then 5 seeds each (hours)
 	$(BIN)/python benchmarks/budget_aware.py --stage curve   # the learning-curve check, then the JSON with it
 	# risk control and EENet's detach choice on the study's joint tuning run (its seed is never reported)
