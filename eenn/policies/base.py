@@ -313,16 +313,21 @@ class ExitPolicy:
         return policy
 
 
-#: exit k's (k, k + 1) as 0-d CPU tensors, made once: ``torch.where`` wraps Python numbers into
-#: new tensors at every call, and at batch 1 that is a visible share of a decision's time
-_EXIT_OR_NEXT: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+#: exit k's (k, k + 1) as 0-d tensors on each device, made once: ``torch.where`` wraps Python
+#: numbers into new tensors at every call, and at batch 1 that is a visible share of a decision's
+#: time (on the condition's device: CUDA's ``where`` has refused CPU tensors, even 0-d ones)
+_EXIT_OR_NEXT: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def continue_to_next(k: int, exit_now: torch.Tensor, state: State) -> Decision:
     """The usual decision: exit where ``exit_now``, everyone else goes on to exit k + 1 (one op
     builds ``next_exit``, settled: at batch 1 each op is a visible share of a decision's time)."""
-    pair = _EXIT_OR_NEXT.get(k)
+    key = (k, exit_now.device)
+    pair = _EXIT_OR_NEXT.get(key)
     if pair is None:
         with torch.inference_mode(False):  # ordinary tensors, usable by tracing and autograd alike
-            pair = _EXIT_OR_NEXT[k] = (torch.tensor(k), torch.tensor(k + 1))
+            pair = _EXIT_OR_NEXT[key] = (
+                torch.tensor(k, device=exit_now.device),
+                torch.tensor(k + 1, device=exit_now.device),
+            )
     return Decision(exit_now, torch.where(exit_now, *pair), state, settled=True)
