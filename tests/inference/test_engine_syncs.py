@@ -35,7 +35,7 @@ def test_one_device_read_per_exit_with_the_gpu_path(setup, name, monkeypatch):
         got = engine.run(batches)
     rows.remove()
     assert torch.equal(got.exit_index, expected.exit_index) and torch.equal(got.logits, expected.logits)
-    # one advance() per stage call; the last exit's ask the device nothing (everyone answers there)
+    # one advance() per stage call; the last exit's advances ask the device nothing (everyone answers there)
     advances = sum(len(b) for b in got.stage_batch_sizes[:-1])
     reads = {k: v for k, v in syncs.where.items() if "engine.py" in k}
     # one read per early exit's advance, one more where no sample of a group evaluates its exit
