@@ -84,32 +84,34 @@ MIXES = {"40/30/30": (0.4, 0.3, 0.3), "60/20/20": (0.6, 0.2, 0.2)}
 
 
 class FixedMixPolicy(ExitPolicy):
-    """Exits a pre-drawn plan: sample i of the stream answers at exit ``plan[i]``. Benchmark only."""
+    """Exits a pre-drawn plan: sample i of the stream answers at exit ``plan[i]``. Benchmark only.
+
+    It decides op for op as a confidence policy does (``threshold``'s ``max_prob(logits) >=
+    thresholds[k]``), with per-sample thresholds that carry the plan: 0 at the planned exit (a
+    max-softmax score is > 0) and 2 elsewhere (it is <= 1)."""
 
     name = "fixed_mix"
 
     def __init__(self, plan: torch.Tensor, num_classes: int) -> None:
         super().__init__()
-        self.plan, self.cursor = plan, 0
-        self.num_exits, self.num_classes = int(plan.max()) + 1, num_classes
+        self.cursor, self.num_exits, self.num_classes = 0, int(plan.max()) + 1, num_classes
+        self.thresholds = torch.full((plan.numel(), self.num_exits), 2.0).scatter_(1, plan[:, None], 0.0)
 
     def reset(self) -> None:
         self.cursor = 0
 
     def to(self, device: str | torch.device) -> FixedMixPolicy:
         self.device = torch.device(device)
-        self.plan = self.plan.to(self.device)
+        self.thresholds = self.thresholds.to(self.device)
         return self
 
     def init_state(self, n: int) -> State:
-        state = {"plan": self.plan[self.cursor : self.cursor + n]}
+        state = {"thresholds": self.thresholds[self.cursor : self.cursor + n]}
         self.cursor += n
         return state
 
     def _decide(self, k: int, logits_k: torch.Tensor, state: State) -> Decision:
-        # the max-softmax score costs what a confidence policy pays; it is <= 1, so the plan decides
-        exit_now = (state["plan"] == k) | (max_prob(logits_k) > 1.0)
-        return continue_to_next(k, exit_now, state)
+        return continue_to_next(k, max_prob(logits_k) >= state["thresholds"][:, k], state)
 
 
 def draw_plan(n: int, fractions: tuple[float, ...], seed: int) -> torch.Tensor:
@@ -291,7 +293,7 @@ def main() -> None:
         "--samples",
         type=int,
         default=None,
-        help="stream length (a multiple of 10; default 1280 at batch 128, 100 at 1)",
+        help="stream length (a multiple of 10; default 1280 at batch 128, 300 at 1)",
     )
     ap.add_argument(
         "--update",
@@ -311,7 +313,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 2 if args.quick else args.repeats
-    sizes = {128: 130 if args.quick else 1280, 1: 10 if args.quick else 100}  # exact mixes need multiples of 10
+    sizes = {128: 130 if args.quick else 1280, 1: 10 if args.quick else 300}  # exact mixes need multiples of 10
     if args.samples is not None:
         sizes = dict.fromkeys(sizes, args.samples)
     sizes = {b: n for b, n in sizes.items() if b in args.batch_sizes}

@@ -59,13 +59,14 @@ def first_true(mask: torch.Tensor, n: int) -> torch.Tensor:
 @dataclass
 class Group:
     """Samples travelling together, every tensor on the engine's device: their features, ids in the
-    stream, next exit, policy state, heads evaluated and arrival time. ``n_here``: how many of the
+    stream, next exit (None: every sample's is the exit after the next stage to run, as after an
+    ``onward`` decision), policy state, heads evaluated and arrival time. ``n_here``: how many of the
     samples that carry on (all, or those at the positions handed on with the group) evaluate the
     next exit's head, when the host knows it without asking the device; None: ask."""
 
     h: Features  # (B, ...) input of the next stage to run
     ids: torch.Tensor  # (B,) int64
-    next_exit: torch.Tensor  # (B,) int64
+    next_exit: torch.Tensor | None  # (B,) int64
     state: State
     heads: torch.Tensor  # (B, K) bool
     arrival: torch.Tensor  # (B,) float64, perf_counter seconds
@@ -75,19 +76,16 @@ class Group:
         return self.ids.shape[0]
 
     def small(self) -> dict[str, torch.Tensor]:
-        """The per-sample tensors (everything but the features)."""
-        return {
-            "ids": self.ids,
-            "next_exit": self.next_exit,
-            "heads": self.heads,
-            "arrival": self.arrival,
-            **{f"state.{k}": v for k, v in self.state.items()},
-        }
+        """The per-sample tensors (everything but the features; ``next_exit`` only if it is one)."""
+        small = {"ids": self.ids, "heads": self.heads, "arrival": self.arrival}
+        if self.next_exit is not None:
+            small["next_exit"] = self.next_exit
+        return small | {f"state.{k}": v for k, v in self.state.items()}
 
     @staticmethod
     def from_small(h: Features, small: dict[str, torch.Tensor], n_here: int | None = None) -> Group:
         state = {k[6:]: v for k, v in small.items() if k.startswith("state.")}
-        return Group(h, small["ids"], small["next_exit"], state, small["heads"], small["arrival"], n_here)
+        return Group(h, small["ids"], small.get("next_exit"), state, small["heads"], small["arrival"], n_here)
 
     def take(self, idx: torch.Tensor) -> Group:
         """The samples at positions ``idx``, gathered into a new, smaller group (``n_here`` counts
@@ -235,7 +233,7 @@ class EarlyExitEngine:
         return Group(
             h=x.to(dev, non_blocking=True),
             ids=torch.arange(first_id, first_id + n, device=dev),
-            next_exit=torch.zeros(n, dtype=torch.int64, device=dev),
+            next_exit=None,
             state=self.policy.init_state(n),
             heads=torch.zeros(n, self.num_exits, dtype=torch.bool, device=dev),
             arrival=torch.full((n,), time.perf_counter(), dtype=torch.float64, device=dev),
@@ -249,7 +247,8 @@ class EarlyExitEngine:
 
         Everything stays on the device; the host asks it one thing per early exit, in one read: how many
         samples carry on, how many of those evaluate the next head, and how many the policy sent
-        to an impossible exit (the sizes of the next gathers, and the policy's sanity)."""
+        to an impossible exit (the sizes of the next gathers, and the policy's sanity). After an
+        ``onward`` decision, only the first: everyone who carries on evaluates the next head."""
         out.stage_batch_sizes[k].append(len(g))
         h = self.stages[k](g.h)
         if k == self.num_exits - 1:  # everyone here is bound to the last exit, which answers: no decision
@@ -257,10 +256,13 @@ class EarlyExitEngine:
             heads[:, k] = True
             out.parts.append(Exited(g.ids, k, self.heads[k](h).float(), heads, g.arrival, time.perf_counter()))
             return None
-        n_here = g.n_here if g.n_here is not None else int((g.next_exit == k).sum())
+        if g.n_here is not None:
+            n_here = g.n_here
+        else:
+            n_here = len(g) if g.next_exit is None else int((g.next_exit == k).sum())
         if n_here == 0:  # all jump past this exit (offloaded by DEEx): no head evaluated
             return replace(g, h=h, n_here=None), None
-        sel = None if n_here == len(g) else first_true(g.next_exit == k, n_here)
+        sel = None if n_here == len(g) or g.next_exit is None else first_true(g.next_exit == k, n_here)
         h_k = h if sel is None else take_features(h, sel)
         logits = self.heads[k](h_k).float()
         state = g.state if sel is None else {n: v.index_select(0, sel) for n, v in g.state.items()}
@@ -268,19 +270,27 @@ class EarlyExitEngine:
         heads = g.heads.clone()
         if sel is None:
             heads[:, k] = True
-            next_exit, new_state, exited = d.next_exit, d.state, d.exit
+            next_exit = None if d.onward else d.next_exit  # onward: all who carry on are bound to k + 1
+            new_state, exited = d.state, d.exit
         else:
+            assert g.next_exit is not None  # only a known next exit leaves samples out of exit k
             heads[:, k].index_fill_(0, sel, True)
             next_exit = g.next_exit.index_copy(0, sel, d.next_exit)
             new_state = {n: v.index_copy(0, sel, d.state[n]) for n, v in g.state.items()}
             exited = torch.zeros(len(g), dtype=torch.bool, device=d.exit.device).index_copy(0, sel, d.exit)
-        carry_on = ~exited
-        bad = ~d.exit & ((d.next_exit <= k) | (d.next_exit >= self.num_exits))
-        n_on, n_next, n_bad = torch.stack([carry_on.sum(), (carry_on & (next_exit == k + 1)).sum(), bad.sum()]).tolist()
-        if n_bad:
-            raise RuntimeError(
-                f"policy {self.policy.name!r} sent samples at exit {k} to an exit outside {k + 1}..{self.num_exits - 1}"
-            )
+        if next_exit is None:
+            n_on = n_next = len(g) - int(exited.sum())
+        else:
+            carry_on = ~exited
+            counts = [carry_on.sum(), (carry_on & (next_exit == k + 1)).sum()]
+            if not d.onward:  # a jumping policy: check its targets
+                counts.append((~d.exit & ((d.next_exit <= k) | (d.next_exit >= self.num_exits))).sum())
+            n_on, n_next, *n_bad = torch.stack(counts).tolist()
+            if n_bad and n_bad[0]:
+                raise RuntimeError(
+                    f"policy {self.policy.name!r} sent samples at exit {k} to an exit outside "
+                    f"{k + 1}..{self.num_exits - 1}"
+                )
         n_exited = len(g) - n_on
         if n_exited:
             everyone = n_on == 0
@@ -299,7 +309,7 @@ class EarlyExitEngine:
         if n_on == 0:
             return None
         g = Group(h, g.ids, next_exit, new_state, heads, g.arrival, n_next)
-        return g, (first_true(carry_on, n_on) if n_exited else None)
+        return g, (first_true(~exited, n_on) if n_exited else None)
 
     def decide(self, k: int, logits: torch.Tensor, state: State) -> Decision:
         """The policy's decision at exit k, on one intra-op thread, its time added to ``policy_s``.

@@ -26,7 +26,8 @@ class _Queue:
     """Samples waiting for one stage, kept as (group, positions) pieces: the features of a piece
     are gathered only when a batch forms, straight into that batch (one copy per sample)."""
 
-    def __init__(self) -> None:
+    def __init__(self, k: int) -> None:
+        self.k = k  # the stage it feeds: a group without next_exit is bound to exit k
         self.pieces: deque[tuple[Group, torch.Tensor | None]] = deque()
         self.count = 0
 
@@ -51,10 +52,10 @@ class _Queue:
                 taken.append((g, idx[:need]))
                 self.pieces[0] = (g, idx[need:])
                 need = 0
-        return _gather(taken)
+        return _gather(taken, self.k)
 
 
-def _gather(pieces: list[tuple[Group, torch.Tensor | None]]) -> Group:
+def _gather(pieces: list[tuple[Group, torch.Tensor | None]], k: int) -> Group:
     if len(pieces) == 1:
         g, idx = pieces[0]
         return g if idx is None else g.take(idx)
@@ -69,6 +70,9 @@ def _gather(pieces: list[tuple[Group, torch.Tensor | None]]) -> Group:
     smalls = [
         g.small() if idx is None else {k: v.index_select(0, idx) for k, v in g.small().items()} for g, idx in pieces
     ]
+    if any("next_exit" in s for s in smalls):  # some pieces name their next exits: spell out the others'
+        for s, n, (g, _) in zip(smalls, sizes, pieces):
+            s.setdefault("next_exit", torch.full((n,), k, dtype=torch.int64, device=g.ids.device))
     here = [g.n_here for g, _ in pieces]
     n_here = None if None in here else sum(here)  # type: ignore[arg-type]
     return Group.from_small(h, {k: torch.cat([s[k] for s in smalls]) for k in smalls[0]}, n_here)
@@ -99,7 +103,7 @@ class Rebatcher:
     def run(self, batches: Iterable[Batch]) -> ExitResult:
         engine = self.engine
         out = Collector(engine.num_exits)
-        queues = [_Queue() for _ in range(engine.num_exits)]
+        queues = [_Queue(k) for k in range(engine.num_exits)]
         engine.policy_s, n, t0 = 0.0, 0, time.perf_counter()
         for batch in batches:
             x, y = split_batch(batch)

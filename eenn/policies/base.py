@@ -26,7 +26,6 @@ import inspect
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -48,21 +47,47 @@ State = dict[str, torch.Tensor]
 P = TypeVar("P", bound="ExitPolicy")
 
 
-@dataclass
 class Decision:
     """What a policy decides at exit k for a batch of B samples.
 
     ``exit``: True where the sample answers with exit k's prediction. ``next_exit``: for the others,
     the index of the next exit whose head the sample evaluates (normally k + 1; DEEx jumps to K-1);
     for exiting samples it equals k. ``state``: the samples' updated per-sample state.
-    ``settled``: ``next_exit`` already equals k where ``exit`` (:func:`continue_to_next`'s), so
-    :meth:`ExitPolicy.decide` need not set it there.
+
+    A decision made by :func:`continue_to_next` is ``onward``: everyone who does not exit goes on
+    to exit k + 1, and ``next_exit`` is built only when something reads it. The engine reads
+    ``onward`` instead: at batch 1 every tensor op is a visible share of a decision's time.
     """
 
-    exit: torch.Tensor  # (B,) bool
-    next_exit: torch.Tensor  # (B,) int64
-    state: State
-    settled: bool = False
+    __slots__ = ("exit", "state", "_next_exit", "_k")
+
+    def __init__(self, exit: torch.Tensor, next_exit: torch.Tensor, state: State) -> None:
+        self.exit, self.state = exit, state
+        self._next_exit: torch.Tensor | None = next_exit
+        self._k: int | None = None  # set for onward decisions: the exit they were made at
+
+    @classmethod
+    def onward_at(cls, k: int, exit_now: torch.Tensor, state: State) -> Decision:
+        """Exit where ``exit_now``; everyone else goes on to exit k + 1."""
+        d = cls.__new__(cls)
+        d.exit, d.state, d._next_exit, d._k = exit_now, state, None, k
+        return d
+
+    @property
+    def onward(self) -> bool:
+        """Whether every sample that does not exit goes on to exit k + 1 (a :func:`continue_to_next` decision)."""
+        return self._k is not None
+
+    @property
+    def next_exit(self) -> torch.Tensor:
+        if self._next_exit is None:
+            assert self._k is not None
+            self._next_exit = torch.where(self.exit, *_exit_or_next(self._k, self.exit.device))
+        return self._next_exit
+
+    @next_exit.setter
+    def next_exit(self, value: torch.Tensor) -> None:
+        self._next_exit, self._k = value, None
 
 
 POLICIES: Registry[ExitPolicy] = Registry("exit policy", "policy.name")
@@ -241,9 +266,8 @@ class ExitPolicy:
             logits_k = logits_k / self.temperature[k]
         d = self._decide(k, logits_k, state)
         if k == K - 1:  # the last exit always answers
-            d.exit = torch.ones_like(d.exit)
-            d.next_exit = torch.full_like(d.next_exit, k)
-        elif not d.settled:  # one op: decisions are on the engine's path, one per exit reached
+            return Decision.onward_at(k, torch.ones_like(d.exit), d.state)
+        if not d.onward:
             d.next_exit = d.next_exit.masked_fill(d.exit, k)
         return d
 
@@ -314,20 +338,20 @@ class ExitPolicy:
 
 
 #: exit k's (k, k + 1) as 0-d tensors on each device, made once: ``torch.where`` wraps Python
-#: numbers into new tensors at every call, and at batch 1 that is a visible share of a decision's
-#: time (on the condition's device: CUDA's ``where`` has refused CPU tensors, even 0-d ones)
+#: numbers into new tensors at every call (on the condition's device: CUDA's ``where`` has refused
+#: CPU tensors, even 0-d ones)
 _EXIT_OR_NEXT: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def continue_to_next(k: int, exit_now: torch.Tensor, state: State) -> Decision:
-    """The usual decision: exit where ``exit_now``, everyone else goes on to exit k + 1 (one op
-    builds ``next_exit``, settled: at batch 1 each op is a visible share of a decision's time)."""
-    key = (k, exit_now.device)
-    pair = _EXIT_OR_NEXT.get(key)
+def _exit_or_next(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    pair = _EXIT_OR_NEXT.get((k, device))
     if pair is None:
         with torch.inference_mode(False):  # ordinary tensors, usable by tracing and autograd alike
-            pair = _EXIT_OR_NEXT[key] = (
-                torch.tensor(k, device=exit_now.device),
-                torch.tensor(k + 1, device=exit_now.device),
-            )
-    return Decision(exit_now, torch.where(exit_now, *pair), state, settled=True)
+            pair = _EXIT_OR_NEXT[(k, device)] = (torch.tensor(k, device=device), torch.tensor(k + 1, device=device))
+    return pair
+
+
+def continue_to_next(k: int, exit_now: torch.Tensor, state: State) -> Decision:
+    """The usual decision: exit where ``exit_now``, everyone else goes on to exit k + 1 (an
+    ``onward`` decision: no op builds ``next_exit`` unless something reads it)."""
+    return Decision.onward_at(k, exit_now, state)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import eenn.inference.rebatch as rebatch_mod
 from eenn.errors import EENNError
 from eenn.inference.engine import EarlyExitEngine, batches_of, single_samples
 from eenn.inference.rebatch import Rebatcher
 from eenn.policies import POLICIES, build_policy, policy_class
+from eenn.policies.base import Decision, ExitPolicy, continue_to_next
 from eenn.policies.simulate import realised_cost, simulate
 
 # every policy that runs online, fitted to this fraction of the full cost where it takes a budget
@@ -117,6 +119,54 @@ def test_rebatching_and_single_sample_mode_give_the_engine_results_in_input_orde
     )
     # per-request latency: each request's own time, not the time since the stream began
     assert single.latency_ms.sum() <= 1e3 * single.wall_s
+
+
+class _PlannedJumps(ExitPolicy):
+    """Sample i of the stream follows ``plan[i]``: 0 exits at exit 0, 1 at exit 1, 2 goes through
+    exit 1 to exit 2, 3 jumps from exit 0 to exit 2. Exit 0 decides with a next_exit, exit 1 onward."""
+
+    jumps = True
+
+    def __init__(self, plan):
+        super().__init__()
+        self.plan, self.cursor, self.num_exits, self.num_classes = plan, 0, 3, 10
+
+    def init_state(self, n):
+        self.cursor += n
+        return {"plan": self.plan[self.cursor - n : self.cursor]}
+
+    def _decide(self, k, logits_k, state):
+        plan = state["plan"]
+        if k == 0:
+            return Decision(plan == 0, torch.where(plan == 3, 2, 1), state)
+        return continue_to_next(k, plan == 1, state)
+
+
+def test_rebatching_mixes_groups_with_and_without_a_next_exit_tensor(setup, monkeypatch):
+    """After an onward decision a group carries no next_exit (all go on to the next exit); a queue
+    that gathers such groups with ones whose samples jumped spells theirs out."""
+    plan = torch.multinomial(
+        torch.tensor([0.3, 0.2, 0.35, 0.15]), setup.x.shape[0], True, generator=torch.Generator().manual_seed(0)
+    )
+    policy = _PlannedJumps(plan)
+    expected_exit = torch.where(plan == 3, 2, plan)
+    gathered = []
+    gather = rebatch_mod._gather
+    monkeypatch.setattr(
+        rebatch_mod,
+        "_gather",
+        lambda pieces, k: gathered.append({g.next_exit is None for g, _ in pieces}) or gather(pieces, k),
+    )
+    engine = EarlyExitEngine(setup.network, policy)
+    plain = engine.run(batches_of(setup.x, 4))
+    assert torch.equal(plain.exit_index, expected_exit)
+    for batch_size in (7, 64):
+        policy.cursor = 0
+        re = Rebatcher(engine, batch_size).run(batches_of(setup.x, 4))
+        assert torch.equal(re.exit_index, expected_exit) and torch.equal(re.heads_evaluated, plain.heads_evaluated)
+        torch.testing.assert_close(re.logits, plain.logits, rtol=1e-4, atol=1e-4)
+    assert not plain.heads_evaluated[plan == 3, 1].any() and plain.heads_evaluated[plan == 2].all()
+    assert {True, False} in gathered  # the case this test is about happened
 
 
 def test_decisions_run_on_one_thread_and_the_thread_count_is_restored(setup):
