@@ -35,7 +35,7 @@ from eenn.errors import EENNError
 from eenn.models.multi_exit import Features, MultiExitNetwork
 from eenn.policies.base import Decision, ExitPolicy, State
 from eenn.policies.simulate import realised_cost
-from eenn.utils.compile import Compiled
+from eenn.utils.compile import Compiled, make_room
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
 
@@ -218,6 +218,7 @@ class EarlyExitEngine:
         stages, heads = list(network.stages), list(network.heads)
         self.backbone: Callable[[torch.Tensor], torch.Tensor] = network.forward_backbone
         if compile:
+            make_room(len(stages) + len(heads) + 1)
             stages = [Compiled(m, "compile=true", f"stage {k}", dynamic=True) for k, m in enumerate(stages)]
             heads = [Compiled(m, "compile=true", f"exit head {k}", dynamic=True) for k, m in enumerate(heads)]
             self.backbone = Compiled(network.forward_backbone, "compile=true", "the backbone", dynamic=True)

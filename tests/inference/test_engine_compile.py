@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from eenn.cost import profile_costs
 from eenn.inference.engine import EarlyExitEngine, batches_of, single_samples
@@ -25,6 +26,7 @@ def test_compiled_engine_takes_the_eager_engines_exits():
     xv, xt = torch.randn(400, *SHAPE), torch.randn(300, *SHAPE)
     policy = build_policy("maxprob").fit(predictions(net, profile, xv, "val"), 0.6 * profile.exits[-1].flops, "flops")
     eager_engine, compiled_engine = EarlyExitEngine(net, policy), EarlyExitEngine(net, policy, compile=True)
+    counters.clear()
     for stream in (lambda: batches_of(xt, 64), lambda: single_samples(xt[:20])):
         eager, compiled = eager_engine.run(stream()), compiled_engine.run(stream())
         assert len(eager.exit_index.unique()) >= 2, "the test needs samples leaving at several exits"
@@ -40,3 +42,5 @@ def test_compiled_engine_takes_the_eager_engines_exits():
         same = eager.exit_index == compiled.exit_index
         torch.testing.assert_close(compiled.logits[same], eager.logits[same], rtol=0, atol=1e-4)
     assert not any(f.eager for f in [*compiled_engine.stages, *compiled_engine.heads]), "a segment fell back to eager"
+    # every frame dynamo met was compiled: none given up at its recompile limit (which runs it eagerly)
+    assert counters["frames"]["total"] == counters["frames"]["ok"], dict(counters["frames"])
