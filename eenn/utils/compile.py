@@ -58,12 +58,12 @@ def _root_cause(e: BaseException) -> BaseException:
 
 
 def make_room(modules: int) -> None:
-    """Let dynamo keep the graphs of ``modules`` compiled modules at once.
+    """Let dynamo keep the graphs of ``modules`` more compiled modules.
 
     ``torch.compile`` runs every ``nn.Module`` through one dynamo frame (``inner`` in
-    ``torch._dynamo.external_utils``) whose graph cache the modules share, and past its
-    ``recompile_limit`` (8) dynamo runs a module eagerly after one warning: an engine's stages and
-    heads, each with a few graphs (a batch of one, a dynamic batch, inputs made inside and outside
-    inference mode), pass 8 with three exits."""
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, 4 * modules)
+    ``torch._dynamo.external_utils``) whose graph cache all modules compiled in the process share,
+    and past its ``recompile_limit`` (8) dynamo runs a module eagerly after one warning: an engine's
+    stages and heads, each with a few graphs (a batch of one, a dynamic batch, inputs made inside
+    and outside inference mode), pass 8 with three exits. The room adds up, engine by engine, as
+    the shared cache does."""
+    torch._dynamo.config.recompile_limit += 4 * modules
