@@ -86,32 +86,33 @@ MIXES = {"40/30/30": (0.4, 0.3, 0.3), "60/20/20": (0.6, 0.2, 0.2)}
 class FixedMixPolicy(ExitPolicy):
     """Exits a pre-drawn plan: sample i of the stream answers at exit ``plan[i]``. Benchmark only.
 
-    It decides op for op as a confidence policy does (``threshold``'s ``max_prob(logits) >=
-    thresholds[k]``), with per-sample thresholds that carry the plan: 0 at the planned exit (a
-    max-softmax score is > 0) and 2 elsewhere (it is <= 1)."""
+    It decides op for op as a confidence policy does (``maxprob``: ``max_prob(logits) >= t_k``,
+    with exit k's threshold held ready), with per-sample thresholds that carry the plan: 0 at the
+    planned exit (a max-softmax score is > 0) and 2 elsewhere (it is <= 1). They travel in the
+    state as one column per exit, so reading exit k's costs no tensor op."""
 
     name = "fixed_mix"
 
     def __init__(self, plan: torch.Tensor, num_classes: int) -> None:
         super().__init__()
         self.cursor, self.num_exits, self.num_classes = 0, int(plan.max()) + 1, num_classes
-        self.thresholds = torch.full((plan.numel(), self.num_exits), 2.0).scatter_(1, plan[:, None], 0.0)
+        thresholds = torch.full((self.num_exits, plan.numel()), 2.0).scatter_(0, plan[None], 0.0)
+        self.keys, self.columns = tuple(f"t{k}" for k in range(self.num_exits)), thresholds.unbind()
 
     def reset(self) -> None:
         self.cursor = 0
 
     def to(self, device: str | torch.device) -> FixedMixPolicy:
         self.device = torch.device(device)
-        self.thresholds = self.thresholds.to(self.device)
+        self.columns = tuple(c.to(self.device) for c in self.columns)
         return self
 
     def init_state(self, n: int) -> State:
-        state = {"thresholds": self.thresholds[self.cursor : self.cursor + n]}
-        self.cursor += n
-        return state
+        c, self.cursor = self.cursor, self.cursor + n
+        return {key: column[c : c + n] for key, column in zip(self.keys, self.columns)}
 
     def _decide(self, k: int, logits_k: torch.Tensor, state: State) -> Decision:
-        return continue_to_next(k, max_prob(logits_k) >= state["thresholds"][:, k], state)
+        return continue_to_next(k, max_prob(logits_k) >= state[self.keys[k]], state)
 
 
 def draw_plan(n: int, fractions: tuple[float, ...], seed: int) -> torch.Tensor:

@@ -55,7 +55,7 @@ class _Queue:
         return _gather(taken, self.k)
 
 
-def _gather(pieces: list[tuple[Group, torch.Tensor | None]], k: int) -> Group:
+def _gather(pieces: list[tuple[Group, torch.Tensor | None]], stage: int) -> Group:
     if len(pieces) == 1:
         g, idx = pieces[0]
         return g if idx is None else g.take(idx)
@@ -72,7 +72,7 @@ def _gather(pieces: list[tuple[Group, torch.Tensor | None]], k: int) -> Group:
     ]
     if any("next_exit" in s for s in smalls):  # some pieces name their next exits: spell out the others'
         for s, n, (g, _) in zip(smalls, sizes, pieces):
-            s.setdefault("next_exit", torch.full((n,), k, dtype=torch.int64, device=g.ids.device))
+            s.setdefault("next_exit", torch.full((n,), stage, dtype=torch.int64, device=g.ids.device))
     here = [g.n_here for g, _ in pieces]
     n_here = None if None in here else sum(here)  # type: ignore[arg-type]
     return Group.from_small(h, {k: torch.cat([s[k] for s in smalls]) for k in smalls[0]}, n_here)

@@ -66,13 +66,6 @@ class Decision:
         self._next_exit: torch.Tensor | None = next_exit
         self._k: int | None = None  # set for onward decisions: the exit they were made at
 
-    @classmethod
-    def onward_at(cls, k: int, exit_now: torch.Tensor, state: State) -> Decision:
-        """Exit where ``exit_now``; everyone else goes on to exit k + 1."""
-        d = cls.__new__(cls)
-        d.exit, d.state, d._next_exit, d._k = exit_now, state, None, k
-        return d
-
     @property
     def onward(self) -> bool:
         """Whether every sample that does not exit goes on to exit k + 1 (a :func:`continue_to_next` decision)."""
@@ -266,7 +259,7 @@ class ExitPolicy:
             logits_k = logits_k / self.temperature[k]
         d = self._decide(k, logits_k, state)
         if k == K - 1:  # the last exit always answers
-            return Decision.onward_at(k, torch.ones_like(d.exit), d.state)
+            return continue_to_next(k, torch.ones_like(d.exit), d.state)
         if not d.onward:
             d.next_exit = d.next_exit.masked_fill(d.exit, k)
         return d
@@ -354,4 +347,6 @@ def _exit_or_next(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Ten
 def continue_to_next(k: int, exit_now: torch.Tensor, state: State) -> Decision:
     """The usual decision: exit where ``exit_now``, everyone else goes on to exit k + 1 (an
     ``onward`` decision: no op builds ``next_exit`` unless something reads it)."""
-    return Decision.onward_at(k, exit_now, state)
+    d = Decision.__new__(Decision)  # skips __init__: an onward decision has no next_exit until read
+    d.exit, d.state, d._next_exit, d._k = exit_now, state, None, k
+    return d
