@@ -29,9 +29,18 @@ class ThresholdPolicy(ExitPolicy):
             if not all(is_number(t) for t in thresholds):
                 raise EENNError(f"policy.thresholds must be a list of finite numbers, got {thresholds!r}.")
         self.explicit = thresholds
-        self.thresholds: torch.Tensor | None = None  # (K,) float32, on the score scale
-        self._at: tuple[torch.Tensor, ...] = ()  # 0-d views of ``_at_of``, one per exit
-        self._at_of: torch.Tensor | None = None
+        self.thresholds = None
+
+    @property
+    def thresholds(self) -> torch.Tensor | None:
+        """(K,) float32, on the score scale."""
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, t: torch.Tensor | None) -> None:
+        # 0-d views per exit, made where the tensor is set: indexing per decision is one more op, a
+        # visible share at batch 1; views share its storage, so in-place edits show through
+        self._thresholds, self._per_exit = t, (() if t is None else t.unbind())
 
     def score(self, k: int, logits_k: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Confidence score (B,) float32 at exit k (higher = more confident) and the new state."""
@@ -75,11 +84,7 @@ class ThresholdPolicy(ExitPolicy):
 
     def _decide(self, k: int, logits_k: torch.Tensor, state: State) -> Decision:
         s, state = self.score(k, logits_k, state)
-        # per-exit views, made once per thresholds tensor: indexing per decision is one more op, a
-        # visible share at batch 1; views see in-place edits, and a new tensor is a new identity
-        if self._at_of is not self.thresholds:
-            self._at, self._at_of = self.thresholds.unbind(), self.thresholds
-        return continue_to_next(k, s >= self._at[k], state)
+        return continue_to_next(k, s >= self._per_exit[k], state)
 
     def hparams(self) -> dict[str, Any]:
         return {"thresholds": self.explicit}
